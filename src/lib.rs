@@ -1,0 +1,14 @@
+//! audiocap: natural-language captions for large audio archives.
+//!
+//! The crate is layered so data flows one way:
+//! `main (cli) → caption → model (candle) → audio`.
+//!
+//! - [`audio`]: waveform decoding and the BEATs front end (Kaldi fbank).
+//! - [`model`]: the published architecture in candle: BEATs encoder, projector and
+//!   pooling, Llama 3 decoder, LoRA adapters, and the checkpoint readers they share.
+//! - [`caption`]: the prompt template and greedy captioning on candle (the reference
+//!   path that the ONNX export is checked against).
+
+pub mod audio;
+pub mod caption;
+pub mod model;

@@ -1,0 +1,13 @@
+//! The captioning model in candle, one file per published component.
+//!
+//! `beats` (audio encoder) → `projector` (per-patch MLP + pooling) → `llama` (decoder,
+//! with `lora` adapters folded in or applied on the fly). `weights` and `checkpoint`
+//! load tensors from safetensors and torch zip checkpoints with errors that name the
+//! file and the tensor.
+
+pub mod beats;
+pub mod checkpoint;
+pub mod llama;
+pub mod lora;
+pub mod projector;
+pub mod weights;

@@ -1,0 +1,58 @@
+//! Helpers shared by the integration tests.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+/// `../shared/fixtures`, next to the repository root.
+pub fn fixtures() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared/fixtures");
+    assert!(
+        dir.join("README.md").is_file(),
+        "reference fixtures not found at {}; the tests need ../shared/fixtures beside the repository",
+        dir.display()
+    );
+    dir
+}
+
+/// Every tensor of a safetensors fixture file, on the CPU.
+pub fn load_safetensors(relative: &str) -> HashMap<String, Tensor> {
+    let path = fixtures().join(relative);
+    candle_core::safetensors::load(&path, &Device::Cpu)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()))
+}
+
+/// Maximum absolute difference between two tensors of the same shape, in f32.
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(candle_core::DType::F32).unwrap();
+    let b = b.to_dtype(candle_core::DType::F32).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+/// Mean absolute difference between two tensors of the same shape, in f32.
+pub fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims(), "shape mismatch");
+    let a = a.to_dtype(candle_core::DType::F32).unwrap();
+    let b = b.to_dtype(candle_core::DType::F32).unwrap();
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .mean(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}

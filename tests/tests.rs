@@ -1,0 +1,9 @@
+//! Integration tests, compiled as one binary. They read the reference fixtures from
+//! `../shared/fixtures` (relative to the repository root) and compare by value.
+
+mod common;
+
+mod beats_parity;
+mod captioning;
+mod fbank_parity;
+mod llama_parity;
