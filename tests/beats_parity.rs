@@ -1,1 +1,192 @@
-//! (in progress)
+//! BEATs encoder against the reference implementation's outputs
+//! (`beats-tiny/reference.safetensors`, produced by microsoft/unilm `beats/`).
+
+use audiocap::model::beats::{Beats, reduce_padding_mask};
+use candle_core::{DType, Device, Tensor};
+
+use crate::common::{fixtures, load_safetensors, max_abs_diff};
+
+const CASES: [&str; 5] = [
+    "sine_1s",
+    "chirp_2p5s",
+    "noise_0p3s",
+    "short_30ms",
+    "clipped_1s",
+];
+
+fn load_tiny() -> Beats {
+    Beats::load(
+        &fixtures().join("beats-tiny/beats.pt"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("load beats.pt")
+}
+
+/// Cases whose clip is long enough for at least one 16-frame patch.
+fn encodable_cases(reference: &std::collections::HashMap<String, Tensor>) -> Vec<&'static str> {
+    CASES
+        .iter()
+        .copied()
+        .filter(|case| {
+            reference
+                .get(&format!("{case}.features"))
+                .is_some_and(|f| f.dims()[0] > 0)
+        })
+        .collect()
+}
+
+#[test]
+fn checkpoint_cfg_is_read_from_the_torch_file() {
+    let beats = load_tiny();
+    let cfg = beats.config();
+    // Values as in beats-tiny/cfg.json, but read from beats.pt itself.
+    assert_eq!(cfg.encoder_layers, 3);
+    assert_eq!(cfg.encoder_embed_dim, 48);
+    assert_eq!(cfg.embed_dim, 32);
+    assert_eq!(cfg.encoder_attention_heads, 4);
+    assert!(cfg.deep_norm && cfg.gru_rel_pos && cfg.relative_position_embedding);
+    assert_eq!(
+        (
+            cfg.num_buckets,
+            cfg.max_distance,
+            cfg.conv_pos,
+            cfg.conv_pos_groups
+        ),
+        (32, 128, 16, 4)
+    );
+}
+
+#[test]
+fn features_from_reference_fbank_match() {
+    let beats = load_tiny();
+    let reference = load_safetensors("beats-tiny/reference.safetensors");
+    let cases = encodable_cases(&reference);
+    assert!(
+        cases.len() >= 4,
+        "expected most cases to be encodable: {cases:?}"
+    );
+    for case in cases {
+        let fbank = reference[&format!("{case}.fbank")].unsqueeze(0).unwrap();
+        let expected = &reference[&format!("{case}.features")];
+        let out = beats.extract_features(&fbank, None).unwrap();
+        let got = out.features.squeeze(0).unwrap();
+        let err = max_abs_diff(&got, expected);
+        eprintln!(
+            "beats {case}: features {:?} max abs err {err:.2e}",
+            got.dims()
+        );
+        assert!(err <= 1e-4, "{case}: max abs error {err}");
+    }
+}
+
+#[test]
+fn padded_batch_matches_with_reference_mask_semantics() {
+    let beats = load_tiny();
+    let reference = load_safetensors("beats-tiny/reference.safetensors");
+    let fbank = &reference["padded.fbank"];
+    let waveform_mask = &reference["padded.padding_mask"];
+    let frames = fbank.dims()[1];
+    let frame_mask = reduce_padding_mask(waveform_mask, frames).unwrap();
+    let out = beats.extract_features(fbank, Some(&frame_mask)).unwrap();
+    let expected_mask = reference["padded.feature_padding_mask"]
+        .to_dtype(DType::U8)
+        .unwrap();
+    let got_mask = out.padding_mask.expect("mask");
+    assert_eq!(
+        got_mask.to_vec2::<u8>().unwrap(),
+        expected_mask.to_vec2::<u8>().unwrap()
+    );
+    assert!(
+        got_mask.to_vec2::<u8>().unwrap()[1].contains(&1)
+            || got_mask.to_vec2::<u8>().unwrap()[0].contains(&1)
+    );
+    let err = max_abs_diff(&out.features, &reference["padded.features"]);
+    eprintln!("beats padded batch: max abs err {err:.2e}");
+    assert!(err <= 1e-4, "padded batch: max abs error {err}");
+}
+
+#[test]
+fn safetensors_with_cfg_beside_loads_the_same_model() {
+    use audiocap::model::checkpoint::{read_torch_state_dict, read_torch_value};
+    let pt = fixtures().join("beats-tiny/beats.pt");
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("beats.safetensors");
+    let tensors = read_torch_state_dict(&pt, Some("model")).unwrap();
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    let cfg = read_torch_value(&pt).unwrap()["cfg"].clone();
+    std::fs::write(dir.path().join("beats.json"), cfg.to_string()).unwrap();
+
+    let from_st = Beats::load(&st, DType::F32, &Device::Cpu).unwrap();
+    let from_pt = load_tiny();
+    let reference = load_safetensors("beats-tiny/reference.safetensors");
+    let fbank = reference["chirp_2p5s.fbank"].unsqueeze(0).unwrap();
+    let a = from_st.extract_features(&fbank, None).unwrap().features;
+    let b = from_pt.extract_features(&fbank, None).unwrap().features;
+    assert_eq!(max_abs_diff(&a, &b), 0.0);
+
+    // Without the cfg the error says where it looked.
+    std::fs::remove_file(dir.path().join("beats.json")).unwrap();
+    let err = Beats::load(&st, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("no BEATs cfg"), "{err}");
+}
+
+#[test]
+fn loading_errors_name_file_and_tensor() {
+    use audiocap::model::checkpoint::{read_torch_state_dict, read_torch_value};
+    let pt = fixtures().join("beats-tiny/beats.pt");
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = read_torch_value(&pt).unwrap()["cfg"].clone();
+    std::fs::write(dir.path().join("cfg.json"), cfg.to_string()).unwrap();
+
+    let mut tensors = read_torch_state_dict(&pt, Some("model")).unwrap();
+    tensors.remove("encoder.layers.1.fc2.weight");
+    let st = dir.path().join("missing.safetensors");
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    let err = Beats::load(&st, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("missing.safetensors")
+            && err.contains("missing tensor `encoder.layers.1.fc2.weight`"),
+        "{err}"
+    );
+
+    let mut tensors = read_torch_state_dict(&pt, Some("model")).unwrap();
+    tensors.insert(
+        "post_extract_proj.weight".into(),
+        Tensor::zeros((48, 31), DType::F32, &Device::Cpu).unwrap(),
+    );
+    let st = dir.path().join("shape.safetensors");
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    let err = Beats::load(&st, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("`post_extract_proj.weight` has shape [48, 31], expected [48, 32]"),
+        "{err}"
+    );
+
+    let err = Beats::load(&dir.path().join("nope.pt"), DType::F32, &Device::Cpu)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("nope.pt"), "{err}");
+}
+
+#[test]
+fn too_short_input_is_an_error_not_a_panic() {
+    let beats = load_tiny();
+    let fbank = Tensor::zeros((1, 10, 128), DType::F32, &Device::Cpu).unwrap();
+    let err = beats
+        .extract_features(&fbank, None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("too short"), "{err}");
+}
