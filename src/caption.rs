@@ -1,1 +1,412 @@
-//! (in progress)
+//! Captioning on candle: the prompt template with its audio placeholder, the audio
+//! embedding (fbank → BEATs → projector → pooling) and greedy decoding.
+//!
+//! This is the reference path: the ONNX export is checked against it, and it lets a
+//! user check real checkpoints before exporting them.
+
+use std::path::{Path, PathBuf};
+
+use candle_core::{DType, Device, Tensor};
+use serde::Serialize;
+use tokenizers::Tokenizer;
+
+use crate::audio::fbank::{Fbank, FbankConfig};
+use crate::model::beats::Beats;
+use crate::model::llama::{KvCache, Llama};
+use crate::model::lora::{Adaptation, MergeError, PeftAdapter};
+use crate::model::projector::{Pooling, Projector};
+use crate::model::weights::LoadError;
+
+/// Where the audio embedding goes in the prompt.
+pub const AUDIO_PLACEHOLDER: &str = "<|audio|>";
+
+/// The Llama 3 chat template around the paper's instruction.
+pub const DEFAULT_PROMPT_TEMPLATE: &str = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nDescribe the following audio clip <|audio|><|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n";
+
+#[derive(Debug, thiserror::Error)]
+pub enum CaptionError {
+    #[error("prompt template: {0}")]
+    Template(String),
+    #[error("{}: tokenizer: {message}", file.display())]
+    Tokenizer { file: PathBuf, message: String },
+    #[error(transparent)]
+    Load(#[from] LoadError),
+    #[error("combining adapters: {0}")]
+    Merge(#[from] MergeError),
+    #[error("model mismatch: {0}")]
+    Mismatch(String),
+    #[error("{0}")]
+    Audio(String),
+    #[error(transparent)]
+    Tensor(#[from] candle_core::Error),
+}
+
+pub type Result<T> = std::result::Result<T, CaptionError>;
+
+/// A prompt template split at its single `<|audio|>` placeholder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptTemplate {
+    prefix: String,
+    suffix: String,
+}
+
+/// Token ids of the text before and after the audio embedding.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PromptIds {
+    pub prefix: Vec<u32>,
+    pub suffix: Vec<u32>,
+}
+
+impl PromptTemplate {
+    pub fn parse(text: &str) -> Result<Self> {
+        let mut parts = text.split(AUDIO_PLACEHOLDER);
+        let (Some(prefix), Some(suffix), None) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(CaptionError::Template(format!(
+                "must contain {AUDIO_PLACEHOLDER} exactly once: {text:?}"
+            )));
+        };
+        Ok(Self {
+            prefix: prefix.to_string(),
+            suffix: suffix.to_string(),
+        })
+    }
+
+    pub fn text(&self) -> String {
+        format!("{}{AUDIO_PLACEHOLDER}{}", self.prefix, self.suffix)
+    }
+
+    /// Tokenizes prefix and suffix separately, special tokens recognised, no BOS
+    /// added (the template carries its own `<|begin_of_text|>`).
+    pub fn tokenize(&self, tokenizer: &Tokenizer, file: &Path) -> Result<PromptIds> {
+        let encode = |text: &str| -> Result<Vec<u32>> {
+            tokenizer
+                .encode(text, false)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| CaptionError::Tokenizer {
+                    file: file.to_path_buf(),
+                    message: e.to_string(),
+                })
+        };
+        Ok(PromptIds {
+            prefix: encode(&self.prefix)?,
+            suffix: encode(&self.suffix)?,
+        })
+    }
+}
+
+/// The checkpoint files a captioner is assembled from.
+#[derive(Debug, Clone)]
+pub struct ModelSources {
+    /// BEATs checkpoint (`.pt` or `.safetensors`).
+    pub beats: PathBuf,
+    /// Hugging Face Llama directory (config.json, safetensors, tokenizer.json).
+    pub llm: PathBuf,
+    /// Projector safetensors (`0.*`, `2.*`).
+    pub projector: PathBuf,
+    /// PEFT adapter directories; several are combined with PEFT's `cat`.
+    pub adapters: Vec<PathBuf>,
+    /// Per-adapter weights for the combination (default 1/K each).
+    pub adapter_weights: Option<Vec<f64>>,
+    /// Prompt template with one `<|audio|>`; default [`DEFAULT_PROMPT_TEMPLATE`].
+    pub prompt_template: Option<String>,
+    pub pooling: Pooling,
+}
+
+/// Loads the adapters and combines them into one (PEFT `cat`, weights 1/K unless
+/// given). `None` when there are no adapters.
+pub fn combine_adapters(dirs: &[PathBuf], weights: Option<&[f64]>) -> Result<Option<PeftAdapter>> {
+    if dirs.is_empty() {
+        if weights.is_some_and(|w| !w.is_empty()) {
+            return Err(CaptionError::Mismatch(
+                "adapter weights given without adapters".into(),
+            ));
+        }
+        return Ok(None);
+    }
+    let adapters = dirs
+        .iter()
+        .map(|d| PeftAdapter::load(d))
+        .collect::<std::result::Result<Vec<_>, _>>()?;
+    let default_weights = vec![1.0 / adapters.len() as f64; adapters.len()];
+    let weights = weights.unwrap_or(&default_weights);
+    Ok(Some(PeftAdapter::cat(&adapters, weights)?))
+}
+
+/// Stop ids: `eos_token_id` of `generation_config.json`, else of `config.json`.
+pub fn read_stop_ids(llm_dir: &Path) -> Result<Vec<u32>> {
+    for name in ["generation_config.json", "config.json"] {
+        let file = llm_dir.join(name);
+        if !file.is_file() {
+            continue;
+        }
+        let value: serde_json::Value = crate::model::weights::read_json_config(&file)?;
+        let ids = match value.get("eos_token_id") {
+            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]),
+            Some(serde_json::Value::Array(items)) => {
+                items.iter().map(|v| v.as_u64().map(|v| v as u32)).collect()
+            }
+            _ => None,
+        };
+        if let Some(ids) = ids.filter(|ids| !ids.is_empty()) {
+            return Ok(ids);
+        }
+    }
+    Err(LoadError::config(
+        llm_dir,
+        "no eos_token_id in generation_config.json or config.json",
+    )
+    .into())
+}
+
+/// One generated caption.
+#[derive(Debug, Clone, Serialize)]
+pub struct Caption {
+    /// Generated ids, including the stop id when generation stopped on one.
+    pub token_ids: Vec<u32>,
+    /// Decoded text, special tokens skipped.
+    pub text: String,
+    /// Gap between the best and second-best logit at each step.
+    pub top2_margins: Vec<f32>,
+    /// Mean log-probability of the generated tokens.
+    pub score: f32,
+}
+
+/// BEATs → projector → Llama with adapters folded in, on candle.
+pub struct Captioner {
+    fbank: Fbank,
+    beats: Beats,
+    projector: Projector,
+    llm: Llama,
+    tokenizer: Tokenizer,
+    prompt: PromptIds,
+    stop_ids: Vec<u32>,
+    device: Device,
+}
+
+impl Captioner {
+    pub fn load(sources: &ModelSources, device: &Device) -> Result<Self> {
+        let dtype = DType::F32;
+        let beats = Beats::load(&sources.beats, dtype, device)?;
+        let projector = Projector::load(&sources.projector, sources.pooling, dtype, device)?;
+        let adapter = combine_adapters(&sources.adapters, sources.adapter_weights.as_deref())?;
+        let adaptation = match &adapter {
+            Some(a) => Adaptation::folded(&[a])?,
+            None => Adaptation::none(),
+        };
+        let llm = Llama::load(&sources.llm, dtype, device, &adaptation)?;
+
+        let encoder_dim = beats.config().encoder_embed_dim;
+        if projector.in_dim() != encoder_dim {
+            return Err(CaptionError::Mismatch(format!(
+                "{}: projector takes {}-dim features but the encoder {} gives {encoder_dim}",
+                sources.projector.display(),
+                projector.in_dim(),
+                sources.beats.display()
+            )));
+        }
+        if projector.out_dim() != llm.config().hidden_size {
+            return Err(CaptionError::Mismatch(format!(
+                "{}: projector gives {}-dim embeddings but the decoder {} has hidden size {}",
+                sources.projector.display(),
+                projector.out_dim(),
+                sources.llm.display(),
+                llm.config().hidden_size
+            )));
+        }
+
+        let tokenizer_file = sources.llm.join("tokenizer.json");
+        let tokenizer =
+            Tokenizer::from_file(&tokenizer_file).map_err(|e| CaptionError::Tokenizer {
+                file: tokenizer_file.clone(),
+                message: e.to_string(),
+            })?;
+        let template = PromptTemplate::parse(
+            sources
+                .prompt_template
+                .as_deref()
+                .unwrap_or(DEFAULT_PROMPT_TEMPLATE),
+        )?;
+        let prompt = template.tokenize(&tokenizer, &tokenizer_file)?;
+        let stop_ids = read_stop_ids(&sources.llm)?;
+        let fbank =
+            Fbank::new(FbankConfig::default()).map_err(|e| CaptionError::Audio(e.to_string()))?;
+        Ok(Self {
+            fbank,
+            beats,
+            projector,
+            llm,
+            tokenizer,
+            prompt,
+            stop_ids,
+            device: device.clone(),
+        })
+    }
+
+    pub fn prompt_ids(&self) -> &PromptIds {
+        &self.prompt
+    }
+
+    pub fn stop_ids(&self) -> &[u32] {
+        &self.stop_ids
+    }
+
+    /// The sample rate the front end expects.
+    pub fn sample_rate(&self) -> u32 {
+        self.fbank.config().sample_rate
+    }
+
+    /// Audio embedding(s) [1, n, hidden] of one clip's normalised fbank [1, T, bins].
+    pub fn audio_embedding_from_fbank(&self, fbank: &Tensor) -> Result<Tensor> {
+        let encoded = self.beats.extract_features(fbank, None)?;
+        Ok(self
+            .projector
+            .forward(&encoded.features, encoded.padding_mask.as_ref())?)
+    }
+
+    /// Audio embedding(s) [1, n, hidden] of a mono waveform at [`Self::sample_rate`].
+    pub fn audio_embedding(&self, waveform: &[f32]) -> Result<Tensor> {
+        let frames = self.fbank.compute(waveform);
+        let min_frames = self.beats.config().input_patch_size;
+        if frames.num_frames < min_frames {
+            return Err(CaptionError::Audio(format!(
+                "clip too short: {} samples give {} fbank frames, the encoder needs at least {min_frames}",
+                waveform.len(),
+                frames.num_frames
+            )));
+        }
+        let fbank = Tensor::from_vec(
+            frames.data,
+            (1, frames.num_frames, frames.num_bins),
+            &self.device,
+        )?;
+        self.audio_embedding_from_fbank(&fbank)
+    }
+
+    /// Greedy decoding after the prompt with `audio` [1, n, hidden] spliced in.
+    pub fn generate(&self, audio: &Tensor, max_new_tokens: usize) -> Result<Caption> {
+        let ids = |ids: &[u32]| Tensor::new(ids, &self.device)?.unsqueeze(0);
+        let mut parts = Vec::with_capacity(3);
+        if !self.prompt.prefix.is_empty() {
+            parts.push(self.llm.embed(&ids(&self.prompt.prefix)?)?);
+        }
+        parts.push(audio.to_dtype(DType::F32)?);
+        if !self.prompt.suffix.is_empty() {
+            parts.push(self.llm.embed(&ids(&self.prompt.suffix)?)?);
+        }
+        let embeds = Tensor::cat(&parts, 1)?;
+
+        let mut cache = KvCache::new(self.llm.config());
+        let mut hidden = self.llm.forward_embeds(&embeds, Some(&mut cache))?;
+        let mut caption = Caption {
+            token_ids: Vec::new(),
+            text: String::new(),
+            top2_margins: Vec::new(),
+            score: 0.0,
+        };
+        let mut logprob_sum = 0.0f64;
+        for step in 0..max_new_tokens {
+            let seq = hidden.dim(1)?;
+            let logits = self
+                .llm
+                .logits(&hidden.narrow(1, seq - 1, 1)?)?
+                .flatten_all()?
+                .to_dtype(DType::F32)?
+                .to_vec1::<f32>()?;
+            let choice = greedy_choice(&logits).ok_or_else(|| {
+                CaptionError::Mismatch("the decoder produced no finite logits".into())
+            })?;
+            caption.token_ids.push(choice.token);
+            caption.top2_margins.push(choice.margin);
+            logprob_sum += choice.logprob;
+            if self.stop_ids.contains(&choice.token) || step + 1 == max_new_tokens {
+                break;
+            }
+            hidden = self
+                .llm
+                .forward_embeds(&self.llm.embed(&ids(&[choice.token])?)?, Some(&mut cache))?;
+        }
+        if !caption.token_ids.is_empty() {
+            caption.score = (logprob_sum / caption.token_ids.len() as f64) as f32;
+        }
+        caption.text = self
+            .tokenizer
+            .decode(&caption.token_ids, true)
+            .map_err(|e| CaptionError::Tokenizer {
+                file: PathBuf::from("tokenizer.json"),
+                message: e.to_string(),
+            })?
+            .trim()
+            .to_string();
+        Ok(caption)
+    }
+
+    /// Caption of a mono waveform at [`Self::sample_rate`].
+    pub fn caption(&self, waveform: &[f32], max_new_tokens: usize) -> Result<Caption> {
+        let audio = self.audio_embedding(waveform)?;
+        self.generate(&audio, max_new_tokens)
+    }
+}
+
+/// The greedy pick at one step: best token, its margin over the runner-up and its
+/// log-probability.
+struct Choice {
+    token: u32,
+    margin: f32,
+    logprob: f64,
+}
+
+fn greedy_choice(logits: &[f32]) -> Option<Choice> {
+    let mut best: Option<(usize, f32)> = None;
+    let mut second = f32::NEG_INFINITY;
+    for (i, &v) in logits.iter().enumerate() {
+        if !v.is_finite() {
+            continue;
+        }
+        match best {
+            Some((_, b)) if v <= b => second = second.max(v),
+            Some((_, b)) => {
+                second = b;
+                best = Some((i, v));
+            }
+            None => best = Some((i, v)),
+        }
+    }
+    let (token, top) = best?;
+    let max = top as f64;
+    let log_sum_exp = max
+        + logits
+            .iter()
+            .filter(|v| v.is_finite())
+            .map(|&v| (v as f64 - max).exp())
+            .sum::<f64>()
+            .ln();
+    Some(Choice {
+        token: token as u32,
+        margin: top - second,
+        logprob: top as f64 - log_sum_exp,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn template_needs_exactly_one_placeholder() {
+        let t = PromptTemplate::parse(DEFAULT_PROMPT_TEMPLATE).unwrap();
+        assert_eq!(t.text(), DEFAULT_PROMPT_TEMPLATE);
+        assert!(t.prefix.ends_with("audio clip "));
+        assert!(PromptTemplate::parse("no placeholder").is_err());
+        assert!(PromptTemplate::parse("<|audio|> and <|audio|>").is_err());
+    }
+
+    #[test]
+    fn greedy_choice_reports_margin_and_logprob() {
+        let c = greedy_choice(&[0.0, 2.0, 1.5, f32::NAN]).unwrap();
+        assert_eq!(c.token, 1);
+        assert!((c.margin - 0.5).abs() < 1e-6);
+        let expected = 2.0 - (1f64 + 2f64.exp() + 1.5f64.exp()).ln();
+        assert!((c.logprob - expected).abs() < 1e-9);
+        assert!(greedy_choice(&[f32::NAN]).is_none());
+    }
+}

@@ -12,3 +12,6 @@
 pub mod audio;
 pub mod caption;
 pub mod model;
+
+#[cfg(test)]
+mod test_util;

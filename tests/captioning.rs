@@ -1,1 +1,161 @@
-//! (in progress)
+//! End to end on candle: waveform → fbank → BEATs → projector → Llama 3 with LoRA →
+//! greedy tokens, against `e2e-tiny/reference.json` (BEATs reference code + Hugging
+//! Face transformers + PEFT).
+
+use std::path::PathBuf;
+
+use audiocap::audio::decode::decode_file;
+use audiocap::caption::{Captioner, ModelSources};
+use audiocap::model::projector::Pooling;
+use candle_core::Device;
+use serde_json::Value;
+
+use crate::common::fixtures;
+
+/// A reference step whose top-2 logit gap is below this may flip between two correct
+/// float32 implementations; everything after it may then differ.
+const MARGIN_RULE: f64 = 1e-3;
+
+fn sources(adapters: &[&str], weights: Option<Vec<f64>>) -> ModelSources {
+    let e2e = fixtures().join("e2e-tiny");
+    ModelSources {
+        beats: fixtures().join("beats-tiny/beats.pt"),
+        llm: e2e.join("llm"),
+        projector: e2e.join("projector.safetensors"),
+        adapters: adapters
+            .iter()
+            .map(|a| e2e.join("adapters").join(a))
+            .collect::<Vec<PathBuf>>(),
+        adapter_weights: weights,
+        prompt_template: None,
+        pooling: Pooling::Mean,
+    }
+}
+
+fn reference() -> Value {
+    let text = std::fs::read_to_string(fixtures().join("e2e-tiny/reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Checks generated ids against the reference: equal up to the first step whose
+/// reference margin is below [`MARGIN_RULE`]; a divergence is only allowed there.
+/// Returns the number of steps that were compared strictly.
+fn check_tokens(label: &str, got: &[u32], reference: &Value) -> usize {
+    let want = ids(&reference["token_ids"]);
+    let margins: Vec<f64> = reference["top2_margins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_f64().unwrap())
+        .collect();
+    let strict = margins
+        .iter()
+        .position(|&m| m < MARGIN_RULE)
+        .unwrap_or(want.len());
+    for step in 0..want.len() {
+        if got.get(step) != Some(&want[step]) {
+            assert!(
+                step >= strict,
+                "{label}: step {step} gives {:?}, reference {} (margin {}); ours {got:?}, reference {want:?}",
+                got.get(step),
+                want[step],
+                margins[step]
+            );
+            return strict;
+        }
+    }
+    assert_eq!(got.len(), want.len(), "{label}: length");
+    strict
+}
+
+#[test]
+fn prompt_tokenization_matches_reference() {
+    let reference = reference();
+    let captioner = Captioner::load(&sources(&[], None), &Device::Cpu).unwrap();
+    assert_eq!(
+        captioner.prompt_ids().prefix,
+        ids(&reference["prompt_prefix_ids"])
+    );
+    assert_eq!(
+        captioner.prompt_ids().suffix,
+        ids(&reference["prompt_suffix_ids"])
+    );
+    assert_eq!(
+        captioner.stop_ids(),
+        ids(&reference["eos_token_ids"]).as_slice()
+    );
+}
+
+/// Every clip × {base, a0, cat_a0_a1_half}. With the fixtures as shipped, the margin
+/// rule leaves all 12 steps for every pair except sine_1s/base (steps 0-2 strict: the
+/// reference margin at step 3 is 4.8e-4) and noise_0p3s/cat_a0_a1_half (no strict step:
+/// margin 3.7e-4 at step 0); where our tokens still agree past those steps they are
+/// checked too, so a divergence is only ever accepted at a low-margin step.
+#[test]
+fn greedy_tokens_match_reference_for_every_decoder() {
+    let reference = reference();
+    let decoders: [(&str, ModelSources); 3] = [
+        ("base", sources(&[], None)),
+        ("a0", sources(&["a0"], None)),
+        (
+            "cat_a0_a1_half",
+            sources(&["a0", "a1"], Some(vec![0.5, 0.5])),
+        ),
+    ];
+    let max_new = reference["max_new_tokens"].as_u64().unwrap() as usize;
+    let cases = reference["cases"].as_object().unwrap();
+    let mut worst_embed_err = 0f32;
+    for (name, src) in decoders {
+        let captioner = Captioner::load(&src, &Device::Cpu).unwrap();
+        for (clip, expected) in cases {
+            let audio = decode_file(&fixtures().join("e2e-tiny/audio").join(clip)).unwrap();
+            let embedding = captioner.audio_embedding(&audio.samples).unwrap();
+            let first8: Vec<f32> = embedding
+                .flatten_all()
+                .unwrap()
+                .narrow(0, 0, 8)
+                .unwrap()
+                .to_vec1()
+                .unwrap();
+            for (got, want) in first8
+                .iter()
+                .zip(expected["audio_embed_first8"].as_array().unwrap())
+            {
+                let want = want.as_f64().unwrap() as f32;
+                // The reference rounds to 6 decimals; tones carry the fbank's float32 noise.
+                let err = (got - want).abs();
+                worst_embed_err = worst_embed_err.max(err);
+                assert!(
+                    err <= 2e-3 * want.abs().max(1.0),
+                    "{clip}: embedding {first8:?}"
+                );
+            }
+            let caption = captioner.generate(&embedding, max_new).unwrap();
+            let strict = check_tokens(
+                &format!("{clip}/{name}"),
+                &caption.token_ids,
+                &expected[name],
+            );
+            if caption.token_ids == ids(&expected[name]["token_ids"]) {
+                assert_eq!(
+                    caption.text,
+                    expected[name]["text"].as_str().unwrap().trim(),
+                    "{clip}/{name}"
+                );
+            }
+            eprintln!(
+                "e2e {clip}/{name}: {strict} strict steps, tokens equal: {}",
+                caption.token_ids == ids(&expected[name]["token_ids"])
+            );
+        }
+    }
+    eprintln!("e2e audio embedding first8 max abs err {worst_embed_err:.2e}");
+}

@@ -7,3 +7,4 @@ mod beats_parity;
 mod captioning;
 mod fbank_parity;
 mod llama_parity;
+mod lora_adapters;

@@ -92,14 +92,17 @@ impl BeatsConfig {
             problems.push("input_patch_size must be positive (the reference default -1 is not a usable value)".to_string());
         }
         if self.encoder_attention_heads == 0
-            || self.encoder_embed_dim % self.encoder_attention_heads != 0
+            || !self
+                .encoder_embed_dim
+                .is_multiple_of(self.encoder_attention_heads)
         {
             problems.push(format!(
                 "encoder_embed_dim {} is not divisible by encoder_attention_heads {}",
                 self.encoder_embed_dim, self.encoder_attention_heads
             ));
         }
-        if self.conv_pos_groups == 0 || self.encoder_embed_dim % self.conv_pos_groups != 0 {
+        if self.conv_pos_groups == 0 || !self.encoder_embed_dim.is_multiple_of(self.conv_pos_groups)
+        {
             problems.push(format!(
                 "encoder_embed_dim {} is not divisible by conv_pos_groups {}",
                 self.encoder_embed_dim, self.conv_pos_groups

@@ -37,11 +37,7 @@ pub fn read_torch_state_dict(file: &Path, key: Option<&str>) -> Result<HashMap<S
     for name in pth.tensor_infos().keys() {
         let tensor = pth
             .get(name)
-            .map_err(|source| LoadError::Tensor {
-                file: file.to_path_buf(),
-                name: name.clone(),
-                source,
-            })?
+            .map_err(|source| LoadError::tensor(file.to_path_buf(), name.clone(), source))?
             .ok_or_else(|| LoadError::MissingTensor {
                 file: file.to_path_buf(),
                 name: name.clone(),

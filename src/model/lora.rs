@@ -236,11 +236,7 @@ impl PeftAdapter {
             let entry = pairs.entry(path).or_default();
             let tensor = tensor
                 .to_dtype(DType::F32)
-                .map_err(|source| LoadError::Tensor {
-                    file: weights_file.clone(),
-                    name: name.clone(),
-                    source,
-                })?;
+                .map_err(|source| LoadError::tensor(weights_file.clone(), name.clone(), source))?;
             match which {
                 LoraPart::A => entry.0 = Some(tensor),
                 LoraPart::B => entry.1 = Some(tensor),
@@ -669,22 +665,10 @@ impl Module for LoraLinear {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_util::{max_abs_diff, random};
 
     fn randn(shape: (usize, usize), seed: u64) -> Tensor {
-        // Deterministic pseudo-random values without a RNG dependency.
-        let n = shape.0 * shape.1;
-        let mut state = seed
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let data: Vec<f32> = (0..n)
-            .map(|_| {
-                state = state
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(data, shape, &Device::Cpu).unwrap()
+        random(&[shape.0, shape.1], seed, 1.0, 0.0)
     }
 
     fn adapter(r: usize, alpha: f64, seed: u64) -> PeftAdapter {
@@ -707,19 +691,6 @@ mod tests {
             config,
             modules,
         }
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
     }
 
     #[test]

@@ -48,11 +48,25 @@ pub enum LoadError {
     Tensor {
         file: PathBuf,
         name: String,
-        source: candle_core::Error,
+        /// Boxed: candle's error is large and this one travels through many `Result`s.
+        source: Box<candle_core::Error>,
     },
 }
 
 impl LoadError {
+    /// A candle error raised on tensor `name` of `file`.
+    pub fn tensor(
+        file: impl Into<PathBuf>,
+        name: impl Into<String>,
+        source: candle_core::Error,
+    ) -> Self {
+        LoadError::Tensor {
+            file: file.into(),
+            name: name.into(),
+            source: Box::new(source),
+        }
+    }
+
     pub fn config(file: impl Into<PathBuf>, message: impl Into<String>) -> Self {
         LoadError::Config {
             file: file.into(),
@@ -257,11 +271,7 @@ impl Weights {
                 let index = *route.get(full).ok_or_else(missing)?;
                 let (file, st) = &files[index];
                 st.load(full, &Device::Cpu)
-                    .map_err(|source| LoadError::Tensor {
-                        file: file.clone(),
-                        name: full.to_string(),
-                        source,
-                    })
+                    .map_err(|source| LoadError::tensor(file.clone(), full.to_string(), source))
             }
             Store::InMemory { tensors, .. } => tensors.get(full).cloned().ok_or_else(missing),
         }
@@ -283,11 +293,7 @@ impl Weights {
         }
         raw.to_dtype(self.inner.dtype)
             .and_then(|t| t.to_device(&self.inner.device))
-            .map_err(|source| LoadError::Tensor {
-                file: self.file_of(&full).to_path_buf(),
-                name: full,
-                source,
-            })
+            .map_err(|source| LoadError::tensor(self.file_of(&full).to_path_buf(), full, source))
     }
 
     /// A floating-point tensor that must have exactly `shape`.
@@ -309,11 +315,7 @@ impl Weights {
     /// Wraps a candle error raised while building a module from tensor `name`.
     pub fn tensor_error(&self, name: &str, source: candle_core::Error) -> LoadError {
         let full = self.full_name(name);
-        LoadError::Tensor {
-            file: self.file_of(&full).to_path_buf(),
-            name: full,
-            source,
-        }
+        LoadError::tensor(self.file_of(&full).to_path_buf(), full, source)
     }
 
     /// `{prefix}.weight` [out, in] and, when `bias`, `{prefix}.bias` [out].
