@@ -221,3 +221,174 @@ fn features_from_waveform_through_our_fbank_match() {
         assert!(err <= bound, "{case}: {err}");
     }
 }
+
+/// Writes the tiny checkpoint as safetensors with `cfg` changed by `edit_cfg` and its
+/// tensors changed by `edit_tensors`, and loads it.
+fn variant(
+    edit_cfg: impl FnOnce(&mut serde_json::Value),
+    edit_tensors: impl FnOnce(&mut std::collections::HashMap<String, Tensor>),
+) -> Beats {
+    use audiocap::model::checkpoint::{read_torch_state_dict, read_torch_value};
+    let pt = fixtures().join("beats-tiny/beats.pt");
+    let mut cfg = read_torch_value(&pt).unwrap()["cfg"].clone();
+    edit_cfg(&mut cfg);
+    let mut tensors = read_torch_state_dict(&pt, Some("model")).unwrap();
+    edit_tensors(&mut tensors);
+    let dir = tempfile::tempdir().unwrap();
+    let st = dir.path().join("variant.safetensors");
+    candle_core::safetensors::save(&tensors, &st).unwrap();
+    std::fs::write(dir.path().join("variant.json"), cfg.to_string()).unwrap();
+    Beats::load(&st, DType::F32, &Device::Cpu).unwrap()
+}
+
+fn chirp_features(beats: &Beats) -> Tensor {
+    let reference = load_safetensors("beats-tiny/reference.safetensors");
+    let fbank = reference["chirp_2p5s.fbank"].unsqueeze(0).unwrap();
+    beats.extract_features(&fbank, None).unwrap().features
+}
+
+/// Checkpoint variants that must give exactly the released model's numbers: a
+/// fine-tuned checkpoint (tagging head present, ignored), a zero conv bias, and the
+/// positional convolution with weight norm already folded into `weight`.
+#[test]
+fn equivalent_checkpoint_variants_give_the_same_features() {
+    let expected = chirp_features(&load_tiny());
+    let finetuned = variant(
+        |cfg| {
+            cfg["finetuned_model"] = true.into();
+            cfg["predictor_class"] = 7.into();
+        },
+        |t| {
+            t.insert(
+                "predictor.weight".into(),
+                Tensor::ones((7, 48), DType::F32, &Device::Cpu).unwrap(),
+            );
+            t.insert(
+                "predictor.bias".into(),
+                Tensor::ones(7, DType::F32, &Device::Cpu).unwrap(),
+            );
+        },
+    );
+    assert_eq!(max_abs_diff(&chirp_features(&finetuned), &expected), 0.0);
+
+    let with_bias = variant(
+        |cfg| cfg["conv_bias"] = true.into(),
+        |t| {
+            t.insert(
+                "patch_embedding.bias".into(),
+                Tensor::zeros(32, DType::F32, &Device::Cpu).unwrap(),
+            );
+        },
+    );
+    assert_eq!(max_abs_diff(&chirp_features(&with_bias), &expected), 0.0);
+
+    let folded = variant(
+        |_| {},
+        |t| {
+            let g = t.remove("encoder.pos_conv.0.weight_g").unwrap();
+            let v = t.remove("encoder.pos_conv.0.weight_v").unwrap();
+            let norm = v
+                .sqr()
+                .unwrap()
+                .sum_keepdim(0)
+                .unwrap()
+                .sum_keepdim(1)
+                .unwrap()
+                .sqrt()
+                .unwrap();
+            let w = v.broadcast_mul(&g.broadcast_div(&norm).unwrap()).unwrap();
+            t.insert("encoder.pos_conv.0.weight".into(), w);
+        },
+    );
+    assert!(max_abs_diff(&chirp_features(&folded), &expected) < 1e-6);
+
+    // Newer PyTorch names the weight-norm parts as a parametrization.
+    let parametrized = variant(
+        |_| {},
+        |t| {
+            let g = t.remove("encoder.pos_conv.0.weight_g").unwrap();
+            let v = t.remove("encoder.pos_conv.0.weight_v").unwrap();
+            t.insert(
+                "encoder.pos_conv.0.parametrizations.weight.original0".into(),
+                g,
+            );
+            t.insert(
+                "encoder.pos_conv.0.parametrizations.weight.original1".into(),
+                v,
+            );
+        },
+    );
+    assert_eq!(max_abs_diff(&chirp_features(&parametrized), &expected), 0.0);
+}
+
+/// The other switches of the reference change the computation: each variant loads,
+/// runs, gives finite features of the right shape, and differs from the released one.
+#[test]
+fn every_architecture_switch_loads_and_runs() {
+    let expected = chirp_features(&load_tiny());
+    let variants: Vec<(&str, Beats)> = vec![
+        (
+            "plain relative bias",
+            variant(|cfg| cfg["gru_rel_pos"] = false.into(), |_| {}),
+        ),
+        (
+            "no relative bias",
+            variant(
+                |cfg| cfg["relative_position_embedding"] = false.into(),
+                |_| {},
+            ),
+        ),
+        (
+            "layer_norm_first",
+            variant(
+                |cfg| {
+                    cfg["deep_norm"] = false.into();
+                    cfg["layer_norm_first"] = true.into();
+                },
+                |_| {},
+            ),
+        ),
+        (
+            "gelu_accurate",
+            variant(|cfg| cfg["activation_fn"] = "gelu_accurate".into(), |_| {}),
+        ),
+        (
+            "no post_extract_proj",
+            variant(
+                |cfg| cfg["embed_dim"] = 48.into(),
+                |t| {
+                    t.remove("post_extract_proj.weight");
+                    t.remove("post_extract_proj.bias");
+                    let patch = t["patch_embedding.weight"].clone();
+                    let patch =
+                        Tensor::cat(&[&patch, &patch.narrow(0, 0, 16).unwrap()], 0).unwrap();
+                    t.insert("patch_embedding.weight".into(), patch);
+                    t.insert(
+                        "layer_norm.weight".into(),
+                        Tensor::ones(48, DType::F32, &Device::Cpu).unwrap(),
+                    );
+                    t.insert(
+                        "layer_norm.bias".into(),
+                        Tensor::zeros(48, DType::F32, &Device::Cpu).unwrap(),
+                    );
+                },
+            ),
+        ),
+    ];
+    for (name, beats) in variants {
+        let got = chirp_features(&beats);
+        assert_eq!(got.dims(), expected.dims(), "{name}");
+        let finite = got
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .all(|v| v.is_finite());
+        assert!(finite, "{name}: non-finite features");
+        assert!(
+            max_abs_diff(&got, &expected) > 1e-6,
+            "{name}: the switch had no effect"
+        );
+    }
+}
