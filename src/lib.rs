@@ -8,9 +8,13 @@
 //!   pooling, Llama 3 decoder, LoRA adapters, and the checkpoint readers they share.
 //! - [`caption`]: the prompt template and greedy captioning on candle (the reference
 //!   path that the ONNX export is checked against).
+//! - [`export`]: the model written as ONNX graphs with a manifest (`audiocap export`).
+//! - [`engine`]: the exported model on ONNX Runtime (`audiocap caption`).
 
 pub mod audio;
 pub mod caption;
+pub mod engine;
+pub mod export;
 pub mod model;
 
 #[cfg(test)]

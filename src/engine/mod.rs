@@ -1,0 +1,4 @@
+//! The production runtime: the exported model on ONNX Runtime (`ort`), CUDA where
+//! there is a GPU and the CPU elsewhere.
+
+pub mod runtime;

@@ -1,0 +1,3 @@
+//! `audiocap export`: the candle model written as ONNX graphs plus a manifest.
+
+pub mod onnx;
