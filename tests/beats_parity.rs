@@ -392,3 +392,28 @@ fn every_architecture_switch_loads_and_runs() {
         );
     }
 }
+
+/// Batched clips of different lengths give each clip the features it gets alone.
+#[test]
+fn length_masked_batch_equals_clips_alone() {
+    let beats = load_tiny();
+    let reference = load_safetensors("beats-tiny/reference.safetensors");
+    let long = &reference["chirp_2p5s.fbank"];
+    let short = &reference["sine_1s.fbank"];
+    let (t_long, t_short) = (long.dims()[0], short.dims()[0]);
+    let pad = Tensor::zeros((t_long - t_short, 128), DType::F32, &Device::Cpu).unwrap();
+    let short_padded = Tensor::cat(&[short, &pad], 0).unwrap();
+    let batch = Tensor::stack(&[long, &short_padded], 0).unwrap();
+    let out = beats.extract_features_for_lengths(&batch, &[t_long, t_short]).unwrap();
+    let alone_long = beats.extract_features(&long.unsqueeze(0).unwrap(), None).unwrap().features;
+    let alone_short = beats.extract_features(&short.unsqueeze(0).unwrap(), None).unwrap().features;
+    let p_short = alone_short.dims()[1];
+    let got_long = out.features.narrow(0, 0, 1).unwrap();
+    let got_short = out.features.narrow(0, 1, 1).unwrap().narrow(1, 0, p_short).unwrap();
+    assert!(max_abs_diff(&got_long, &alone_long) < 1e-5);
+    let err = max_abs_diff(&got_short, &alone_short);
+    assert!(err < 1e-5, "short clip in a batch: {err}");
+    let mask = out.padding_mask.unwrap().to_vec2::<u8>().unwrap();
+    assert_eq!(mask[1].iter().filter(|&&m| m == 0).count(), p_short);
+    assert!(mask[0].iter().all(|&m| m == 0));
+}

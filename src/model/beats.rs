@@ -398,20 +398,7 @@ impl Beats {
     /// `.safetensors` file with its cfg in the file's metadata (key `cfg`) or in a JSON
     /// file beside it (`<stem>.json`, `<stem>.cfg.json`, `cfg.json` or `config.json`).
     pub fn load(path: &Path, dtype: DType, device: &Device) -> Result<Self> {
-        let (cfg, weights) = if is_torch_zip(path)? {
-            let value = checkpoint::read_torch_value(path)?;
-            let cfg_value = value.get("cfg").cloned().ok_or_else(|| {
-                LoadError::config(path, "the checkpoint has no `cfg` entry (expected {\"cfg\": dict, \"model\": state_dict})")
-            })?;
-            let cfg: BeatsConfig = serde_json::from_value(cfg_value)
-                .map_err(|e| LoadError::config(path, format!("cfg: {e}")))?;
-            let tensors = checkpoint::read_torch_state_dict(path, Some("model"))?;
-            (cfg, Weights::from_tensors(path, tensors, dtype, device))
-        } else {
-            let cfg = read_safetensors_cfg(path)?;
-            let weights = Weights::from_safetensors(path, &[path.to_path_buf()], dtype, device)?;
-            (cfg, weights)
-        };
+        let (cfg, weights) = load_checkpoint(path, dtype, device)?;
         Self::from_weights(cfg, &weights)
     }
 
@@ -500,6 +487,60 @@ impl Beats {
         fbank: &Tensor,
         frame_padding: Option<&Tensor>,
     ) -> candle_core::Result<BeatsOutput> {
+        let (x, num_patches) = self.embed_patches(fbank)?;
+        let padding_mask = match frame_padding {
+            Some(mask) => Some(reduce_padding_mask(
+                &reduce_padding_mask(mask, fbank.dim(1)?)?,
+                num_patches,
+            )?),
+            None => None,
+        };
+        let features = self.encode(x, padding_mask.as_ref())?;
+        Ok(BeatsOutput {
+            features,
+            padding_mask,
+        })
+    }
+
+    /// Features of a batch of clips padded to a common length, each clip `i` having
+    /// `frame_lengths[i]` valid frames. A patch is padding when it lies past the clip's
+    /// last whole patch row, so every clip's features equal those it gets alone: what
+    /// batched inference needs (the reference's waveform-mask mapping does not have
+    /// that property).
+    pub fn extract_features_for_lengths(
+        &self,
+        fbank: &Tensor,
+        frame_lengths: &[usize],
+    ) -> candle_core::Result<BeatsOutput> {
+        let (b, t, bins) = fbank.dims3()?;
+        if frame_lengths.len() != b {
+            candle_core::bail!("{} frame lengths for a batch of {b}", frame_lengths.len());
+        }
+        let (x, num_patches) = self.embed_patches(fbank)?;
+        let p = self.cfg.input_patch_size;
+        let per_row = bins / p;
+        let mut mask = vec![0u8; b * num_patches];
+        for (i, &len) in frame_lengths.iter().enumerate() {
+            let valid = (len.min(t) / p) * per_row;
+            if valid == 0 {
+                candle_core::bail!(
+                    "clip {i} has {len} frames, too short for one encoder patch ({p} frames)"
+                );
+            }
+            for m in &mut mask[i * num_patches + valid..(i + 1) * num_patches] {
+                *m = 1;
+            }
+        }
+        let mask = Tensor::from_vec(mask, (b, num_patches), &self.device)?;
+        let features = self.encode(x, Some(&mask))?;
+        Ok(BeatsOutput {
+            features,
+            padding_mask: Some(mask),
+        })
+    }
+
+    /// Patch embedding, LayerNorm and `post_extract_proj`: [B, T, bins] → [B, P, D].
+    fn embed_patches(&self, fbank: &Tensor) -> candle_core::Result<(Tensor, usize)> {
         let (b, t, bins) = fbank.dims3()?;
         let p = self.cfg.input_patch_size;
         let (pt, pf) = (t / p, bins / p);
@@ -525,22 +566,10 @@ impl Beats {
         }
         let features = features.reshape((b, num_patches, self.cfg.embed_dim))?;
         let mut x = self.layer_norm.forward(&features)?;
-
-        let padding_mask = match frame_padding {
-            Some(mask) => Some(reduce_padding_mask(
-                &reduce_padding_mask(mask, t)?,
-                num_patches,
-            )?),
-            None => None,
-        };
         if let Some(proj) = &self.post_extract_proj {
             x = proj.forward(&x)?;
         }
-        let x = self.encode(x, padding_mask.as_ref())?;
-        Ok(BeatsOutput {
-            features: x,
-            padding_mask,
-        })
+        Ok((x, num_patches))
     }
 
     /// The transformer encoder (`TransformerEncoder.forward`).
@@ -605,6 +634,32 @@ impl Beats {
     }
 }
 
+/// Reads a BEATs checkpoint's cfg and tensors: a torch zip (`.pt`, `{"cfg", "model"}`)
+/// or a `.safetensors` file with its cfg in the file's metadata (key `cfg`) or in a
+/// JSON file beside it (`<stem>.json`, `<stem>.cfg.json`, `cfg.json` or `config.json`).
+pub fn load_checkpoint(
+    path: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(BeatsConfig, Weights)> {
+    let (cfg, weights) = if is_torch_zip(path)? {
+        let value = checkpoint::read_torch_value(path)?;
+        let cfg_value = value.get("cfg").cloned().ok_or_else(|| {
+                LoadError::config(path, "the checkpoint has no `cfg` entry (expected {\"cfg\": dict, \"model\": state_dict})")
+            })?;
+        let cfg: BeatsConfig = serde_json::from_value(cfg_value)
+            .map_err(|e| LoadError::config(path, format!("cfg: {e}")))?;
+        let tensors = checkpoint::read_torch_state_dict(path, Some("model"))?;
+        (cfg, Weights::from_tensors(path, tensors, dtype, device))
+    } else {
+        let cfg = read_safetensors_cfg(path)?;
+        let weights = Weights::from_safetensors(path, &[path.to_path_buf()], dtype, device)?;
+        (cfg, weights)
+    };
+    cfg.validate().map_err(|m| LoadError::config(path, m))?;
+    Ok((cfg, weights))
+}
+
 /// T5-style bidirectional bucket of a relative position, computed in f32 exactly as
 /// the reference does (the log-spaced boundaries depend on f32 rounding).
 pub fn relative_position_bucket(relative: i64, num_buckets: usize, max_distance: usize) -> u32 {
@@ -658,7 +713,7 @@ pub fn waveform_padding_mask(
 /// `weight_norm(conv, dim=2)`: weight = g · v / ‖v‖, the norm over all dims but 2.
 /// Accepts the classic `weight_g`/`weight_v` names, the parametrization names of newer
 /// PyTorch (`parametrizations.weight.original0/1`), or an already folded `weight`.
-fn load_weight_normed_conv(w: &Weights, shape: (usize, usize, usize)) -> Result<Tensor> {
+pub fn load_weight_normed_conv(w: &Weights, shape: (usize, usize, usize)) -> Result<Tensor> {
     let (g_name, v_name) = if w.contains("weight_g") {
         ("weight_g", "weight_v")
     } else if w.contains("parametrizations.weight.original0") {
