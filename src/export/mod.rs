@@ -1,3 +1,4 @@
 //! `audiocap export`: the candle model written as ONNX graphs plus a manifest.
 
+pub mod encoder;
 pub mod onnx;

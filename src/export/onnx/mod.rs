@@ -93,6 +93,8 @@ pub struct Graph {
     external: Option<ExternalData>,
     inline_bytes: u64,
     scope: String,
+    /// Initializer names in use (ONNX requires them unique).
+    names: std::collections::HashSet<String>,
 }
 
 impl Graph {
@@ -109,6 +111,7 @@ impl Graph {
             external: None,
             inline_bytes: 0,
             scope: String::new(),
+            names: std::collections::HashSet::new(),
         }
     }
 
@@ -179,10 +182,11 @@ impl Graph {
         dims: &[usize],
         bytes: Vec<u8>,
     ) -> Result<Value> {
+        let name = self.unique(name);
         let mut tensor = TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
             data_type: dtype as i32,
-            name: name.to_string(),
+            name: name.clone(),
             ..Default::default()
         };
         match &mut self.external {
@@ -217,7 +221,18 @@ impl Graph {
             }
         }
         self.initializers.push(tensor);
-        Ok(Value(name.to_string()))
+        Ok(Value(name))
+    }
+
+    /// `name`, or `name_2`, `name_3`, ... if it is taken.
+    fn unique(&mut self, name: &str) -> String {
+        let mut candidate = name.to_string();
+        let mut n = 1;
+        while !self.names.insert(candidate.clone()) {
+            n += 1;
+            candidate = format!("{name}_{n}");
+        }
+        candidate
     }
 
     /// A weight from a candle tensor, stored in the graph's float type.
@@ -275,15 +290,16 @@ impl Graph {
     }
 
     fn push_const(&mut self, name: &str, dtype: DataType, dims: &[usize], bytes: Vec<u8>) -> Value {
+        let name = self.unique(name);
         self.inline_bytes += bytes.len() as u64;
         self.initializers.push(TensorProto {
             dims: dims.iter().map(|&d| d as i64).collect(),
             data_type: dtype as i32,
-            name: name.to_string(),
+            name: name.clone(),
             raw_data: bytes,
             ..Default::default()
         });
-        Value(name.to_string())
+        Value(name)
     }
 
     /// A node with one output.
