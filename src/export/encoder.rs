@@ -247,7 +247,11 @@ fn positional_conv(g: &mut Graph, x: &Value, cfg: &BeatsConfig, beats: &Weights)
         ],
     );
     // An even kernel yields one step more than the input; SamePad drops it.
-    let y = if k.is_multiple_of(2) { g.slice(&y, 2, 0, -1) } else { y };
+    let y = if k.is_multiple_of(2) {
+        g.slice(&y, 2, 0, -1)
+    } else {
+        y
+    };
     let y = g.gelu_erf(&y);
     let y = g.transpose(&y, &[0, 2, 1]);
     Ok(g.add(x, &y))

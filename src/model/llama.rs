@@ -688,9 +688,7 @@ impl Llama {
         device: &Device,
         adaptation: &Adaptation,
     ) -> Result<Self> {
-        let config = LlamaConfig::from_file(&dir.join(CONFIG_FILE))?;
-        let files = weight_files(dir)?;
-        let weights = Weights::from_safetensors(dir, &files, dtype, device)?;
+        let (config, weights) = open_checkpoint(dir, dtype, device)?;
         Self::from_weights(config, &weights, adaptation)
     }
 
@@ -840,6 +838,19 @@ impl Llama {
 
 /// The safetensors files of a model directory: `model.safetensors`, else every shard
 /// named in `model.safetensors.index.json`.
+/// A Hugging Face model directory's validated config and its (memory-mapped) tensors,
+/// without building the model: what the exporter streams weights from.
+pub fn open_checkpoint(
+    dir: &Path,
+    dtype: DType,
+    device: &Device,
+) -> Result<(LlamaConfig, Weights)> {
+    let config = LlamaConfig::from_file(&dir.join(CONFIG_FILE))?;
+    let files = weight_files(dir)?;
+    let weights = Weights::from_safetensors(dir, &files, dtype, device)?;
+    Ok((config, weights))
+}
+
 fn weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
     let single = dir.join(WEIGHTS_FILE);
     if single.is_file() {

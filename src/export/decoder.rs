@@ -1,0 +1,450 @@
+//! `embedding.onnx` and `decoder.onnx`: the Llama decoder with its LoRA adapters
+//! folded into the weights, in the input/output layout of Hugging Face optimum and
+//! ONNX Runtime GenAI.
+//!
+//! embedding: `input_ids` [batch, sequence] int64 → `inputs_embeds` [batch, sequence, hidden].
+//! decoder: `inputs_embeds`, `attention_mask` [batch, total_sequence] int64,
+//! `position_ids` [batch, sequence] int64, `past_key_values.{i}.key/.value`
+//! [batch, kv_heads, past_sequence, head_dim] → `logits` [batch, sequence, vocab] f32,
+//! `present.{i}.key/.value` [batch, kv_heads, total_sequence, head_dim].
+//!
+//! Weights are read one tensor at a time from the memory-mapped checkpoint and
+//! written straight into the graph (or its external-data file), so exporting an 8B
+//! model needs little more memory than its largest tensor.
+
+use candle_core::Tensor;
+
+use super::encoder::ExportError;
+use super::onnx::{DataType, Dim, Graph, Value};
+use crate::model::llama::LlamaConfig;
+use crate::model::lora::Adaptation;
+use crate::model::weights::{LoadError, Weights};
+
+type Result<T> = std::result::Result<T, ExportError>;
+
+/// Names of the decoder graphs' inputs and outputs.
+pub mod io {
+    pub const INPUT_IDS: &str = "input_ids";
+    pub const INPUTS_EMBEDS: &str = "inputs_embeds";
+    pub const ATTENTION_MASK: &str = "attention_mask";
+    pub const POSITION_IDS: &str = "position_ids";
+    pub const LOGITS: &str = "logits";
+
+    pub fn past_key(layer: usize) -> String {
+        format!("past_key_values.{layer}.key")
+    }
+    pub fn past_value(layer: usize) -> String {
+        format!("past_key_values.{layer}.value")
+    }
+    pub fn present_key(layer: usize) -> String {
+        format!("present.{layer}.key")
+    }
+    pub fn present_value(layer: usize) -> String {
+        format!("present.{layer}.value")
+    }
+}
+
+/// The embedding table lookup.
+pub fn build_embedding(g: &mut Graph, cfg: &LlamaConfig, w: &Weights) -> Result<()> {
+    let table = w
+        .pp("model.embed_tokens")
+        .get("weight", (cfg.vocab_size, cfg.hidden_size))?;
+    let table = g.weight("model.embed_tokens.weight", &table)?;
+    let ids = g.input(
+        io::INPUT_IDS,
+        DataType::Int64,
+        &[Dim::named("batch"), Dim::named("sequence")],
+    );
+    let embeds = g.gather(&table, &ids, 0);
+    let float = g.float();
+    g.output(
+        &embeds,
+        io::INPUTS_EMBEDS,
+        float,
+        &[
+            Dim::named("batch"),
+            Dim::named("sequence"),
+            Dim::Fixed(cfg.hidden_size),
+        ],
+    );
+    Ok(())
+}
+
+/// The decoder stack, final norm and LM head. Returns the paths of the linear
+/// modules it wrote (for checking that every adapter module was applied).
+pub fn build_decoder(
+    g: &mut Graph,
+    cfg: &LlamaConfig,
+    w: &Weights,
+    adaptation: &Adaptation,
+) -> Result<Vec<String>> {
+    let float = g.float();
+    let hidden = cfg.hidden_size;
+    let heads = cfg.num_attention_heads;
+    let kv_heads = cfg.num_key_value_heads();
+    let head_dim = cfg.head_dim();
+    let kv_dims = || {
+        vec![
+            Dim::named("batch"),
+            Dim::Fixed(kv_heads),
+            Dim::named("past_sequence"),
+            Dim::Fixed(head_dim),
+        ]
+    };
+
+    let embeds = g.input(
+        io::INPUTS_EMBEDS,
+        float,
+        &[
+            Dim::named("batch"),
+            Dim::named("sequence"),
+            Dim::Fixed(hidden),
+        ],
+    );
+    let attention_mask = g.input(
+        io::ATTENTION_MASK,
+        DataType::Int64,
+        &[Dim::named("batch"), Dim::named("total_sequence")],
+    );
+    let position_ids = g.input(
+        io::POSITION_IDS,
+        DataType::Int64,
+        &[Dim::named("batch"), Dim::named("sequence")],
+    );
+    let mut past = Vec::with_capacity(cfg.num_hidden_layers);
+    for i in 0..cfg.num_hidden_layers {
+        let k = g.input(&io::past_key(i), float, &kv_dims());
+        let v = g.input(&io::past_value(i), float, &kv_dims());
+        past.push((k, v));
+    }
+
+    g.set_scope("rotary");
+    let rope = cfg
+        .rope()
+        .map_err(|m| ExportError::Load(LoadError::config(w.origin().join("config.json"), m)))?;
+    let (cos, sin) = rotary_tables(g, &position_ids, &rope.inv_freq(head_dim));
+    g.set_scope("mask");
+    let mask = attention_bias(g, &embeds, &attention_mask);
+
+    let mut x = embeds;
+    let mut linear_paths = Vec::new();
+    let model = w.pp("model");
+    for (i, (past_k, past_v)) in past.iter().enumerate() {
+        g.set_scope(&format!("model.layers.{i}"));
+        let layer = model.pp("layers").pp(i);
+        let attn = layer.pp("self_attn");
+        let mut lin = |g: &mut Graph, x: &Value, m: &Weights, name: &str, in_dim, out_dim, bias| {
+            linear(
+                g,
+                x,
+                &m.pp(name),
+                in_dim,
+                out_dim,
+                bias,
+                adaptation,
+                &mut linear_paths,
+            )
+        };
+
+        let h = rms_norm(
+            g,
+            &x,
+            &layer.pp("input_layernorm"),
+            hidden,
+            cfg.rms_norm_eps,
+        )?;
+        let q = lin(
+            g,
+            &h,
+            &attn,
+            "q_proj",
+            hidden,
+            heads * head_dim,
+            cfg.attention_bias,
+        )?;
+        let k = lin(
+            g,
+            &h,
+            &attn,
+            "k_proj",
+            hidden,
+            kv_heads * head_dim,
+            cfg.attention_bias,
+        )?;
+        let v = lin(
+            g,
+            &h,
+            &attn,
+            "v_proj",
+            hidden,
+            kv_heads * head_dim,
+            cfg.attention_bias,
+        )?;
+        let split = |g: &mut Graph, t: &Value, n: usize| {
+            let r = g.reshape_to(t, &[0, 0, n as i64, head_dim as i64]);
+            g.transpose(&r, &[0, 2, 1, 3])
+        };
+        let q = split(g, &q, heads);
+        let k = split(g, &k, kv_heads);
+        let v = split(g, &v, kv_heads);
+        let q = apply_rotary(g, &q, &cos, &sin, head_dim);
+        let k = apply_rotary(g, &k, &cos, &sin, head_dim);
+        let k_all = g.concat(&[past_k, &k], 2);
+        let v_all = g.concat(&[past_v, &v], 2);
+        g.output(
+            &k_all,
+            &io::present_key(i),
+            float,
+            &present_dims(kv_heads, head_dim),
+        );
+        g.output(
+            &v_all,
+            &io::present_value(i),
+            float,
+            &present_dims(kv_heads, head_dim),
+        );
+        let k_rep = repeat_kv(g, &k_all, kv_heads, heads / kv_heads, head_dim);
+        let v_rep = repeat_kv(g, &v_all, kv_heads, heads / kv_heads, head_dim);
+
+        // Scores and softmax in f32, as transformers' eager attention does.
+        let q32 = g.to_f32(&q);
+        let k32 = g.to_f32(&k_rep);
+        let kt = g.transpose(&k32, &[0, 1, 3, 2]);
+        let scores = g.matmul(&q32, &kt);
+        let scale = g.scalar_f32((head_dim as f32).powf(-0.5));
+        let scores = g.mul(&scores, &scale);
+        let scores = g.add(&scores, &mask);
+        let probs = g.softmax(&scores, -1);
+        let probs = g.from_f32(&probs);
+        let out = g.matmul(&probs, &v_rep);
+        let out = g.transpose(&out, &[0, 2, 1, 3]);
+        let out = g.reshape_to(&out, &[0, 0, (heads * head_dim) as i64]);
+        let out = lin(
+            g,
+            &out,
+            &attn,
+            "o_proj",
+            heads * head_dim,
+            hidden,
+            cfg.attention_bias,
+        )?;
+        x = g.add(&x, &out);
+
+        let h = rms_norm(
+            g,
+            &x,
+            &layer.pp("post_attention_layernorm"),
+            hidden,
+            cfg.rms_norm_eps,
+        )?;
+        let mlp = layer.pp("mlp");
+        let gate = lin(
+            g,
+            &h,
+            &mlp,
+            "gate_proj",
+            hidden,
+            cfg.intermediate_size,
+            cfg.mlp_bias,
+        )?;
+        let up = lin(
+            g,
+            &h,
+            &mlp,
+            "up_proj",
+            hidden,
+            cfg.intermediate_size,
+            cfg.mlp_bias,
+        )?;
+        let sig = g.sigmoid(&gate);
+        let act = g.mul(&gate, &sig);
+        let act = g.mul(&act, &up);
+        let down = lin(
+            g,
+            &act,
+            &mlp,
+            "down_proj",
+            cfg.intermediate_size,
+            hidden,
+            cfg.mlp_bias,
+        )?;
+        x = g.add(&x, &down);
+    }
+
+    g.set_scope("lm_head");
+    let x = rms_norm(g, &x, &model.pp("norm"), hidden, cfg.rms_norm_eps)?;
+    let head: Tensor = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
+        model
+            .pp("embed_tokens")
+            .get("weight", (cfg.vocab_size, hidden))?
+    } else {
+        w.pp("lm_head").get("weight", (cfg.vocab_size, hidden))?
+    };
+    let logits = g.linear(&x, "lm_head", &head, None)?;
+    let logits = g.to_f32(&logits);
+    g.output(
+        &logits,
+        io::LOGITS,
+        DataType::Float,
+        &[
+            Dim::named("batch"),
+            Dim::named("sequence"),
+            Dim::Fixed(cfg.vocab_size),
+        ],
+    );
+    adaptation.check_all_applied(&linear_paths, w.origin())?;
+    Ok(linear_paths)
+}
+
+fn present_dims(kv_heads: usize, head_dim: usize) -> Vec<Dim> {
+    vec![
+        Dim::named("batch"),
+        Dim::Fixed(kv_heads),
+        Dim::named("total_sequence"),
+        Dim::Fixed(head_dim),
+    ]
+}
+
+/// A linear layer with its adapters folded in.
+#[allow(clippy::too_many_arguments)]
+fn linear(
+    g: &mut Graph,
+    x: &Value,
+    w: &Weights,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    adaptation: &Adaptation,
+    paths: &mut Vec<String>,
+) -> Result<Value> {
+    let layer = adaptation.linear(w, in_dim, out_dim, bias)?;
+    if !layer.adapters.is_empty() {
+        return Err(ExportError::Unsupported(
+            "live LoRA paths cannot be exported; fold the adapters first".into(),
+        ));
+    }
+    paths.push(w.prefix().to_string());
+    Ok(g.linear(x, w.prefix(), layer.base.weight(), layer.base.bias())?)
+}
+
+/// `x / sqrt(mean(x²) + eps) · weight`, in f32.
+fn rms_norm(g: &mut Graph, x: &Value, w: &Weights, dim: usize, eps: f64) -> Result<Value> {
+    let weight = w.get("weight", dim)?;
+    let x32 = g.to_f32(x);
+    let sq = g.mul(&x32, &x32);
+    let mean = g.reduce_mean(&sq, &[-1], true);
+    let eps = g.scalar_f32(eps as f32);
+    let var = g.add(&mean, &eps);
+    let rms = g.op("Sqrt", &[&var], vec![]);
+    let normed = g.div(&x32, &rms);
+    let normed = g.from_f32(&normed);
+    let weight = g.weight(&format!("{}.weight", w.prefix()), &weight)?;
+    Ok(g.mul(&normed, &weight))
+}
+
+/// cos and sin tables [batch, 1, sequence, head_dim] for the given positions.
+fn rotary_tables(g: &mut Graph, position_ids: &Value, inv_freq: &[f32]) -> (Value, Value) {
+    let inv = g.const_float(inv_freq, &[inv_freq.len()], DataType::Float);
+    let pos = g.cast(position_ids, DataType::Float);
+    let pos = g.unsqueeze(&pos, &[-1]); // [B, S, 1]
+    let freqs = g.mul(&pos, &inv); // [B, S, D/2]
+    let emb = g.concat(&[&freqs, &freqs], -1);
+    let cos = g.op("Cos", &[&emb], vec![]);
+    let sin = g.op("Sin", &[&emb], vec![]);
+    let cos = g.unsqueeze(&cos, &[1]);
+    let sin = g.unsqueeze(&sin, &[1]);
+    (g.from_f32(&cos), g.from_f32(&sin))
+}
+
+/// `x · cos + rotate_half(x) · sin`, rotate_half(x) = [-x₂, x₁].
+fn apply_rotary(g: &mut Graph, x: &Value, cos: &Value, sin: &Value, head_dim: usize) -> Value {
+    let half = (head_dim / 2) as i64;
+    let x1 = g.slice(x, -1, 0, half);
+    let x2 = g.slice(x, -1, half, head_dim as i64);
+    let neg = g.neg(&x2);
+    let rotated = g.concat(&[&neg, &x1], -1);
+    let a = g.mul(x, cos);
+    let b = g.mul(&rotated, sin);
+    g.add(&a, &b)
+}
+
+/// [B, kv, T, D] → [B, kv·n_rep, T, D] (grouped-query attention).
+fn repeat_kv(g: &mut Graph, x: &Value, kv_heads: usize, n_rep: usize, head_dim: usize) -> Value {
+    if n_rep == 1 {
+        return x.clone();
+    }
+    let x5 = g.unsqueeze(x, &[2]); // [B, kv, 1, T, D]
+    let batch = g.dim(x, 0);
+    let total = g.dim(x, 2);
+    let kv = g.const_i64(&[kv_heads as i64]);
+    let rep = g.const_i64(&[n_rep as i64]);
+    let d = g.const_i64(&[head_dim as i64]);
+    let shape = g.concat(&[&batch, &kv, &rep, &total, &d], 0);
+    let expanded = g.op("Expand", &[&x5, &shape], vec![]);
+    g.reshape_to(
+        &expanded,
+        &[0, (kv_heads * n_rep) as i64, -1, head_dim as i64],
+    )
+}
+
+/// Additive attention bias [B, 1, S, T] in f32: 0 where a query may attend (causal
+/// and not padding), the most negative f32 elsewhere (as transformers does, so a
+/// fully masked row stays finite).
+fn attention_bias(g: &mut Graph, embeds: &Value, attention_mask: &Value) -> Value {
+    let seq = g.dim(embeds, 1);
+    let seq = g.squeeze(&seq, &[0]);
+    let total = g.dim(attention_mask, 1);
+    let total = g.squeeze(&total, &[0]);
+    let past = g.sub(&total, &seq);
+    let q_pos = g.range(&past, &total); // [S]
+    let q_pos = g.unsqueeze(&q_pos, &[1]); // [S, 1]
+    let zero = g.scalar_i64(0);
+    let k_pos = g.range(&zero, &total); // [T]
+    let k_pos = g.unsqueeze(&k_pos, &[0]); // [1, T]
+    let causal = g.op("LessOrEqual", &[&k_pos, &q_pos], vec![]); // [S, T]
+    let keep = g.cast(attention_mask, DataType::Bool);
+    let keep = g.unsqueeze(&keep, &[1, 2]); // [B, 1, 1, T]
+    let allowed = g.op("And", &[&causal, &keep], vec![]); // [B, 1, S, T]
+    let open = g.scalar_f32(0.0);
+    let closed = g.scalar_f32(f32::MIN);
+    g.where_(&allowed, &open, &closed)
+}
+
+/// Writes `embedding.onnx` and `decoder.onnx` for a Hugging Face Llama directory with
+/// `adaptation` folded in. Large models get external-data files.
+pub fn export_decoder_files(
+    cfg: &LlamaConfig,
+    w: &Weights,
+    adaptation: &Adaptation,
+    float: DataType,
+    out_dir: &std::path::Path,
+) -> Result<Vec<std::path::PathBuf>> {
+    let bytes_per = float.size() as u64;
+    let embed_bytes = (cfg.vocab_size * cfg.hidden_size) as u64 * bytes_per;
+    let mut files = Vec::new();
+
+    let path = out_dir.join("embedding.onnx");
+    let mut g = if embed_bytes > super::onnx::INLINE_LIMIT_BYTES {
+        Graph::with_external_data("embedding", float, &out_dir.join("embedding.onnx.data"))?
+    } else {
+        Graph::new("embedding", float)
+    };
+    build_embedding(&mut g, cfg, w)?;
+    files.extend(g.save(&path, env!("CARGO_PKG_VERSION"), &[])?);
+
+    let layer_params = cfg.hidden_size
+        * (cfg.num_attention_heads + 2 * cfg.num_key_value_heads())
+        * cfg.head_dim()
+        + cfg.num_attention_heads * cfg.head_dim() * cfg.hidden_size
+        + 3 * cfg.hidden_size * cfg.intermediate_size;
+    let decoder_bytes = (layer_params * cfg.num_hidden_layers) as u64 * bytes_per + embed_bytes;
+    let path = out_dir.join("decoder.onnx");
+    let mut g = if decoder_bytes > super::onnx::INLINE_LIMIT_BYTES {
+        Graph::with_external_data("decoder", float, &out_dir.join("decoder.onnx.data"))?
+    } else {
+        Graph::new("decoder", float)
+    };
+    build_decoder(&mut g, cfg, w, adaptation)?;
+    files.extend(g.save(&path, env!("CARGO_PKG_VERSION"), &[])?);
+    Ok(files)
+}
