@@ -4,7 +4,7 @@
 //! This is the reference path: the ONNX export is checked against it, and it lets a
 //! user check real checkpoints before exporting them.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use candle_core::{DType, Device, Tensor};
 use serde::Serialize;
@@ -13,26 +13,22 @@ use tokenizers::Tokenizer;
 use crate::audio::fbank::{Fbank, FbankConfig};
 use crate::model::beats::Beats;
 use crate::model::llama::{KvCache, Llama};
-use crate::model::lora::{Adaptation, MergeError, PeftAdapter};
-use crate::model::projector::{Pooling, Projector};
+use crate::model::lora::Adaptation;
+use crate::model::projector::Projector;
+use crate::model::prompt::{
+    DEFAULT_PROMPT_TEMPLATE, PromptError, PromptIds, PromptTemplate, load_tokenizer,
+};
+use crate::model::sources::{AssemblyError, ModelSources, combine_adapters, read_stop_ids};
 use crate::model::weights::LoadError;
-
-/// Where the audio embedding goes in the prompt.
-pub const AUDIO_PLACEHOLDER: &str = "<|audio|>";
-
-/// The Llama 3 chat template around the paper's instruction.
-pub const DEFAULT_PROMPT_TEMPLATE: &str = "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nDescribe the following audio clip <|audio|><|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CaptionError {
-    #[error("prompt template: {0}")]
-    Template(String),
-    #[error("{}: tokenizer: {message}", file.display())]
-    Tokenizer { file: PathBuf, message: String },
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("combining adapters: {0}")]
-    Merge(#[from] MergeError),
+    #[error(transparent)]
+    Assembly(#[from] AssemblyError),
     #[error("model mismatch: {0}")]
     Mismatch(String),
     #[error("{0}")]
@@ -42,121 +38,6 @@ pub enum CaptionError {
 }
 
 pub type Result<T> = std::result::Result<T, CaptionError>;
-
-/// A prompt template split at its single `<|audio|>` placeholder.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct PromptTemplate {
-    prefix: String,
-    suffix: String,
-}
-
-/// Token ids of the text before and after the audio embedding.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct PromptIds {
-    pub prefix: Vec<u32>,
-    pub suffix: Vec<u32>,
-}
-
-impl PromptTemplate {
-    pub fn parse(text: &str) -> Result<Self> {
-        let mut parts = text.split(AUDIO_PLACEHOLDER);
-        let (Some(prefix), Some(suffix), None) = (parts.next(), parts.next(), parts.next()) else {
-            return Err(CaptionError::Template(format!(
-                "must contain {AUDIO_PLACEHOLDER} exactly once: {text:?}"
-            )));
-        };
-        Ok(Self {
-            prefix: prefix.to_string(),
-            suffix: suffix.to_string(),
-        })
-    }
-
-    pub fn text(&self) -> String {
-        format!("{}{AUDIO_PLACEHOLDER}{}", self.prefix, self.suffix)
-    }
-
-    /// Tokenizes prefix and suffix separately, special tokens recognised, no BOS
-    /// added (the template carries its own `<|begin_of_text|>`).
-    pub fn tokenize(&self, tokenizer: &Tokenizer, file: &Path) -> Result<PromptIds> {
-        let encode = |text: &str| -> Result<Vec<u32>> {
-            tokenizer
-                .encode(text, false)
-                .map(|e| e.get_ids().to_vec())
-                .map_err(|e| CaptionError::Tokenizer {
-                    file: file.to_path_buf(),
-                    message: e.to_string(),
-                })
-        };
-        Ok(PromptIds {
-            prefix: encode(&self.prefix)?,
-            suffix: encode(&self.suffix)?,
-        })
-    }
-}
-
-/// The checkpoint files a captioner is assembled from.
-#[derive(Debug, Clone)]
-pub struct ModelSources {
-    /// BEATs checkpoint (`.pt` or `.safetensors`).
-    pub beats: PathBuf,
-    /// Hugging Face Llama directory (config.json, safetensors, tokenizer.json).
-    pub llm: PathBuf,
-    /// Projector safetensors (`0.*`, `2.*`).
-    pub projector: PathBuf,
-    /// PEFT adapter directories; several are combined with PEFT's `cat`.
-    pub adapters: Vec<PathBuf>,
-    /// Per-adapter weights for the combination (default 1/K each).
-    pub adapter_weights: Option<Vec<f64>>,
-    /// Prompt template with one `<|audio|>`; default [`DEFAULT_PROMPT_TEMPLATE`].
-    pub prompt_template: Option<String>,
-    pub pooling: Pooling,
-}
-
-/// Loads the adapters and combines them into one (PEFT `cat`, weights 1/K unless
-/// given). `None` when there are no adapters.
-pub fn combine_adapters(dirs: &[PathBuf], weights: Option<&[f64]>) -> Result<Option<PeftAdapter>> {
-    if dirs.is_empty() {
-        if weights.is_some_and(|w| !w.is_empty()) {
-            return Err(CaptionError::Mismatch(
-                "adapter weights given without adapters".into(),
-            ));
-        }
-        return Ok(None);
-    }
-    let adapters = dirs
-        .iter()
-        .map(|d| PeftAdapter::load(d))
-        .collect::<std::result::Result<Vec<_>, _>>()?;
-    let default_weights = vec![1.0 / adapters.len() as f64; adapters.len()];
-    let weights = weights.unwrap_or(&default_weights);
-    Ok(Some(PeftAdapter::cat(&adapters, weights)?))
-}
-
-/// Stop ids: `eos_token_id` of `generation_config.json`, else of `config.json`.
-pub fn read_stop_ids(llm_dir: &Path) -> Result<Vec<u32>> {
-    for name in ["generation_config.json", "config.json"] {
-        let file = llm_dir.join(name);
-        if !file.is_file() {
-            continue;
-        }
-        let value: serde_json::Value = crate::model::weights::read_json_config(&file)?;
-        let ids = match value.get("eos_token_id") {
-            Some(serde_json::Value::Number(n)) => n.as_u64().map(|v| vec![v as u32]),
-            Some(serde_json::Value::Array(items)) => {
-                items.iter().map(|v| v.as_u64().map(|v| v as u32)).collect()
-            }
-            _ => None,
-        };
-        if let Some(ids) = ids.filter(|ids| !ids.is_empty()) {
-            return Ok(ids);
-        }
-    }
-    Err(LoadError::config(
-        llm_dir,
-        "no eos_token_id in generation_config.json or config.json",
-    )
-    .into())
-}
 
 /// One generated caption.
 #[derive(Debug, Clone, Serialize)]
@@ -215,11 +96,7 @@ impl Captioner {
         }
 
         let tokenizer_file = sources.llm.join("tokenizer.json");
-        let tokenizer =
-            Tokenizer::from_file(&tokenizer_file).map_err(|e| CaptionError::Tokenizer {
-                file: tokenizer_file.clone(),
-                message: e.to_string(),
-            })?;
+        let tokenizer = load_tokenizer(&tokenizer_file)?;
         let template = PromptTemplate::parse(
             sources
                 .prompt_template
@@ -331,7 +208,7 @@ impl Captioner {
         caption.text = self
             .tokenizer
             .decode(&caption.token_ids, true)
-            .map_err(|e| CaptionError::Tokenizer {
+            .map_err(|e| PromptError::Tokenizer {
                 file: PathBuf::from("tokenizer.json"),
                 message: e.to_string(),
             })?
@@ -390,15 +267,6 @@ fn greedy_choice(logits: &[f32]) -> Option<Choice> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn template_needs_exactly_one_placeholder() {
-        let t = PromptTemplate::parse(DEFAULT_PROMPT_TEMPLATE).unwrap();
-        assert_eq!(t.text(), DEFAULT_PROMPT_TEMPLATE);
-        assert!(t.prefix.ends_with("audio clip "));
-        assert!(PromptTemplate::parse("no placeholder").is_err());
-        assert!(PromptTemplate::parse("<|audio|> and <|audio|>").is_err());
-    }
 
     #[test]
     fn greedy_choice_reports_margin_and_logprob() {

@@ -5,8 +5,9 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use audiocap::audio::decode::decode_file;
-use audiocap::caption::{Captioner, ModelSources};
+use audiocap::caption::Captioner;
 use audiocap::model::projector::Pooling;
+use audiocap::model::sources::ModelSources;
 use candle_core::Device;
 use clap::{Parser, Subcommand};
 

@@ -10,4 +10,6 @@ pub mod checkpoint;
 pub mod llama;
 pub mod lora;
 pub mod projector;
+pub mod prompt;
+pub mod sources;
 pub mod weights;
