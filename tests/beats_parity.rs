@@ -404,12 +404,25 @@ fn length_masked_batch_equals_clips_alone() {
     let pad = Tensor::zeros((t_long - t_short, 128), DType::F32, &Device::Cpu).unwrap();
     let short_padded = Tensor::cat(&[short, &pad], 0).unwrap();
     let batch = Tensor::stack(&[long, &short_padded], 0).unwrap();
-    let out = beats.extract_features_for_lengths(&batch, &[t_long, t_short]).unwrap();
-    let alone_long = beats.extract_features(&long.unsqueeze(0).unwrap(), None).unwrap().features;
-    let alone_short = beats.extract_features(&short.unsqueeze(0).unwrap(), None).unwrap().features;
+    let out = beats
+        .extract_features_for_lengths(&batch, &[t_long, t_short])
+        .unwrap();
+    let alone_long = beats
+        .extract_features(&long.unsqueeze(0).unwrap(), None)
+        .unwrap()
+        .features;
+    let alone_short = beats
+        .extract_features(&short.unsqueeze(0).unwrap(), None)
+        .unwrap()
+        .features;
     let p_short = alone_short.dims()[1];
     let got_long = out.features.narrow(0, 0, 1).unwrap();
-    let got_short = out.features.narrow(0, 1, 1).unwrap().narrow(1, 0, p_short).unwrap();
+    let got_short = out
+        .features
+        .narrow(0, 1, 1)
+        .unwrap()
+        .narrow(1, 0, p_short)
+        .unwrap();
     assert!(max_abs_diff(&got_long, &alone_long) < 1e-5);
     let err = max_abs_diff(&got_short, &alone_short);
     assert!(err < 1e-5, "short clip in a batch: {err}");
