@@ -6,6 +6,8 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use audiocap::audio::decode::decode_file;
 use audiocap::caption::Captioner;
+use audiocap::export::{ExportOptions, export_model};
+use audiocap::manifest::ExportDtype;
 use audiocap::model::projector::Pooling;
 use audiocap::model::sources::ModelSources;
 use candle_core::Device;
@@ -34,10 +36,48 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Export a model (BEATs + projector + Llama with merged LoRA adapters) to an
+    /// ONNX model directory that `audiocap caption` and `audiocap run` execute.
+    Export(ExportArgs),
     /// Caption audio files with the candle reference implementation, straight from
     /// the checkpoints (BEATs, Llama directory, projector, PEFT adapters). Prints one
     /// JSON object per file. Use it to check checkpoints before exporting them.
     ReferenceCaption(ReferenceCaptionArgs),
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    /// BEATs checkpoint (.pt as released, or .safetensors with its cfg beside it).
+    #[arg(long)]
+    beats: PathBuf,
+    /// Hugging Face Llama directory (config.json, safetensors, tokenizer.json).
+    #[arg(long)]
+    llm: PathBuf,
+    /// Projector safetensors (keys 0.weight, 0.bias, 2.weight, 2.bias).
+    #[arg(long)]
+    projector: PathBuf,
+    /// PEFT LoRA adapter directory; repeat to merge several with PEFT's `cat`.
+    #[arg(long = "adapter")]
+    adapters: Vec<PathBuf>,
+    /// Comma-separated weights for the adapters (default 1/K each).
+    #[arg(long, value_delimiter = ',')]
+    adapter_weights: Option<Vec<f64>>,
+    /// Prompt template containing <|audio|> once (default: the Llama 3 chat template
+    /// around "Describe the following audio clip <|audio|>").
+    #[arg(long)]
+    prompt_template: Option<String>,
+    /// Precision of the exported weights: f32, or f16 for GPUs.
+    #[arg(long, value_enum, default_value = "f32")]
+    dtype: ExportDtype,
+    /// Model name recorded in the manifest and in every output row.
+    #[arg(long)]
+    name: String,
+    /// Output directory (e.g. exported_models/NAME).
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    overwrite: bool,
 }
 
 #[derive(clap::Args)]
@@ -72,6 +112,7 @@ struct ReferenceCaptionArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Export(args) => export(args),
         Command::ReferenceCaption(args) => reference_caption(args),
     };
     match result {
@@ -81,6 +122,48 @@ fn main() -> ExitCode {
             ExitCode::from(exit::FATAL)
         }
     }
+}
+
+fn export(args: ExportArgs) -> anyhow::Result<u8> {
+    if let Some(w) = &args.adapter_weights {
+        if w.len() != args.adapters.len() {
+            bail!(
+                "{} --adapter-weights for {} --adapter directories",
+                w.len(),
+                args.adapters.len()
+            );
+        }
+    }
+    let options = ExportOptions {
+        sources: ModelSources {
+            beats: args.beats,
+            llm: args.llm,
+            projector: args.projector,
+            adapters: args.adapters,
+            adapter_weights: args.adapter_weights,
+            prompt_template: args.prompt_template,
+            pooling: Pooling::Mean,
+        },
+        dtype: args.dtype,
+        name: args.name,
+        out: args.out,
+        overwrite: args.overwrite,
+    };
+    let manifest = export_model(&options).context("exporting the model")?;
+    eprintln!(
+        "exported {} to {} ({:?}; encoder {} bytes, decoder {} bytes{})",
+        manifest.name,
+        options.out.display(),
+        manifest.onnx.dtype,
+        manifest.onnx.audio_encoder.file.bytes,
+        manifest.onnx.decoder.file.bytes,
+        if manifest.onnx.decoder.external_data.is_empty() {
+            ""
+        } else {
+            " + external data"
+        }
+    );
+    Ok(exit::OK)
 }
 
 fn reference_caption(args: ReferenceCaptionArgs) -> anyhow::Result<u8> {

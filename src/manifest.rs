@@ -1,0 +1,348 @@
+//! `model.json`: the versioned manifest of an exported model directory.
+//!
+//! It holds everything the runtime needs (front-end parameters and normalisation,
+//! prompt, stop ids, pooling, dimensions, dtype, opset, the graphs' file names and
+//! hashes) and what a user asks about a model (where it came from: the source
+//! checkpoint files, adapters and their weights). The runtime reads every audio
+//! constant from here, never from code.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::audio::fbank::FbankConfig;
+use crate::model::beats::BeatsConfig;
+use crate::model::projector::Pooling;
+use crate::model::prompt::PromptIds;
+
+pub const MANIFEST_FILE: &str = "model.json";
+/// Bumped when a field changes meaning; readers refuse newer versions.
+pub const FORMAT_VERSION: u32 = 1;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: not a valid model manifest: {message}", path.display())]
+    Invalid { path: PathBuf, message: String },
+    #[error("{}: {file} does not match the manifest ({what})", path.display())]
+    Mismatch {
+        path: PathBuf,
+        file: String,
+        what: String,
+    },
+}
+
+/// Precision of the exported weights and activations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum ExportDtype {
+    F32,
+    F16,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelManifest {
+    pub format_version: u32,
+    pub name: String,
+    /// The audiocap version that wrote the export.
+    pub audiocap_version: String,
+    /// When the export was written (RFC 3339, UTC).
+    pub created_at: String,
+    pub front_end: FbankConfig,
+    pub encoder: EncoderInfo,
+    pub projector: ProjectorInfo,
+    pub decoder: DecoderInfo,
+    pub prompt: PromptInfo,
+    pub generation: GenerationInfo,
+    pub onnx: OnnxInfo,
+    pub provenance: Provenance,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderInfo {
+    pub architecture: String,
+    /// The BEATs cfg of the source checkpoint.
+    pub config: BeatsConfig,
+    /// Fewest fbank frames a clip needs (one patch row).
+    pub min_frames: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProjectorInfo {
+    pub pooling: Pooling,
+    /// Audio embeddings per clip in the prompt.
+    pub audio_tokens: usize,
+    pub input_dim: usize,
+    pub output_dim: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecoderInfo {
+    pub architecture: String,
+    pub hidden_size: usize,
+    pub num_layers: usize,
+    pub num_attention_heads: usize,
+    pub num_key_value_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub max_position_embeddings: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PromptInfo {
+    /// The template with its `<|audio|>` placeholder.
+    pub template: String,
+    /// Token ids before and after the audio embedding(s).
+    pub ids: PromptIds,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GenerationInfo {
+    /// Generation stops at any of these ids.
+    pub stop_ids: Vec<u32>,
+    /// Default cap on generated tokens.
+    pub max_new_tokens: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OnnxInfo {
+    pub opset: i64,
+    pub ir_version: i64,
+    pub dtype: ExportDtype,
+    pub audio_encoder: GraphFile,
+    pub embedding: GraphFile,
+    pub decoder: GraphFile,
+    pub tokenizer: FileDigest,
+}
+
+/// One ONNX graph and its external-data files.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GraphFile {
+    pub file: FileDigest,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_data: Vec<FileDigest>,
+}
+
+/// A file (relative to the model directory, or a source path as given) with its
+/// size and SHA-256.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileDigest {
+    pub path: String,
+    pub bytes: u64,
+    pub sha256: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Provenance {
+    pub beats: FileDigest,
+    /// The Llama directory's config and weight files.
+    pub llm_dir: String,
+    pub llm_files: Vec<FileDigest>,
+    pub projector: FileDigest,
+    /// Adapters in the order given, with their combination weights.
+    pub adapters: Vec<AdapterProvenance>,
+    /// How several adapters were combined (`cat`, as PEFT's add_weighted_adapter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub combination: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterProvenance {
+    pub dir: String,
+    pub weight: f64,
+    pub r: usize,
+    pub lora_alpha: f64,
+    pub target_modules: serde_json::Value,
+    pub files: Vec<FileDigest>,
+}
+
+impl ModelManifest {
+    /// Reads `dir/model.json`.
+    pub fn read(dir: &Path) -> Result<Self, ManifestError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = std::fs::read_to_string(&path).map_err(|source| ManifestError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        let manifest: Self = serde_json::from_str(&text).map_err(|e| ManifestError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        if manifest.format_version > FORMAT_VERSION {
+            return Err(ManifestError::Invalid {
+                path,
+                message: format!(
+                    "format_version {} is newer than this audiocap understands ({FORMAT_VERSION}); upgrade audiocap",
+                    manifest.format_version
+                ),
+            });
+        }
+        Ok(manifest)
+    }
+
+    /// Writes `dir/model.json`.
+    pub fn write(&self, dir: &Path) -> Result<(), ManifestError> {
+        let path = dir.join(MANIFEST_FILE);
+        let text = serde_json::to_string_pretty(self).map_err(|e| ManifestError::Invalid {
+            path: path.clone(),
+            message: e.to_string(),
+        })?;
+        std::fs::write(&path, text + "\n").map_err(|source| ManifestError::Io { path, source })
+    }
+
+    /// Checks that the graph files in `dir` have the recorded sizes (cheap; hashes
+    /// are checked by [`Self::verify_hashes`]).
+    pub fn verify_sizes(&self, dir: &Path) -> Result<(), ManifestError> {
+        for digest in self.model_files() {
+            let path = dir.join(&digest.path);
+            let len = std::fs::metadata(&path)
+                .map_err(|source| ManifestError::Io {
+                    path: path.clone(),
+                    source,
+                })?
+                .len();
+            if len != digest.bytes {
+                return Err(ManifestError::Mismatch {
+                    path: dir.join(MANIFEST_FILE),
+                    file: digest.path.clone(),
+                    what: format!("{len} bytes on disk, {} recorded", digest.bytes),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks every model file's SHA-256.
+    pub fn verify_hashes(&self, dir: &Path) -> Result<(), ManifestError> {
+        for digest in self.model_files() {
+            let actual = digest_file(&dir.join(&digest.path), &digest.path)?;
+            if actual.sha256 != digest.sha256 {
+                return Err(ManifestError::Mismatch {
+                    path: dir.join(MANIFEST_FILE),
+                    file: digest.path.clone(),
+                    what: "sha256 differs".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    fn model_files(&self) -> Vec<&FileDigest> {
+        let mut files = vec![&self.onnx.tokenizer];
+        for graph in [
+            &self.onnx.audio_encoder,
+            &self.onnx.embedding,
+            &self.onnx.decoder,
+        ] {
+            files.push(&graph.file);
+            files.extend(graph.external_data.iter());
+        }
+        files
+    }
+
+    /// `name@sha256[:12]` of the manifest itself, for output rows.
+    pub fn identity(&self, dir: &Path) -> Result<String, ManifestError> {
+        let digest = digest_file(&dir.join(MANIFEST_FILE), MANIFEST_FILE)?;
+        Ok(format!("{}@{}", self.name, &digest.sha256[..12]))
+    }
+}
+
+/// Size and SHA-256 of `path`, recorded under the name `recorded_as`.
+pub fn digest_file(path: &Path, recorded_as: &str) -> Result<FileDigest, ManifestError> {
+    let io = |source| ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut file = std::fs::File::open(path).map_err(io)?;
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut bytes = 0u64;
+    loop {
+        let n = file.read(&mut buf).map_err(|source| ManifestError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(&buf[..n]);
+        bytes += n as u64;
+    }
+    Ok(FileDigest {
+        path: recorded_as.to_string(),
+        bytes,
+        sha256: hex::encode(hasher.finalize()),
+    })
+}
+
+/// The current time as RFC 3339 UTC (`2026-11-27T01:02:03Z`).
+pub fn now_rfc3339() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() as i64)
+        .unwrap_or(0);
+    rfc3339_from_unix(secs)
+}
+
+/// Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+fn rfc3339_from_unix(secs: i64) -> String {
+    let days = secs.div_euclid(86_400);
+    let rem = secs.rem_euclid(86_400);
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_dates() {
+        assert_eq!(rfc3339_from_unix(0), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_from_unix(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_from_unix(1_795_748_523), "2026-11-27T01:02:03Z");
+    }
+
+    #[test]
+    fn digests_are_sha256() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f");
+        std::fs::write(&p, b"abc").unwrap();
+        let d = digest_file(&p, "f").unwrap();
+        assert_eq!(d.bytes, 3);
+        assert_eq!(
+            d.sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+    }
+}
