@@ -126,7 +126,7 @@ fn write_model_dir(options: &ExportOptions, dir: &Path) -> Result<ModelManifest,
         crate::model::beats::load_checkpoint(&sources.beats, DType::F32, &device)?;
     let projector = Weights::from_safetensors(
         &sources.projector,
-        &[sources.projector.clone()],
+        std::slice::from_ref(&sources.projector),
         DType::F32,
         &device,
     )?;
