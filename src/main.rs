@@ -125,14 +125,14 @@ fn main() -> ExitCode {
 }
 
 fn export(args: ExportArgs) -> anyhow::Result<u8> {
-    if let Some(w) = &args.adapter_weights {
-        if w.len() != args.adapters.len() {
-            bail!(
-                "{} --adapter-weights for {} --adapter directories",
-                w.len(),
-                args.adapters.len()
-            );
-        }
+    if let Some(w) = &args.adapter_weights
+        && w.len() != args.adapters.len()
+    {
+        bail!(
+            "{} --adapter-weights for {} --adapter directories",
+            w.len(),
+            args.adapters.len()
+        );
     }
     let options = ExportOptions {
         sources: ModelSources {

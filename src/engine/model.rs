@@ -1,0 +1,365 @@
+//! An exported model directory on ONNX Runtime: one session per graph, owned by the
+//! thread that runs it (`Session::run` takes `&mut self`).
+
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array2, Array3, ArrayD, Axis, IxDyn};
+use ort::session::{Session, SessionInputValue, SessionOutputs};
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use tokenizers::Tokenizer;
+
+use super::runtime::{DeviceSpec, RuntimeError, session_builder};
+use crate::export::decoder::io as dec_io;
+use crate::export::encoder::io as enc_io;
+use crate::manifest::{ExportDtype, ManifestError, ModelManifest};
+use crate::model::prompt::{PromptError, load_tokenizer};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    #[error(transparent)]
+    Prompt(#[from] PromptError),
+    #[error("{}: loading the ONNX graph: {source}", path.display())]
+    Load { path: PathBuf, source: ort::Error },
+    #[error("{graph}: {source}")]
+    Run {
+        graph: &'static str,
+        source: ort::Error,
+    },
+    #[error("{graph}: output `{name}` is missing")]
+    MissingOutput { graph: &'static str, name: String },
+    #[error("{0}")]
+    Input(String),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;
+
+/// How sessions are created.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    pub device: DeviceSpec,
+    /// Threads inside each ONNX operator (`None`: ONNX Runtime's default).
+    pub intra_threads: Option<usize>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            device: DeviceSpec::Cpu,
+            intra_threads: None,
+        }
+    }
+}
+
+/// The three graphs of an export, its manifest and tokenizer.
+pub struct OnnxModel {
+    pub dir: PathBuf,
+    pub manifest: ModelManifest,
+    /// `name@manifest-hash`, recorded in output rows.
+    pub identity: String,
+    pub tokenizer: Tokenizer,
+    encoder: Session,
+    embedding: Session,
+    decoder: Session,
+    /// Embeddings of the prompt text before and after the audio, [tokens, hidden].
+    prefix_embeds: Array2<f32>,
+    suffix_embeds: Array2<f32>,
+}
+
+fn run_error(graph: &'static str) -> impl FnOnce(ort::Error) -> EngineError {
+    move |source| EngineError::Run { graph, source }
+}
+
+impl OnnxModel {
+    /// Loads `dir` (an `audiocap export` output) on the chosen device.
+    pub fn load(dir: &Path, options: &EngineOptions) -> Result<Self> {
+        let manifest = ModelManifest::read(dir)?;
+        manifest.verify_sizes(dir)?;
+        let identity = manifest.identity(dir)?;
+        let open = |file: &str| -> Result<Session> {
+            let path = dir.join(file);
+            let mut builder = session_builder(&options.device, options.intra_threads)?;
+            builder
+                .commit_from_file(&path)
+                .map_err(|e| EngineError::Load {
+                    path: path.clone(),
+                    source: ort::Error::new_with_code(e.code(), e.message()),
+                })
+        };
+        let encoder = open(&manifest.onnx.audio_encoder.file.path)?;
+        let mut embedding = open(&manifest.onnx.embedding.file.path)?;
+        let decoder = open(&manifest.onnx.decoder.file.path)?;
+        let tokenizer = load_tokenizer(&dir.join(&manifest.onnx.tokenizer.path))?;
+        let prefix_embeds = embed_ids(&mut embedding, &manifest.prompt.ids.prefix)?;
+        let suffix_embeds = embed_ids(&mut embedding, &manifest.prompt.ids.suffix)?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+            manifest,
+            identity,
+            tokenizer,
+            encoder,
+            embedding,
+            decoder,
+            prefix_embeds,
+            suffix_embeds,
+        })
+    }
+
+    pub fn hidden_size(&self) -> usize {
+        self.manifest.decoder.hidden_size
+    }
+
+    /// Audio embeddings [B, audio_tokens, hidden] of a batch of normalised fbank
+    /// matrices (row-major [frames, mel_bins] each), padded to the longest.
+    pub fn encode(&mut self, clips: &[(&[f32], usize)]) -> Result<Array3<f32>> {
+        let bins = self.manifest.front_end.num_mel_bins;
+        let max_frames = clips.iter().map(|c| c.1).max().unwrap_or(0);
+        let min_frames = self.manifest.encoder.min_frames;
+        if clips.is_empty() {
+            return Err(EngineError::Input("empty batch".into()));
+        }
+        let mut fbank = Array3::<f32>::zeros((clips.len(), max_frames, bins));
+        let mut lengths = Vec::with_capacity(clips.len());
+        for (i, (data, frames)) in clips.iter().enumerate() {
+            if *frames < min_frames {
+                return Err(EngineError::Input(format!(
+                    "clip {i} has {frames} fbank frames; the encoder needs at least {min_frames}"
+                )));
+            }
+            if data.len() != frames * bins {
+                return Err(EngineError::Input(format!(
+                    "clip {i}: {} values for {frames} frames of {bins} bins",
+                    data.len()
+                )));
+            }
+            let view = ndarray::ArrayView2::from_shape((*frames, bins), data)
+                .map_err(|e| EngineError::Input(e.to_string()))?;
+            fbank
+                .index_axis_mut(Axis(0), i)
+                .slice_mut(ndarray::s![..*frames, ..])
+                .assign(&view);
+            lengths.push(*frames as i64);
+        }
+        let fbank = Tensor::from_array(fbank).map_err(run_error("audio_encoder"))?;
+        let lengths =
+            Tensor::from_array((vec![clips.len()], lengths)).map_err(run_error("audio_encoder"))?;
+        let mut outputs = self
+            .encoder
+            .run(ort::inputs![enc_io::FBANK => fbank, enc_io::FBANK_LENGTHS => lengths])
+            .map_err(run_error("audio_encoder"))?;
+        let embeds = take(&mut outputs, "audio_encoder", enc_io::AUDIO_EMBEDS)?;
+        let array = to_f32_array(&embeds, "audio_encoder")?;
+        array
+            .into_dimensionality::<ndarray::Ix3>()
+            .map_err(|e| EngineError::Input(format!("audio_encoder output: {e}")))
+    }
+
+    /// The prompt with each clip's audio embeddings spliced in: [B, L, hidden].
+    pub fn prompt_embeds(&self, audio: &Array3<f32>) -> Array3<f32> {
+        let (b, n, h) = audio.dim();
+        let (lp, ls) = (self.prefix_embeds.nrows(), self.suffix_embeds.nrows());
+        let mut out = Array3::<f32>::zeros((b, lp + n + ls, h));
+        for i in 0..b {
+            let mut row = out.index_axis_mut(Axis(0), i);
+            row.slice_mut(ndarray::s![..lp, ..])
+                .assign(&self.prefix_embeds);
+            row.slice_mut(ndarray::s![lp..lp + n, ..])
+                .assign(&audio.index_axis(Axis(0), i));
+            row.slice_mut(ndarray::s![lp + n.., ..])
+                .assign(&self.suffix_embeds);
+        }
+        out
+    }
+
+    /// Embeddings [B, 1, hidden] of one token per row, as a decoder input value.
+    pub fn embed_step(&mut self, ids: &[u32]) -> Result<DynValue> {
+        let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+        let input =
+            Tensor::from_array((vec![ids.len(), 1], ids)).map_err(run_error("embedding"))?;
+        let mut outputs = self
+            .embedding
+            .run(ort::inputs![dec_io::INPUT_IDS => input])
+            .map_err(run_error("embedding"))?;
+        take(&mut outputs, "embedding", dec_io::INPUTS_EMBEDS)
+    }
+
+    /// Host embeddings as a decoder input of the export's float type.
+    pub fn embeds_value(&self, embeds: Array3<f32>) -> Result<DynValue> {
+        match self.manifest.onnx.dtype {
+            ExportDtype::F32 => Ok(Tensor::from_array(embeds)
+                .map_err(run_error("decoder"))?
+                .into_dyn()),
+            ExportDtype::F16 => Ok(Tensor::from_array(embeds.mapv(half::f16::from_f32))
+                .map_err(run_error("decoder"))?
+                .into_dyn()),
+        }
+    }
+
+    /// Empty KV cache values for `batch` rows.
+    pub fn empty_past(&self, batch: usize) -> Result<Vec<DynValue>> {
+        let d = &self.manifest.decoder;
+        let shape = vec![batch, d.num_key_value_heads, 0, d.head_dim];
+        (0..2 * d.num_layers)
+            .map(|_| match self.manifest.onnx.dtype {
+                ExportDtype::F32 => Tensor::<f32>::from_array((shape.clone(), Vec::<f32>::new()))
+                    .map(|t| t.into_dyn()),
+                ExportDtype::F16 => {
+                    Tensor::<half::f16>::from_array((shape.clone(), Vec::<half::f16>::new()))
+                        .map(|t| t.into_dyn())
+                }
+            })
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(run_error("decoder"))
+    }
+
+    /// One decoder call over `embeds` [B, S, H] with `past` (2 values per layer, key
+    /// then value) holding `past_len` positions. Returns the last position's logits
+    /// [B, vocab] and the new cache.
+    pub fn decode(
+        &mut self,
+        embeds: DynValue,
+        past: Vec<DynValue>,
+        past_len: usize,
+    ) -> Result<(Array2<f32>, Vec<DynValue>)> {
+        let shape = embeds_shape(&embeds)?;
+        let (batch, seq) = (shape[0], shape[1]);
+        let total = past_len + seq;
+        let mask = Tensor::from_array((vec![batch, total], vec![1i64; batch * total]))
+            .map_err(run_error("decoder"))?;
+        let positions: Vec<i64> = (0..batch)
+            .flat_map(|_| (past_len..total).map(|p| p as i64))
+            .collect();
+        let positions =
+            Tensor::from_array((vec![batch, seq], positions)).map_err(run_error("decoder"))?;
+        let layers = self.manifest.decoder.num_layers;
+        if past.len() != 2 * layers {
+            return Err(EngineError::Input(format!(
+                "{} cache values for {layers} layers",
+                past.len()
+            )));
+        }
+        let mut inputs: Vec<(std::borrow::Cow<'static, str>, SessionInputValue<'static>)> = vec![
+            (dec_io::INPUTS_EMBEDS.into(), embeds.into()),
+            (dec_io::ATTENTION_MASK.into(), mask.into()),
+            (dec_io::POSITION_IDS.into(), positions.into()),
+        ];
+        for (i, value) in past.into_iter().enumerate() {
+            let name = if i % 2 == 0 {
+                dec_io::past_key(i / 2)
+            } else {
+                dec_io::past_value(i / 2)
+            };
+            inputs.push((name.into(), value.into()));
+        }
+        let mut outputs = self.decoder.run(inputs).map_err(run_error("decoder"))?;
+        let logits = take(&mut outputs, "decoder", dec_io::LOGITS)?;
+        let mut present = Vec::with_capacity(2 * layers);
+        for layer in 0..layers {
+            present.push(take(&mut outputs, "decoder", &dec_io::present_key(layer))?);
+            present.push(take(
+                &mut outputs,
+                "decoder",
+                &dec_io::present_value(layer),
+            )?);
+        }
+        drop(outputs);
+        let (shape, data) = logits
+            .try_extract_tensor::<f32>()
+            .map_err(run_error("decoder"))?;
+        let vocab = shape[2] as usize;
+        let mut last = Array2::<f32>::zeros((batch, vocab));
+        for b in 0..batch {
+            let start = (b * seq + seq - 1) * vocab;
+            last.row_mut(b)
+                .assign(&ndarray::ArrayView1::from(&data[start..start + vocab]));
+        }
+        Ok((last, present))
+    }
+}
+
+fn embeds_shape(value: &DynValue) -> Result<Vec<usize>> {
+    match value.dtype() {
+        ValueType::Tensor { shape, .. } if shape.len() == 3 => {
+            Ok(shape.iter().map(|&d| d.max(0) as usize).collect())
+        }
+        other => Err(EngineError::Input(format!(
+            "decoder input embeddings have type {other:?}"
+        ))),
+    }
+}
+
+/// Removes output `name` from a run's outputs.
+fn take(outputs: &mut SessionOutputs<'_>, graph: &'static str, name: &str) -> Result<DynValue> {
+    outputs
+        .remove(name)
+        .ok_or_else(|| EngineError::MissingOutput {
+            graph,
+            name: name.to_string(),
+        })
+}
+
+/// A float tensor (f32 or f16) copied into an f32 array.
+fn to_f32_array(value: &DynValue, graph: &'static str) -> Result<ArrayD<f32>> {
+    match value.dtype() {
+        ValueType::Tensor {
+            ty: TensorElementType::Float16,
+            ..
+        } => Ok(value
+            .try_extract_array::<half::f16>()
+            .map_err(run_error(graph))?
+            .mapv(f32::from)),
+        _ => Ok(value
+            .try_extract_array::<f32>()
+            .map_err(run_error(graph))?
+            .to_owned()),
+    }
+}
+
+/// Runs the embedding graph on a fixed id list: [tokens, hidden] in f32.
+fn embed_ids(session: &mut Session, ids: &[u32]) -> Result<Array2<f32>> {
+    let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
+    let n = ids.len();
+    let input = Tensor::from_array((vec![1, n], ids)).map_err(run_error("embedding"))?;
+    let mut outputs = session
+        .run(ort::inputs![dec_io::INPUT_IDS => input])
+        .map_err(run_error("embedding"))?;
+    let embeds = take(&mut outputs, "embedding", dec_io::INPUTS_EMBEDS)?;
+    let array = to_f32_array(&embeds, "embedding")?;
+    let hidden = array.shape().get(2).copied().unwrap_or(0);
+    array
+        .into_shape_with_order(IxDyn(&[n, hidden]))
+        .and_then(|a| a.into_dimensionality::<ndarray::Ix2>())
+        .map_err(|e| EngineError::Input(format!("embedding output: {e}")))
+}
+
+/// Keeps rows `rows` (in that order, repeats allowed) of every cache value along the
+/// batch axis: finished sequences leave the batch, beams follow their parents.
+pub fn select_rows(values: Vec<DynValue>, rows: &[usize]) -> Result<Vec<DynValue>> {
+    values
+        .into_iter()
+        .map(|v| match v.dtype() {
+            ValueType::Tensor {
+                ty: TensorElementType::Float16,
+                ..
+            } => {
+                let a = v
+                    .try_extract_array::<half::f16>()
+                    .map_err(run_error("decoder"))?;
+                let picked = a.select(Axis(0), rows);
+                Ok(Tensor::from_array(picked)
+                    .map_err(run_error("decoder"))?
+                    .into_dyn())
+            }
+            _ => {
+                let a = v.try_extract_array::<f32>().map_err(run_error("decoder"))?;
+                let picked = a.select(Axis(0), rows);
+                Ok(Tensor::from_array(picked)
+                    .map_err(run_error("decoder"))?
+                    .into_dyn())
+            }
+        })
+        .collect()
+}
