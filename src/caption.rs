@@ -217,6 +217,18 @@ impl Captioner {
         Ok(caption)
     }
 
+    /// Logits [vocab] at the last position of a full prompt's embeddings [1, L, hidden].
+    pub fn prompt_logits(&self, embeds: &Tensor) -> Result<Vec<f32>> {
+        let hidden = self.llm.forward_embeds(embeds, None)?;
+        let seq = hidden.dim(1)?;
+        Ok(self
+            .llm
+            .logits(&hidden.narrow(1, seq - 1, 1)?)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?)
+    }
+
     /// Caption of a mono waveform at [`Self::sample_rate`].
     pub fn caption(&self, waveform: &[f32], max_new_tokens: usize) -> Result<Caption> {
         let audio = self.audio_embedding(waveform)?;

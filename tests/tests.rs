@@ -8,3 +8,4 @@ mod captioning;
 mod fbank_parity;
 mod llama_parity;
 mod lora_adapters;
+mod onnx_engine;

@@ -1,0 +1,306 @@
+//! The ONNX export run by ONNX Runtime against the candle reference path and the
+//! reference fixtures.
+
+use std::path::{Path, PathBuf};
+
+use audiocap::audio::decode::decode_file;
+use audiocap::audio::fbank::{Fbank, FbankConfig};
+use audiocap::caption::Captioner;
+use audiocap::engine::generate::{GenerationParams, generate};
+use audiocap::engine::model::{EngineOptions, OnnxModel};
+use audiocap::export::{ExportOptions, export_model};
+use audiocap::manifest::{ExportDtype, ModelManifest};
+use audiocap::model::projector::Pooling;
+use audiocap::model::sources::ModelSources;
+use candle_core::{Device, Tensor};
+use serde_json::Value;
+
+use crate::common::fixtures;
+
+fn sources(adapters: &[&str], weights: Option<Vec<f64>>) -> ModelSources {
+    let e2e = fixtures().join("e2e-tiny");
+    ModelSources {
+        beats: fixtures().join("beats-tiny/beats.pt"),
+        llm: e2e.join("llm"),
+        projector: e2e.join("projector.safetensors"),
+        adapters: adapters
+            .iter()
+            .map(|a| e2e.join("adapters").join(a))
+            .collect::<Vec<PathBuf>>(),
+        adapter_weights: weights,
+        prompt_template: None,
+        pooling: Pooling::Mean,
+    }
+}
+
+/// The three decoders of `e2e-tiny/reference.json`.
+fn decoders() -> Vec<(&'static str, ModelSources)> {
+    vec![
+        ("base", sources(&[], None)),
+        ("a0", sources(&["a0"], None)),
+        (
+            "cat_a0_a1_half",
+            sources(&["a0", "a1"], Some(vec![0.5, 0.5])),
+        ),
+    ]
+}
+
+fn export_to(dir: &Path, name: &str, src: ModelSources) -> PathBuf {
+    let out = dir.join(name);
+    export_model(&ExportOptions {
+        sources: src,
+        dtype: ExportDtype::F32,
+        name: name.to_string(),
+        out: out.clone(),
+        overwrite: false,
+    })
+    .unwrap_or_else(|e| panic!("export {name}: {e}"));
+    out
+}
+
+fn reference() -> Value {
+    serde_json::from_str(
+        &std::fs::read_to_string(fixtures().join("e2e-tiny/reference.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+fn ids(v: &Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
+
+/// Normalised fbank of every fixture clip, sorted by name.
+fn clips() -> Vec<(String, Vec<f32>, usize)> {
+    let fbank = Fbank::new(FbankConfig::default()).unwrap();
+    let mut names: Vec<String> = std::fs::read_dir(fixtures().join("e2e-tiny/audio"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let audio = decode_file(&fixtures().join("e2e-tiny/audio").join(&name)).unwrap();
+            let frames = fbank.compute(&audio.samples);
+            (name, frames.data, frames.num_frames)
+        })
+        .collect()
+}
+
+fn onnx_check(path: &Path) {
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import sys, onnx; onnx.checker.check_model(sys.argv[1], full_check=True)")
+        .arg(path)
+        .status()
+        .expect("python3 is needed for onnx.checker (CI installs it)");
+    assert!(status.success(), "onnx.checker rejected {}", path.display());
+}
+
+/// Greedy tokens equal the reference up to the first step whose reference margin is
+/// below 1e-3; a divergence is only accepted at such a step.
+fn check_tokens(label: &str, got: &[u32], reference: &Value) {
+    let want = ids(&reference["token_ids"]);
+    let margins: Vec<f64> = reference["top2_margins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m.as_f64().unwrap())
+        .collect();
+    for step in 0..want.len() {
+        if got.get(step) != Some(&want[step]) {
+            assert!(
+                margins[step] < 1e-3,
+                "{label}: step {step}: ours {got:?}, reference {want:?}"
+            );
+            return;
+        }
+    }
+    assert_eq!(got.len(), want.len(), "{label}");
+}
+
+#[test]
+fn export_layout_manifest_and_onnx_checker() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = export_to(
+        dir.path(),
+        "cat",
+        sources(&["a0", "a1"], Some(vec![0.5, 0.5])),
+    );
+    let manifest = ModelManifest::read(&out).unwrap();
+    manifest.verify_hashes(&out).unwrap();
+    assert_eq!(
+        manifest.prompt.ids.prefix,
+        ids(&reference()["prompt_prefix_ids"])
+    );
+    assert_eq!(manifest.generation.stop_ids, vec![128001, 128009]);
+    assert_eq!(manifest.provenance.adapters.len(), 2);
+    assert_eq!(manifest.provenance.adapters[1].weight, 0.5);
+    assert_eq!(manifest.provenance.combination.as_deref(), Some("cat"));
+    assert_eq!(manifest.decoder.num_key_value_heads, 2);
+    for file in ["audio_encoder.onnx", "embedding.onnx", "decoder.onnx"] {
+        onnx_check(&out.join(file));
+    }
+    // A second export to the same place is refused unless asked for.
+    let err = export_model(&ExportOptions {
+        sources: sources(&[], None),
+        dtype: ExportDtype::F32,
+        name: "again".into(),
+        out: out.clone(),
+        overwrite: false,
+    })
+    .unwrap_err();
+    assert!(err.to_string().contains("already exists"), "{err}");
+}
+
+#[test]
+fn onnx_runtime_matches_candle() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = export_to(dir.path(), "a0", sources(&["a0"], None));
+    let mut engine = OnnxModel::load(&out, &EngineOptions::default()).unwrap();
+    let candle = Captioner::load(&sources(&["a0"], None), &Device::Cpu).unwrap();
+    let clips = clips();
+
+    // Audio embeddings, batched: relative to the largest magnitude.
+    let batch: Vec<(&[f32], usize)> = clips.iter().map(|(_, d, n)| (d.as_slice(), *n)).collect();
+    let ort_audio = engine.encode(&batch).unwrap();
+    let mut worst = 0f32;
+    for (i, (name, data, frames)) in clips.iter().enumerate() {
+        let fbank = Tensor::from_vec(data.clone(), (1, *frames, 128), &Device::Cpu).unwrap();
+        let c = candle
+            .audio_embedding_from_fbank(&fbank)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let o: Vec<f32> = ort_audio
+            .index_axis(ndarray::Axis(0), i)
+            .iter()
+            .copied()
+            .collect();
+        let scale = c.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = c
+            .iter()
+            .zip(&o)
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        worst = worst.max(err);
+        assert!(err <= 1e-4, "{name}: audio embedding relative error {err}");
+    }
+    eprintln!("ORT vs candle: audio embeddings max relative error {worst:.2e}");
+
+    // Decoder logits at the prompt's last position, relative to the largest logit.
+    let clip0 = ort_audio.slice(ndarray::s![0..1, .., ..]).to_owned();
+    let prompt = engine.prompt_embeds(&clip0);
+    let (len, hidden) = (prompt.dim().1, prompt.dim().2);
+    let embeds = engine.embeds_value(prompt.clone()).unwrap();
+    let past = engine.empty_past(1).unwrap();
+    let (ort_logits, _) = engine.decode(embeds, past, 0).unwrap();
+    let candle_logits = candle
+        .prompt_logits(
+            &Tensor::from_vec(
+                prompt.into_raw_vec_and_offset().0,
+                (1, len, hidden),
+                &Device::Cpu,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+    let scale = candle_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = candle_logits
+        .iter()
+        .zip(ort_logits.iter())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
+    eprintln!("ORT vs candle: last-position logits max relative error {err:.2e}");
+    assert!(err <= 1e-4, "decoder logits relative error {err}");
+}
+
+/// `audiocap export` then ONNX Runtime greedy decoding reproduces the reference
+/// tokens for every clip and decoder, at batch size 1 and 4.
+#[test]
+fn onnx_captions_match_reference_at_batch_1_and_4() {
+    let reference = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let clips = clips();
+    let params = GenerationParams {
+        max_new_tokens: 12,
+        beams: 1,
+        min_new_tokens: 0,
+    };
+    for (name, src) in decoders() {
+        let out = export_to(dir.path(), name, src);
+        let mut engine = OnnxModel::load(&out, &EngineOptions::default()).unwrap();
+        let batch: Vec<(&[f32], usize)> =
+            clips.iter().map(|(_, d, n)| (d.as_slice(), *n)).collect();
+        let audio = engine.encode(&batch).unwrap();
+        let together = generate(&mut engine, &audio, &params).unwrap();
+        for (i, (clip, data, frames)) in clips.iter().enumerate() {
+            let alone_audio = engine.encode(&[(data.as_slice(), *frames)]).unwrap();
+            let alone = generate(&mut engine, &alone_audio, &params)
+                .unwrap()
+                .remove(0);
+            assert_eq!(
+                alone.token_ids, together[i].token_ids,
+                "{clip}/{name}: batch 1 vs 4"
+            );
+            let expected = &reference["cases"][clip][name];
+            check_tokens(&format!("{clip}/{name}"), &alone.token_ids, expected);
+            if alone.token_ids == ids(&expected["token_ids"]) {
+                let text = engine.tokenizer.decode(&alone.token_ids, true).unwrap();
+                assert_eq!(
+                    text.trim(),
+                    expected["text"].as_str().unwrap().trim(),
+                    "{clip}/{name}"
+                );
+            }
+            assert!(alone.score < 0.0 && alone.score.is_finite());
+        }
+    }
+}
+
+/// Beam search with K beams returns a caption at least as likely (mean
+/// log-probability) as greedy decoding, and K = 1 is greedy.
+#[test]
+fn beam_search_scores_at_least_greedy() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = export_to(dir.path(), "base", sources(&[], None));
+    let mut engine = OnnxModel::load(&out, &EngineOptions::default()).unwrap();
+    let clips = clips();
+    let batch: Vec<(&[f32], usize)> = clips.iter().map(|(_, d, n)| (d.as_slice(), *n)).collect();
+    let audio = engine.encode(&batch).unwrap();
+    let greedy = generate(
+        &mut engine,
+        &audio,
+        &GenerationParams {
+            max_new_tokens: 8,
+            beams: 1,
+            min_new_tokens: 0,
+        },
+    )
+    .unwrap();
+    let beams = generate(
+        &mut engine,
+        &audio,
+        &GenerationParams {
+            max_new_tokens: 8,
+            beams: 4,
+            min_new_tokens: 0,
+        },
+    )
+    .unwrap();
+    for (g, b) in greedy.iter().zip(&beams) {
+        assert!(
+            b.score >= g.score - 1e-5,
+            "beam {} < greedy {}",
+            b.score,
+            g.score
+        );
+        assert!(!b.token_ids.is_empty() && b.token_ids.len() <= 8);
+    }
+}
