@@ -12,11 +12,13 @@
 //! - [`engine`]: the exported model on ONNX Runtime (`audiocap caption`).
 
 pub mod audio;
+pub mod bench;
 pub mod caption;
 pub mod engine;
 pub mod export;
 pub mod manifest;
 pub mod model;
+pub mod output;
 
 #[cfg(test)]
 mod test_util;
