@@ -5,6 +5,7 @@ mod common;
 
 mod beats_parity;
 mod captioning;
+mod cli;
 mod fbank_parity;
 mod llama_parity;
 mod lora_adapters;

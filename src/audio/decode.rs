@@ -212,7 +212,7 @@ where
 ///
 /// A panic in `on_samples` is propagated to the caller unchanged.
 pub fn decode_stream<R, F>(
-    mut source: R,
+    source: R,
     hint_extension: Option<&str>,
     mut on_samples: F,
 ) -> Result<AudioInfo, DecodeError>
@@ -220,20 +220,38 @@ where
     R: Read + Seek + Send + Sync,
     F: FnMut(&[f32]) -> ControlFlow<()>,
 {
+    decode_stream_with_rate(source, hint_extension, |_, chunk| on_samples(chunk))
+}
+
+/// [`decode_stream`] whose callback also receives the stream's sample rate (known
+/// from the first decoded packet on, constant for the stream), so a resampler can be
+/// set up before the first samples arrive.
+pub fn decode_stream_with_rate<R, F>(
+    mut source: R,
+    hint_extension: Option<&str>,
+    mut on_samples: F,
+) -> Result<AudioInfo, DecodeError>
+where
+    R: Read + Seek + Send + Sync,
+    F: FnMut(u32, &[f32]) -> ControlFlow<()>,
+{
     // Symphonia's own panics become errors; the callback's are re-raised untouched.
     let mut callback_panic: Option<Box<dyn Any + Send>> = None;
-    let result =
-        panic::catch_unwind(AssertUnwindSafe(|| {
-            decode_source(&mut source, hint_extension, &mut |chunk: &[f32]| {
-                match panic::catch_unwind(AssertUnwindSafe(|| on_samples(chunk))) {
-                    Ok(flow) => flow,
-                    Err(payload) => {
-                        callback_panic = Some(payload);
-                        ControlFlow::Break(())
-                    }
+    let result = panic::catch_unwind(AssertUnwindSafe(|| {
+        decode_source(
+            &mut source,
+            hint_extension,
+            &mut |rate: u32, chunk: &[f32]| match panic::catch_unwind(AssertUnwindSafe(|| {
+                on_samples(rate, chunk)
+            })) {
+                Ok(flow) => flow,
+                Err(payload) => {
+                    callback_panic = Some(payload);
+                    ControlFlow::Break(())
                 }
-            })
-        }));
+            },
+        )
+    }));
     if let Some(payload) = callback_panic {
         panic::resume_unwind(payload);
     }
@@ -257,7 +275,7 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 fn decode_source<R>(
     source: &mut R,
     hint_extension: Option<&str>,
-    on_samples: &mut dyn FnMut(&[f32]) -> ControlFlow<()>,
+    on_samples: &mut dyn FnMut(u32, &[f32]) -> ControlFlow<()>,
 ) -> Result<AudioInfo, DecodeError>
 where
     R: Read + Seek + Send + Sync,
@@ -374,7 +392,7 @@ fn select_track(format: &dyn FormatReader) -> Result<SelectedTrack, DecodeError>
 /// Decodes the default audio track, packet by packet.
 fn decode_packets(
     mut format: Box<dyn FormatReader + '_>,
-    on_samples: &mut dyn FnMut(&[f32]) -> ControlFlow<()>,
+    on_samples: &mut dyn FnMut(u32, &[f32]) -> ControlFlow<()>,
 ) -> Result<AudioInfo, DecodeError> {
     let track = select_track(format.as_ref())?;
     let mut decoder = make_decoder(&track.params)?;
@@ -463,7 +481,7 @@ fn decode_packets(
             });
         }
         info.frames += frames as u64;
-        if on_samples(&mono).is_break() {
+        if on_samples(info.sample_rate, &mono).is_break() {
             break;
         }
     }

@@ -411,6 +411,16 @@ impl Fbank {
         self.window_shift
     }
 
+    /// Shortest clip, in seconds, that yields `frames` frames.
+    pub fn min_duration_for_frames(&self, frames: usize) -> f64 {
+        let samples = if frames == 0 {
+            0
+        } else {
+            self.window_size + (frames - 1) * self.window_shift
+        };
+        samples as f64 / f64::from(self.config.sample_rate)
+    }
+
     /// Frames produced for a waveform of `num_samples` samples: only whole frames
     /// (Kaldi's `snip_edges`), so zero when the clip is shorter than one frame.
     pub fn num_frames(&self, num_samples: usize) -> usize {

@@ -104,12 +104,12 @@ fn greedy(
         for (row, &clip) in active.iter().enumerate() {
             let mut lp = log_softmax(logits.row(row));
             suppress_stops(&mut lp, &stop_ids, tokens[clip].len(), params);
-            let (token, best) = lp
-                .iter()
-                .enumerate()
-                .fold((0usize, f32::NEG_INFINITY), |acc, (i, &v)| {
-                    if v > acc.1 { (i, v) } else { acc }
-                });
+            let (token, best) =
+                lp.iter()
+                    .enumerate()
+                    .fold((0usize, f32::NEG_INFINITY), |acc, (i, &v)| {
+                        if v > acc.1 { (i, v) } else { acc }
+                    });
             tokens[clip].push(token as u32);
             sums[clip] += best as f64;
             let stopped = stop_ids.contains(&(token as u32));

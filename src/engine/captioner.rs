@@ -1,0 +1,290 @@
+//! `audiocap caption`: local audio files → segments → batched encoder and decoder →
+//! rows. Decoding, resampling and the fbank run on worker threads; the ONNX sessions
+//! stay on the calling thread. The streaming pipeline (`audiocap run`) reuses the
+//! same pieces for object storage and Parquet datasets.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::generate::{GenerationParams, generate};
+use super::model::OnnxModel;
+use crate::audio::decode::AudioInfo;
+use crate::audio::fbank::Fbank;
+use crate::audio::frontend::decode_file_to_rate;
+use crate::audio::segment::{SegmentConfig, plan_segments};
+use crate::output::{CaptionRow, now_us};
+
+/// File extensions picked up when a folder is given.
+pub const AUDIO_EXTENSIONS: &[&str] = &[
+    "wav", "wave", "flac", "mp3", "ogg", "oga", "opus", "m4a", "mp4", "aac", "alac", "aif", "aiff",
+    "caf", "mka", "mkv", "webm",
+];
+
+/// Files to caption: files as given (a missing one becomes an error row), folders
+/// walked recursively for audio files, in a stable (sorted) order.
+pub fn collect_inputs(inputs: &[PathBuf]) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for input in inputs {
+        if input.is_dir() {
+            let mut found = Vec::new();
+            walk(input, &mut found);
+            found.sort();
+            out.extend(found);
+        } else {
+            out.push(input.clone());
+        }
+    }
+    out
+}
+
+fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        // An unreadable folder is reported as an input that fails.
+        found.push(dir.to_path_buf());
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            walk(&path, found);
+        } else if path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| AUDIO_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
+        {
+            found.push(path);
+        }
+    }
+}
+
+/// Settings of a caption job.
+#[derive(Debug, Clone)]
+pub struct CaptionJobOptions {
+    /// Segments per encoder/decoder batch.
+    pub batch_size: usize,
+    pub params: GenerationParams,
+    pub segments: SegmentConfig,
+    /// Threads decoding and computing fbanks.
+    pub prep_threads: usize,
+}
+
+/// Counts for the run summary.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct JobSummary {
+    pub inputs: usize,
+    pub failed_inputs: usize,
+    pub segments: usize,
+    pub captions: usize,
+    pub failed_segments: usize,
+    pub audio_seconds: f64,
+    pub wall_seconds: f64,
+}
+
+/// One segment ready for the encoder.
+struct Prepared {
+    row: CaptionRow,
+    fbank: Vec<f32>,
+    frames: usize,
+}
+
+/// A file's segments, or the error row that replaces them.
+fn prepare_file(
+    path: &Path,
+    fbank: &Fbank,
+    segments: &SegmentConfig,
+    min_frames: usize,
+    base: &CaptionRow,
+) -> Vec<Result<Prepared, CaptionRow>> {
+    let uri = path.display().to_string();
+    let rate = fbank.config().sample_rate;
+    let audio = match decode_file_to_rate(path, rate) {
+        Ok(a) => a,
+        Err(e) => {
+            return vec![Err(CaptionRow {
+                uri,
+                error: Some(e.to_string()),
+                processed_at_us: now_us(),
+                ..base.clone()
+            })];
+        }
+    };
+    let info: &AudioInfo = &audio.info;
+    let duration = info.duration_secs();
+    let source_row = CaptionRow {
+        uri,
+        duration_s: Some(duration),
+        source_sample_rate_hz: Some(info.sample_rate),
+        channels: u16::try_from(info.channels).ok(),
+        codec: Some(info.codec.clone()),
+        ..base.clone()
+    };
+    let plan = plan_segments(audio.samples.len(), rate, segments);
+    plan.into_iter()
+        .map(|seg| {
+            let mut row = CaptionRow {
+                segment_index: seg.index,
+                start_s: Some(seg.start as f64 / f64::from(rate)),
+                end_s: Some(seg.end as f64 / f64::from(rate)),
+                ..source_row.clone()
+            };
+            let frames = fbank.compute(&audio.samples[seg.start..seg.end]);
+            if frames.num_frames < min_frames {
+                row.error = Some(format!(
+                    "too short to caption: {:.3} s gives {} fbank frames, the encoder needs at least {min_frames} ({:.2} s)",
+                    (seg.end - seg.start) as f64 / f64::from(rate),
+                    frames.num_frames,
+                    fbank.min_duration_for_frames(min_frames)
+                ));
+                row.processed_at_us = now_us();
+                return Err(row);
+            }
+            Ok(Prepared {
+                row,
+                frames: frames.num_frames,
+                fbank: frames.data,
+            })
+        })
+        .collect()
+}
+
+/// Captions `files` with `model`, handing every finished batch of rows to `sink`.
+pub fn caption_files(
+    model: &mut OnnxModel,
+    files: &[PathBuf],
+    options: &CaptionJobOptions,
+    run_id: &str,
+    sink: &mut dyn FnMut(&[CaptionRow]) -> anyhow::Result<()>,
+) -> anyhow::Result<JobSummary> {
+    let started = Instant::now();
+    let fbank = Fbank::new(model.manifest.front_end.clone())?;
+    let min_frames = model.manifest.encoder.min_frames;
+    let base = CaptionRow {
+        model: model.identity.clone(),
+        run_id: run_id.to_string(),
+        ..Default::default()
+    };
+    let batch_size = options.batch_size.max(1);
+    let threads = options.prep_threads.max(1);
+    let mut summary = JobSummary {
+        inputs: files.len(),
+        ..Default::default()
+    };
+    // Files are prepared a few batches ahead so the threads stay busy.
+    for group in files.chunks(batch_size * threads.max(2)) {
+        let mut prepared: Vec<Result<Prepared, CaptionRow>> = Vec::new();
+        std::thread::scope(|scope| {
+            let per_thread = group.len().div_ceil(threads);
+            let handles: Vec<_> = group
+                .chunks(per_thread.max(1))
+                .map(|chunk| {
+                    let (fbank, base, segments) = (&fbank, &base, &options.segments);
+                    scope.spawn(move || {
+                        chunk
+                            .iter()
+                            .flat_map(|p| prepare_file(p, fbank, segments, min_frames, base))
+                            .collect::<Vec<_>>()
+                    })
+                })
+                .collect();
+            for h in handles {
+                match h.join() {
+                    Ok(rows) => prepared.extend(rows),
+                    Err(_) => prepared.push(Err(CaptionRow {
+                        uri: "<worker>".into(),
+                        error: Some("a decoding worker panicked".into()),
+                        processed_at_us: now_us(),
+                        ..base.clone()
+                    })),
+                }
+            }
+        });
+
+        let mut rows = Vec::with_capacity(prepared.len());
+        let mut ready = Vec::new();
+        let mut failed_uris = std::collections::BTreeSet::new();
+        for p in prepared {
+            match p {
+                Ok(seg) => ready.push(seg),
+                Err(row) => {
+                    if row.duration_s.is_none() {
+                        failed_uris.insert(row.uri.clone());
+                    }
+                    rows.push(row);
+                }
+            }
+        }
+        summary.failed_inputs += failed_uris.len();
+        summary.failed_segments += rows.len();
+        summary.audio_seconds += ready
+            .iter()
+            .map(|s| s.row.end_s.unwrap_or(0.0) - s.row.start_s.unwrap_or(0.0))
+            .sum::<f64>();
+        // Similar lengths together: less padding in the encoder.
+        ready.sort_by_key(|s| s.frames);
+        for batch in ready.chunks(batch_size) {
+            rows.extend(caption_batch(model, batch, &options.params));
+        }
+        summary.segments += rows.len();
+        summary.captions += rows.iter().filter(|r| r.error.is_none()).count();
+        summary.failed_segments = summary.segments - summary.captions;
+        sink(&rows)?;
+    }
+    summary.wall_seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// One batch through the encoder and the decoder; an engine failure becomes the
+/// error of every row in the batch.
+fn caption_batch(
+    model: &mut OnnxModel,
+    batch: &[Prepared],
+    params: &GenerationParams,
+) -> Vec<CaptionRow> {
+    let inputs: Vec<(&[f32], usize)> = batch
+        .iter()
+        .map(|s| (s.fbank.as_slice(), s.frames))
+        .collect();
+    let result = model
+        .encode(&inputs)
+        .and_then(|audio| generate(model, &audio, params));
+    let stamp = now_us();
+    match result {
+        Ok(generated) => batch
+            .iter()
+            .zip(generated)
+            .map(|(seg, g)| {
+                let text = model
+                    .tokenizer
+                    .decode(&g.token_ids, true)
+                    .map(|t| t.trim().to_string());
+                match text {
+                    Ok(text) => CaptionRow {
+                        caption: Some(text),
+                        score: Some(g.score),
+                        num_tokens: Some(g.token_ids.len() as u32),
+                        processed_at_us: stamp,
+                        ..seg.row.clone()
+                    },
+                    Err(e) => CaptionRow {
+                        error: Some(format!("decoding tokens to text: {e}")),
+                        processed_at_us: stamp,
+                        ..seg.row.clone()
+                    },
+                }
+            })
+            .collect(),
+        Err(e) => batch
+            .iter()
+            .map(|seg| CaptionRow {
+                error: Some(format!("model: {e}")),
+                processed_at_us: stamp,
+                ..seg.row.clone()
+            })
+            .collect(),
+    }
+}
+
+/// A run id: time and process, unique enough to tell runs apart in one dataset.
+pub fn new_run_id() -> String {
+    format!("{:x}-{:x}", now_us(), std::process::id())
+}

@@ -1,0 +1,220 @@
+//! The `audiocap` binary end to end: export, then caption a folder with good, bad,
+//! short and resampled inputs into Parquet.
+
+use std::path::Path;
+use std::process::Command;
+
+use arrow_array::{Array, Float32Array, StringArray, UInt32Array};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::common::fixtures;
+
+fn audiocap(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_audiocap"))
+        .args(args)
+        .output()
+        .expect("running audiocap")
+}
+
+/// A 16-bit PCM WAV file.
+fn write_wav(path: &Path, rate: u32, channels: u16, samples: &[f32]) {
+    let data: Vec<u8> = samples
+        .iter()
+        .flat_map(|&s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
+        .collect();
+    let mut out = Vec::new();
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&channels.to_le_bytes());
+    out.extend_from_slice(&rate.to_le_bytes());
+    out.extend_from_slice(&(rate * u32::from(channels) * 2).to_le_bytes());
+    out.extend_from_slice(&(channels * 2).to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&data);
+    std::fs::write(path, out).unwrap();
+}
+
+#[test]
+fn export_then_caption_a_folder_with_bad_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let f = fixtures();
+    let out = audiocap(&[
+        "export",
+        "--beats",
+        f.join("beats-tiny/beats.pt").to_str().unwrap(),
+        "--llm",
+        f.join("e2e-tiny/llm").to_str().unwrap(),
+        "--projector",
+        f.join("e2e-tiny/projector.safetensors").to_str().unwrap(),
+        "--adapter",
+        f.join("e2e-tiny/adapters/a0").to_str().unwrap(),
+        "--name",
+        "tiny-a0",
+        "--out",
+        model.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "export: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let audio = dir.path().join("audio");
+    std::fs::create_dir_all(audio.join("nested")).unwrap();
+    for clip in ["sine_1s.wav", "chirp_2p5s.wav"] {
+        std::fs::copy(f.join("e2e-tiny/audio").join(clip), audio.join(clip)).unwrap();
+    }
+    // 44.1 kHz stereo, resampled on the way in.
+    let tone: Vec<f32> = (0..44_100 * 2)
+        .map(|i| 0.3 * ((i / 2) as f32 * 2.0 * std::f32::consts::PI * 440.0 / 44_100.0).sin())
+        .collect();
+    write_wav(&audio.join("nested/stereo_44k.wav"), 44_100, 2, &tone);
+    // Too short for one encoder patch (50 ms).
+    write_wav(&audio.join("short.wav"), 16_000, 1, &vec![0.1; 800]);
+    // Not audio at all.
+    std::fs::write(audio.join("corrupt.wav"), b"this is not a wav file at all").unwrap();
+    // A long recording: cut into windows.
+    let long: Vec<f32> = (0..16_000 * 7)
+        .map(|i| ((i % 97) as f32 / 97.0 - 0.5) * 0.2)
+        .collect();
+    write_wav(&audio.join("long.wav"), 16_000, 1, &long);
+    // Ignored: not an audio extension.
+    std::fs::write(audio.join("notes.txt"), b"hello").unwrap();
+
+    let parquet = dir.path().join("captions.parquet");
+    let out = audiocap(&[
+        "caption",
+        "--model",
+        model.to_str().unwrap(),
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--max-seconds",
+        "5",
+        "--window-seconds",
+        "3",
+        "--hop-seconds",
+        "3",
+        "--out",
+        parquet.to_str().unwrap(),
+        audio.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Some inputs failed: the distinct exit code, but the run finished.
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+
+    let file = std::fs::File::open(&parquet).unwrap();
+    let batches: Vec<_> = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .map(|b| b.unwrap())
+        .collect();
+    let mut rows = Vec::new();
+    for b in &batches {
+        let col = |n: &str| b.column_by_name(n).unwrap().clone();
+        let uri = col("uri");
+        let uri = uri.as_any().downcast_ref::<StringArray>().unwrap();
+        let caption = col("caption");
+        let caption = caption.as_any().downcast_ref::<StringArray>().unwrap();
+        let error = col("error");
+        let error = error.as_any().downcast_ref::<StringArray>().unwrap();
+        let seg = col("segment_index");
+        let seg = seg.as_any().downcast_ref::<UInt32Array>().unwrap();
+        let score = col("score");
+        let score = score.as_any().downcast_ref::<Float32Array>().unwrap();
+        for i in 0..b.num_rows() {
+            let name = Path::new(uri.value(i))
+                .file_name()
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            rows.push((
+                name,
+                seg.value(i),
+                (!caption.is_null(i)).then(|| caption.value(i).to_string()),
+                (!error.is_null(i)).then(|| error.value(i).to_string()),
+                (!score.is_null(i)).then(|| score.value(i)),
+            ));
+        }
+    }
+    rows.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+    let names: Vec<(&str, u32)> = rows.iter().map(|r| (r.0.as_str(), r.1)).collect();
+    assert_eq!(
+        names,
+        vec![
+            ("chirp_2p5s.wav", 0),
+            ("corrupt.wav", 0),
+            ("long.wav", 0),
+            ("long.wav", 1),
+            ("long.wav", 2),
+            ("short.wav", 0),
+            ("sine_1s.wav", 0),
+            ("stereo_44k.wav", 0),
+        ]
+    );
+    for (name, _, caption, error, score) in &rows {
+        match name.as_str() {
+            "corrupt.wav" => assert!(
+                error
+                    .as_deref()
+                    .is_some_and(|e| e.contains("not a recognised audio file")),
+                "{error:?}"
+            ),
+            "short.wav" => assert!(
+                error.as_deref().is_some_and(|e| e.contains("too short")),
+                "{error:?}"
+            ),
+            _ => {
+                assert!(error.is_none(), "{name}: {error:?}");
+                assert!(caption.as_deref().is_some_and(|c| !c.is_empty()), "{name}");
+                assert!(score.is_some_and(|s| s < 0.0));
+            }
+        }
+    }
+    // The fixture clip gives the reference's first 6 tokens' text for decoder a0.
+    let reference: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.join("e2e-tiny/reference.json")).unwrap())
+            .unwrap();
+    let expected_ids: Vec<u32> = reference["cases"]["sine_1s.wav"]["a0"]["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .take(6)
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    let tokenizer =
+        tokenizers::Tokenizer::from_file(f.join("e2e-tiny/llm/tokenizer.json")).unwrap();
+    let expected = tokenizer.decode(&expected_ids, true).unwrap();
+    let sine = rows.iter().find(|r| r.0 == "sine_1s.wav").unwrap();
+    assert_eq!(sine.2.as_deref(), Some(expected.trim()));
+}
+
+#[test]
+fn bad_arguments_are_listed_together_with_their_exit_code() {
+    let out = audiocap(&[
+        "caption",
+        "--model",
+        "/nonexistent",
+        "--batch-size",
+        "0",
+        "--beams",
+        "0",
+        "--max-seconds=-1",
+        "--out",
+        "/tmp/x.parquet",
+        "x.wav",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    for needle in ["--batch-size", "--beams", "max_seconds"] {
+        assert!(stderr.contains(needle), "{needle} missing from: {stderr}");
+    }
+}
