@@ -6,7 +6,7 @@
 
 use ndarray::{Array2, Array3, ArrayView1};
 
-use super::model::{OnnxModel, Result, select_rows};
+use super::model::{OnnxModel, Result};
 
 /// How captions are generated.
 #[derive(Debug, Clone)]
@@ -128,7 +128,7 @@ fn greedy(
             break;
         }
         if keep.len() != active.len() {
-            cache = select_rows(cache, &keep)?;
+            cache = model.select_cache_rows(cache, &keep)?;
             active = keep.iter().map(|&r| active[r]).collect();
         }
         let step = model.embed_step(&next)?;
@@ -278,7 +278,7 @@ fn beam_search(
         if parent_rows.is_empty() {
             break;
         }
-        cache = select_rows(cache, &parent_rows)?;
+        cache = model.select_cache_rows(cache, &parent_rows)?;
         row_beams = new_row_beams;
         let step = model.embed_step(&next_tokens)?;
         let (l, c) = model.decode(step, cache, position)?;

@@ -4,8 +4,9 @@
 use std::path::{Path, PathBuf};
 
 use ndarray::{Array2, Array3, ArrayD, Axis, IxDyn};
-use ort::session::{Session, SessionInputValue, SessionOutputs};
-use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
+use ort::session::{Session, SessionOutputs};
+use ort::value::{DynTensorValueType, DynValue, Tensor, TensorElementType, ValueType};
 use tokenizers::Tokenizer;
 
 use super::runtime::{DeviceSpec, RuntimeError, session_builder};
@@ -67,6 +68,7 @@ pub struct OnnxModel {
     /// Embeddings of the prompt text before and after the audio, [tokens, hidden].
     prefix_embeds: Array2<f32>,
     suffix_embeds: Array2<f32>,
+    device: DeviceSpec,
 }
 
 fn run_error(graph: &'static str) -> impl FnOnce(ort::Error) -> EngineError {
@@ -105,6 +107,7 @@ impl OnnxModel {
             decoder,
             prefix_embeds,
             suffix_embeds,
+            device: options.device,
         })
     }
 
@@ -198,6 +201,38 @@ impl OnnxModel {
         }
     }
 
+    /// Where the KV cache lives: the device the decoder runs on.
+    fn cache_memory(&self) -> Result<MemoryInfo<'static>> {
+        match self.device {
+            DeviceSpec::Cpu => memory_info(AllocationDevice::CPU, 0),
+            DeviceSpec::Cuda(id) => memory_info(AllocationDevice::CUDA, id as i32),
+        }
+    }
+
+    /// Keeps rows `rows` of every cache value (see [`select_rows`]), wherever the
+    /// cache lives.
+    pub fn select_cache_rows(
+        &self,
+        values: Vec<DynValue>,
+        rows: &[usize],
+    ) -> Result<Vec<DynValue>> {
+        match self.device {
+            DeviceSpec::Cpu => select_rows(values, rows),
+            DeviceSpec::Cuda(id) => {
+                // Rows change only when sequences finish or beams reorder: a round
+                // trip through the host, then back to the device.
+                let host = values
+                    .into_iter()
+                    .map(|v| to_device(v, AllocationDevice::CPU, 0))
+                    .collect::<Result<Vec<_>>>()?;
+                select_rows(host, rows)?
+                    .into_iter()
+                    .map(|v| to_device(v, AllocationDevice::CUDA, id as i32))
+                    .collect()
+            }
+        }
+    }
+
     /// Empty KV cache values for `batch` rows.
     pub fn empty_past(&self, batch: usize) -> Result<Vec<DynValue>> {
         let d = &self.manifest.decoder;
@@ -241,20 +276,48 @@ impl OnnxModel {
                 past.len()
             )));
         }
-        let mut inputs: Vec<(std::borrow::Cow<'static, str>, SessionInputValue<'static>)> = vec![
-            (dec_io::INPUTS_EMBEDS.into(), embeds.into()),
-            (dec_io::ATTENTION_MASK.into(), mask.into()),
-            (dec_io::POSITION_IDS.into(), positions.into()),
+        // The cache stays where the model runs (device memory on CUDA) from one step
+        // to the next through an I/O binding; only the logits come back to the host.
+        let cache_memory = self.cache_memory()?;
+        let host_memory = memory_info(AllocationDevice::CPU, 0)?;
+        let mut binding = self
+            .decoder
+            .create_binding()
+            .map_err(run_error("decoder"))?;
+        let mask = mask.into_dyn();
+        let positions = positions.into_dyn();
+        let mut bound = vec![
+            (dec_io::INPUTS_EMBEDS.to_string(), &embeds),
+            (dec_io::ATTENTION_MASK.to_string(), &mask),
+            (dec_io::POSITION_IDS.to_string(), &positions),
         ];
-        for (i, value) in past.into_iter().enumerate() {
+        for (i, value) in past.iter().enumerate() {
             let name = if i % 2 == 0 {
                 dec_io::past_key(i / 2)
             } else {
                 dec_io::past_value(i / 2)
             };
-            inputs.push((name.into(), value.into()));
+            bound.push((name, value));
         }
-        let mut outputs = self.decoder.run(inputs).map_err(run_error("decoder"))?;
+        for (name, value) in bound {
+            binding
+                .bind_input(name, value)
+                .map_err(run_error("decoder"))?;
+        }
+        binding
+            .bind_output_to_device(dec_io::LOGITS, &host_memory)
+            .map_err(run_error("decoder"))?;
+        for layer in 0..layers {
+            for name in [dec_io::present_key(layer), dec_io::present_value(layer)] {
+                binding
+                    .bind_output_to_device(name, &cache_memory)
+                    .map_err(run_error("decoder"))?;
+            }
+        }
+        let mut outputs = self
+            .decoder
+            .run_binding(&binding)
+            .map_err(run_error("decoder"))?;
         let logits = take(&mut outputs, "decoder", dec_io::LOGITS)?;
         let mut present = Vec::with_capacity(2 * layers);
         for layer in 0..layers {
@@ -266,6 +329,8 @@ impl OnnxModel {
             )?);
         }
         drop(outputs);
+        drop(binding);
+        drop(past);
         let (shape, data) = logits
             .try_extract_tensor::<f32>()
             .map_err(run_error("decoder"))?;
@@ -278,6 +343,22 @@ impl OnnxModel {
         }
         Ok((last, present))
     }
+}
+
+fn memory_info(device: AllocationDevice<'static>, id: i32) -> Result<MemoryInfo<'static>> {
+    MemoryInfo::new(device, id, AllocatorType::Device, MemoryType::Default)
+        .map_err(run_error("decoder"))
+}
+
+/// A tensor copied to `device`.
+fn to_device(value: DynValue, device: AllocationDevice<'static>, id: i32) -> Result<DynValue> {
+    let tensor = value
+        .downcast::<DynTensorValueType>()
+        .map_err(|e| EngineError::Input(format!("cache value is not a tensor: {e}")))?;
+    Ok(tensor
+        .to(device, id)
+        .map_err(run_error("decoder"))?
+        .into_dyn())
 }
 
 fn embeds_shape(value: &DynValue) -> Result<Vec<usize>> {
