@@ -94,18 +94,18 @@ fn prepare_file(
     segments: &SegmentConfig,
     min_frames: usize,
     base: &CaptionRow,
-) -> Vec<Result<Prepared, CaptionRow>> {
+) -> Vec<Result<Prepared, Box<CaptionRow>>> {
     let uri = path.display().to_string();
     let rate = fbank.config().sample_rate;
     let audio = match decode_file_to_rate(path, rate) {
         Ok(a) => a,
         Err(e) => {
-            return vec![Err(CaptionRow {
+            return vec![Err(Box::new(CaptionRow {
                 uri,
                 error: Some(e.to_string()),
                 processed_at_us: now_us(),
                 ..base.clone()
-            })];
+            }))];
         }
     };
     let info: &AudioInfo = &audio.info;
@@ -136,7 +136,7 @@ fn prepare_file(
                     fbank.min_duration_for_frames(min_frames)
                 ));
                 row.processed_at_us = now_us();
-                return Err(row);
+                return Err(Box::new(row));
             }
             Ok(Prepared {
                 row,
@@ -171,7 +171,7 @@ pub fn caption_files(
     };
     // Files are prepared a few batches ahead so the threads stay busy.
     for group in files.chunks(batch_size * threads.max(2)) {
-        let mut prepared: Vec<Result<Prepared, CaptionRow>> = Vec::new();
+        let mut prepared: Vec<Result<Prepared, Box<CaptionRow>>> = Vec::new();
         std::thread::scope(|scope| {
             let per_thread = group.len().div_ceil(threads);
             let handles: Vec<_> = group
@@ -189,12 +189,12 @@ pub fn caption_files(
             for h in handles {
                 match h.join() {
                     Ok(rows) => prepared.extend(rows),
-                    Err(_) => prepared.push(Err(CaptionRow {
+                    Err(_) => prepared.push(Err(Box::new(CaptionRow {
                         uri: "<worker>".into(),
                         error: Some("a decoding worker panicked".into()),
                         processed_at_us: now_us(),
                         ..base.clone()
-                    })),
+                    }))),
                 }
             }
         });
@@ -209,7 +209,7 @@ pub fn caption_files(
                     if row.duration_s.is_none() {
                         failed_uris.insert(row.uri.clone());
                     }
-                    rows.push(row);
+                    rows.push(*row);
                 }
             }
         }
