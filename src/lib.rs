@@ -12,6 +12,7 @@
 //! - [`engine`]: the exported model on ONNX Runtime (`audiocap caption`).
 
 pub mod audio;
+pub mod bench;
 pub mod caption;
 pub mod engine;
 pub mod export;

@@ -47,6 +47,9 @@ enum Command {
     /// Caption audio files or folders with an exported model on ONNX Runtime and
     /// write a Parquet table (uri, segment, caption, score, error, ...).
     Caption(CaptionArgs),
+    /// Throughput benchmark: builds (or reuses) a preset model with random weights,
+    /// exports it and measures the front end, encoder, prefill, decode and end to end.
+    Bench(audiocap::bench::BenchOptions),
     /// Report which ONNX Runtime library is used, how it was found, its version and
     /// execution providers, and the GPUs the driver shows.
     Doctor,
@@ -166,6 +169,10 @@ struct ReferenceCaptionArgs {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Bench(options) => audiocap::bench::run_bench(&options).map(|report| {
+            println!("{report}");
+            exit::OK
+        }),
         Command::Caption(args) => caption(args),
         Command::Doctor => {
             println!("{}", audiocap::engine::runtime::doctor_report());

@@ -6,7 +6,10 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use arrow_array::builder::{Float32Builder, Float64Builder, StringBuilder, TimestampMicrosecondBuilder, UInt16Builder, UInt32Builder};
+use arrow_array::builder::{
+    Float32Builder, Float64Builder, StringBuilder, TimestampMicrosecondBuilder, UInt16Builder,
+    UInt32Builder,
+};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ArrowWriter;
@@ -120,7 +123,10 @@ pub fn to_record_batch(rows: &[CaptionRow]) -> Result<RecordBatch, arrow_schema:
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
     #[error("{}: {source}", path.display())]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("{}: {source}", path.display())]
     Parquet {
         path: PathBuf,
@@ -166,9 +172,11 @@ impl CaptionFileWriter {
                     .collect(),
             ))
             .build();
-        let writer = ArrowWriter::try_new(file, schema(), Some(props)).map_err(|source| OutputError::Parquet {
-            path: staging.clone(),
-            source,
+        let writer = ArrowWriter::try_new(file, schema(), Some(props)).map_err(|source| {
+            OutputError::Parquet {
+                path: staging.clone(),
+                source,
+            }
         })?;
         Ok(Self {
             path: path.to_path_buf(),
@@ -186,10 +194,12 @@ impl CaptionFileWriter {
             path: self.staging.clone(),
             source,
         })?;
-        self.writer.write(&batch).map_err(|source| OutputError::Parquet {
-            path: self.staging.clone(),
-            source,
-        })?;
+        self.writer
+            .write(&batch)
+            .map_err(|source| OutputError::Parquet {
+                path: self.staging.clone(),
+                source,
+            })?;
         self.rows += rows.len();
         Ok(())
     }
@@ -230,7 +240,8 @@ mod tests {
     fn rows_round_trip_and_appear_only_when_finished() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("out/captions.parquet");
-        let mut w = CaptionFileWriter::create(&path, vec![("audiocap.model".into(), "{}".into())]).unwrap();
+        let mut w =
+            CaptionFileWriter::create(&path, vec![("audiocap.model".into(), "{}".into())]).unwrap();
         let rows = vec![
             CaptionRow {
                 uri: "a.wav".into(),
@@ -256,11 +267,21 @@ mod tests {
         assert_eq!(final_path, path);
         let file = File::open(&path).unwrap();
         let builder = ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
-        let kv = builder.metadata().file_metadata().key_value_metadata().unwrap().clone();
+        let kv = builder
+            .metadata()
+            .file_metadata()
+            .key_value_metadata()
+            .unwrap()
+            .clone();
         assert!(kv.iter().any(|k| k.key == "audiocap.model"));
         let batch = builder.build().unwrap().next().unwrap().unwrap();
         assert_eq!(batch.schema(), schema());
-        let caption = batch.column_by_name("caption").unwrap().as_any().downcast_ref::<StringArray>().unwrap();
+        let caption = batch
+            .column_by_name("caption")
+            .unwrap()
+            .as_any()
+            .downcast_ref::<StringArray>()
+            .unwrap();
         assert_eq!(caption.value(0), "a dog barks");
         assert!(caption.is_null(1));
     }

@@ -7,6 +7,7 @@ mod beats_parity;
 mod captioning;
 mod cli;
 mod fbank_parity;
+mod large_export;
 mod llama_parity;
 mod lora_adapters;
 mod onnx_engine;

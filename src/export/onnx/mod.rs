@@ -638,21 +638,15 @@ fn float_bytes(values: &[f32], dtype: DataType) -> Vec<u8> {
 
 /// The tensor's values as little-endian bytes of `dtype`.
 fn tensor_bytes(tensor: &Tensor, dtype: DataType) -> candle_core::Result<Vec<u8>> {
-    let flat = tensor.flatten_all()?;
-    Ok(match dtype {
-        DataType::Float16 => flat
-            .to_dtype(DType::F16)?
-            .to_vec1::<half::f16>()?
-            .into_iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-        _ => flat
-            .to_dtype(DType::F32)?
-            .to_vec1::<f32>()?
-            .into_iter()
-            .flat_map(|v| v.to_le_bytes())
-            .collect(),
-    })
+    // candle's safetensors view hands out the storage as bytes without a per-element
+    // loop (the exporter converts billions of elements).
+    use safetensors::View;
+    let target = match dtype {
+        DataType::Float16 => DType::F16,
+        _ => DType::F32,
+    };
+    let flat = tensor.flatten_all()?.to_dtype(target)?.contiguous()?;
+    Ok(flat.data().into_owned())
 }
 
 /// Parses an ONNX file back (for tests and `audiocap` checks of an export).
