@@ -304,3 +304,96 @@ fn beam_search_scores_at_least_greedy() {
         assert!(!b.token_ids.is_empty() && b.token_ids.len() <= 8);
     }
 }
+
+/// `--dtype f16` runs on ONNX Runtime (CPU here) and stays with the f32 export:
+/// prompt logits within f16 tolerance, and the reference tokens wherever the
+/// reference's top-2 margin leaves room for half-precision rounding.
+#[test]
+fn f16_export_matches_f32_within_half_precision() {
+    let reference = reference();
+    let dir = tempfile::tempdir().unwrap();
+    let f32_dir = export_to(dir.path(), "a0", sources(&["a0"], None));
+    let f16_dir = dir.path().join("a0-f16");
+    export_model(&ExportOptions {
+        sources: sources(&["a0"], None),
+        dtype: ExportDtype::F16,
+        name: "a0-f16".into(),
+        out: f16_dir.clone(),
+        overwrite: false,
+    })
+    .unwrap();
+    let f32_bytes = ModelManifest::read(&f32_dir)
+        .unwrap()
+        .onnx
+        .decoder
+        .file
+        .bytes;
+    let manifest = ModelManifest::read(&f16_dir).unwrap();
+    assert_eq!(manifest.onnx.dtype, ExportDtype::F16);
+    assert!(
+        manifest.onnx.decoder.file.bytes < f32_bytes * 6 / 10,
+        "f16 weights should halve the file"
+    );
+
+    let mut e32 = OnnxModel::load(&f32_dir, &EngineOptions::default()).unwrap();
+    let mut e16 = OnnxModel::load(&f16_dir, &EngineOptions::default()).unwrap();
+    let clips = clips();
+    let batch: Vec<(&[f32], usize)> = clips.iter().map(|(_, d, n)| (d.as_slice(), *n)).collect();
+    let a32 = e32.encode(&batch).unwrap();
+    let a16 = e16.encode(&batch).unwrap();
+    let scale = a32.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = a32
+        .iter()
+        .zip(a16.iter())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
+    eprintln!("f16 vs f32: audio embeddings max relative error {err:.2e}");
+    assert!(err < 1e-2, "audio embeddings: {err}");
+
+    let (l32, _) = e32
+        .decode(
+            e32.embeds_value(e32.prompt_embeds(&a32)).unwrap(),
+            e32.empty_past(4).unwrap(),
+            0,
+        )
+        .unwrap();
+    let (l16, _) = e16
+        .decode(
+            e16.embeds_value(e16.prompt_embeds(&a32)).unwrap(),
+            e16.empty_past(4).unwrap(),
+            0,
+        )
+        .unwrap();
+    let scale = l32.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = l32
+        .iter()
+        .zip(l16.iter())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
+    eprintln!("f16 vs f32: prompt logits max relative error {err:.2e}");
+    assert!(err < 2e-2, "logits: {err}");
+
+    let params = GenerationParams {
+        max_new_tokens: 12,
+        beams: 1,
+        min_new_tokens: 0,
+    };
+    let generated = generate(&mut e16, &a16, &params).unwrap();
+    for ((clip, _, _), g) in clips.iter().zip(&generated) {
+        let expected = &reference["cases"][clip]["a0"];
+        let want = ids(&expected["token_ids"]);
+        let margins: Vec<f64> = expected["top2_margins"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m.as_f64().unwrap())
+            .collect();
+        // Half precision moves logits by ~1e-2 here: only steps with a clear winner count.
+        let strict = margins.iter().position(|&m| m < 0.05).unwrap_or(want.len());
+        assert_eq!(
+            &g.token_ids[..strict.min(g.token_ids.len())],
+            &want[..strict],
+            "{clip}: f16 tokens"
+        );
+    }
+}
