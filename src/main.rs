@@ -102,8 +102,9 @@ struct CaptionArgs {
     inputs: Vec<PathBuf>,
 }
 
+/// The checkpoints a model is assembled from.
 #[derive(clap::Args)]
-struct ExportArgs {
+struct CheckpointArgs {
     /// BEATs checkpoint (.pt as released, or .safetensors with its cfg beside it).
     #[arg(long)]
     beats: PathBuf,
@@ -123,6 +124,35 @@ struct ExportArgs {
     /// around "Describe the following audio clip <|audio|>").
     #[arg(long)]
     prompt_template: Option<String>,
+}
+
+impl CheckpointArgs {
+    fn into_sources(self) -> anyhow::Result<ModelSources> {
+        if let Some(w) = &self.adapter_weights
+            && w.len() != self.adapters.len()
+        {
+            bail!(
+                "{} --adapter-weights for {} --adapter directories",
+                w.len(),
+                self.adapters.len()
+            );
+        }
+        Ok(ModelSources {
+            beats: self.beats,
+            llm: self.llm,
+            projector: self.projector,
+            adapters: self.adapters,
+            adapter_weights: self.adapter_weights,
+            prompt_template: self.prompt_template,
+            pooling: Pooling::Mean,
+        })
+    }
+}
+
+#[derive(clap::Args)]
+struct ExportArgs {
+    #[command(flatten)]
+    model: CheckpointArgs,
     /// Precision of the exported weights: f32, or f16 for GPUs.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: ExportDtype,
@@ -139,25 +169,8 @@ struct ExportArgs {
 
 #[derive(clap::Args)]
 struct ReferenceCaptionArgs {
-    /// BEATs checkpoint (.pt as released, or .safetensors with its cfg beside it).
-    #[arg(long)]
-    beats: PathBuf,
-    /// Hugging Face Llama directory (config.json, safetensors, tokenizer.json).
-    #[arg(long)]
-    llm: PathBuf,
-    /// Projector safetensors (keys 0.weight, 0.bias, 2.weight, 2.bias).
-    #[arg(long)]
-    projector: PathBuf,
-    /// PEFT LoRA adapter directory; repeat to combine several with PEFT's `cat`.
-    #[arg(long = "adapter")]
-    adapters: Vec<PathBuf>,
-    /// Comma-separated weights for the adapters (default 1/K each).
-    #[arg(long, value_delimiter = ',')]
-    adapter_weights: Option<Vec<f64>>,
-    /// Prompt template containing <|audio|> once (default: Llama 3 chat template
-    /// around "Describe the following audio clip <|audio|>").
-    #[arg(long)]
-    prompt_template: Option<String>,
+    #[command(flatten)]
+    model: CheckpointArgs,
     /// Maximum number of generated tokens per caption.
     #[arg(long, default_value_t = 30)]
     max_new_tokens: usize,
@@ -268,25 +281,8 @@ fn caption(args: CaptionArgs) -> anyhow::Result<u8> {
 }
 
 fn export(args: ExportArgs) -> anyhow::Result<u8> {
-    if let Some(w) = &args.adapter_weights
-        && w.len() != args.adapters.len()
-    {
-        bail!(
-            "{} --adapter-weights for {} --adapter directories",
-            w.len(),
-            args.adapters.len()
-        );
-    }
     let options = ExportOptions {
-        sources: ModelSources {
-            beats: args.beats,
-            llm: args.llm,
-            projector: args.projector,
-            adapters: args.adapters,
-            adapter_weights: args.adapter_weights,
-            prompt_template: args.prompt_template,
-            pooling: Pooling::Mean,
-        },
+        sources: args.model.into_sources()?,
         dtype: args.dtype,
         name: args.name,
         out: args.out,
@@ -310,15 +306,7 @@ fn export(args: ExportArgs) -> anyhow::Result<u8> {
 }
 
 fn reference_caption(args: ReferenceCaptionArgs) -> anyhow::Result<u8> {
-    let sources = ModelSources {
-        beats: args.beats,
-        llm: args.llm,
-        projector: args.projector,
-        adapters: args.adapters,
-        adapter_weights: args.adapter_weights,
-        prompt_template: args.prompt_template,
-        pooling: Pooling::Mean,
-    };
+    let sources = args.model.into_sources()?;
     let captioner = Captioner::load(&sources, &Device::Cpu).context("loading the model")?;
     let mut failed = 0usize;
     for input in &args.inputs {

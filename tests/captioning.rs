@@ -2,49 +2,17 @@
 //! greedy tokens, against `e2e-tiny/reference.json` (BEATs reference code + Hugging
 //! Face transformers + PEFT).
 
-use std::path::PathBuf;
-
 use audiocap::audio::decode::decode_file;
 use audiocap::caption::Captioner;
-use audiocap::model::projector::Pooling;
 use audiocap::model::sources::ModelSources;
 use candle_core::Device;
 use serde_json::Value;
 
-use crate::common::fixtures;
+use crate::common::{e2e_reference as reference, e2e_sources as sources, fixtures, ids};
 
 /// A reference step whose top-2 logit gap is below this may flip between two correct
 /// float32 implementations; everything after it may then differ.
 const MARGIN_RULE: f64 = 1e-3;
-
-fn sources(adapters: &[&str], weights: Option<Vec<f64>>) -> ModelSources {
-    let e2e = fixtures().join("e2e-tiny");
-    ModelSources {
-        beats: fixtures().join("beats-tiny/beats.pt"),
-        llm: e2e.join("llm"),
-        projector: e2e.join("projector.safetensors"),
-        adapters: adapters
-            .iter()
-            .map(|a| e2e.join("adapters").join(a))
-            .collect::<Vec<PathBuf>>(),
-        adapter_weights: weights,
-        prompt_template: None,
-        pooling: Pooling::Mean,
-    }
-}
-
-fn reference() -> Value {
-    let text = std::fs::read_to_string(fixtures().join("e2e-tiny/reference.json")).unwrap();
-    serde_json::from_str(&text).unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
-}
 
 /// Checks generated ids against the reference: equal up to the first step whose
 /// reference margin is below [`MARGIN_RULE`]; a divergence is only allowed there.

@@ -10,28 +10,11 @@ use audiocap::engine::generate::{GenerationParams, generate};
 use audiocap::engine::model::{EngineOptions, OnnxModel};
 use audiocap::export::{ExportOptions, export_model};
 use audiocap::manifest::{ExportDtype, ModelManifest};
-use audiocap::model::projector::Pooling;
 use audiocap::model::sources::ModelSources;
 use candle_core::{Device, Tensor};
 use serde_json::Value;
 
-use crate::common::fixtures;
-
-fn sources(adapters: &[&str], weights: Option<Vec<f64>>) -> ModelSources {
-    let e2e = fixtures().join("e2e-tiny");
-    ModelSources {
-        beats: fixtures().join("beats-tiny/beats.pt"),
-        llm: e2e.join("llm"),
-        projector: e2e.join("projector.safetensors"),
-        adapters: adapters
-            .iter()
-            .map(|a| e2e.join("adapters").join(a))
-            .collect::<Vec<PathBuf>>(),
-        adapter_weights: weights,
-        prompt_template: None,
-        pooling: Pooling::Mean,
-    }
-}
+use crate::common::{e2e_reference as reference, e2e_sources as sources, fixtures, ids};
 
 /// The three decoders of `e2e-tiny/reference.json`.
 fn decoders() -> Vec<(&'static str, ModelSources)> {
@@ -56,21 +39,6 @@ fn export_to(dir: &Path, name: &str, src: ModelSources) -> PathBuf {
     })
     .unwrap_or_else(|e| panic!("export {name}: {e}"));
     out
-}
-
-fn reference() -> Value {
-    serde_json::from_str(
-        &std::fs::read_to_string(fixtures().join("e2e-tiny/reference.json")).unwrap(),
-    )
-    .unwrap()
-}
-
-fn ids(v: &Value) -> Vec<u32> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_u64().unwrap() as u32)
-        .collect()
 }
 
 /// Normalised fbank of every fixture clip, sorted by name.

@@ -56,3 +56,38 @@ pub fn mean_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
         .to_scalar::<f32>()
         .unwrap()
 }
+
+/// The e2e-tiny captioner's checkpoints with the given fixture adapters.
+pub fn e2e_sources(
+    adapters: &[&str],
+    weights: Option<Vec<f64>>,
+) -> audiocap::model::sources::ModelSources {
+    let e2e = fixtures().join("e2e-tiny");
+    audiocap::model::sources::ModelSources {
+        beats: fixtures().join("beats-tiny/beats.pt"),
+        llm: e2e.join("llm"),
+        projector: e2e.join("projector.safetensors"),
+        adapters: adapters
+            .iter()
+            .map(|a| e2e.join("adapters").join(a))
+            .collect(),
+        adapter_weights: weights,
+        prompt_template: None,
+        pooling: audiocap::model::projector::Pooling::Mean,
+    }
+}
+
+/// `e2e-tiny/reference.json`.
+pub fn e2e_reference() -> serde_json::Value {
+    let text = std::fs::read_to_string(fixtures().join("e2e-tiny/reference.json")).unwrap();
+    serde_json::from_str(&text).unwrap()
+}
+
+/// A JSON array of token ids.
+pub fn ids(v: &serde_json::Value) -> Vec<u32> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect()
+}
