@@ -782,6 +782,10 @@ pub fn execution_providers(
             Ok(vec![
                 ep::CUDA::default()
                     .with_device_id(id)
+                    // f32 exports compute in f32: TF32 matmuls (10-bit mantissa) flip
+                    // greedy choices whose logits are ~1e-3 apart. f16 exports are
+                    // unaffected; speed work belongs in the f16 path.
+                    .with_tf32(false)
                     .build()
                     .error_on_failure(),
             ])
