@@ -15,6 +15,7 @@ pub mod audio;
 pub mod bench;
 pub mod caption;
 pub mod engine;
+pub mod eval;
 pub mod export;
 pub mod manifest;
 pub mod model;

@@ -10,4 +10,5 @@ mod fbank_parity;
 mod large_export;
 mod llama_parity;
 mod lora_adapters;
+mod metrics_parity;
 mod onnx_engine;
