@@ -6,44 +6,10 @@ use audiocap::audio::decode::decode_file;
 use audiocap::caption::Captioner;
 use audiocap::model::sources::ModelSources;
 use candle_core::Device;
-use serde_json::Value;
 
-use crate::common::{e2e_reference as reference, e2e_sources as sources, fixtures, ids};
-
-/// A reference step whose top-2 logit gap is below this may flip between two correct
-/// float32 implementations; everything after it may then differ.
-const MARGIN_RULE: f64 = 1e-3;
-
-/// Checks generated ids against the reference: equal up to the first step whose
-/// reference margin is below [`MARGIN_RULE`]; a divergence is only allowed there.
-/// Returns the number of steps that were compared strictly.
-fn check_tokens(label: &str, got: &[u32], reference: &Value) -> usize {
-    let want = ids(&reference["token_ids"]);
-    let margins: Vec<f64> = reference["top2_margins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m.as_f64().unwrap())
-        .collect();
-    let strict = margins
-        .iter()
-        .position(|&m| m < MARGIN_RULE)
-        .unwrap_or(want.len());
-    for step in 0..want.len() {
-        if got.get(step) != Some(&want[step]) {
-            assert!(
-                step >= strict,
-                "{label}: step {step} gives {:?}, reference {} (margin {}); ours {got:?}, reference {want:?}",
-                got.get(step),
-                want[step],
-                margins[step]
-            );
-            return strict;
-        }
-    }
-    assert_eq!(got.len(), want.len(), "{label}: length");
-    strict
-}
+use crate::common::{
+    check_tokens, e2e_reference as reference, e2e_sources as sources, fixtures, ids,
+};
 
 #[test]
 fn prompt_tokenization_matches_reference() {

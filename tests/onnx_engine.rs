@@ -12,9 +12,10 @@ use audiocap::export::{ExportOptions, export_model};
 use audiocap::manifest::{ExportDtype, ModelManifest};
 use audiocap::model::sources::ModelSources;
 use candle_core::{Device, Tensor};
-use serde_json::Value;
 
-use crate::common::{e2e_reference as reference, e2e_sources as sources, fixtures, ids};
+use crate::common::{
+    check_tokens, e2e_reference as reference, e2e_sources as sources, fixtures, ids,
+};
 
 /// The three decoders of `e2e-tiny/reference.json`.
 fn decoders() -> Vec<(&'static str, ModelSources)> {
@@ -67,28 +68,6 @@ fn onnx_check(path: &Path) {
         .status()
         .expect("python3 is needed for onnx.checker (CI installs it)");
     assert!(status.success(), "onnx.checker rejected {}", path.display());
-}
-
-/// Greedy tokens equal the reference up to the first step whose reference margin is
-/// below 1e-3; a divergence is only accepted at such a step.
-fn check_tokens(label: &str, got: &[u32], reference: &Value) {
-    let want = ids(&reference["token_ids"]);
-    let margins: Vec<f64> = reference["top2_margins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m.as_f64().unwrap())
-        .collect();
-    for step in 0..want.len() {
-        if got.get(step) != Some(&want[step]) {
-            assert!(
-                margins[step] < 1e-3,
-                "{label}: step {step}: ours {got:?}, reference {want:?}"
-            );
-            return;
-        }
-    }
-    assert_eq!(got.len(), want.len(), "{label}");
 }
 
 #[test]
