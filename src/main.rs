@@ -47,6 +47,10 @@ enum Command {
     /// Caption audio files or folders with an exported model on ONNX Runtime and
     /// write a Parquet table (uri, segment, caption, score, error, ...).
     Caption(CaptionArgs),
+    /// Score captions against references with the DCASE metrics (BLEU-1..4, ROUGE-L,
+    /// CIDEr-D): predictions from `audiocap caption` Parquet or CSV, references in the
+    /// Clotho, AudioCaps or a generic layout.
+    Eval(audiocap::eval::command::EvalArgs),
     /// Throughput benchmark: builds (or reuses) a preset model with random weights,
     /// exports it and measures the front end, encoder, prefill, decode and end to end.
     Bench(audiocap::bench::BenchOptions),
@@ -187,6 +191,10 @@ fn main() -> ExitCode {
             exit::OK
         }),
         Command::Caption(args) => caption(args),
+        Command::Eval(args) => audiocap::eval::command::run_eval(&args).map(|outcome| {
+            print!("{}", outcome.report());
+            exit::OK
+        }),
         Command::Doctor => {
             println!("{}", audiocap::engine::runtime::doctor_report());
             Ok(exit::OK)

@@ -10,6 +10,9 @@
 
 mod bleu;
 mod cider;
+pub mod command;
+pub mod files;
+pub mod report;
 mod rouge;
 mod tokenize;
 

@@ -1,0 +1,271 @@
+//! `audiocap eval`: read predictions and references, join them by file name, score
+//! the matched pairs, and write the report.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use serde_json::json;
+
+use super::files::{self, Layout, Pair, Predictions};
+use super::{CorpusScores, report, score_corpus};
+
+/// How many unmatched keys the report lists.
+const SAMPLE: usize = 10;
+
+/// Arguments of `audiocap eval`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EvalArgs {
+    /// Predictions: an audiocap captions Parquet file (`uri`, `segment_index`,
+    /// `caption`, `error`) or a CSV with columns `file_name, caption`.
+    #[arg(long)]
+    pub pred: PathBuf,
+    /// References: Clotho CSV (`file_name, caption_1..caption_5`), AudioCaps CSV
+    /// (`audiocap_id, youtube_id, start_time, caption`), or a CSV/Parquet with a key
+    /// column (`file_name`, `uri` or --key-column) and columns named `caption*`.
+    #[arg(long)]
+    pub refs: PathBuf,
+    /// Write the scores, counts and inputs as JSON here.
+    #[arg(long)]
+    pub out: Option<PathBuf>,
+    /// Write per-clip scores as Parquet here.
+    #[arg(long = "per-clip")]
+    pub per_clip: Option<PathBuf>,
+    /// Key column of a generic reference table (default: `file_name`, then `uri`).
+    #[arg(long = "key-column")]
+    pub key_column: Option<String>,
+}
+
+/// Counts of the join.
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
+pub struct EvalCounts {
+    /// Prediction keys read (captions and failures).
+    pub predictions: usize,
+    /// Predictions with an error or without a caption (skipped).
+    pub failed_predictions: usize,
+    /// Reference clips read (with at least one caption).
+    pub references: usize,
+    /// Pairs scored.
+    pub matched: usize,
+    pub predictions_without_references: usize,
+    pub references_without_predictions: usize,
+    /// Predictions whose reference clip another prediction had already matched.
+    pub duplicate_matches: usize,
+    /// Prediction rows whose file name repeated another URI's (ignored).
+    pub duplicate_predictions: usize,
+    /// URIs with several segments (segment 0 used).
+    pub multi_segment_uris: usize,
+    /// Reference clips with no non-empty caption (ignored).
+    pub references_without_captions: usize,
+}
+
+/// What `audiocap eval` found and computed.
+#[derive(Debug, Clone)]
+pub struct EvalOutcome {
+    pub scores: CorpusScores,
+    pub layout: Layout,
+    pub prediction_format: String,
+    pub counts: EvalCounts,
+    /// The scored pairs; `scores.per_clip[i]` belongs to `pairs[i]`.
+    pub pairs: Vec<Pair>,
+    pub predictions_without_references: Vec<String>,
+    pub references_without_predictions: Vec<String>,
+    /// (key, reason) of the skipped predictions.
+    pub failed_predictions: Vec<(String, String)>,
+    /// Lines for the user about how the inputs were read.
+    pub notes: Vec<String>,
+    /// The content of `metrics.json`.
+    pub metrics: serde_json::Value,
+}
+
+impl EvalOutcome {
+    /// The report for the terminal: how the inputs were read, the join, the scores.
+    pub fn report(&self) -> String {
+        let mut out = String::new();
+        for note in &self.notes {
+            out.push_str(note);
+            out.push('\n');
+        }
+        out.push('\n');
+        out.push_str(&report::table(&self.scores));
+        out
+    }
+}
+
+/// Runs the evaluation and writes `--out` and `--per-clip` when given. The caller
+/// prints [`EvalOutcome::report`].
+pub fn run_eval(args: &EvalArgs) -> anyhow::Result<EvalOutcome> {
+    let predictions = files::read_predictions(&args.pred)
+        .with_context(|| format!("reading predictions {}", args.pred.display()))?;
+    let references = files::read_references(&args.refs, args.key_column.as_deref())
+        .with_context(|| format!("reading references {}", args.refs.display()))?;
+    let joined = files::join(&predictions, &references);
+
+    let counts = EvalCounts {
+        predictions: predictions.captions.len() + predictions.failed.len(),
+        failed_predictions: predictions.failed.len(),
+        references: references.clips.len(),
+        matched: joined.pairs.len(),
+        predictions_without_references: joined.predictions_without_references.len(),
+        references_without_predictions: joined.references_without_predictions.len(),
+        duplicate_matches: joined.duplicate_matches.len(),
+        duplicate_predictions: predictions.duplicates.len(),
+        multi_segment_uris: predictions.multi_segment,
+        references_without_captions: references.empty.len(),
+    };
+    let notes = notes(&predictions, &references.layout, &counts, &joined);
+
+    if joined.pairs.is_empty() {
+        bail!(
+            "no prediction matched a reference: {} predictions (e.g. {}) and {} reference clips \
+             (e.g. {}), layout {}. Keys are compared by file name and by file stem; for a \
+             generic table pick the key with --key-column",
+            predictions.captions.len(),
+            sample(&joined.predictions_without_references, 3),
+            references.clips.len(),
+            sample(
+                &references
+                    .clips
+                    .iter()
+                    .map(|c| c.key.clone())
+                    .collect::<Vec<_>>(),
+                3
+            ),
+            references.layout,
+        );
+    }
+
+    let candidates: Vec<String> = joined.pairs.iter().map(|p| p.candidate.clone()).collect();
+    let refs: Vec<Vec<String>> = joined.pairs.iter().map(|p| p.references.clone()).collect();
+    let scores = score_corpus(&candidates, &refs).context("scoring the matched pairs")?;
+
+    let mut metric_values = serde_json::Map::new();
+    for (name, value) in report::score_rows(&scores) {
+        metric_values.insert(name.to_lowercase().replace('-', "_"), json!(value));
+    }
+    let unavailable: serde_json::Map<String, serde_json::Value> = report::UNAVAILABLE
+        .iter()
+        .map(|(name, reason)| (name.to_lowercase(), json!(format!("{name} {reason}"))))
+        .collect();
+    let first = |v: &[String]| v.iter().take(SAMPLE).cloned().collect::<Vec<_>>();
+    let metrics = json!({
+        "scores": metric_values,
+        "unavailable": unavailable,
+        "counts": counts,
+        "layout": references.layout.to_string(),
+        "prediction_format": predictions.format,
+        "inputs": {
+            "pred": args.pred.display().to_string(),
+            "refs": args.refs.display().to_string(),
+            "key_column": args.key_column,
+        },
+        "unmatched": {
+            "predictions_without_references": first(&joined.predictions_without_references),
+            "references_without_predictions": first(&joined.references_without_predictions),
+            "duplicate_matches": first(&joined.duplicate_matches),
+            "failed_predictions": predictions.failed.iter().take(SAMPLE)
+                .map(|(k, r)| json!({"key": k, "reason": r})).collect::<Vec<_>>(),
+        },
+        "notes": notes,
+    });
+
+    if let Some(path) = &args.out {
+        report::write_json(path, &metrics)
+            .with_context(|| format!("writing metrics {}", path.display()))?;
+    }
+    if let Some(path) = &args.per_clip {
+        report::write_per_clip(path, &joined.pairs, &scores)
+            .with_context(|| format!("writing per-clip scores {}", path.display()))?;
+    }
+
+    Ok(EvalOutcome {
+        scores,
+        layout: references.layout,
+        prediction_format: predictions.format,
+        counts,
+        pairs: joined.pairs,
+        predictions_without_references: joined.predictions_without_references,
+        references_without_predictions: joined.references_without_predictions,
+        failed_predictions: predictions.failed,
+        notes,
+        metrics,
+    })
+}
+
+fn notes(
+    predictions: &Predictions,
+    layout: &Layout,
+    counts: &EvalCounts,
+    joined: &files::Joined,
+) -> Vec<String> {
+    let mut notes = vec![
+        format!("references: {layout} layout detected"),
+        format!("predictions: {}", predictions.format),
+        format!(
+            "{} matched pairs; {} predictions without references{}; {} references without \
+             predictions{}",
+            counts.matched,
+            counts.predictions_without_references,
+            listed(&joined.predictions_without_references),
+            counts.references_without_predictions,
+            listed(&joined.references_without_predictions),
+        ),
+    ];
+    if counts.failed_predictions > 0 {
+        let failed: Vec<String> = predictions
+            .failed
+            .iter()
+            .map(|(k, r)| format!("{k}: {r}"))
+            .collect();
+        notes.push(format!(
+            "{} failed predictions skipped{}",
+            counts.failed_predictions,
+            listed(&failed)
+        ));
+    }
+    if counts.multi_segment_uris > 0 {
+        notes.push(format!(
+            "{} inputs have several segments; only segment 0 is scored",
+            counts.multi_segment_uris
+        ));
+    }
+    if counts.duplicate_predictions > 0 {
+        notes.push(format!(
+            "{} prediction URIs repeat another URI's file name and were ignored{}",
+            counts.duplicate_predictions,
+            listed(&predictions.duplicates)
+        ));
+    }
+    if counts.duplicate_matches > 0 {
+        notes.push(format!(
+            "{} predictions matched a reference clip already matched and were ignored{}",
+            counts.duplicate_matches,
+            listed(&joined.duplicate_matches)
+        ));
+    }
+    if counts.references_without_captions > 0 {
+        notes.push(format!(
+            "{} reference clips have no caption and were ignored",
+            counts.references_without_captions
+        ));
+    }
+    notes
+}
+
+fn listed(keys: &[String]) -> String {
+    if keys.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", sample(keys, 5))
+    }
+}
+
+fn sample(keys: &[String], n: usize) -> String {
+    if keys.is_empty() {
+        return "none".to_string();
+    }
+    let mut s = keys.iter().take(n).cloned().collect::<Vec<_>>().join(", ");
+    if keys.len() > n {
+        s.push_str(&format!(", … {} more", keys.len() - n));
+    }
+    s
+}

@@ -1,0 +1,208 @@
+//! What `audiocap eval` writes: the terminal table, `metrics.json` and the per-clip
+//! scores as Parquet. Files are written under a staging name and renamed into place,
+//! so a reader never sees half a file.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use arrow_array::builder::{Float64Builder, StringBuilder};
+use arrow_array::{ArrayRef, RecordBatch};
+use arrow_schema::{DataType, Field, Schema, SchemaRef};
+use parquet::arrow::ArrowWriter;
+use parquet::basic::{Compression, ZstdLevel};
+use parquet::file::properties::WriterProperties;
+
+use super::CorpusScores;
+use super::files::Pair;
+
+/// Separator between the reference captions in the per-clip file's `references` column.
+pub const REFERENCE_SEPARATOR: &str = " | ";
+
+/// Metrics this build does not compute, with the reason.
+pub const UNAVAILABLE: [(&str, &str); 3] = [
+    (
+        "METEOR",
+        "needs Java and meteor-1.5.jar (not implemented yet)",
+    ),
+    (
+        "SPICE",
+        "needs Java, spice-1.0.jar and the Stanford CoreNLP 3.6.0 jars (not implemented yet)",
+    ),
+    (
+        "SPIDEr",
+        "is (CIDEr-D + SPICE) / 2 and SPICE is unavailable",
+    ),
+];
+
+/// Why an output file could not be written.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{}: {source}", path.display())]
+    Parquet {
+        path: PathBuf,
+        source: parquet::errors::ParquetError,
+    },
+    #[error("{}: {source}", path.display())]
+    Arrow {
+        path: PathBuf,
+        source: arrow_schema::ArrowError,
+    },
+    #[error("{}: {source}", path.display())]
+    Json {
+        path: PathBuf,
+        source: serde_json::Error,
+    },
+}
+
+/// The corpus scores as (name, value) rows, in table order.
+pub fn score_rows(scores: &CorpusScores) -> [(&'static str, f64); 6] {
+    [
+        ("BLEU-1", scores.bleu[0]),
+        ("BLEU-2", scores.bleu[1]),
+        ("BLEU-3", scores.bleu[2]),
+        ("BLEU-4", scores.bleu[3]),
+        ("ROUGE-L", scores.rouge_l),
+        ("CIDEr-D", scores.cider_d),
+    ]
+}
+
+/// The scores as an aligned text table, unavailable metrics last.
+pub fn table(scores: &CorpusScores) -> String {
+    let mut out = String::new();
+    out.push_str(&format!("{:<9} {:>10}\n", "metric", "score"));
+    out.push_str(&format!("{:-<9} {:->10}\n", "", ""));
+    for (name, value) in score_rows(scores) {
+        out.push_str(&format!("{name:<9} {value:>10.4}\n"));
+    }
+    for (name, reason) in UNAVAILABLE {
+        out.push_str(&format!(
+            "{name:<9} {:>10}  ({name} {reason})\n",
+            "unavailable"
+        ));
+    }
+    out
+}
+
+/// The per-clip file's schema.
+pub fn per_clip_schema() -> SchemaRef {
+    let score = |name: &str| Field::new(name, DataType::Float64, false);
+    Arc::new(Schema::new(vec![
+        Field::new("key", DataType::Utf8, false),
+        Field::new("reference_key", DataType::Utf8, false),
+        Field::new("candidate", DataType::Utf8, false),
+        Field::new("references", DataType::Utf8, false),
+        score("bleu_1"),
+        score("bleu_2"),
+        score("bleu_3"),
+        score("bleu_4"),
+        score("rouge_l"),
+        score("cider_d"),
+    ]))
+}
+
+/// Writes one row per pair with its scores (`scores.per_clip[i]` belongs to `pairs[i]`).
+pub fn write_per_clip(
+    path: &Path,
+    pairs: &[Pair],
+    scores: &CorpusScores,
+) -> Result<(), ReportError> {
+    let staging = staging_name(path);
+    let n = pairs.len();
+    let mut key = StringBuilder::with_capacity(n, n * 24);
+    let mut reference_key = StringBuilder::with_capacity(n, n * 24);
+    let mut candidate = StringBuilder::with_capacity(n, n * 64);
+    let mut references = StringBuilder::with_capacity(n, n * 320);
+    let mut metrics: Vec<Float64Builder> =
+        (0..6).map(|_| Float64Builder::with_capacity(n)).collect();
+    for (pair, clip) in pairs.iter().zip(&scores.per_clip) {
+        key.append_value(&pair.key);
+        reference_key.append_value(&pair.reference_key);
+        candidate.append_value(&pair.candidate);
+        references.append_value(pair.references.join(REFERENCE_SEPARATOR));
+        let values = [
+            clip.bleu[0],
+            clip.bleu[1],
+            clip.bleu[2],
+            clip.bleu[3],
+            clip.rouge_l,
+            clip.cider_d,
+        ];
+        for (builder, v) in metrics.iter_mut().zip(values) {
+            builder.append_value(v);
+        }
+    }
+    let mut columns: Vec<ArrayRef> = vec![
+        Arc::new(key.finish()),
+        Arc::new(reference_key.finish()),
+        Arc::new(candidate.finish()),
+        Arc::new(references.finish()),
+    ];
+    columns.extend(metrics.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    let batch =
+        RecordBatch::try_new(per_clip_schema(), columns).map_err(|source| ReportError::Arrow {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let file = create(&staging)?;
+    let props = WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .build();
+    let pq_err = |source| ReportError::Parquet {
+        path: staging.clone(),
+        source,
+    };
+    let mut writer = ArrowWriter::try_new(file, per_clip_schema(), Some(props)).map_err(pq_err)?;
+    writer.write(&batch).map_err(pq_err)?;
+    writer.close().map_err(pq_err)?;
+    rename(&staging, path)
+}
+
+/// Writes `value` as pretty JSON.
+pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ReportError> {
+    let staging = staging_name(path);
+    let mut file = create(&staging)?;
+    serde_json::to_writer_pretty(&mut file, value).map_err(|source| ReportError::Json {
+        path: staging.clone(),
+        source,
+    })?;
+    file.write_all(b"\n")
+        .and_then(|()| file.sync_all())
+        .map_err(|source| ReportError::Io {
+            path: staging.clone(),
+            source,
+        })?;
+    rename(&staging, path)
+}
+
+fn staging_name(path: &Path) -> PathBuf {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".partial");
+    PathBuf::from(name)
+}
+
+fn create(path: &Path) -> Result<File, ReportError> {
+    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent).map_err(|source| ReportError::Io {
+            path: parent.to_path_buf(),
+            source,
+        })?;
+    }
+    File::create(path).map_err(|source| ReportError::Io {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), ReportError> {
+    std::fs::rename(from, to).map_err(|source| ReportError::Io {
+        path: to.to_path_buf(),
+        source,
+    })
+}

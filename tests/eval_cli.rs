@@ -1,0 +1,475 @@
+//! `audiocap eval` through its library entry point (`audiocap::eval::command::run_eval`):
+//! each reference layout and both prediction formats give the scores of
+//! `score_corpus` on the same pairs and the reference scores of
+//! `metrics/reference.json` (set1); the join report, `metrics.json` and the per-clip
+//! Parquet file.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::path::Path;
+use std::sync::Arc;
+
+use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
+use arrow_schema::{DataType, Field, Schema};
+use audiocap::eval::command::{EvalArgs, EvalOutcome, run_eval};
+use audiocap::eval::files::Layout;
+use audiocap::output::{CaptionFileWriter, CaptionRow};
+use parquet::arrow::ArrowWriter;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use serde::Deserialize;
+
+use crate::common::fixtures;
+
+const TOLERANCE: f64 = 1e-6;
+
+#[derive(Deserialize)]
+struct Reference {
+    sets: BTreeMap<String, Set>,
+}
+
+#[derive(Deserialize)]
+struct Set {
+    candidates: Vec<String>,
+    references: Vec<Vec<String>>,
+    scores: BTreeMap<String, f64>,
+}
+
+fn set1() -> Set {
+    let path = fixtures().join("metrics/reference.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+    let mut reference: Reference = serde_json::from_str(&text).expect("parsing reference.json");
+    let set = reference
+        .sets
+        .remove("set1")
+        .expect("set1 in reference.json");
+    assert!(
+        set.references.iter().all(|r| r.len() == 5),
+        "set1 has 5 references per clip"
+    );
+    set
+}
+
+fn args(pred: &Path, refs: &Path, dir: &Path) -> EvalArgs {
+    EvalArgs {
+        pred: pred.to_path_buf(),
+        refs: refs.to_path_buf(),
+        out: Some(dir.join("out/metrics.json")),
+        per_clip: Some(dir.join("out/clip_scores.parquet")),
+        key_column: None,
+    }
+}
+
+fn write_csv(path: &Path, header: &[&str], rows: &[Vec<String>]) {
+    let mut w = csv::Writer::from_path(path).expect("creating CSV");
+    w.write_record(header).expect("writing CSV header");
+    for row in rows {
+        w.write_record(row).expect("writing CSV row");
+    }
+    w.flush().expect("flushing CSV");
+}
+
+/// Clotho layout: `clip_<i>.wav` for set1's clips, plus `unmatched_ref.wav`.
+fn clotho_refs(set: &Set, path: &Path) {
+    let mut rows: Vec<Vec<String>> = set
+        .references
+        .iter()
+        .enumerate()
+        .map(|(i, refs)| {
+            let mut row = vec![format!("clip_{i}.wav")];
+            row.extend(refs.iter().cloned());
+            row
+        })
+        .collect();
+    rows.push(
+        std::iter::once("unmatched_ref.wav".to_string())
+            .chain((0..5).map(|i| format!("a reference caption {i}")))
+            .collect(),
+    );
+    write_csv(
+        path,
+        &[
+            "file_name",
+            "caption_1",
+            "caption_2",
+            "caption_3",
+            "caption_4",
+            "caption_5",
+        ],
+        &rows,
+    );
+}
+
+/// Scores equal `score_corpus` on set1 and set1's reference scores.
+fn assert_set1_scores(outcome: &EvalOutcome, set: &Set) {
+    assert_eq!(outcome.pairs.len(), set.candidates.len());
+    let candidates: Vec<String> = outcome.pairs.iter().map(|p| p.candidate.clone()).collect();
+    let references: Vec<Vec<String>> = outcome.pairs.iter().map(|p| p.references.clone()).collect();
+    assert_eq!(candidates, set.candidates, "pairs in prediction order");
+    assert_eq!(references, set.references);
+    let direct = audiocap::eval::score_corpus(&set.candidates, &set.references).expect("scoring");
+    assert_eq!(outcome.scores, direct);
+    let ours = [
+        ("bleu_1", outcome.scores.bleu[0]),
+        ("bleu_2", outcome.scores.bleu[1]),
+        ("bleu_3", outcome.scores.bleu[2]),
+        ("bleu_4", outcome.scores.bleu[3]),
+        ("rouge_l", outcome.scores.rouge_l),
+        ("cider_d", outcome.scores.cider_d),
+    ];
+    for (metric, value) in ours {
+        let expected = set.scores[metric];
+        assert!(
+            (value - expected).abs() <= TOLERANCE,
+            "{metric}: ours {value} reference {expected}"
+        );
+        let json = outcome.metrics["scores"][metric]
+            .as_f64()
+            .unwrap_or_else(|| panic!("metrics.scores.{metric}"));
+        assert_eq!(json, value, "{metric} in metrics.json");
+    }
+}
+
+fn read_parquet(path: &Path) -> Vec<RecordBatch> {
+    let file = File::open(path).unwrap_or_else(|e| panic!("opening {}: {e}", path.display()));
+    ParquetRecordBatchReaderBuilder::try_new(file)
+        .expect("parquet reader")
+        .build()
+        .expect("parquet reader")
+        .collect::<Result<_, _>>()
+        .expect("reading batches")
+}
+
+fn strings(batch: &RecordBatch, column: &str) -> Vec<String> {
+    let array = batch
+        .column_by_name(column)
+        .unwrap_or_else(|| panic!("column {column}"));
+    let array = array
+        .as_any()
+        .downcast_ref::<StringArray>()
+        .expect("string column");
+    (0..array.len())
+        .map(|i| array.value(i).to_string())
+        .collect()
+}
+
+#[test]
+fn clotho_csv_references_with_csv_predictions() {
+    let set = set1();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refs = dir.path().join("clotho_eval.csv");
+    clotho_refs(&set, &refs);
+    // clip_0 by exact name, clip_1 without its extension (stem match), plus one orphan.
+    let pred = dir.path().join("pred.csv");
+    write_csv(
+        &pred,
+        &["file_name", "caption"],
+        &[
+            vec!["clip_0.wav".into(), set.candidates[0].clone()],
+            vec!["clip_1".into(), set.candidates[1].clone()],
+            vec!["orphan.wav".into(), "a dog barks".into()],
+        ],
+    );
+    let args = args(&pred, &refs, dir.path());
+    let outcome = run_eval(&args).expect("eval");
+
+    assert_eq!(outcome.layout, Layout::Clotho);
+    assert_set1_scores(&outcome, &set);
+    assert_eq!(outcome.counts.matched, 2);
+    assert_eq!(outcome.predictions_without_references, ["orphan.wav"]);
+    assert_eq!(
+        outcome.references_without_predictions,
+        ["unmatched_ref.wav"]
+    );
+    let report = outcome.report();
+    assert!(report.contains("Clotho"), "{report}");
+    assert!(report.contains("orphan.wav"), "{report}");
+    assert!(report.contains("unmatched_ref.wav"), "{report}");
+    assert!(report.contains("METEOR"), "{report}");
+    assert!(report.contains("CIDEr-D"), "{report}");
+
+    // metrics.json
+    let out = args.out.as_ref().expect("out path");
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out).expect("metrics.json"))
+            .expect("metrics.json parses");
+    // serde_json reads floats back to within an ulp, not always bit for bit.
+    assert_eq!(json["counts"], outcome.metrics["counts"]);
+    for (metric, value) in outcome.metrics["scores"].as_object().expect("scores") {
+        let (read, written) = (json["scores"][metric].as_f64(), value.as_f64());
+        let (Some(read), Some(written)) = (read, written) else {
+            panic!("scores.{metric} in metrics.json");
+        };
+        assert!(
+            (read - written).abs() <= 1e-12,
+            "{metric}: {read} vs {written}"
+        );
+    }
+    assert_eq!(json["counts"]["matched"], 2);
+    assert_eq!(json["counts"]["predictions_without_references"], 1);
+    assert_eq!(json["counts"]["references_without_predictions"], 1);
+    assert_eq!(
+        json["unmatched"]["predictions_without_references"][0],
+        "orphan.wav"
+    );
+    assert!(
+        json["layout"]
+            .as_str()
+            .is_some_and(|l| l.starts_with("Clotho"))
+    );
+    assert!(
+        json["unavailable"]["meteor"]
+            .as_str()
+            .is_some_and(|r| r.contains("Java"))
+    );
+    assert!(!out.with_extension("json.partial").exists());
+
+    // Per-clip Parquet
+    let per_clip = args.per_clip.as_ref().expect("per-clip path");
+    let batches = read_parquet(per_clip);
+    let rows: usize = batches.iter().map(RecordBatch::num_rows).sum();
+    assert_eq!(rows, 2);
+    let batch = &batches[0];
+    assert_eq!(strings(batch, "key"), ["clip_0.wav", "clip_1"]);
+    assert_eq!(strings(batch, "candidate"), set.candidates);
+    assert_eq!(
+        strings(batch, "references")[0],
+        set.references[0].join(audiocap::eval::report::REFERENCE_SEPARATOR)
+    );
+    let cider = batch
+        .column_by_name("cider_d")
+        .expect("cider_d")
+        .as_any()
+        .downcast_ref::<arrow_array::Float64Array>()
+        .expect("f64")
+        .value(1);
+    assert_eq!(cider, outcome.scores.per_clip[1].cider_d);
+    for c in ["bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l"] {
+        assert!(batch.column_by_name(c).is_some(), "{c}");
+    }
+}
+
+#[test]
+fn audiocaps_csv_references_with_captions_parquet_predictions() {
+    let set = set1();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let refs = dir.path().join("audiocaps_test.csv");
+    // Clip 0: audiocap_id 101, matched by `<youtube_id>_<start_time>`; clip 1: id 102,
+    // matched by `<audiocap_id>`; clip 103 has no prediction, clip 104 a failed one.
+    let mut rows = Vec::new();
+    let clips = [("101", "abc-DEF_12", "30"), ("102", "xyz", "0")];
+    for ((id, yt, start), refs) in clips.iter().zip(&set.references) {
+        for r in refs {
+            rows.push(vec![
+                id.to_string(),
+                yt.to_string(),
+                start.to_string(),
+                r.clone(),
+            ]);
+        }
+    }
+    rows.push(vec![
+        "103".into(),
+        "nopred".into(),
+        "10".into(),
+        "birds sing".into(),
+    ]);
+    rows.push(vec![
+        "104".into(),
+        "broken".into(),
+        "10".into(),
+        "a door shuts".into(),
+    ]);
+    write_csv(
+        &refs,
+        &["audiocap_id", "youtube_id", "start_time", "caption"],
+        &rows,
+    );
+
+    let pred = dir.path().join("captions.parquet");
+    let row = |uri: &str, segment: u32, caption: Option<&str>, error: Option<&str>| CaptionRow {
+        uri: uri.into(),
+        segment_index: segment,
+        caption: caption.map(str::to_string),
+        error: error.map(str::to_string),
+        model: "test@0".into(),
+        run_id: "run".into(),
+        ..Default::default()
+    };
+    let mut writer = CaptionFileWriter::create(&pred, vec![]).expect("writer");
+    writer
+        .write(&[
+            row(
+                "s3://bucket/audio/abc-DEF_12_30.wav",
+                1,
+                Some("not this segment"),
+                None,
+            ),
+            row(
+                "s3://bucket/audio/abc-DEF_12_30.wav",
+                0,
+                Some(&set.candidates[0]),
+                None,
+            ),
+            row("/data/102.flac", 0, Some(&set.candidates[1]), None),
+            row("/data/broken_10.wav", 0, None, Some("decoding failed")),
+            row("/data/unknown.wav", 0, Some("an engine idles"), None),
+        ])
+        .expect("write rows");
+    writer.finish().expect("finish");
+
+    let args = args(&pred, &refs, dir.path());
+    let outcome = run_eval(&args).expect("eval");
+    assert_eq!(outcome.layout, Layout::AudioCaps);
+    assert_set1_scores(&outcome, &set);
+    assert_eq!(outcome.counts.multi_segment_uris, 1);
+    assert_eq!(outcome.counts.failed_predictions, 1);
+    assert_eq!(outcome.failed_predictions[0].0, "broken_10.wav");
+    assert_eq!(outcome.predictions_without_references, ["unknown.wav"]);
+    // 104's prediction failed: it is reported as failed, not as missing.
+    assert_eq!(outcome.references_without_predictions, ["103"]);
+    let report = outcome.report();
+    assert!(report.contains("AudioCaps"), "{report}");
+    assert!(report.contains("segment 0"), "{report}");
+    assert!(report.contains("decoding failed"), "{report}");
+}
+
+#[test]
+fn generic_parquet_references_and_key_column() {
+    let set = set1();
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // Parquet: key `uri` (full paths), captions in `caption_a`, `caption_b`, ... with a
+    // null in one cell of an extra clip.
+    let refs = dir.path().join("refs.parquet");
+    let n_refs = 5;
+    let mut fields = vec![Field::new("uri", DataType::Utf8, false)];
+    let mut columns: Vec<ArrayRef> = vec![Arc::new(StringArray::from(vec![
+        "/corpus/clip_0.wav",
+        "/corpus/clip_1.wav",
+        "/corpus/other.wav",
+    ]))];
+    for j in 0..n_refs {
+        fields.push(Field::new(
+            format!("caption_{}", (b'a' + j as u8) as char),
+            DataType::Utf8,
+            true,
+        ));
+        let mut col: Vec<Option<String>> =
+            set.references.iter().map(|r| Some(r[j].clone())).collect();
+        col.push((j == 0).then(|| "wind blows".to_string()));
+        columns.push(Arc::new(StringArray::from(col)));
+    }
+    fields.push(Field::new("split", DataType::Utf8, false));
+    columns.push(Arc::new(StringArray::from(vec!["test"; 3])));
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(schema.clone(), columns).expect("batch");
+    let mut w =
+        ArrowWriter::try_new(File::create(&refs).expect("create"), schema, None).expect("writer");
+    w.write(&batch).expect("write");
+    w.close().expect("close");
+
+    let pred = dir.path().join("pred.csv");
+    write_csv(
+        &pred,
+        &["file_name", "caption"],
+        &[
+            vec!["clip_0.flac".into(), set.candidates[0].clone()],
+            vec!["clip_1.wav".into(), set.candidates[1].clone()],
+        ],
+    );
+    let outcome = run_eval(&args(&pred, &refs, dir.path())).expect("eval generic parquet");
+    match &outcome.layout {
+        Layout::Generic { key, captions } => {
+            assert_eq!(key, "uri");
+            assert_eq!(captions.len(), n_refs);
+        }
+        other => panic!("layout {other:?}"),
+    }
+    assert_set1_scores(&outcome, &set);
+    assert_eq!(outcome.references_without_predictions, ["other.wav"]);
+
+    // CSV with a named key column and one caption per row.
+    let refs = dir.path().join("long.csv");
+    let mut rows = Vec::new();
+    for (i, refs) in set.references.iter().enumerate() {
+        for r in refs {
+            rows.push(vec![format!("clip_{i}"), r.clone(), "x".into()]);
+        }
+    }
+    write_csv(&refs, &["clip", "caption", "note"], &rows);
+    let mut a = args(&pred, &refs, dir.path());
+    a.key_column = Some("clip".into());
+    let outcome = run_eval(&a).expect("eval with --key-column");
+    assert!(matches!(&outcome.layout, Layout::Generic { key, .. } if key == "clip"));
+    assert_set1_scores(&outcome, &set);
+}
+
+#[test]
+fn bad_inputs_give_clear_errors() {
+    let set = set1();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let pred = dir.path().join("pred.csv");
+    write_csv(
+        &pred,
+        &["file_name", "caption"],
+        &[vec!["clip_0.wav".into(), set.candidates[0].clone()]],
+    );
+
+    // No caption columns: the message says what is missing and lists what was found.
+    let refs = dir.path().join("bad.csv");
+    write_csv(
+        &refs,
+        &["file_name", "text"],
+        &[vec!["clip_0.wav".into(), "x".into()]],
+    );
+    let err = format!(
+        "{:#}",
+        run_eval(&args(&pred, &refs, dir.path())).unwrap_err()
+    );
+    assert!(err.contains("caption column"), "{err}");
+    assert!(err.contains("found columns: [file_name, text]"), "{err}");
+    assert!(err.contains("bad.csv"), "{err}");
+
+    // No key column.
+    write_csv(
+        &refs,
+        &["name", "caption"],
+        &[vec!["clip_0.wav".into(), "x".into()]],
+    );
+    let err = format!(
+        "{:#}",
+        run_eval(&args(&pred, &refs, dir.path())).unwrap_err()
+    );
+    assert!(err.contains("key column"), "{err}");
+    assert!(err.contains("found columns: [name, caption]"), "{err}");
+
+    // Predictions without a caption column.
+    let bad_pred = dir.path().join("bad_pred.csv");
+    write_csv(
+        &bad_pred,
+        &["file_name", "text"],
+        &[vec!["a.wav".into(), "x".into()]],
+    );
+    let refs = dir.path().join("clotho.csv");
+    clotho_refs(&set, &refs);
+    let err = format!(
+        "{:#}",
+        run_eval(&args(&bad_pred, &refs, dir.path())).unwrap_err()
+    );
+    assert!(err.contains("predictions"), "{err}");
+    assert!(err.contains("found columns: [file_name, text]"), "{err}");
+
+    // Nothing matches: a clear error, and no output files.
+    let orphan = dir.path().join("orphan.csv");
+    write_csv(
+        &orphan,
+        &["file_name", "caption"],
+        &[vec!["zzz.wav".into(), "x".into()]],
+    );
+    let a = args(&orphan, &refs, dir.path());
+    let err = format!("{:#}", run_eval(&a).unwrap_err());
+    assert!(err.contains("no prediction matched"), "{err}");
+    assert!(err.contains("zzz.wav"), "{err}");
+    assert!(!a.out.as_deref().is_some_and(Path::exists));
+}
