@@ -139,26 +139,31 @@ pub enum OutputError {
     },
 }
 
-/// A Parquet file of captions, written under `<name>.partial` and renamed to its
-/// final name by [`CaptionFileWriter::finish`].
-pub struct CaptionFileWriter {
+/// A zstd Parquet file of any schema, written under `<name>.partial` and renamed to
+/// its final name by [`ParquetFileWriter::finish`], so a reader never sees half a file.
+pub struct ParquetFileWriter {
     path: PathBuf,
     staging: PathBuf,
     writer: ArrowWriter<File>,
     rows: usize,
 }
 
-impl CaptionFileWriter {
-    /// `metadata`: key/value pairs stored in the file footer (the model manifest, the
-    /// command or pipeline that produced it).
-    pub fn create(path: &Path, metadata: Vec<(String, String)>) -> Result<Self, OutputError> {
+impl ParquetFileWriter {
+    /// `metadata`: key/value pairs stored in the file footer.
+    pub fn create(
+        path: &Path,
+        schema: SchemaRef,
+        metadata: Vec<(String, String)>,
+    ) -> Result<Self, OutputError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| OutputError::Io {
                 path: parent.to_path_buf(),
                 source,
             })?;
         }
-        let staging = path.with_extension("parquet.partial");
+        let mut staging = path.as_os_str().to_owned();
+        staging.push(".partial");
+        let staging = PathBuf::from(staging);
         let file = File::create(&staging).map_err(|source| OutputError::Io {
             path: staging.clone(),
             source,
@@ -172,7 +177,7 @@ impl CaptionFileWriter {
                     .collect(),
             ))
             .build();
-        let writer = ArrowWriter::try_new(file, schema(), Some(props)).map_err(|source| {
+        let writer = ArrowWriter::try_new(file, schema, Some(props)).map_err(|source| {
             OutputError::Parquet {
                 path: staging.clone(),
                 source,
@@ -186,21 +191,14 @@ impl CaptionFileWriter {
         })
     }
 
-    pub fn write(&mut self, rows: &[CaptionRow]) -> Result<(), OutputError> {
-        if rows.is_empty() {
-            return Ok(());
-        }
-        let batch = to_record_batch(rows).map_err(|source| OutputError::Arrow {
-            path: self.staging.clone(),
-            source,
-        })?;
+    pub fn write_batch(&mut self, batch: &RecordBatch) -> Result<(), OutputError> {
         self.writer
-            .write(&batch)
+            .write(batch)
             .map_err(|source| OutputError::Parquet {
                 path: self.staging.clone(),
                 source,
             })?;
-        self.rows += rows.len();
+        self.rows += batch.num_rows();
         Ok(())
     }
 
@@ -219,6 +217,41 @@ impl CaptionFileWriter {
             source,
         })?;
         Ok(self.path)
+    }
+}
+
+/// The captions table as a [`ParquetFileWriter`] of [`schema`].
+pub struct CaptionFileWriter {
+    file: ParquetFileWriter,
+}
+
+impl CaptionFileWriter {
+    /// `metadata`: key/value pairs stored in the file footer (the model manifest, the
+    /// command or pipeline that produced it).
+    pub fn create(path: &Path, metadata: Vec<(String, String)>) -> Result<Self, OutputError> {
+        Ok(Self {
+            file: ParquetFileWriter::create(path, schema(), metadata)?,
+        })
+    }
+
+    pub fn write(&mut self, rows: &[CaptionRow]) -> Result<(), OutputError> {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        let batch = to_record_batch(rows).map_err(|source| OutputError::Arrow {
+            path: self.file.staging.clone(),
+            source,
+        })?;
+        self.file.write_batch(&batch)
+    }
+
+    pub fn rows(&self) -> usize {
+        self.file.rows()
+    }
+
+    /// Closes the file and renames it into place.
+    pub fn finish(self) -> Result<PathBuf, OutputError> {
+        self.file.finish()
     }
 }
 

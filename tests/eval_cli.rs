@@ -4,7 +4,6 @@
 //! `metrics/reference.json` (set1); the join report, `metrics.json` and the per-clip
 //! Parquet file.
 
-use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::Path;
 use std::sync::Arc;
@@ -16,23 +15,10 @@ use audiocap::eval::files::Layout;
 use audiocap::output::{CaptionFileWriter, CaptionRow};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
-use serde::Deserialize;
 
-use crate::common::fixtures;
+use crate::common::{MetricsReference as Reference, MetricsSet as Set, fixtures};
 
 const TOLERANCE: f64 = 1e-6;
-
-#[derive(Deserialize)]
-struct Reference {
-    sets: BTreeMap<String, Set>,
-}
-
-#[derive(Deserialize)]
-struct Set {
-    candidates: Vec<String>,
-    references: Vec<Vec<String>>,
-    scores: BTreeMap<String, f64>,
-}
 
 fn set1() -> Set {
     let path = fixtures().join("metrics/reference.json");

@@ -3,21 +3,7 @@
 
 use std::collections::BTreeMap;
 
-use serde::Deserialize;
-
-use crate::common::fixtures;
-
-#[derive(Deserialize)]
-struct Reference {
-    sets: BTreeMap<String, Set>,
-}
-
-#[derive(Deserialize)]
-struct Set {
-    candidates: Vec<String>,
-    references: Vec<Vec<String>>,
-    scores: BTreeMap<String, f64>,
-}
+use crate::common::{MetricsReference as Reference, fixtures};
 
 const TOLERANCE: f64 = 1e-6;
 

@@ -10,12 +10,10 @@ use std::sync::Arc;
 use arrow_array::builder::{Float64Builder, StringBuilder};
 use arrow_array::{ArrayRef, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
-use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
-use parquet::file::properties::WriterProperties;
 
 use super::CorpusScores;
 use super::files::Pair;
+use crate::output::ParquetFileWriter;
 
 /// Separator between the reference captions in the per-clip file's `references` column.
 pub const REFERENCE_SEPARATOR: &str = " | ";
@@ -44,11 +42,8 @@ pub enum ReportError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{}: {source}", path.display())]
-    Parquet {
-        path: PathBuf,
-        source: parquet::errors::ParquetError,
-    },
+    #[error(transparent)]
+    Output(#[from] crate::output::OutputError),
     #[error("{}: {source}", path.display())]
     Arrow {
         path: PathBuf,
@@ -113,7 +108,6 @@ pub fn write_per_clip(
     pairs: &[Pair],
     scores: &CorpusScores,
 ) -> Result<(), ReportError> {
-    let staging = staging_name(path);
     let n = pairs.len();
     let mut key = StringBuilder::with_capacity(n, n * 24);
     let mut reference_key = StringBuilder::with_capacity(n, n * 24);
@@ -150,18 +144,10 @@ pub fn write_per_clip(
             path: path.to_path_buf(),
             source,
         })?;
-    let file = create(&staging)?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build();
-    let pq_err = |source| ReportError::Parquet {
-        path: staging.clone(),
-        source,
-    };
-    let mut writer = ArrowWriter::try_new(file, per_clip_schema(), Some(props)).map_err(pq_err)?;
-    writer.write(&batch).map_err(pq_err)?;
-    writer.close().map_err(pq_err)?;
-    rename(&staging, path)
+    let mut writer = ParquetFileWriter::create(path, per_clip_schema(), Vec::new())?;
+    writer.write_batch(&batch)?;
+    writer.finish()?;
+    Ok(())
 }
 
 /// Writes `value` as pretty JSON.

@@ -126,3 +126,16 @@ pub fn check_tokens(label: &str, got: &[u32], reference: &serde_json::Value) -> 
     assert_eq!(got.len(), want.len(), "{label}: length");
     strict
 }
+
+/// `metrics/reference.json`: candidate/reference sets and the reference code's scores.
+#[derive(serde::Deserialize)]
+pub struct MetricsReference {
+    pub sets: std::collections::BTreeMap<String, MetricsSet>,
+}
+
+#[derive(serde::Deserialize)]
+pub struct MetricsSet {
+    pub candidates: Vec<String>,
+    pub references: Vec<Vec<String>>,
+    pub scores: std::collections::BTreeMap<String, f64>,
+}
