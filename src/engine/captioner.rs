@@ -240,19 +240,31 @@ fn caption_batch(
     batch: &[Prepared],
     params: &GenerationParams,
 ) -> Vec<CaptionRow> {
-    let inputs: Vec<(&[f32], usize)> = batch
+    let segments: Vec<(&CaptionRow, &[f32], usize)> = batch
         .iter()
-        .map(|s| (s.fbank.as_slice(), s.frames))
+        .map(|s| (&s.row, s.fbank.as_slice(), s.frames))
         .collect();
+    caption_segments(model, &segments, params)
+}
+
+/// Captions segments given as (row so far, fbank frames, number of frames): the
+/// rows come back completed with caption, score and token count, or with the error
+/// that stopped them (an engine failure is the error of every row in the batch).
+pub fn caption_segments(
+    model: &mut OnnxModel,
+    segments: &[(&CaptionRow, &[f32], usize)],
+    params: &GenerationParams,
+) -> Vec<CaptionRow> {
+    let inputs: Vec<(&[f32], usize)> = segments.iter().map(|s| (s.1, s.2)).collect();
     let result = model
         .encode(&inputs)
         .and_then(|audio| generate(model, &audio, params));
     let stamp = now_us();
     match result {
-        Ok(generated) => batch
+        Ok(generated) => segments
             .iter()
             .zip(generated)
-            .map(|(seg, g)| {
+            .map(|(&(row, _, _), g)| {
                 let text = model
                     .tokenizer
                     .decode(&g.token_ids, true)
@@ -263,22 +275,22 @@ fn caption_batch(
                         score: Some(g.score),
                         num_tokens: Some(g.token_ids.len() as u32),
                         processed_at_us: stamp,
-                        ..seg.row.clone()
+                        ..row.clone()
                     },
                     Err(e) => CaptionRow {
                         error: Some(format!("decoding tokens to text: {e}")),
                         processed_at_us: stamp,
-                        ..seg.row.clone()
+                        ..row.clone()
                     },
                 }
             })
             .collect(),
-        Err(e) => batch
+        Err(e) => segments
             .iter()
-            .map(|seg| CaptionRow {
+            .map(|&(row, _, _)| CaptionRow {
                 error: Some(format!("model: {e}")),
                 processed_at_us: stamp,
-                ..seg.row.clone()
+                ..row.clone()
             })
             .collect(),
     }

@@ -1,0 +1,784 @@
+//! Pipeline files: the TOML a user copies from `pipelines/` and edits.
+//!
+//! Loading is in three steps so that a bad file gets every problem listed at once:
+//! 1. the TOML is parsed and `--set section.key=value` overrides are applied;
+//! 2. every key of every section is deserialised on its own (all fields have
+//!    defaults), so each unknown key or wrong type is its own problem instead of
+//!    serde stopping at the first one;
+//! 3. [`PipelineConfig::validate`] checks values and combinations without any I/O.
+//!
+//! Relative local paths in a pipeline file are relative to the working directory
+//! the run starts in (as for every other command), not to the file.
+
+use std::fmt;
+use std::path::Path;
+
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Serialize};
+
+use crate::audio::segment::SegmentConfig;
+use crate::engine::runtime::DeviceSpec;
+
+/// A whole pipeline file.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PipelineConfig {
+    /// The exported model that writes the captions.
+    pub model: ModelSection,
+    /// Which audio to caption.
+    pub input: InputSection,
+    /// Object-storage client settings (endpoints, regions, retries).
+    pub storage: crate::storage::StorageOptions,
+    /// How long recordings are cut into windows.
+    pub segments: SegmentConfig,
+    /// How segments are grouped for the encoder and decoder.
+    pub batching: BatchingSection,
+    /// How captions are generated.
+    pub generation: GenerationSection,
+    /// Threads and concurrency of the stages before the model.
+    pub workers: WorkersSection,
+    /// Where and how the Parquet dataset is written.
+    pub output: OutputSection,
+    /// Sharding, resume and exit-code policy.
+    pub run: RunSection,
+    /// Progress display and log format.
+    pub logging: LoggingSection,
+}
+
+/// `[model]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelSection {
+    /// Exported model directory (`audiocap export` output, containing `model.json`).
+    pub path: String,
+    /// `cpu`, `cuda` or `cuda:N`. CUDA never falls back to the CPU silently.
+    pub device: String,
+    /// Threads inside each ONNX operator; unset lets ONNX Runtime choose.
+    pub intra_threads: Option<usize>,
+}
+
+impl Default for ModelSection {
+    fn default() -> Self {
+        Self {
+            path: String::new(),
+            device: "cpu".to_string(),
+            intra_threads: None,
+        }
+    }
+}
+
+/// `[input]`
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct InputSection {
+    /// Files, folders (walked recursively), globs (`/data/**/*.flac`,
+    /// `s3://bucket/audio/*.wav`) and URLs (`s3://`, `gs://`, `az://`, `http(s)://`).
+    pub sources: Vec<String>,
+    /// Manifest files (Parquet, CSV or JSON lines) with one input URI per row.
+    pub manifests: Vec<String>,
+    /// Column of the manifests that holds the URIs (default: `uri`, then `path`,
+    /// then `file_name`).
+    pub manifest_column: Option<String>,
+    /// Only inputs whose key (relative to the listed folder or prefix) matches one of
+    /// these globs are taken; empty takes all.
+    pub include: Vec<String>,
+    /// Inputs whose key matches one of these globs are skipped.
+    pub exclude: Vec<String>,
+    /// File extensions taken when listing folders and prefixes (default: the common
+    /// audio extensions). Explicit files and manifest entries are taken as given.
+    pub extensions: Option<Vec<String>>,
+}
+
+/// `[batching]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchingSection {
+    /// Segments per encoder/decoder batch.
+    pub batch_size: usize,
+    /// Batches queued for the model beyond the one it is running. More keeps the
+    /// model busy through bursts; fewer holds less memory.
+    pub max_inflight_batches: usize,
+    /// Segments are sorted by length within a pool of this many batches, so a batch
+    /// holds similar lengths and little padding.
+    pub sort_pool_batches: usize,
+}
+
+impl Default for BatchingSection {
+    fn default() -> Self {
+        Self {
+            batch_size: 16,
+            max_inflight_batches: 2,
+            sort_pool_batches: 4,
+        }
+    }
+}
+
+/// `[generation]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct GenerationSection {
+    /// Cap on generated tokens per caption; unset uses the model manifest's.
+    pub max_new_tokens: Option<usize>,
+    /// Beam search width; 1 is greedy decoding.
+    pub beams: usize,
+}
+
+impl Default for GenerationSection {
+    fn default() -> Self {
+        Self {
+            max_new_tokens: None,
+            beams: 1,
+        }
+    }
+}
+
+/// `[workers]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WorkersSection {
+    /// Threads decoding, resampling and computing fbanks; unset uses every core.
+    pub decode_threads: Option<usize>,
+    /// Objects fetched concurrently from storage.
+    pub fetch_concurrency: usize,
+    /// Objects up to this size are fetched into memory; larger ones are spooled to a
+    /// temporary file so memory does not grow with object size.
+    pub max_in_memory_mb: u64,
+}
+
+impl Default for WorkersSection {
+    fn default() -> Self {
+        Self {
+            decode_threads: None,
+            fetch_concurrency: 16,
+            max_in_memory_mb: 64,
+        }
+    }
+}
+
+/// `[output]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct OutputSection {
+    /// Dataset folder: a local path or an object-store URL (`s3://bucket/captions/`).
+    pub uri: String,
+    /// A part file is closed and committed once it reaches about this size.
+    pub target_part_mb: u64,
+    /// A part file is closed once it holds this many rows.
+    pub max_rows_per_part: usize,
+    /// An open part is committed at least this often, so a killed run loses at most
+    /// this much work.
+    pub commit_interval_seconds: f64,
+}
+
+impl Default for OutputSection {
+    fn default() -> Self {
+        Self {
+            uri: String::new(),
+            target_part_mb: 128,
+            max_rows_per_part: 1_000_000,
+            commit_interval_seconds: 60.0,
+        }
+    }
+}
+
+/// `[run]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunSection {
+    /// This process's shard, 0-based. Unset: from `JOB_COMPLETION_INDEX`,
+    /// `AWS_BATCH_JOB_ARRAY_INDEX` or `SLURM_ARRAY_TASK_ID`, else 0.
+    pub shard_index: Option<u32>,
+    /// Number of shards. Unset: from `AWS_BATCH_JOB_ARRAY_SIZE` or
+    /// `SLURM_ARRAY_TASK_COUNT`, else 1.
+    pub shard_count: Option<u32>,
+    /// Skip inputs already committed to the output dataset.
+    pub resume: bool,
+    /// Exit with code 3 when more than this fraction of the inputs failed (each
+    /// failure is still a row with an error). 0 flags any failure.
+    pub max_failed_fraction: f64,
+    /// Stop after this many new inputs (for trials); unset takes all.
+    pub limit: Option<u64>,
+}
+
+impl Default for RunSection {
+    fn default() -> Self {
+        Self {
+            shard_index: None,
+            shard_count: None,
+            resume: true,
+            max_failed_fraction: 0.0,
+            limit: None,
+        }
+    }
+}
+
+/// How progress is shown.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ProgressMode {
+    /// A bar on a terminal, periodic lines otherwise.
+    #[default]
+    Auto,
+    /// Always a bar.
+    Bar,
+    /// Always periodic log lines.
+    Lines,
+    /// Only the final summary.
+    Off,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// `[logging]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoggingSection {
+    /// `auto`, `bar`, `lines` or `off`.
+    pub progress: ProgressMode,
+    /// `text` or `json` (one JSON object per line, for log collectors).
+    pub format: LogFormat,
+    /// `error`, `warn`, `info`, `debug` or `trace`, or a `tracing` filter directive
+    /// such as `audiocap=debug`. `RUST_LOG` overrides it.
+    pub level: String,
+    /// Seconds between progress lines when not on a terminal.
+    pub interval_seconds: f64,
+}
+
+impl Default for LoggingSection {
+    fn default() -> Self {
+        Self {
+            progress: ProgressMode::Auto,
+            format: LogFormat::Text,
+            level: "info".to_string(),
+            interval_seconds: 30.0,
+        }
+    }
+}
+
+/// One thing wrong with a pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigProblem {
+    /// `section.key`, `section` or `--set` (empty for the file as a whole).
+    pub at: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigProblem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.at.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.at, self.message)
+        }
+    }
+}
+
+/// Every problem found in one pipeline file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigErrors {
+    /// The file as given.
+    pub file: String,
+    pub problems: Vec<ConfigProblem>,
+}
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}: {} problem{}",
+            self.file,
+            self.problems.len(),
+            if self.problems.len() == 1 { "" } else { "s" }
+        )?;
+        for p in &self.problems {
+            write!(f, "\n  - {p}")?;
+        }
+        Ok(())
+    }
+}
+
+fn problem(at: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
+    ConfigProblem {
+        at: at.into(),
+        message: message.into(),
+    }
+}
+
+impl PipelineConfig {
+    /// Reads, overrides and validates a pipeline file.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigErrors> {
+        let file = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+            file: file.clone(),
+            problems: vec![problem("", format!("cannot read the file: {e}"))],
+        })?;
+        Self::parse(&text, &file, overrides)
+    }
+
+    /// [`PipelineConfig::load`] on text already read; `file` names it in messages.
+    pub fn parse(text: &str, file: &str, overrides: &[String]) -> Result<Self, ConfigErrors> {
+        let fail = |problems| ConfigErrors {
+            file: file.to_string(),
+            problems,
+        };
+        let mut table: toml::Table = toml::from_str(text)
+            .map_err(|e| fail(vec![problem("", format!("not valid TOML: {e}"))]))?;
+        let mut problems = Vec::new();
+        for o in overrides {
+            if let Err(p) = apply_override(&mut table, o) {
+                problems.push(p);
+            }
+        }
+        problems.extend(check_keys(&table));
+        if !problems.is_empty() {
+            return Err(fail(problems));
+        }
+        let config: PipelineConfig = toml::Value::Table(table)
+            .try_into()
+            .map_err(|e: toml::de::Error| fail(vec![problem("", e.message().to_string())]))?;
+        config.validate().map_err(fail)?;
+        Ok(config)
+    }
+
+    /// Checks values and their combinations; every problem at once. No I/O.
+    pub fn validate(&self) -> Result<(), Vec<ConfigProblem>> {
+        let mut p = Vec::new();
+        if self.model.path.trim().is_empty() {
+            p.push(problem(
+                "model.path",
+                "missing: the exported model directory (from `audiocap export`)",
+            ));
+        }
+        if let Err(e) = self.model.device.parse::<DeviceSpec>() {
+            p.push(problem("model.device", e.to_string()));
+        }
+        if self.model.intra_threads == Some(0) {
+            p.push(problem(
+                "model.intra_threads",
+                "must be >= 1 (leave it unset for ONNX Runtime's default)",
+            ));
+        }
+
+        if self.input.sources.is_empty() && self.input.manifests.is_empty() {
+            p.push(problem(
+                "input",
+                "nothing to caption: give `sources` (files, folders, globs, URLs) or \
+                 `manifests`",
+            ));
+        }
+        for (i, s) in self.input.sources.iter().enumerate() {
+            if let Err(e) = check_location(s) {
+                p.push(problem(format!("input.sources[{i}]"), e));
+            }
+        }
+        for (i, s) in self.input.manifests.iter().enumerate() {
+            if let Err(e) = check_location(s) {
+                p.push(problem(format!("input.manifests[{i}]"), e));
+            }
+        }
+        for (key, patterns) in [
+            ("input.include", &self.input.include),
+            ("input.exclude", &self.input.exclude),
+        ] {
+            for (i, pat) in patterns.iter().enumerate() {
+                if let Err(e) = globset::Glob::new(pat) {
+                    p.push(problem(format!("{key}[{i}]"), format!("bad glob: {e}")));
+                }
+            }
+        }
+        if let Some(ext) = &self.input.extensions {
+            if ext.is_empty() {
+                p.push(problem(
+                    "input.extensions",
+                    "empty: no listed file would be taken (remove the key for the default)",
+                ));
+            }
+            for (i, e) in ext.iter().enumerate() {
+                if e.is_empty() || e.contains(['/', '.', '*']) {
+                    p.push(problem(
+                        format!("input.extensions[{i}]"),
+                        format!("`{e}` is not a bare extension (write `flac`, not `.flac`)"),
+                    ));
+                }
+            }
+        }
+        if let Some(endpoint) = &self.storage.endpoint
+            && url::Url::parse(endpoint).is_err()
+        {
+            p.push(problem(
+                "storage.endpoint",
+                "not a URL (e.g. http://127.0.0.1:9000)",
+            ));
+        }
+        for (key, value) in [
+            ("storage.timeout_secs", self.storage.timeout_secs),
+            ("storage.connect_timeout_secs", self.storage.connect_timeout_secs),
+        ] {
+            if value == Some(0) {
+                p.push(problem(key, "must be >= 1 second"));
+            }
+        }
+
+        if let Err(errors) = self.segments.validate() {
+            for e in errors {
+                p.push(problem("segments", e));
+            }
+        }
+        if self.segments.window_seconds > self.segments.max_seconds {
+            p.push(problem(
+                "segments",
+                format!(
+                    "window_seconds ({}) is longer than max_seconds ({}): recordings \
+                     just over max_seconds would not be cut",
+                    self.segments.window_seconds, self.segments.max_seconds
+                ),
+            ));
+        }
+        if self.segments.hop_seconds > self.segments.window_seconds {
+            p.push(problem(
+                "segments.hop_seconds",
+                format!(
+                    "{} is longer than window_seconds ({}): audio between windows would \
+                     never be captioned",
+                    self.segments.hop_seconds, self.segments.window_seconds
+                ),
+            ));
+        }
+
+        if self.batching.batch_size == 0 {
+            p.push(problem("batching.batch_size", "must be >= 1"));
+        }
+        if self.batching.max_inflight_batches == 0 {
+            p.push(problem("batching.max_inflight_batches", "must be >= 1"));
+        }
+        if self.batching.sort_pool_batches == 0 {
+            p.push(problem("batching.sort_pool_batches", "must be >= 1"));
+        }
+        if self.generation.beams == 0 {
+            p.push(problem("generation.beams", "must be >= 1 (1 is greedy)"));
+        }
+        if self.generation.max_new_tokens == Some(0) {
+            p.push(problem("generation.max_new_tokens", "must be >= 1"));
+        }
+        if self.workers.decode_threads == Some(0) {
+            p.push(problem(
+                "workers.decode_threads",
+                "must be >= 1 (leave it unset for one per core)",
+            ));
+        }
+        if self.workers.fetch_concurrency == 0 {
+            p.push(problem("workers.fetch_concurrency", "must be >= 1"));
+        }
+
+        if self.output.uri.trim().is_empty() {
+            p.push(problem(
+                "output.uri",
+                "missing: a local folder or an object-store URL for the dataset",
+            ));
+        } else if let Err(e) = check_location(&self.output.uri) {
+            p.push(problem("output.uri", e));
+        } else if self.output.uri.contains(['*', '?', '[']) {
+            p.push(problem("output.uri", "must be a folder, not a glob"));
+        }
+        if self.output.target_part_mb == 0 {
+            p.push(problem("output.target_part_mb", "must be >= 1"));
+        }
+        if self.output.max_rows_per_part == 0 {
+            p.push(problem("output.max_rows_per_part", "must be >= 1"));
+        }
+        if !(self.output.commit_interval_seconds.is_finite()
+            && self.output.commit_interval_seconds > 0.0)
+        {
+            p.push(problem(
+                "output.commit_interval_seconds",
+                format!(
+                    "must be a positive number of seconds, got {}",
+                    self.output.commit_interval_seconds
+                ),
+            ));
+        }
+
+        match (self.run.shard_index, self.run.shard_count) {
+            (_, Some(0)) => p.push(problem("run.shard_count", "must be >= 1")),
+            (Some(i), Some(n)) if i >= n => p.push(problem(
+                "run.shard_index",
+                format!("{i} is not below shard_count {n} (indices are 0-based)"),
+            )),
+            _ => {}
+        }
+        if !(0.0..=1.0).contains(&self.run.max_failed_fraction) {
+            p.push(problem(
+                "run.max_failed_fraction",
+                format!(
+                    "must be between 0 and 1, got {}",
+                    self.run.max_failed_fraction
+                ),
+            ));
+        }
+        if !(self.logging.interval_seconds.is_finite() && self.logging.interval_seconds > 0.0) {
+            p.push(problem(
+                "logging.interval_seconds",
+                "must be a positive number of seconds",
+            ));
+        }
+        if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
+            p.push(problem(
+                "logging.level",
+                format!(
+                    "`{}` is not a level (error, warn, info, debug, trace) or a filter \
+                     directive",
+                    self.logging.level
+                ),
+            ));
+        }
+        if p.is_empty() { Ok(()) } else { Err(p) }
+    }
+
+    /// The configuration as TOML (with every default filled in), for the dataset's
+    /// metadata and the run summary.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|e| format!("# not serialisable: {e}"))
+    }
+}
+
+/// URL schemes a location may have (see `storage::Location::parse`).
+const SCHEMES: &[&str] = &[
+    "file", "s3", "s3a", "gs", "az", "azure", "adl", "abfs", "abfss", "http", "https",
+];
+
+/// Checks the form of a local path or URL without touching it.
+fn check_location(spec: &str) -> Result<(), String> {
+    let spec = spec.trim();
+    if spec.is_empty() {
+        return Err("empty".into());
+    }
+    // `C:\x` and `./a:b` are paths; a scheme is letters before `://`.
+    let Some((scheme, _)) = spec.split_once("://") else {
+        return Ok(());
+    };
+    if !scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) {
+        return Ok(());
+    }
+    let scheme = scheme.to_ascii_lowercase();
+    if !SCHEMES.contains(&scheme.as_str()) {
+        return Err(format!(
+            "unsupported scheme `{scheme}://` (supported: {}, or a local path)",
+            SCHEMES.join(", ")
+        ));
+    }
+    let url = url::Url::parse(spec).map_err(|e| format!("not a valid URL: {e}"))?;
+    if scheme != "file" && url.host_str().is_none_or(str::is_empty) {
+        return Err(format!(
+            "`{scheme}://` needs a bucket, container or host (e.g. {scheme}://name/prefix/)"
+        ));
+    }
+    Ok(())
+}
+
+/// Applies one `section.key=value` override. The value is read as TOML (`8`,
+/// `true`, `"text"`, `["a", "b"]`); anything that is not valid TOML is a string, so
+/// `--set output.uri=s3://bucket/x` works without quotes.
+fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigProblem> {
+    let at = format!("--set {spec}");
+    let Some((path, raw)) = spec.split_once('=') else {
+        return Err(problem(at, "expected section.key=value"));
+    };
+    let keys: Vec<&str> = path.trim().split('.').map(str::trim).collect();
+    if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
+        return Err(problem(
+            at,
+            "expected section.key=value (e.g. batching.batch_size=32)",
+        ));
+    }
+    let raw = raw.trim();
+    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
+        .ok()
+        .and_then(|mut t| t.remove("v"))
+        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
+    let mut node = table;
+    for key in &keys[..keys.len() - 1] {
+        let entry = node
+            .entry(key.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        node = match entry {
+            toml::Value::Table(t) => t,
+            _ => return Err(problem(at, format!("`{key}` is not a section"))),
+        };
+    }
+    node.insert(keys[keys.len() - 1].to_string(), value);
+    Ok(())
+}
+
+/// Deserialises every key of every section on its own, so that each unknown key and
+/// each wrong type is reported, not only the first.
+fn check_keys(table: &toml::Table) -> Vec<ConfigProblem> {
+    let mut problems = Vec::new();
+    for (section, value) in table {
+        let check: fn(&str, &toml::Table) -> Vec<ConfigProblem> = match section.as_str() {
+            "model" => check_section::<ModelSection>,
+            "input" => check_section::<InputSection>,
+            "storage" => check_section::<crate::storage::StorageOptions>,
+            "segments" => check_section::<SegmentConfig>,
+            "batching" => check_section::<BatchingSection>,
+            "generation" => check_section::<GenerationSection>,
+            "workers" => check_section::<WorkersSection>,
+            "output" => check_section::<OutputSection>,
+            "run" => check_section::<RunSection>,
+            "logging" => check_section::<LoggingSection>,
+            other => {
+                problems.push(problem(
+                    other,
+                    format!("unknown section `[{other}]`; expected one of {SECTIONS}"),
+                ));
+                continue;
+            }
+        };
+        match value {
+            toml::Value::Table(t) => problems.extend(check(section, t)),
+            _ => problems.push(problem(
+                section.as_str(),
+                format!("must be a table (`[{section}]`)"),
+            )),
+        }
+    }
+    problems
+}
+
+const SECTIONS: &str =
+    "model, input, storage, segments, batching, generation, workers, output, run, logging";
+
+fn check_section<T: DeserializeOwned>(section: &str, table: &toml::Table) -> Vec<ConfigProblem> {
+    table
+        .iter()
+        .filter_map(|(key, value)| {
+            let mut one = toml::Table::new();
+            one.insert(key.clone(), value.clone());
+            toml::Value::Table(one)
+                .try_into::<T>()
+                .err()
+                .map(|e| problem(format!("{section}.{key}"), e.message().trim().to_string()))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        [model]
+        path = "models/tiny"
+        [input]
+        sources = ["audio/"]
+        [output]
+        uri = "out/"
+    "#;
+
+    #[test]
+    fn a_minimal_file_fills_defaults() {
+        let c = PipelineConfig::parse(MINIMAL, "m.toml", &[]).unwrap();
+        assert_eq!(c.model.device, "cpu");
+        assert_eq!(c.batching.batch_size, 16);
+        assert!(c.run.resume);
+        assert_eq!(c.segments, SegmentConfig::default());
+    }
+
+    #[test]
+    fn every_problem_is_listed_at_once() {
+        let text = r#"
+            [model]
+            path = ""
+            device = "tpu"
+            colour = "blue"
+            [input]
+            sources = []
+            include = ["a[b"]
+            [batching]
+            batch_size = 0
+            max_inflight_batches = "two"
+            [segments]
+            window_seconds = 5.0
+            hop_seconds = 6.0
+            [output]
+            uri = "out/"
+            commit_interval_seconds = -1
+            [run]
+            shard_index = 4
+            shard_count = 4
+            [nonsense]
+            x = 1
+        "#;
+        let err = PipelineConfig::parse(text, "bad.toml", &[]).unwrap_err();
+        let at: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
+        // Key-level problems (unknown keys, wrong types) come first and stop before
+        // the value checks, which need a typed config.
+        assert!(at.contains(&"model.colour"), "{err}");
+        assert!(at.contains(&"batching.max_inflight_batches"), "{err}");
+        assert!(at.contains(&"nonsense"), "{err}");
+        assert_eq!(err.problems.len(), 3, "{err}");
+        let shown = err.to_string();
+        assert!(shown.starts_with("bad.toml: 3 problems"), "{shown}");
+        assert!(shown.contains("unknown field `colour`"), "{shown}");
+
+        // With the key problems fixed, every value problem is listed.
+        let text = text
+            .replace("colour = \"blue\"", "")
+            .replace("max_inflight_batches = \"two\"", "")
+            .replace("[nonsense]\n            x = 1", "");
+        let err = PipelineConfig::parse(&text, "bad.toml", &[]).unwrap_err();
+        let at: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
+        for expected in [
+            "model.path",
+            "model.device",
+            "input",
+            "input.include[0]",
+            "batching.batch_size",
+            "segments.hop_seconds",
+            "output.commit_interval_seconds",
+            "run.shard_index",
+        ] {
+            assert!(at.contains(&expected), "{expected} missing from {err}");
+        }
+    }
+
+    #[test]
+    fn overrides_are_typed_and_validated() {
+        let c = PipelineConfig::parse(
+            MINIMAL,
+            "m.toml",
+            &[
+                "batching.batch_size=32".into(),
+                "output.uri=s3://bucket/captions/".into(),
+                "run.resume=false".into(),
+                "input.include=[\"**/*.flac\"]".into(),
+            ],
+        )
+        .unwrap();
+        assert_eq!(c.batching.batch_size, 32);
+        assert_eq!(c.output.uri, "s3://bucket/captions/");
+        assert!(!c.run.resume);
+        assert_eq!(c.input.include, vec!["**/*.flac".to_string()]);
+
+        let err = PipelineConfig::parse(
+            MINIMAL,
+            "m.toml",
+            &["batching=3".into(), "batching.batch_size=0".into()],
+        )
+        .unwrap_err();
+        assert!(err.problems[0].at.starts_with("--set batching=3"), "{err}");
+    }
+
+    #[test]
+    fn round_trips_through_toml() {
+        let c = PipelineConfig::parse(MINIMAL, "m.toml", &[]).unwrap();
+        let again = PipelineConfig::parse(&c.to_toml(), "again.toml", &[]).unwrap();
+        assert_eq!(c, again);
+    }
+}

@@ -1,0 +1,378 @@
+//! `audiocap run`: builds the stages from a validated pipeline and runs them to the
+//! end of the listing (or a stop signal), then commits and summarises.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use anyhow::Context;
+
+use super::config::PipelineConfig;
+use super::progress;
+use super::summary::{InputCounts, RunSummary, StageBusy};
+use crate::audio::fbank::Fbank;
+use crate::dataset::{DatasetWriter, DatasetWriterOptions, StoreKind, committed_inputs};
+use crate::engine::generate::GenerationParams;
+use crate::engine::model::{EngineOptions, OnnxModel};
+use crate::engine::runtime::DeviceSpec;
+use crate::output::CaptionRow;
+use crate::stages::{self, BusyClock, RunCounters};
+use crate::storage::{ListOptions, Location, LocationKind, ShardSpec, Source, SpoolOptions};
+
+/// Why a run could not finish; the binary maps these to exit codes.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The configuration is wrong in a way only visible once resolved (shard
+    /// variables, output location).
+    #[error("invalid configuration: {0:#}")]
+    Config(anyhow::Error),
+    /// Anything else that stops the run: model, storage, dataset.
+    #[error("{0:#}")]
+    Fatal(anyhow::Error),
+}
+
+/// What the caller passes besides the config.
+#[derive(Debug, Clone, Default)]
+pub struct RunRequest {
+    /// The pipeline file as given, for the summary and the dataset metadata.
+    pub pipeline_file: String,
+    /// Run id; a fresh one when `None`.
+    pub run_id: Option<String>,
+}
+
+/// Runs a pipeline to the end. Inputs that fail are rows with errors, not errors
+/// here; `Err` means the run itself could not go on.
+pub fn run_pipeline(config: PipelineConfig, request: RunRequest) -> Result<RunSummary, RunError> {
+    let decode_threads = config.workers.decode_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .max_blocking_threads(decode_threads + 8)
+        .thread_name("audiocap-io")
+        .enable_all()
+        .build()
+        .map_err(|e| RunError::Fatal(anyhow::Error::new(e).context("starting the runtime")))?;
+    runtime.block_on(run_async(config, request, decode_threads))
+}
+
+async fn run_async(
+    config: PipelineConfig,
+    request: RunRequest,
+    decode_threads: usize,
+) -> Result<RunSummary, RunError> {
+    let started = Instant::now();
+    let shard = ShardSpec::resolve(config.run.shard_index, config.run.shard_count, &|k| {
+        std::env::var(k).ok()
+    })
+    .map_err(|e| RunError::Config(anyhow::Error::new(e).context("resolving the shard")))?;
+    let run_id = request
+        .run_id
+        .clone()
+        .unwrap_or_else(crate::engine::captioner::new_run_id);
+    let output = Location::parse(&config.output.uri, &config.storage)
+        .map_err(|e| RunError::Config(anyhow::Error::new(e).context("output.uri")))?;
+    let store_kind = match &output.kind {
+        LocationKind::Local { root } => StoreKind::Local { root: root.clone() },
+        LocationKind::Object { .. } => StoreKind::Object,
+    };
+    let fatal = |what: &'static str| move |e: anyhow::Error| RunError::Fatal(e.context(what));
+
+    // The model first: nothing is listed or written if it cannot load.
+    let device: DeviceSpec = config
+        .model
+        .device
+        .parse()
+        .map_err(|e| RunError::Config(anyhow::Error::new(e)))?;
+    let model_dir = std::path::PathBuf::from(&config.model.path);
+    let engine_options = EngineOptions {
+        device,
+        intra_threads: config.model.intra_threads,
+    };
+    let model = tokio::task::spawn_blocking(move || OnnxModel::load(&model_dir, &engine_options))
+        .await
+        .map_err(|e| RunError::Fatal(anyhow::Error::new(e)))?
+        .with_context(|| format!("loading the model {}", config.model.path))
+        .map_err(RunError::Fatal)?;
+    tracing::info!(model = %model.identity, %device, "model loaded");
+
+    let committed = if config.run.resume {
+        let set = committed_inputs(output.store.clone(), &output.prefix, &store_kind)
+            .await
+            .context("reading the inputs already in the dataset")
+            .map_err(fatal("resume"))?;
+        tracing::info!(inputs = set.len(), "inputs already in the dataset");
+        set
+    } else {
+        Default::default()
+    };
+
+    let mut options = DatasetWriterOptions::new(shard.index, shard.count, &run_id);
+    options.target_part_bytes = config.output.target_part_mb << 20;
+    options.max_rows_per_part = config.output.max_rows_per_part as u64;
+    options.max_part_age = std::time::Duration::from_secs_f64(config.output.commit_interval_seconds);
+    options.metadata = vec![
+        (
+            "audiocap.model_manifest".into(),
+            serde_json::to_string(&model.manifest).unwrap_or_default(),
+        ),
+        ("audiocap.model".into(), model.identity.clone()),
+        ("audiocap.pipeline".into(), config.to_toml()),
+        ("audiocap.pipeline_file".into(), request.pipeline_file.clone()),
+        ("audiocap.run_id".into(), run_id.clone()),
+        (
+            "audiocap.shard".into(),
+            format!("{}/{}", shard.index, shard.count),
+        ),
+    ];
+    let writer = DatasetWriter::open(
+        output.store.clone(),
+        output.prefix.clone(),
+        store_kind,
+        options,
+    )
+    .await
+    .with_context(|| format!("opening the dataset {output}"))
+    .map_err(RunError::Fatal)?;
+
+    let counters = Arc::new(RunCounters::default());
+    let busy_fetch = Arc::new(BusyClock::default());
+    let busy_decode = Arc::new(BusyClock::default());
+    let busy_model = Arc::new(BusyClock::default());
+    let busy_sink = Arc::new(BusyClock::default());
+    let stop = Arc::new(AtomicBool::new(false));
+    spawn_signal_watch(stop.clone());
+
+    let batch_size = config.batching.batch_size;
+    let (input_tx, input_rx) = async_channel::bounded(config.workers.fetch_concurrency * 2);
+    let (fetched_tx, fetched_rx) = async_channel::bounded(decode_threads.max(2));
+    let (segment_tx, segment_rx) = async_channel::bounded(batch_size * 2);
+    let (batch_tx, batch_rx) = async_channel::bounded(config.batching.max_inflight_batches);
+    let (sink_tx, sink_rx) = async_channel::bounded(1024);
+
+    let base_row = CaptionRow {
+        model: model.identity.clone(),
+        run_id: run_id.clone(),
+        ..Default::default()
+    };
+    let decode_context = Arc::new(stages::decode::DecodeContext {
+        fbank: Fbank::new(model.manifest.front_end.clone())
+            .context("the model's front-end settings")
+            .map_err(RunError::Fatal)?,
+        segments: config.segments,
+        min_frames: model.manifest.encoder.min_frames,
+        base_row: base_row.clone(),
+    });
+    let params = GenerationParams {
+        max_new_tokens: config
+            .generation
+            .max_new_tokens
+            .unwrap_or(model.manifest.generation.max_new_tokens),
+        beams: config.generation.beams,
+        min_new_tokens: 0,
+    };
+    let model_identity = model.identity.clone();
+
+    // Stages, last to first, so each one's input exists before its producer starts.
+    let sink = tokio::spawn(stages::sink::run(
+        sink_rx,
+        writer,
+        counters.clone(),
+        busy_sink.clone(),
+    ));
+    let model_idle = Arc::new(AtomicBool::new(true));
+    let model_thread = stages::model::spawn(
+        model,
+        params,
+        batch_rx,
+        sink_tx.clone(),
+        model_idle.clone(),
+        busy_model.clone(),
+    )
+    .context("starting the model thread")
+    .map_err(RunError::Fatal)?;
+    let batcher = tokio::spawn(stages::batch::run(
+        segment_rx,
+        batch_tx,
+        stages::batch::BatchPolicy {
+            batch_size,
+            pool_batches: config.batching.sort_pool_batches,
+        },
+        model_idle,
+    ));
+    let mut decoders = Vec::new();
+    for _ in 0..decode_threads {
+        decoders.push(tokio::spawn(stages::decode::run(
+            fetched_rx.clone(),
+            segment_tx.clone(),
+            sink_tx.clone(),
+            decode_context.clone(),
+            busy_decode.clone(),
+        )));
+    }
+    drop((fetched_rx, segment_tx));
+    let fetch_options = Arc::new(SpoolOptions {
+        memory_limit: config.workers.max_in_memory_mb << 20,
+        dir: None,
+    });
+    let mut fetchers = Vec::new();
+    for _ in 0..config.workers.fetch_concurrency {
+        fetchers.push(tokio::spawn(stages::fetch::run(
+            input_rx.clone(),
+            fetched_tx.clone(),
+            fetch_options.clone(),
+            counters.clone(),
+            busy_fetch.clone(),
+        )));
+    }
+    drop((input_rx, fetched_tx));
+
+    let (progress_done, progress_rx) = tokio::sync::oneshot::channel();
+    let progress = tokio::spawn(progress::report(
+        counters.clone(),
+        config.logging.progress,
+        std::time::Duration::from_secs_f64(config.logging.interval_seconds),
+        started,
+        progress_rx,
+    ));
+
+    let mut sources: Vec<Source> = config.input.sources.iter().cloned().map(Source::Path).collect();
+    sources.extend(config.input.manifests.iter().map(|m| Source::Manifest {
+        manifest: m.clone(),
+        column: config.input.manifest_column.clone(),
+    }));
+    let plan = stages::list::ListPlan {
+        sources,
+        options: ListOptions {
+            include: config.input.include.clone(),
+            exclude: config.input.exclude.clone(),
+            extensions: config.input.extensions.clone(),
+        },
+        storage: config.storage.clone(),
+        shard,
+        committed,
+        limit: config.run.limit,
+        base_row,
+    };
+    let listed = stages::list::run(plan, input_tx, sink_tx, counters.clone(), stop.clone()).await;
+
+    // The listing has ended (or failed): the stages drain in order.
+    for f in fetchers {
+        let _ = f.await;
+    }
+    for d in decoders {
+        let _ = d.await;
+    }
+    let _ = batcher.await;
+    let model_panicked = tokio::task::spawn_blocking(move || model_thread.join().is_err())
+        .await
+        .unwrap_or(true);
+    let sink_result = sink.await;
+    let _ = progress_done.send(());
+    let _ = progress.await;
+
+    let (writer, outcome) = sink_result
+        .map_err(|e| RunError::Fatal(anyhow::Error::new(e).context("the sink stage")))?
+        .context("writing the dataset")
+        .map_err(RunError::Fatal)?;
+    let listing = listed
+        .context("listing the inputs")
+        .map_err(RunError::Fatal);
+    if model_panicked {
+        return Err(RunError::Fatal(anyhow::anyhow!(
+            "the model thread panicked; committed parts are kept and the next run resumes"
+        )));
+    }
+
+    let wall = started.elapsed().as_secs_f64();
+    let get = RunCounters::get;
+    let fraction = |clock: &BusyClock, workers: usize| {
+        (clock.seconds() / (wall * workers.max(1) as f64)).min(1.0)
+    };
+    let audio_hours = get(&counters.audio_ms) as f64 / 3.6e6;
+    let mut summary = RunSummary {
+        run_id: run_id.clone(),
+        pipeline: request.pipeline_file.clone(),
+        model: model_identity,
+        output: output.to_string(),
+        shard_index: shard.index,
+        shard_count: shard.count,
+        inputs: InputCounts {
+            listed: get(&counters.listed),
+            taken: get(&counters.queued),
+            already_done: get(&counters.already_done),
+            duplicates: get(&counters.duplicates),
+            written: get(&counters.inputs_done),
+            failed: get(&counters.inputs_failed),
+        },
+        rows: get(&counters.rows),
+        captions: get(&counters.captions),
+        failed_rows: get(&counters.rows) - get(&counters.captions),
+        failed_inputs_by_kind: outcome.failed_inputs,
+        failed_segments_by_kind: outcome.failed_segments,
+        audio_hours,
+        wall_seconds: wall,
+        captions_per_second: get(&counters.captions) as f64 / wall.max(1e-9),
+        realtime_factor: audio_hours * 3600.0 / wall.max(1e-9),
+        stage_busy: StageBusy {
+            fetch: fraction(&busy_fetch, config.workers.fetch_concurrency),
+            decode: fraction(&busy_decode, decode_threads),
+            model: fraction(&busy_model, 1),
+            sink: fraction(&busy_sink, 1),
+        },
+        parts: Vec::new(),
+        stopped_early: stop.load(Ordering::Relaxed),
+    };
+    if let Err(e) = listing {
+        // What was written is committed so the next run resumes; the run fails.
+        let mut writer = writer;
+        let _ = writer.flush().await;
+        return Err(e);
+    }
+    let record = serde_json::to_value(&summary).unwrap_or_default();
+    let committed = writer
+        .finish(record)
+        .await
+        .context("committing the last part and the shard's commit record")
+        .map_err(RunError::Fatal)?;
+    summary.parts = committed.parts.iter().map(|p| p.name.clone()).collect();
+    Ok(summary)
+}
+
+/// SIGINT/SIGTERM (Ctrl-C, Kubernetes eviction, Slurm pre-emption): stop listing,
+/// let what is in flight finish and commit. A second signal exits at once (what
+/// is committed stays; the next run resumes).
+fn spawn_signal_watch(stop: Arc<AtomicBool>) {
+    tokio::spawn(async move {
+        let interrupted = async {
+            #[cfg(unix)]
+            {
+                use tokio::signal::unix::{SignalKind, signal};
+                match (
+                    signal(SignalKind::terminate()),
+                    signal(SignalKind::interrupt()),
+                ) {
+                    (Ok(mut term), Ok(mut int)) => {
+                        tokio::select! {
+                            _ = term.recv() => {}
+                            _ = int.recv() => {}
+                        }
+                    }
+                    _ => std::future::pending::<()>().await,
+                }
+            }
+            #[cfg(not(unix))]
+            {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        };
+        interrupted.await;
+        tracing::warn!("stop requested: finishing the inputs in flight, then committing");
+        stop.store(true, Ordering::Relaxed);
+        let _ = tokio::signal::ctrl_c().await;
+        tracing::warn!("second stop request: exiting now");
+        std::process::exit(130);
+    });
+}

@@ -1,0 +1,260 @@
+//! Decode stage: fetched bytes → mono samples at the model's rate → segments →
+//! fbank frames, on the blocking pool. Segments go to the batcher as soon as they
+//! are complete, so memory holds about one window per worker whatever the length
+//! of the recording. A failing input becomes one error row; an input that fails
+//! part-way keeps the segments decoded so far plus an error row for the rest.
+
+use std::ops::ControlFlow;
+use std::sync::Arc;
+
+use async_channel::{Receiver, Sender};
+
+use super::fetch::FetchedInput;
+use super::{BusyClock, InputDone, SegmentJob, SinkMessage};
+use crate::audio::decode::{AudioInfo, DecodeError};
+use crate::audio::fbank::Fbank;
+use crate::audio::frontend::{FrontEndError, decode_segments};
+use crate::audio::segment::SegmentConfig;
+use crate::output::{CaptionRow, now_us};
+use crate::storage::{FetchError, Fetched, FetchedAudio};
+
+/// What every decode worker shares.
+pub struct DecodeContext {
+    pub fbank: Fbank,
+    pub segments: SegmentConfig,
+    /// Fewest fbank frames the encoder takes (one patch).
+    pub min_frames: usize,
+    /// Model and run fields of every row.
+    pub base_row: CaptionRow,
+}
+
+/// Decodes inputs until the channel closes.
+pub async fn run(
+    fetched: Receiver<FetchedInput>,
+    segments: Sender<SegmentJob>,
+    sink: Sender<SinkMessage>,
+    context: Arc<DecodeContext>,
+    busy: Arc<BusyClock>,
+) {
+    while let Ok(item) = fetched.recv().await {
+        let (segments, sink, context, busy) =
+            (segments.clone(), sink.clone(), context.clone(), busy.clone());
+        let joined = tokio::task::spawn_blocking(move || {
+            busy.time(|| prepare_input(item, &context, &segments, &sink))
+        })
+        .await;
+        match joined {
+            Ok(Ok(())) => {}
+            // The next stages are gone: the run is stopping.
+            Ok(Err(Closed)) => return,
+            Err(e) => tracing::error!(error = %e, "a decode worker panicked"),
+        }
+    }
+}
+
+/// A downstream channel closed.
+struct Closed;
+
+fn prepare_input(
+    item: FetchedInput,
+    context: &DecodeContext,
+    segments: &Sender<SegmentJob>,
+    sink: &Sender<SinkMessage>,
+) -> Result<(), Closed> {
+    let input_id = item.task.id;
+    let uri = item.task.input.uri.clone();
+    let row_for = |index: u32| CaptionRow {
+        uri: uri.clone(),
+        segment_index: index,
+        ..context.base_row.clone()
+    };
+    let fail = |kind: &'static str, message: String, rows_before: usize| {
+        let row = CaptionRow {
+            error: Some(message),
+            processed_at_us: now_us(),
+            ..row_for(rows_before as u32)
+        };
+        send(
+            sink,
+            SinkMessage::Rows {
+                input_id,
+                rows: vec![row],
+            },
+        )?;
+        send(
+            sink,
+            SinkMessage::Done(InputDone {
+                input_id,
+                uri: uri.clone(),
+                rows: rows_before + 1,
+                audio_seconds: 0.0,
+                failure: Some(kind),
+                info: None,
+            }),
+        )
+    };
+
+    let audio = match item.result {
+        Ok(audio) => audio,
+        Err(e) => return fail(fetch_failure_kind(&e), e.to_string(), 0),
+    };
+    let reader = match open_reader(&audio) {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(
+                "unreadable",
+                format!("cannot read the fetched object: {e}"),
+                0,
+            );
+        }
+    };
+
+    let rate = context.fbank.config().sample_rate;
+    let mut emitted = 0usize;
+    let mut closed = false;
+    let result = decode_segments(reader, audio.extension.as_deref(), rate, &context.segments, |seg| {
+        let frames = context.fbank.compute(&seg.samples);
+        let mut row = CaptionRow {
+            start_s: Some(seg.start_sample as f64 / f64::from(rate)),
+            end_s: Some(seg.end_sample as f64 / f64::from(rate)),
+            ..row_for(seg.index)
+        };
+        emitted += 1;
+        let sent = if frames.num_frames < context.min_frames {
+            row.error = Some(format!(
+                "too short to caption: {:.3} s gives {} fbank frames, the encoder needs at \
+                 least {} ({:.2} s)",
+                seg.samples.len() as f64 / f64::from(rate),
+                frames.num_frames,
+                context.min_frames,
+                context.fbank.min_duration_for_frames(context.min_frames)
+            ));
+            row.processed_at_us = now_us();
+            send(
+                sink,
+                SinkMessage::Rows {
+                    input_id,
+                    rows: vec![row],
+                },
+            )
+        } else {
+            segments
+                .send_blocking(SegmentJob {
+                    input_id,
+                    row,
+                    frames: frames.num_frames,
+                    fbank: frames.data,
+                })
+                .map_err(|_| Closed)
+        };
+        if sent.is_err() {
+            closed = true;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
+    if closed {
+        return Err(Closed);
+    }
+    match result {
+        Ok(info) => send(
+            sink,
+            SinkMessage::Done(InputDone {
+                input_id,
+                uri: uri.clone(),
+                rows: emitted,
+                audio_seconds: info.duration_secs(),
+                failure: None,
+                info: Some(info),
+            }),
+        ),
+        Err(e) => fail(decode_failure_kind(&e), e.to_string(), emitted),
+    }
+}
+
+fn send(sink: &Sender<SinkMessage>, message: SinkMessage) -> Result<(), Closed> {
+    sink.send_blocking(message).map_err(|_| Closed)
+}
+
+/// Short kind of a fetch failure for the summary.
+fn fetch_failure_kind(e: &FetchError) -> &'static str {
+    match e {
+        FetchError::NotFound { .. } => "not_found",
+        FetchError::PermissionDenied { .. } => "permission_denied",
+        FetchError::Empty { .. } => "empty",
+        FetchError::NotAFile { .. } => "not_a_file",
+        FetchError::Network { .. } => "network",
+        FetchError::Spool { .. } => "spool",
+        FetchError::Other { .. } => "fetch",
+    }
+}
+
+/// A fetched input as something the decoder can read and seek.
+enum InputReader {
+    File(std::io::BufReader<std::fs::File>),
+    Memory(std::io::Cursor<bytes::Bytes>),
+}
+
+impl std::io::Read for InputReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Self::File(f) => f.read(buf),
+            Self::Memory(m) => m.read(buf),
+        }
+    }
+}
+
+impl std::io::Seek for InputReader {
+    fn seek(&mut self, pos: std::io::SeekFrom) -> std::io::Result<u64> {
+        match self {
+            Self::File(f) => f.seek(pos),
+            Self::Memory(m) => m.seek(pos),
+        }
+    }
+}
+
+fn open_reader(fetched: &Fetched) -> std::io::Result<InputReader> {
+    Ok(match &fetched.audio {
+        FetchedAudio::Memory(bytes) => InputReader::Memory(std::io::Cursor::new(bytes.clone())),
+        FetchedAudio::Local(path) => {
+            InputReader::File(std::io::BufReader::new(std::fs::File::open(path)?))
+        }
+        FetchedAudio::Spooled(spool) => {
+            InputReader::File(std::io::BufReader::new(std::fs::File::open(spool.path())?))
+        }
+    })
+}
+
+/// Short kind of a decoding failure for the summary.
+pub fn decode_failure_kind(e: &FrontEndError) -> &'static str {
+    match e {
+        FrontEndError::Resample(_) => "resample",
+        FrontEndError::Decode(d) => match d {
+            DecodeError::Open { .. } => "unreadable",
+            DecodeError::Io(_) => "read_error",
+            DecodeError::Empty => "empty",
+            DecodeError::UnknownFormat => "not_audio",
+            DecodeError::UnsupportedCodec { .. } => "unsupported_codec",
+            DecodeError::Unsupported { .. } => "unsupported_stream",
+            DecodeError::NoAudioTrack => "no_audio_track",
+            DecodeError::Truncated => "truncated",
+            DecodeError::Malformed { .. } => "malformed",
+            DecodeError::Corrupt { .. } => "corrupt",
+            DecodeError::ZeroChannels => "zero_channels",
+            DecodeError::InvalidSampleRate { .. } => "invalid_sample_rate",
+            DecodeError::SampleRateChanged { .. } => "sample_rate_changed",
+            DecodeError::NonFiniteSample { .. } => "non_finite_samples",
+            DecodeError::DecoderPanic { .. } => "decoder_crash",
+        },
+    }
+}
+
+/// Fills in what is known of the source only once decoding has ended.
+pub fn complete_rows(rows: &mut [CaptionRow], info: &AudioInfo) {
+    for row in rows {
+        row.duration_s = Some(info.duration_secs());
+        row.source_sample_rate_hz = Some(info.sample_rate);
+        row.channels = u16::try_from(info.channels).ok();
+        row.codec = Some(info.codec.clone());
+    }
+}

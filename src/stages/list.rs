@@ -1,0 +1,118 @@
+//! List stage: streams the sources' inputs, keeps this shard's, drops those the
+//! dataset already has (resume) and those listed twice, and numbers the rest.
+//! Inputs that cannot even be listed become error rows straight away.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use async_channel::Sender;
+use futures::StreamExt;
+
+use super::{InputDone, InputTask, RunCounters, SinkMessage};
+use crate::output::{CaptionRow, now_us};
+use crate::storage::{ListOptions, Listed, ShardSpec, Source, StorageError, StorageOptions};
+
+/// What to list and what to leave out.
+pub struct ListPlan {
+    pub sources: Vec<Source>,
+    pub options: ListOptions,
+    pub storage: StorageOptions,
+    pub shard: ShardSpec,
+    /// URIs already committed to the dataset.
+    pub committed: HashSet<String>,
+    /// Stop after this many new inputs.
+    pub limit: Option<u64>,
+    /// Model and run fields of error rows.
+    pub base_row: CaptionRow,
+}
+
+/// Lists until the sources end, `limit` is reached or `stop` is set. An `Err` is a
+/// listing that failed as a whole (missing bucket, bad credentials).
+pub async fn run(
+    plan: ListPlan,
+    inputs: Sender<InputTask>,
+    sink: Sender<SinkMessage>,
+    counters: Arc<RunCounters>,
+    stop: Arc<AtomicBool>,
+) -> Result<(), StorageError> {
+    let result = list(&plan, &inputs, &sink, &counters, &stop).await;
+    counters.listing_done.store(true, Ordering::Relaxed);
+    result
+}
+
+async fn list(
+    plan: &ListPlan,
+    inputs: &Sender<InputTask>,
+    sink: &Sender<SinkMessage>,
+    counters: &RunCounters,
+    stop: &AtomicBool,
+) -> Result<(), StorageError> {
+    let mut stream = crate::storage::list_inputs(&plan.sources, &plan.options, &plan.storage)?;
+    // URIs taken by this run; a URI listed again (two sources) is taken once.
+    let mut taken: HashSet<String> = HashSet::new();
+    let mut next_id = 0u64;
+    while let Some(item) = stream.next().await {
+        if stop.load(Ordering::Relaxed) {
+            break;
+        }
+        let (uri, input, list_error) = match item? {
+            Listed::Input(input) => (input.uri.clone(), Some(input), None),
+            Listed::Failed { uri, error } => {
+                tracing::warn!(%uri, %error, "input cannot be listed");
+                (uri, None, Some(error.to_string()))
+            }
+        };
+        RunCounters::bump(&counters.listed, 1);
+        if !plan.shard.owns(&uri) {
+            continue;
+        }
+        if plan.committed.contains(&uri) {
+            RunCounters::bump(&counters.already_done, 1);
+            continue;
+        }
+        if !taken.insert(uri.clone()) {
+            RunCounters::bump(&counters.duplicates, 1);
+            continue;
+        }
+        if plan.limit.is_some_and(|l| next_id >= l) {
+            stop.store(true, Ordering::Relaxed);
+            break;
+        }
+        let id = next_id;
+        next_id += 1;
+        RunCounters::bump(&counters.queued, 1);
+        let sent = match input {
+            Some(input) => inputs.send(InputTask { id, input }).await.is_ok(),
+            None => {
+                let row = CaptionRow {
+                    uri: uri.clone(),
+                    error: list_error,
+                    processed_at_us: now_us(),
+                    ..plan.base_row.clone()
+                };
+                sink.send(SinkMessage::Rows {
+                    input_id: id,
+                    rows: vec![row],
+                })
+                .await
+                .is_ok()
+                    && sink
+                        .send(SinkMessage::Done(InputDone {
+                            input_id: id,
+                            uri,
+                            rows: 1,
+                            audio_seconds: 0.0,
+                            failure: Some("unlistable"),
+                            info: None,
+                        }))
+                        .await
+                        .is_ok()
+            }
+        };
+        if !sent {
+            break;
+        }
+    }
+    Ok(())
+}

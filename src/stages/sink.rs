@@ -1,0 +1,141 @@
+//! Sink stage: gathers every row of an input (segments arrive from the model in
+//! any order, error rows from the front end), completes them with what is known
+//! only at the end of decoding, and writes them to the dataset together, so an
+//! input is never split across two part files (what makes resume exact).
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_channel::Receiver;
+
+use super::decode::complete_rows;
+use super::{BusyClock, InputDone, RunCounters, SinkMessage};
+use crate::dataset::{DatasetError, DatasetWriter};
+use crate::output::CaptionRow;
+
+/// Failures by kind, for the summary.
+pub type FailureCounts = std::collections::BTreeMap<String, u64>;
+
+#[derive(Default)]
+struct Pending {
+    rows: Vec<CaptionRow>,
+    done: Option<InputDone>,
+}
+
+/// What the sink saw.
+#[derive(Debug, Default)]
+pub struct SinkOutcome {
+    /// Whole-input failures by kind.
+    pub failed_inputs: FailureCounts,
+    /// Failed segments (inputs that decoded but a segment did not caption) by kind.
+    pub failed_segments: FailureCounts,
+}
+
+/// Writes rows until the channel closes; commits an open part whenever it is due.
+/// Returns the writer (to be finished by the caller, with the run summary).
+pub async fn run(
+    messages: Receiver<SinkMessage>,
+    mut writer: DatasetWriter,
+    counters: Arc<RunCounters>,
+    busy: Arc<BusyClock>,
+) -> Result<(DatasetWriter, SinkOutcome), DatasetError> {
+    let mut pending: HashMap<u64, Pending> = HashMap::new();
+    let mut outcome = SinkOutcome::default();
+    // Commits are checked on a tick as well, so a slow trickle of inputs is still
+    // committed on time.
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        let message = tokio::select! {
+            m = messages.recv() => match m {
+                Ok(m) => m,
+                Err(_closed) => break,
+            },
+            _ = tick.tick() => {
+                let started = Instant::now();
+                writer.commit_if_due().await?;
+                busy.add(started.elapsed());
+                continue;
+            }
+        };
+        let input_id = match &message {
+            SinkMessage::Rows { input_id, .. } => *input_id,
+            SinkMessage::Done(done) => done.input_id,
+        };
+        let entry = pending.entry(input_id).or_default();
+        match message {
+            SinkMessage::Rows { rows, .. } => entry.rows.extend(rows),
+            SinkMessage::Done(done) => entry.done = Some(done),
+        }
+        let complete = entry
+            .done
+            .as_ref()
+            .is_some_and(|d| entry.rows.len() >= d.rows);
+        if !complete {
+            continue;
+        }
+        let Some(Pending {
+            mut rows,
+            done: Some(done),
+        }) = pending.remove(&input_id)
+        else {
+            continue;
+        };
+        let started = Instant::now();
+        rows.sort_by_key(|r| r.segment_index);
+        if let Some(info) = &done.info {
+            complete_rows(&mut rows, info);
+        }
+        record(&done, &rows, &counters, &mut outcome);
+        writer.write_input(&rows).await?;
+        writer.commit_if_due().await?;
+        busy.add(started.elapsed());
+    }
+    if !pending.is_empty() {
+        // Only possible if a stage before died mid-input; those inputs are not
+        // committed, so the next run takes them again.
+        tracing::warn!(
+            inputs = pending.len(),
+            "inputs left incomplete; they will be retried by the next run"
+        );
+    }
+    Ok((writer, outcome))
+}
+
+fn record(done: &InputDone, rows: &[CaptionRow], counters: &RunCounters, out: &mut SinkOutcome) {
+    let captions = rows.iter().filter(|r| r.caption.is_some()).count() as u64;
+    RunCounters::bump(&counters.inputs_done, 1);
+    RunCounters::bump(&counters.rows, rows.len() as u64);
+    RunCounters::bump(&counters.captions, captions);
+    RunCounters::bump(&counters.audio_ms, (done.audio_seconds * 1000.0) as u64);
+    if let Some(kind) = done.failure {
+        *out.failed_inputs.entry(kind.to_string()).or_default() += 1;
+    }
+    if captions == 0 {
+        RunCounters::bump(&counters.inputs_failed, 1);
+        if done.failure.is_none() {
+            *out.failed_inputs.entry("no_caption".into()).or_default() += 1;
+        }
+    }
+    if done.failure.is_some() && captions == 0 {
+        return;
+    }
+    for r in rows.iter().filter(|r| r.error.is_some()) {
+        let kind = segment_failure_kind(r.error.as_deref().unwrap_or_default());
+        *out.failed_segments.entry(kind.to_string()).or_default() += 1;
+    }
+}
+
+/// The kind of a segment's error, from the prefix the stages give it.
+fn segment_failure_kind(error: &str) -> &'static str {
+    if error.starts_with("too short") {
+        "too_short"
+    } else if error.starts_with("model:") {
+        "model"
+    } else if error.starts_with("decoding tokens") {
+        "tokenizer"
+    } else {
+        "input"
+    }
+}

@@ -1,0 +1,345 @@
+//! `audiocap run` end to end on the fixture model: every pipeline file validates;
+//! a folder with good and bad inputs becomes a dataset with one row per segment and
+//! a specific error for each bad input; re-runs resume; kill -9 at random points
+//! loses and duplicates nothing; shards partition the inputs.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use arrow_array::{Array, StringArray, UInt32Array};
+use audiocap::pipeline::PipelineConfig;
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+
+use crate::common::fixtures;
+
+/// The fixture model (BEATs-tiny + Llama-tiny + adapter a0), exported once.
+pub fn tiny_model() -> &'static Path {
+    static MODEL: OnceLock<PathBuf> = OnceLock::new();
+    MODEL.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("audiocap-pipeline-model-{}", std::process::id()));
+        let f = fixtures();
+        let out = Command::new(env!("CARGO_BIN_EXE_audiocap"))
+            .args([
+                "export",
+                "--beats",
+                f.join("beats-tiny/beats.pt").to_str().unwrap(),
+                "--llm",
+                f.join("e2e-tiny/llm").to_str().unwrap(),
+                "--projector",
+                f.join("e2e-tiny/projector.safetensors").to_str().unwrap(),
+                "--adapter",
+                f.join("e2e-tiny/adapters/a0").to_str().unwrap(),
+                "--name",
+                "tiny-a0",
+                "--overwrite",
+                "--out",
+                dir.to_str().unwrap(),
+            ])
+            .output()
+            .expect("running audiocap export");
+        assert!(
+            out.status.success(),
+            "export: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        dir
+    })
+}
+
+fn run(pipeline: &Path, sets: &[String]) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiocap"));
+    cmd.arg("run").arg(pipeline);
+    for s in sets {
+        cmd.arg("--set").arg(s);
+    }
+    cmd.env("RUST_LOG", "warn").output().expect("running audiocap run")
+}
+
+/// A pipeline file for `audio` → `out` on the tiny model, fast settings.
+fn write_pipeline(dir: &Path, audio: &Path, out: &str) -> PathBuf {
+    let text = format!(
+        r#"
+[model]
+path = "{model}"
+[input]
+sources = ["{audio}"]
+[segments]
+max_seconds = 5.0
+window_seconds = 3.0
+hop_seconds = 3.0
+min_last_seconds = 0.5
+[batching]
+batch_size = 2
+[generation]
+max_new_tokens = 4
+[workers]
+decode_threads = 2
+fetch_concurrency = 4
+[output]
+uri = "{out}"
+commit_interval_seconds = 0.2
+[logging]
+progress = "off"
+"#,
+        model = tiny_model().display(),
+        audio = audio.display(),
+    );
+    let path = dir.join("pipeline.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// (uri, segment, caption, error) of every row in every part under `dir`.
+pub fn read_dataset(dir: &Path) -> Vec<(String, u32, Option<String>, Option<String>)> {
+    let mut rows = Vec::new();
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return rows;
+    };
+    for entry in entries {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("parquet") {
+            continue;
+        }
+        let file = std::fs::File::open(&path).unwrap();
+        for batch in ParquetRecordBatchReaderBuilder::try_new(file)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let batch = batch.unwrap();
+            let col = |name: &str| batch.column_by_name(name).unwrap().clone();
+            let uri = col("uri");
+            let uri = uri.as_any().downcast_ref::<StringArray>().unwrap();
+            let seg = col("segment_index");
+            let seg = seg.as_any().downcast_ref::<UInt32Array>().unwrap();
+            let cap = col("caption");
+            let cap = cap.as_any().downcast_ref::<StringArray>().unwrap();
+            let err = col("error");
+            let err = err.as_any().downcast_ref::<StringArray>().unwrap();
+            for i in 0..batch.num_rows() {
+                rows.push((
+                    uri.value(i).to_string(),
+                    seg.value(i),
+                    cap.is_valid(i).then(|| cap.value(i).to_string()),
+                    err.is_valid(i).then(|| err.value(i).to_string()),
+                ));
+            }
+        }
+    }
+    rows
+}
+
+/// 16-bit PCM WAV bytes.
+fn wav(rate: u32, channels: u16, samples: &[f32]) -> Vec<u8> {
+    let data: Vec<u8> = samples
+        .iter()
+        .flat_map(|&s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
+        .collect();
+    let mut out = Vec::new();
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&channels.to_le_bytes());
+    out.extend_from_slice(&rate.to_le_bytes());
+    out.extend_from_slice(&(rate * u32::from(channels) * 2).to_le_bytes());
+    out.extend_from_slice(&(channels * 2).to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&data);
+    out
+}
+
+fn tone(rate: u32, seconds: f64, hz: f32) -> Vec<f32> {
+    (0..(f64::from(rate) * seconds) as usize)
+        .map(|i| 0.3 * (i as f32 * 2.0 * std::f32::consts::PI * hz / rate as f32).sin())
+        .collect()
+}
+
+/// `n` short distinct clips in `dir`.
+fn clips(dir: &Path, n: usize) -> Vec<String> {
+    std::fs::create_dir_all(dir).unwrap();
+    (0..n)
+        .map(|i| {
+            let path = dir.join(format!("clip_{i:03}.wav"));
+            std::fs::write(&path, wav(16_000, 1, &tone(16_000, 1.0, 200.0 + 37.0 * i as f32)))
+                .unwrap();
+            std::fs::canonicalize(&path).unwrap().display().to_string()
+        })
+        .collect()
+}
+
+#[test]
+fn every_pipeline_file_parses_and_validates() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("pipelines");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        PipelineConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+        seen += 1;
+    }
+    assert!(seen >= 3, "demo, s3-archive and long-recordings at least");
+}
+
+#[test]
+fn a_bad_pipeline_lists_every_problem_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("bad.toml");
+    std::fs::write(
+        &path,
+        "[model]\npath = \"m\"\nspeed = 3\n[batching]\nbatch_size = \"big\"\n[input]\nsources = [\"x\"]\n[output]\nuri = \"o\"\n",
+    )
+    .unwrap();
+    let out = run(&path, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("2 problems"), "{stderr}");
+    assert!(stderr.contains("model.speed"), "{stderr}");
+    assert!(stderr.contains("batching.batch_size"), "{stderr}");
+}
+
+#[test]
+fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
+    let dir = tempfile::tempdir().unwrap();
+    let audio = dir.path().join("audio");
+    std::fs::create_dir_all(audio.join("nested")).unwrap();
+    let f = fixtures();
+    for clip in ["sine_1s.wav", "chirp_2p5s.wav"] {
+        std::fs::copy(f.join("e2e-tiny/audio").join(clip), audio.join(clip)).unwrap();
+    }
+    std::fs::write(audio.join("nested/stereo_44k.wav"), wav(44_100, 2, &tone(88_200, 1.0, 440.0))).unwrap();
+    std::fs::write(audio.join("long.wav"), wav(16_000, 1, &tone(16_000, 7.0, 300.0))).unwrap();
+    std::fs::write(audio.join("short.wav"), wav(16_000, 1, &[0.1; 800])).unwrap();
+    std::fs::write(audio.join("not_audio.wav"), b"this is not a wav file at all").unwrap();
+    std::fs::write(audio.join("empty.flac"), b"").unwrap();
+    let mut truncated = wav(16_000, 1, &tone(16_000, 1.0, 500.0));
+    truncated.truncate(30);
+    std::fs::write(audio.join("truncated.wav"), truncated).unwrap();
+
+    let out_dir = dir.path().join("captions");
+    let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
+    let out = run(&pipeline, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "some inputs failed: {stdout}\n{stderr}");
+
+    let rows = read_dataset(&out_dir);
+    let by_name: BTreeMap<String, Vec<_>> = rows.iter().fold(BTreeMap::new(), |mut m, r| {
+        let name = Path::new(&r.0).file_name().unwrap().to_str().unwrap().to_string();
+        m.entry(name).or_insert_with(Vec::new).push(r.clone());
+        m
+    });
+    let names: Vec<&str> = by_name.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "chirp_2p5s.wav",
+            "empty.flac",
+            "long.wav",
+            "not_audio.wav",
+            "short.wav",
+            "sine_1s.wav",
+            "stereo_44k.wav",
+            "truncated.wav"
+        ],
+        "{stdout}"
+    );
+    let captioned = |name: &str| by_name[name].iter().all(|r| r.2.is_some() && r.3.is_none());
+    assert!(captioned("sine_1s.wav") && captioned("chirp_2p5s.wav") && captioned("stereo_44k.wav"));
+    // 7 s with 3 s windows: 0-3, 3-6, 6-7.
+    assert_eq!(by_name["long.wav"].len(), 3);
+    assert!(captioned("long.wav"));
+    let error = |name: &str| by_name[name][0].3.clone().unwrap_or_default();
+    assert!(error("short.wav").starts_with("too short"), "{}", error("short.wav"));
+    assert!(error("not_audio.wav").contains("not a recognised audio file"), "{}", error("not_audio.wav"));
+    assert!(error("empty.flac").contains("empty"), "{}", error("empty.flac"));
+    assert!(error("truncated.wav").contains("truncated"), "{}", error("truncated.wav"));
+    assert!(stdout.contains("failed inputs:"), "{stdout}");
+
+    // The same pipeline again: everything is in the dataset already.
+    let out = run(&pipeline, &[]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("8 already in the dataset"), "{stdout}");
+    assert_eq!(read_dataset(&out_dir).len(), rows.len());
+
+    // Commit records: one per run of the shard, beside the parts.
+    let records = std::fs::read_dir(out_dir.join("_commits/shard-00000-of-00001")).unwrap().count();
+    assert_eq!(records, 2);
+}
+
+#[test]
+fn kill_9_at_random_points_then_finish_gives_every_input_exactly_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let audio = dir.path().join("audio");
+    let expected: HashSet<String> = clips(&audio, 36).into_iter().collect();
+    let out_dir = dir.path().join("captions");
+    let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
+    // A fixed sequence of kill delays (ms), varied enough to land in the model
+    // load, mid-batch, mid-commit and between parts.
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    for round in 0..6 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let delay = 300 + state % 2200;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_audiocap"))
+            .args(["run", pipeline.to_str().unwrap(), "--set", "batching.batch_size=1"])
+            .env("RUST_LOG", "error")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(Duration::from_millis(delay));
+        // SIGKILL: no chance to clean up.
+        let _ = child.kill();
+        let _ = child.wait();
+        let rows = read_dataset(&out_dir);
+        let uris: Vec<&String> = rows.iter().map(|r| &r.0).collect();
+        let unique: HashSet<&String> = uris.iter().copied().collect();
+        assert_eq!(uris.len(), unique.len(), "duplicates after kill {round} at {delay} ms");
+    }
+    let out = run(&pipeline, &[]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows = read_dataset(&out_dir);
+    let got: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    let unique: HashSet<String> = got.iter().cloned().collect();
+    assert_eq!(got.len(), expected.len(), "every input exactly once");
+    assert_eq!(unique, expected);
+    assert!(rows.iter().all(|r| r.2.is_some()));
+}
+
+#[test]
+fn shards_partition_the_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let audio = dir.path().join("audio");
+    let expected: HashSet<String> = clips(&audio, 24).into_iter().collect();
+    let out_dir = dir.path().join("captions");
+    let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
+    let mut per_shard = Vec::new();
+    for index in 0..3 {
+        let out = Command::new(env!("CARGO_BIN_EXE_audiocap"))
+            .args(["run", pipeline.to_str().unwrap(), "--shard-count", "3"])
+            // Kubernetes Indexed Job style: the index comes from the environment.
+            .env("JOB_COMPLETION_INDEX", index.to_string())
+            .env("RUST_LOG", "warn")
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        per_shard.push(read_dataset(&out_dir).len());
+    }
+    let rows = read_dataset(&out_dir);
+    let got: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
+    assert_eq!(got.len(), 24);
+    assert_eq!(got.into_iter().collect::<HashSet<_>>(), expected);
+    // Each shard added some of them (24 inputs over 3 shards by hash: all missing one shard has odds (2/3)^24).
+    assert!(per_shard[0] > 0 && per_shard[1] > per_shard[0] && per_shard[2] > per_shard[1], "{per_shard:?}");
+}
