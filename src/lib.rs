@@ -20,6 +20,7 @@ pub mod export;
 pub mod manifest;
 pub mod model;
 pub mod output;
+pub mod storage;
 
 #[cfg(test)]
 mod test_util;

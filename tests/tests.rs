@@ -13,3 +13,4 @@ mod llama_parity;
 mod lora_adapters;
 mod metrics_parity;
 mod onnx_engine;
+mod storage_inputs;

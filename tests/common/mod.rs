@@ -1,5 +1,7 @@
 //! Helpers shared by the integration tests.
 
+pub mod s3;
+
 use std::collections::HashMap;
 use std::path::PathBuf;
 
