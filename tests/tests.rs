@@ -3,6 +3,7 @@
 
 mod common;
 
+mod audio_inputs;
 mod beats_parity;
 mod captioning;
 mod cli;

@@ -7,8 +7,14 @@
 //! file's sample rate (resampling is a separate step) and symphonia's scaling to
 //! `[-1, 1)` (a 16-bit sample `s` becomes `s / 32768`).
 //!
-//! Supported: WAV (integer PCM, float PCM, A-law, µ-law) and FLAC. Anything else is
-//! refused with an error that names the container or codec.
+//! Supported: WAV (8/16/24/32-bit integer PCM, 32/64-bit float PCM, A-law, µ-law,
+//! MS and IMA ADPCM), FLAC, MP3, Ogg Vorbis, and AAC or ALAC in MP4/M4A. Anything else
+//! (Opus, AC-3, WMA, ...) is refused with an error that names the container or codec.
+//!
+//! Many channels: every channel counts equally in the mono mean (an LFE channel
+//! included), and [`AudioInfo::channels`] reports how many there were. WAV carries up to
+//! 26 channels (18 in `WAVE_FORMAT_EXTENSIBLE` with a speaker mask), FLAC up to 8; a
+//! header that declares more is [`DecodeError::TooManyChannels`].
 //!
 //! Symphonia is asked to skip a packet that fails to decode (its recommended
 //! handling); skipped packets are counted in [`AudioInfo::skipped_packets`], and a
@@ -39,7 +45,7 @@ use symphonia::core::meta::MetadataOptions;
 pub const MAX_SAMPLE_RATE: u32 = 768_000;
 
 /// Containers that can be decoded, for error messages.
-const SUPPORTED_CONTAINERS: &str = "WAV, FLAC";
+const SUPPORTED_CONTAINERS: &str = "WAV, FLAC, MP3, Ogg, MP4/M4A";
 
 /// How much of the start of an input is re-read to explain why it could not be opened.
 const HEAD_LEN: u64 = 4096;
@@ -132,6 +138,14 @@ pub enum DecodeError {
     /// The audio track declares zero channels.
     #[error("the audio track has zero channels")]
     ZeroChannels,
+    /// The header declares more channels than the container's reader can lay out.
+    #[error("the header declares {channels} channels, more than the {container} reader supports")]
+    TooManyChannels {
+        /// The declared count.
+        channels: u32,
+        /// The container, e.g. `"WAV"`.
+        container: &'static str,
+    },
     /// The sample rate is missing (reported as 0) or absurd.
     #[error("invalid sample rate {rate} Hz (expected 1..={MAX_SAMPLE_RATE})")]
     InvalidSampleRate {
@@ -285,36 +299,98 @@ where
         return Err(DecodeError::Empty);
     }
     source.rewind().map_err(DecodeError::Io)?;
+    refuse_before_probe(source)?;
 
     let mut hint = Hint::new();
     if let Some(extension) = hint_extension {
         hint.with_extension(extension);
     }
-    let stream = MediaSourceStream::new(
-        Box::new(SeekableSource {
-            inner: &mut *source,
-            len,
-        }),
-        MediaSourceStreamOptions::default(),
-    );
-    let probe = symphonia::default::get_probe();
     // Matched in place so that the borrow of `source` ends with this statement.
-    let error = match probe.probe(
-        &hint,
-        stream,
-        FormatOptions::default(),
-        MetadataOptions::default(),
-    ) {
+    let error = match open_format(&mut *source, len, &hint, true) {
         Ok(format) => return decode_packets(format, on_samples),
         Err(error) => error,
     };
+    // Opening a seekable Ogg stream scans its last pages for the duration, which fails
+    // on a file cut short; read as a plain stream it decodes up to the cut.
+    let error = if matches!(&error, SymphoniaError::IoError(e) if e.kind() == io::ErrorKind::UnexpectedEof)
+        && starts_with(source, b"OggS")
+    {
+        match open_format(&mut *source, len, &hint, false) {
+            Ok(format) => return decode_packets(format, on_samples),
+            Err(error) => error,
+        }
+    } else {
+        error
+    };
     Err(explain_open_failure(error, source))
 }
+
+/// Probes `source` (of `len` bytes) for a container and opens it.
+fn open_format<'s, R>(
+    source: &'s mut R,
+    len: u64,
+    hint: &Hint,
+    seekable: bool,
+) -> symphonia::core::errors::Result<Box<dyn FormatReader + 's>>
+where
+    R: Read + Seek + Send + Sync,
+{
+    let stream = MediaSourceStream::new(
+        Box::new(SeekableSource {
+            inner: source,
+            len,
+            seekable,
+        }),
+        MediaSourceStreamOptions::default(),
+    );
+    symphonia::default::get_probe().probe(
+        hint,
+        stream,
+        FormatOptions::default(),
+        MetadataOptions::default(),
+    )
+}
+
+/// Whether `source` starts with `magic`; leaves it at byte 0.
+fn starts_with<R: Read + Seek>(source: &mut R, magic: &[u8]) -> bool {
+    let mut head = vec![0; magic.len()];
+    let matched = source
+        .rewind()
+        .and_then(|()| source.read_exact(&mut head))
+        .is_ok()
+        && head == magic;
+    source.rewind().is_ok() && matched
+}
+
+/// Refuses, from the first bytes, a WAV header that symphonia cannot lay out: more than
+/// 26 channels, which its WAV reader can overflow on (a panic) before it says so.
+/// Leaves `source` at byte 0.
+fn refuse_before_probe<R: Read + Seek>(source: &mut R) -> Result<(), DecodeError> {
+    let mut head = Vec::new();
+    source
+        .by_ref()
+        .take(HEAD_LEN)
+        .read_to_end(&mut head)
+        .map_err(DecodeError::Io)?;
+    source.rewind().map_err(DecodeError::Io)?;
+    match wav_format(&head) {
+        Some(fmt) if fmt.channels > MAX_WAV_CHANNELS => Err(DecodeError::TooManyChannels {
+            channels: u32::from(fmt.channels),
+            container: "WAV",
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// Most channels symphonia's WAV reader lays out (its table of speaker positions).
+const MAX_WAV_CHANNELS: u16 = 26;
 
 /// Any `Read + Seek` as a symphonia source of known length.
 struct SeekableSource<R> {
     inner: R,
     len: u64,
+    /// Whether demuxers may seek (they always may read from the start).
+    seekable: bool,
 }
 
 impl<R: Read> Read for SeekableSource<R> {
@@ -331,7 +407,7 @@ impl<R: Seek> Seek for SeekableSource<R> {
 
 impl<R: Read + Seek + Send + Sync> MediaSource for SeekableSource<R> {
     fn is_seekable(&self) -> bool {
-        true
+        self.seekable
     }
 
     fn byte_len(&self) -> Option<u64> {
@@ -438,7 +514,10 @@ fn decode_packets(
                 format!("the demuxer skipped corrupt data between timestamps {expected} and {pts}")
             });
         }
-        next_pts = Some(pts + i128::from(packet.dur.get()));
+        // A packet without a duration (Vorbis's priming packet, at a negative timestamp)
+        // says nothing about where the next one starts.
+        let dur = packet.dur.get();
+        next_pts = (dur > 0).then(|| pts + i128::from(dur));
 
         let buffer = match decoder.decode(&packet) {
             Ok(buffer) => buffer,
@@ -589,6 +668,19 @@ fn explain_open_failure<R: Read + Seek>(error: SymphoniaError, source: &mut R) -
     {
         return explained;
     }
+    if is_mp4(&head)
+        && let SymphoniaError::Unsupported(detail) = &error
+        && detail.contains("moov")
+    {
+        // The track headers (`moov`) are missing; encoders that write them last leave
+        // them out of a file cut short.
+        return match mp4_is_cut_short(source) {
+            Ok(true) => DecodeError::Truncated,
+            _ => DecodeError::Malformed {
+                detail: "MP4 without track headers (no moov atom)".to_owned(),
+            },
+        };
+    }
     match error {
         SymphoniaError::IoError(error) if error.kind() == io::ErrorKind::UnexpectedEof => {
             DecodeError::Truncated
@@ -607,6 +699,43 @@ fn explain_open_failure<R: Read + Seek>(error: SymphoniaError, source: &mut R) -
     }
 }
 
+/// An ISO base media file (MP4, M4A, MOV): it starts with an `ftyp` box.
+fn is_mp4(head: &[u8]) -> bool {
+    head.get(4..8) == Some(b"ftyp")
+}
+
+/// Whether an MP4 file's top-level boxes run past the end of the input.
+fn mp4_is_cut_short<R: Read + Seek>(source: &mut R) -> io::Result<bool> {
+    let len = source.seek(SeekFrom::End(0))?;
+    let mut at = 0u64;
+    while at < len {
+        source.seek(SeekFrom::Start(at))?;
+        let mut header = [0u8; 16];
+        let available = usize::try_from((len - at).min(16)).unwrap_or(16);
+        source.read_exact(&mut header[..available])?;
+        if available < 8 {
+            return Ok(true);
+        }
+        let size = match u32::from_be_bytes([header[0], header[1], header[2], header[3]]) {
+            // The box runs to the end of the file.
+            0 => return Ok(false),
+            // A 64-bit size follows the type.
+            1 if available == 16 => u64::from_be_bytes([
+                header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+                header[15],
+            ]),
+            1 => return Ok(true),
+            size => u64::from(size),
+        };
+        if size < 8 {
+            // Not a box: the file is corrupt rather than short.
+            return Ok(false);
+        }
+        at = at.saturating_add(size);
+    }
+    Ok(at > len)
+}
+
 /// What the first bytes of the input say about why it could not be opened.
 fn explain_head(head: &[u8], error: &SymphoniaError) -> Option<DecodeError> {
     // A container magic with too little after it for the probe to recognise it.
@@ -618,6 +747,14 @@ fn explain_head(head: &[u8], error: &SymphoniaError) -> Option<DecodeError> {
     let fmt = wav_format(head)?;
     if fmt.channels == 0 {
         return Some(DecodeError::ZeroChannels);
+    }
+    // Symphonia lays out at most 26 channels (18 with an extensible speaker mask) and
+    // says "invalid channel count" or "too many channels".
+    if fmt.channels > 8 && symphonia_detail(error).contains("channel") {
+        return Some(DecodeError::TooManyChannels {
+            channels: u32::from(fmt.channels),
+            container: "WAV",
+        });
     }
     if let Err(error) = check_sample_rate(fmt.sample_rate) {
         return Some(error);
@@ -1195,14 +1332,17 @@ mod tests {
             matches!(&error, DecodeError::UnsupportedCodec { codec } if codec == "WAV format tag 0x1234"),
             "{error:?}"
         );
-        // IMA ADPCM: the WAV reader understands it, no decoder is built in.
+    }
+
+    #[test]
+    fn ima_adpcm_in_wav_decodes() {
+        // One 256-byte block of silence: 505 frames.
         let mut ima = wav_with(0x0011, 1, 16_000, 4, &[2, 0, 0xf9, 0x01], &[0; 256]);
-        ima[32..34].copy_from_slice(&256u16.to_le_bytes()); // block align: 505 frames in 256 bytes
-        let error = decode_err(&ima, None);
-        assert!(
-            matches!(&error, DecodeError::UnsupportedCodec { codec } if codec == "adpcm_ima_wav"),
-            "{error:?}"
-        );
+        ima[32..34].copy_from_slice(&256u16.to_le_bytes()); // block align
+        let decoded = decode_bytes(&ima, None).unwrap();
+        assert_eq!(decoded.info.codec, "adpcm_ima_wav");
+        assert_eq!(decoded.info.frames, 505);
+        assert!(decoded.samples.iter().all(|&s| s.abs() < 1e-3));
     }
 
     #[test]
@@ -1340,20 +1480,38 @@ mod tests {
         let error = decode_err(&wav(WAVE_FORMAT_PCM, 27, 16_000, 16, &[0; 64]), None);
         assert_eq!(
             error.to_string(),
-            "malformed container header: riff: invalid channel count"
+            "the header declares 27 channels, more than the WAV reader supports"
         );
         // Symphonia's WAV reader multiplies channels by bytes per sample in 16 bits, which
-        // overflows (a panic where overflow checks are on, as in test builds) for 65535.
+        // overflows (a panic where overflow checks are on) for 65535: refused before.
         for channels in [27, 1000, u16::MAX] {
             let bytes = wav(WAVE_FORMAT_PCM, channels, 16_000, 16, &[0; 64]);
             let error = decode_err(&bytes, None);
             assert!(
-                matches!(
-                    error,
-                    DecodeError::Malformed { .. } | DecodeError::DecoderPanic { .. }
-                ),
+                matches!(error, DecodeError::TooManyChannels { channels: c, container: "WAV" } if c == u32::from(channels)),
                 "{channels} channels: {error:?}"
             );
+        }
+    }
+
+    #[test]
+    fn many_channels_are_averaged_and_counted() {
+        // 8, 12 and 26 channels; channel k is a tone at 100 (k + 1) Hz.
+        for channels in [8u16, 12, 26] {
+            let n = usize::from(channels);
+            let tones: Vec<Vec<f32>> = (0..n)
+                .map(|k| signal(800, 16_000, 100.0 * (k + 1) as f32))
+                .collect();
+            let interleaved: Vec<f32> = (0..800)
+                .flat_map(|i| tones.iter().map(move |t| t[i]))
+                .collect();
+            let expected: Vec<f32> = (0..800)
+                .map(|i| tones.iter().map(|t| t[i]).sum::<f32>() / f32::from(channels))
+                .collect();
+            let decoded = decode_bytes(&wav_f32(channels, 16_000, &interleaved), None).unwrap();
+            assert_eq!(decoded.info.channels, n);
+            assert_eq!(decoded.info.frames, 800);
+            assert_close(&decoded.samples, &expected, 1e-6);
         }
     }
 }

@@ -1,0 +1,163 @@
+//! Front-end throughput: read + decode + resample + fbank, on one thread, in
+//! x-realtime per core (seconds of audio per second of CPU), for 44.1 kHz stereo MP3,
+//! FLAC and WAV sources resampled to the model's 16 kHz.
+//!
+//! `cargo bench --bench frontend` (add `-- --seconds N` to time each case for N
+//! seconds, default 3). The MP3 and FLAC sources are `tests/data/audio/bench_*`
+//! (made by `tests/data/audio/make.sh`); the WAV is synthesised here. Each case also
+//! reports the stages cumulatively (decode only, + resample, + fbank) so a slow stage
+//! shows.
+
+use std::hint::black_box;
+use std::io::Cursor;
+use std::ops::ControlFlow;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use audiocap::audio::decode::decode_stream;
+use audiocap::audio::fbank::{Fbank, FbankConfig};
+use audiocap::audio::frontend::FrontEnd;
+use audiocap::audio::segment::SegmentConfig;
+
+/// A 16-bit stereo WAV of `seconds` at 44.1 kHz: the tests' two tones plus noise.
+fn wav_source(seconds: usize) -> Vec<u8> {
+    let rate = 44_100u32;
+    let frames = rate as usize * seconds;
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let mut noise = move || {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        (state >> 40) as f64 / f64::from(1u32 << 24) - 0.5
+    };
+    let mut data = Vec::with_capacity(frames * 4);
+    for i in 0..frames {
+        let t = i as f64 / f64::from(rate);
+        let left = 0.5 * (std::f64::consts::TAU * 440.0 * t).sin() + 0.02 * noise();
+        let right = 0.25 * (std::f64::consts::TAU * 1000.0 * t).sin() + 0.02 * noise();
+        for x in [left, right] {
+            data.extend_from_slice(&((x * 32_767.0).round() as i16).to_le_bytes());
+        }
+    }
+    let mut out = Vec::with_capacity(44 + data.len());
+    out.extend_from_slice(b"RIFF");
+    out.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
+    out.extend_from_slice(b"WAVEfmt ");
+    out.extend_from_slice(&16u32.to_le_bytes());
+    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&2u16.to_le_bytes());
+    out.extend_from_slice(&rate.to_le_bytes());
+    out.extend_from_slice(&(rate * 4).to_le_bytes());
+    out.extend_from_slice(&4u16.to_le_bytes());
+    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(b"data");
+    out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+    out.extend_from_slice(&data);
+    out
+}
+
+/// Which stages a run goes through.
+#[derive(Clone, Copy)]
+enum Stages {
+    Decode,
+    Resample,
+    Fbank,
+}
+
+impl Stages {
+    fn label(self) -> &'static str {
+        match self {
+            Stages::Decode => "decode",
+            Stages::Resample => "decode+resample",
+            Stages::Fbank => "decode+resample+fbank",
+        }
+    }
+}
+
+/// One pass over `bytes`; returns the seconds of audio it held.
+fn run_once(
+    bytes: &[u8],
+    hint: &str,
+    stages: Stages,
+    front_end: &mut FrontEnd,
+    fbank: &Fbank,
+) -> f64 {
+    let rate = front_end.rate();
+    let info = match stages {
+        Stages::Decode => decode_stream(Cursor::new(bytes), Some(hint), |chunk| {
+            black_box(chunk);
+            ControlFlow::Continue(())
+        })
+        .map_err(Into::into),
+        Stages::Resample | Stages::Fbank => {
+            front_end.decode_segments(Cursor::new(bytes), Some(hint), |segment| {
+                if matches!(stages, Stages::Fbank) {
+                    black_box(fbank.compute(&segment.samples));
+                } else {
+                    black_box(&segment.samples);
+                }
+                ControlFlow::Continue(())
+            })
+        }
+    };
+    match info {
+        Ok(info) => {
+            assert_eq!(rate, fbank.config().sample_rate);
+            info.duration_secs()
+        }
+        Err(error) => panic!("the bench input does not decode: {error}"),
+    }
+}
+
+fn main() {
+    let mut seconds = 3.0;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        // `cargo bench` passes `--bench`; only `--seconds N` is ours.
+        if arg == "--seconds" {
+            seconds = args
+                .next()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("--seconds takes a number"));
+        }
+    }
+    let budget = Duration::from_secs_f64(seconds);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/audio");
+    let read = |name: &str| {
+        std::fs::read(data.join(name))
+            .unwrap_or_else(|e| panic!("{}: {e} (run tests/data/audio/make.sh)", name))
+    };
+    let sources = [
+        ("MP3 128 kbps", "mp3", read("bench_10s.mp3")),
+        ("FLAC 16-bit", "flac", read("bench_3s.flac")),
+        ("WAV 16-bit", "wav", wav_source(10)),
+    ];
+    let fbank = Fbank::new(FbankConfig::default()).unwrap_or_else(|e| panic!("fbank: {e}"));
+    let rate = fbank.config().sample_rate;
+    // The pipeline's default cut: inputs up to 30 s are one segment, longer ones 10 s windows.
+    let mut front_end =
+        FrontEnd::new(rate, SegmentConfig::default()).unwrap_or_else(|e| panic!("front end: {e}"));
+
+    println!(
+        "front-end throughput, one thread, 44.1 kHz stereo -> {rate} Hz mono, {seconds} s per case"
+    );
+    for (name, hint, bytes) in &sources {
+        for stages in [Stages::Decode, Stages::Resample, Stages::Fbank] {
+            // Warm-up: builds the resampler and faults the pages in.
+            let clip = run_once(bytes, hint, stages, &mut front_end, &fbank);
+            let start = Instant::now();
+            let mut audio = 0.0;
+            let mut runs = 0;
+            while start.elapsed() < budget {
+                audio += run_once(bytes, hint, stages, &mut front_end, &fbank);
+                runs += 1;
+            }
+            let elapsed = start.elapsed().as_secs_f64();
+            println!(
+                "{name:<13} {:<22} {:>8.0}x realtime  ({runs} x {clip:.1} s clip in {elapsed:.2} s)",
+                stages.label(),
+                audio / elapsed,
+            );
+        }
+    }
+}
