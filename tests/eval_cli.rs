@@ -16,7 +16,9 @@ use audiocap::output::{CaptionFileWriter, CaptionRow};
 use parquet::arrow::ArrowWriter;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
-use crate::common::{MetricsReference as Reference, MetricsSet as Set, fixtures};
+use crate::common::{
+    METEOR_SETUP_HELP, MetricsReference as Reference, MetricsSet as Set, fixtures, meteor_setup,
+};
 
 const TOLERANCE: f64 = 1e-6;
 
@@ -43,6 +45,13 @@ fn args(pred: &Path, refs: &Path, dir: &Path) -> EvalArgs {
         out: Some(dir.join("out/metrics.json")),
         per_clip: Some(dir.join("out/clip_scores.parquet")),
         key_column: None,
+        java: None,
+        meteor_jar: None,
+        spice_jar: None,
+        corenlp_dir: None,
+        // The join and native scores are tested without JVMs; the METEOR tests below
+        // turn them on.
+        no_java_metrics: true,
     }
 }
 
@@ -203,10 +212,15 @@ fn clotho_csv_references_with_csv_predictions() {
             .as_str()
             .is_some_and(|l| l.starts_with("Clotho"))
     );
+    for metric in ["meteor", "spice", "spider"] {
+        let reason = json["unavailable"][metric].as_str().unwrap_or_default();
+        assert!(!reason.is_empty(), "unavailable.{metric}");
+        assert!(json["scores"].get(metric).is_none(), "scores.{metric}");
+    }
     assert!(
         json["unavailable"]["meteor"]
             .as_str()
-            .is_some_and(|r| r.contains("Java"))
+            .is_some_and(|r| r.contains("--no-java-metrics"))
     );
     assert!(!out.with_extension("json.partial").exists());
 
@@ -458,4 +472,175 @@ fn bad_inputs_give_clear_errors() {
     assert!(err.contains("no prediction matched"), "{err}");
     assert!(err.contains("zzz.wav"), "{err}");
     assert!(!a.out.as_deref().is_some_and(Path::exists));
+}
+
+fn f64_column(batch: &RecordBatch, column: &str) -> Vec<Option<f64>> {
+    let array = batch
+        .column_by_name(column)
+        .unwrap_or_else(|| panic!("column {column}"))
+        .as_any()
+        .downcast_ref::<arrow_array::Float64Array>()
+        .expect("f64 column");
+    (0..array.len())
+        .map(|i| (!array.is_null(i)).then(|| array.value(i)))
+        .collect()
+}
+
+/// set1 as Clotho references and CSV predictions in `dir`; returns (pred, refs).
+fn set1_files(set: &Set, dir: &Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let refs = dir.join("clotho.csv");
+    clotho_refs(set, &refs);
+    let pred = dir.join("pred.csv");
+    let rows: Vec<Vec<String>> = set
+        .candidates
+        .iter()
+        .enumerate()
+        .map(|(i, c)| vec![format!("clip_{i}.wav"), c.clone()])
+        .collect();
+    write_csv(&pred, &["file_name", "caption"], &rows);
+    (pred, refs)
+}
+
+/// A METEOR jar that is missing, or that Java cannot run, makes METEOR unavailable
+/// with the reason; every native metric is still computed and written.
+#[test]
+fn bogus_meteor_jar_is_reported_unavailable() {
+    let set = set1();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pred, refs) = set1_files(&set, dir.path());
+
+    let mut a = args(&pred, &refs, dir.path());
+    a.no_java_metrics = false;
+    a.meteor_jar = Some(dir.path().join("nowhere/meteor-1.5.jar"));
+    a.spice_jar = Some(dir.path().join("nowhere/spice-1.0.jar"));
+    let outcome = run_eval(&a).expect("eval with a missing jar");
+    assert_set1_scores(&outcome, &set);
+    let why = outcome
+        .java
+        .meteor
+        .as_ref()
+        .expect_err("METEOR unavailable");
+    assert!(why.0.contains("--meteor-jar"), "{why}");
+    assert!(
+        why.0.contains("nowhere/meteor-1.5.jar: no such file"),
+        "{why}"
+    );
+    let spice = outcome.java.spice.as_ref().expect_err("SPICE unavailable");
+    assert!(
+        spice.0.contains("nowhere/spice-1.0.jar: no such file"),
+        "{spice}"
+    );
+    assert_eq!(outcome.metrics["unavailable"]["meteor"], why.0.as_str());
+    assert!(outcome.metrics["unavailable"]["spider"].is_string());
+    let report = outcome.report();
+    assert!(report.contains("METEOR    unavailable"), "{report}");
+    assert!(report.contains("no such file"), "{report}");
+    let batches = read_parquet(a.per_clip.as_ref().expect("per-clip path"));
+    for column in ["meteor", "spice", "spider"] {
+        assert_eq!(f64_column(&batches[0], column), [None, None], "{column}");
+    }
+
+    // A file that is no jar, with the paraphrase table it would need beside it: Java
+    // refuses it, and its stderr is the reason.
+    let setup = meteor_setup();
+    let bogus = dir.path().join("bogus/meteor-1.5.jar");
+    std::fs::create_dir_all(bogus.with_file_name("data")).expect("mkdir");
+    std::fs::write(&bogus, b"not a jar").expect("write");
+    std::fs::write(bogus.with_file_name("data").join("paraphrase-en.gz"), b"").expect("write");
+    a.meteor_jar = Some(bogus);
+    a.java = Some(setup.java);
+    let outcome = run_eval(&a).expect("eval with a corrupt jar");
+    assert_set1_scores(&outcome, &set);
+    let why = outcome
+        .java
+        .meteor
+        .as_ref()
+        .expect_err("METEOR unavailable");
+    assert!(why.0.starts_with("METEOR failed:"), "{why}");
+    assert!(why.0.contains("corrupt jarfile"), "{why}");
+}
+
+/// `run_eval` with METEOR on: the corpus METEOR of set1 matches the reference, its
+/// per-clip scores go into the per-clip file, and SPIDEr follows SPICE.
+#[test]
+fn meteor_in_the_eval_report() {
+    let set = set1();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pred, refs) = set1_files(&set, dir.path());
+    let mut a = args(&pred, &refs, dir.path());
+    a.no_java_metrics = false;
+    a.meteor_jar = Some(meteor_setup().jar);
+    let outcome = run_eval(&a).expect("eval");
+    assert_set1_scores(&outcome, &set);
+    let meteor = match &outcome.java.meteor {
+        Ok(m) => m,
+        Err(why) => panic!("{why}; {METEOR_SETUP_HELP}"),
+    };
+    let expected = set.scores["meteor"];
+    assert!(
+        (meteor.corpus - expected).abs() <= 1e-4,
+        "METEOR {} reference {expected}",
+        meteor.corpus
+    );
+    assert_eq!(
+        outcome.metrics["scores"]["meteor"].as_f64(),
+        Some(meteor.corpus)
+    );
+    assert!(outcome.metrics["unavailable"].get("meteor").is_none());
+    let report = outcome.report();
+    assert!(
+        report.contains(&format!("METEOR    {:>10.4}", meteor.corpus)),
+        "{report}"
+    );
+
+    let batches = read_parquet(a.per_clip.as_ref().expect("per-clip path"));
+    let per_clip: Vec<Option<f64>> = meteor.per_clip.iter().copied().map(Some).collect();
+    assert_eq!(f64_column(&batches[0], "meteor"), per_clip);
+
+    // SPICE runs only where the CoreNLP jars are installed; either way SPIDEr follows.
+    match (&outcome.java.spice, outcome.java.spider(&outcome.scores)) {
+        (Ok(spice), Ok((spider, _))) => {
+            assert_eq!(spider, (outcome.scores.cider_d + spice.corpus) / 2.0);
+        }
+        (Err(why), Err(_)) => {
+            assert!(why.0.contains("SPICE"), "{why}");
+            assert_eq!(f64_column(&batches[0], "spider"), [None, None]);
+        }
+        (spice, spider) => panic!("SPICE {spice:?} but SPIDEr {spider:?}"),
+    }
+}
+
+/// The binary: `audiocap eval` prints the table, with METEOR unavailable and why.
+#[test]
+fn eval_command_prints_the_table() {
+    let set = set1();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pred, refs) = set1_files(&set, dir.path());
+    let missing = dir.path().join("missing.jar");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_audiocap"))
+        .arg("eval")
+        .arg("--pred")
+        .arg(&pred)
+        .arg("--refs")
+        .arg(&refs)
+        .arg("--meteor-jar")
+        .arg(&missing)
+        .arg("--spice-jar")
+        .arg(&missing)
+        .output()
+        .expect("running audiocap eval");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cider = set.scores["cider_d"];
+    assert!(
+        stdout.contains(&format!("CIDEr-D   {cider:>10.4}")),
+        "{stdout}"
+    );
+    assert!(stdout.contains("METEOR    unavailable"), "{stdout}");
+    assert!(stdout.contains("missing.jar: no such file"), "{stdout}");
+    assert!(stdout.contains("SPIDEr    unavailable"), "{stdout}");
 }

@@ -7,7 +7,8 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::files::{self, Layout, Pair, Predictions};
-use super::{CorpusScores, report, score_corpus};
+use super::jvm::{Environment, JavaPaths};
+use super::{CorpusScores, JavaScores, report, score_corpus, score_java_metrics};
 
 /// How many unmatched keys the report lists.
 const SAMPLE: usize = 10;
@@ -33,6 +34,35 @@ pub struct EvalArgs {
     /// Key column of a generic reference table (default: `file_name`, then `uri`).
     #[arg(long = "key-column")]
     pub key_column: Option<String>,
+    /// Java for METEOR and SPICE (default: `$JAVA_HOME/bin/java`, then `java` on PATH).
+    #[arg(long)]
+    pub java: Option<PathBuf>,
+    /// METEOR 1.5 jar, with `data/paraphrase-en.gz` beside it (default:
+    /// `$AUDIOCAP_METEOR_JAR`, then the jar of the installed `pycocoevalcap` package).
+    #[arg(long = "meteor-jar")]
+    pub meteor_jar: Option<PathBuf>,
+    /// SPICE jar (default: `$AUDIOCAP_SPICE_JAR`, then pycocoevalcap's `spice-1.0.jar`).
+    #[arg(long = "spice-jar")]
+    pub spice_jar: Option<PathBuf>,
+    /// Folder with `stanford-corenlp-3.6.0.jar` and `stanford-corenlp-3.6.0-models.jar`
+    /// for SPICE (default: `$AUDIOCAP_CORENLP_DIR`, then the SPICE jar's `lib/`).
+    #[arg(long = "corenlp-dir")]
+    pub corenlp_dir: Option<PathBuf>,
+    /// Skip METEOR and SPICE (no JVM is started).
+    #[arg(long = "no-java-metrics")]
+    pub no_java_metrics: bool,
+}
+
+impl EvalArgs {
+    /// The Java tool locations given on the command line.
+    pub fn java_paths(&self) -> JavaPaths {
+        JavaPaths {
+            java: self.java.clone(),
+            meteor_jar: self.meteor_jar.clone(),
+            spice_jar: self.spice_jar.clone(),
+            corenlp_dir: self.corenlp_dir.clone(),
+        }
+    }
 }
 
 /// Counts of the join.
@@ -62,6 +92,8 @@ pub struct EvalCounts {
 #[derive(Debug, Clone)]
 pub struct EvalOutcome {
     pub scores: CorpusScores,
+    /// METEOR, SPICE (and through SPICE, SPIDEr), or why they are unavailable.
+    pub java: JavaScores,
     pub layout: Layout,
     pub prediction_format: String,
     pub counts: EvalCounts,
@@ -86,7 +118,7 @@ impl EvalOutcome {
             out.push('\n');
         }
         out.push('\n');
-        out.push_str(&report::table(&self.scores));
+        out.push_str(&report::table(&self.scores, &self.java));
         out
     }
 }
@@ -138,14 +170,25 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<EvalOutcome> {
     let refs: Vec<Vec<String>> = joined.pairs.iter().map(|p| p.references.clone()).collect();
     let scores = score_corpus(&candidates, &refs).context("scoring the matched pairs")?;
 
+    let java = if args.no_java_metrics {
+        JavaScores::unavailable("skipped (--no-java-metrics)")
+    } else {
+        score_java_metrics(
+            &args.java_paths(),
+            &Environment::process(),
+            &candidates,
+            &refs,
+        )
+    };
+
     let mut metric_values = serde_json::Map::new();
-    for (name, value) in report::score_rows(&scores) {
-        metric_values.insert(name.to_lowercase().replace('-', "_"), json!(value));
+    let mut unavailable = serde_json::Map::new();
+    for (name, value) in report::score_rows(&scores, &java) {
+        match value {
+            Ok(v) => metric_values.insert(report::metric_key(name), json!(v)),
+            Err(why) => unavailable.insert(report::metric_key(name), json!(why.0)),
+        };
     }
-    let unavailable: serde_json::Map<String, serde_json::Value> = report::UNAVAILABLE
-        .iter()
-        .map(|(name, reason)| (name.to_lowercase(), json!(format!("{name} {reason}"))))
-        .collect();
     let first = |v: &[String]| v.iter().take(SAMPLE).cloned().collect::<Vec<_>>();
     let metrics = json!({
         "scores": metric_values,
@@ -173,12 +216,13 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<EvalOutcome> {
             .with_context(|| format!("writing metrics {}", path.display()))?;
     }
     if let Some(path) = &args.per_clip {
-        report::write_per_clip(path, &joined.pairs, &scores)
+        report::write_per_clip(path, &joined.pairs, &scores, &java)
             .with_context(|| format!("writing per-clip scores {}", path.display()))?;
     }
 
     Ok(EvalOutcome {
         scores,
+        java,
         layout: references.layout,
         prediction_format: predictions.format,
         counts,

@@ -6,14 +6,19 @@
 //! interned to integers and n-grams counted in hash maps, so scoring is linear in
 //! the size of the corpus.
 //!
-//! METEOR and SPICE (Java jars) are not computed here.
+//! METEOR 1.5 and SPICE are the reference's own jars, run as child processes
+//! ([`meteor`], [`spice`]) when Java and the jars are found ([`jvm`]); otherwise they
+//! are reported unavailable with the reason, and the native metrics stand alone.
 
 mod bleu;
 mod cider;
 pub mod command;
 pub mod files;
+pub mod jvm;
+pub mod meteor;
 pub mod report;
 mod rouge;
+pub mod spice;
 mod tokenize;
 
 use std::collections::HashMap;
@@ -81,38 +86,12 @@ pub fn score_corpus(
     candidates: &[String],
     references: &[Vec<String>],
 ) -> Result<CorpusScores, EvalError> {
-    if candidates.len() != references.len() {
-        return Err(EvalError::LengthMismatch {
-            candidates: candidates.len(),
-            references: references.len(),
-        });
-    }
-    if candidates.is_empty() {
-        return Err(EvalError::Empty);
-    }
-    if let Some(index) = references.iter().position(Vec::is_empty) {
-        return Err(EvalError::NoReferences { index });
-    }
+    let corpus = PreparedCorpus::new(candidates, references)?;
+    let (bleu, bleu_per_clip) = corpus.bleu();
+    let rouge_per_clip = corpus.rouge_l();
+    let cider_per_clip = corpus.cider_d();
 
-    let mut vocab = Vocab::default();
-    let cands: Vec<Sentence> = candidates
-        .iter()
-        .map(|c| Sentence::new(&mut vocab, c))
-        .collect();
-    let refs: Vec<Vec<Sentence>> = references
-        .iter()
-        .map(|rs| rs.iter().map(|r| Sentence::new(&mut vocab, r)).collect())
-        .collect();
-
-    let (bleu, bleu_per_clip) = bleu::score(&cands, &refs);
-    let rouge_per_clip: Vec<f64> = cands
-        .iter()
-        .zip(&refs)
-        .map(|(c, rs)| rouge::score(c, rs))
-        .collect();
-    let cider_per_clip = cider::score(&cands, &refs);
-
-    let n = cands.len() as f64;
+    let n = candidates.len() as f64;
     let rouge_l = rouge_per_clip.iter().sum::<f64>() / n;
     let cider_d = cider_per_clip.iter().sum::<f64>() / n;
     let per_clip = bleu_per_clip
@@ -131,6 +110,122 @@ pub fn score_corpus(
         cider_d,
         per_clip,
     })
+}
+
+/// Candidates and reference lists pair up, and there is at least one pair.
+pub(crate) fn check_pairs<T>(candidates: &[String], references: &[T]) -> Result<(), EvalError> {
+    if candidates.len() != references.len() {
+        return Err(EvalError::LengthMismatch {
+            candidates: candidates.len(),
+            references: references.len(),
+        });
+    }
+    if candidates.is_empty() {
+        return Err(EvalError::Empty);
+    }
+    Ok(())
+}
+
+/// Captions tokenized, interned and counted once, for the metrics to share; lets a
+/// caller (the benchmark) time each metric on its own.
+pub struct PreparedCorpus {
+    cands: Vec<Sentence>,
+    refs: Vec<Vec<Sentence>>,
+}
+
+impl PreparedCorpus {
+    /// Tokenizes and counts the captions; fails on the inputs [`score_corpus`] refuses.
+    pub fn new(candidates: &[String], references: &[Vec<String>]) -> Result<Self, EvalError> {
+        check_pairs(candidates, references)?;
+        if let Some(index) = references.iter().position(Vec::is_empty) {
+            return Err(EvalError::NoReferences { index });
+        }
+        let mut vocab = Vocab::default();
+        let cands = candidates
+            .iter()
+            .map(|c| Sentence::new(&mut vocab, c))
+            .collect();
+        let refs = references
+            .iter()
+            .map(|rs| rs.iter().map(|r| Sentence::new(&mut vocab, r)).collect())
+            .collect();
+        Ok(PreparedCorpus { cands, refs })
+    }
+
+    /// Corpus BLEU-1..4 and each candidate's.
+    pub fn bleu(&self) -> ([f64; 4], Vec<[f64; 4]>) {
+        bleu::score(&self.cands, &self.refs)
+    }
+
+    /// Each candidate's ROUGE-L.
+    pub fn rouge_l(&self) -> Vec<f64> {
+        self.cands
+            .iter()
+            .zip(&self.refs)
+            .map(|(c, rs)| rouge::score(c, rs))
+            .collect()
+    }
+
+    /// Each candidate's CIDEr-D.
+    pub fn cider_d(&self) -> Vec<f64> {
+        cider::score(&self.cands, &self.refs)
+    }
+}
+
+/// METEOR and SPICE, each computed or with the reason it was not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct JavaScores {
+    pub meteor: Result<meteor::MeteorScores, jvm::Unavailable>,
+    pub spice: Result<spice::SpiceScores, jvm::Unavailable>,
+}
+
+impl JavaScores {
+    /// Both metrics unavailable for the same reason.
+    pub fn unavailable(reason: &str) -> Self {
+        JavaScores {
+            meteor: Err(jvm::Unavailable(format!("METEOR {reason}"))),
+            spice: Err(jvm::Unavailable(format!("SPICE {reason}"))),
+        }
+    }
+
+    /// SPIDEr (corpus, per candidate) from the native CIDEr-D and SPICE.
+    pub fn spider(&self, native: &CorpusScores) -> Result<(f64, Vec<f64>), jvm::Unavailable> {
+        match &self.spice {
+            Ok(s) => Ok((
+                spice::spider(native.cider_d, s.corpus),
+                native
+                    .per_clip
+                    .iter()
+                    .zip(&s.per_clip)
+                    .map(|(c, &sp)| spice::spider(c.cider_d, sp))
+                    .collect(),
+            )),
+            Err(_) => Err(jvm::Unavailable(
+                "SPIDEr is (CIDEr-D + SPICE) / 2 and SPICE is unavailable".to_string(),
+            )),
+        }
+    }
+}
+
+/// Runs METEOR and SPICE on raw captions (one JVM each) where their setup is found.
+/// Never fails: what cannot be computed is reported as [`jvm::Unavailable`] with the
+/// reason (what was not found where, or the tool's stderr).
+pub fn score_java_metrics(
+    paths: &jvm::JavaPaths,
+    env: &jvm::Environment,
+    candidates: &[String],
+    references: &[Vec<String>],
+) -> JavaScores {
+    let failed = |tool: &str, e: jvm::JavaError| jvm::Unavailable(format!("{tool} failed: {e}"));
+    let meteor = meteor::MeteorSetup::discover(paths, env).and_then(|setup| {
+        tracing::info!(jar = %setup.jar.display(), java = %setup.java.display(), "running METEOR");
+        meteor::meteor(&setup, candidates, references).map_err(|e| failed("METEOR", e))
+    });
+    let spice = spice::SpiceSetup::discover(paths, env).and_then(|setup| {
+        tracing::info!(jar = %setup.jar.display(), java = %setup.java.display(), "running SPICE");
+        spice::spice(&setup, candidates, references).map_err(|e| failed("SPICE", e))
+    });
+    JavaScores { meteor, spice }
 }
 
 /// An n-gram of interned tokens; unused positions hold [`PAD`].

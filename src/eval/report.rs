@@ -8,31 +8,16 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::builder::{Float64Builder, StringBuilder};
-use arrow_array::{ArrayRef, RecordBatch};
+use arrow_array::{ArrayRef, Float64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
-use super::CorpusScores;
 use super::files::Pair;
+use super::jvm::Unavailable;
+use super::{CorpusScores, JavaScores};
 use crate::output::ParquetFileWriter;
 
 /// Separator between the reference captions in the per-clip file's `references` column.
 pub const REFERENCE_SEPARATOR: &str = " | ";
-
-/// Metrics this build does not compute, with the reason.
-pub const UNAVAILABLE: [(&str, &str); 3] = [
-    (
-        "METEOR",
-        "needs Java and meteor-1.5.jar (not implemented yet)",
-    ),
-    (
-        "SPICE",
-        "needs Java, spice-1.0.jar and the Stanford CoreNLP 3.6.0 jars (not implemented yet)",
-    ),
-    (
-        "SPIDEr",
-        "is (CIDEr-D + SPICE) / 2 and SPICE is unavailable",
-    ),
-];
 
 /// Why an output file could not be written.
 #[derive(Debug, thiserror::Error)]
@@ -56,39 +41,56 @@ pub enum ReportError {
     },
 }
 
-/// The corpus scores as (name, value) rows, in table order.
-pub fn score_rows(scores: &CorpusScores) -> [(&'static str, f64); 6] {
-    [
-        ("BLEU-1", scores.bleu[0]),
-        ("BLEU-2", scores.bleu[1]),
-        ("BLEU-3", scores.bleu[2]),
-        ("BLEU-4", scores.bleu[3]),
-        ("ROUGE-L", scores.rouge_l),
-        ("CIDEr-D", scores.cider_d),
+/// Every corpus score as (name, value or why it is unavailable), in table order.
+pub fn score_rows(
+    scores: &CorpusScores,
+    java: &JavaScores,
+) -> Vec<(&'static str, Result<f64, Unavailable>)> {
+    vec![
+        ("BLEU-1", Ok(scores.bleu[0])),
+        ("BLEU-2", Ok(scores.bleu[1])),
+        ("BLEU-3", Ok(scores.bleu[2])),
+        ("BLEU-4", Ok(scores.bleu[3])),
+        (
+            "METEOR",
+            java.meteor.as_ref().map(|m| m.corpus).map_err(Clone::clone),
+        ),
+        ("ROUGE-L", Ok(scores.rouge_l)),
+        ("CIDEr-D", Ok(scores.cider_d)),
+        (
+            "SPICE",
+            java.spice.as_ref().map(|s| s.corpus).map_err(Clone::clone),
+        ),
+        ("SPIDEr", java.spider(scores).map(|(corpus, _)| corpus)),
     ]
 }
 
-/// The scores as an aligned text table, unavailable metrics last.
-pub fn table(scores: &CorpusScores) -> String {
+/// The key of a metric in `metrics.json` and the per-clip file (`CIDEr-D` → `cider_d`).
+pub fn metric_key(name: &str) -> String {
+    name.to_lowercase().replace('-', "_")
+}
+
+/// The scores as an aligned text table; an unavailable metric shows its reason.
+pub fn table(scores: &CorpusScores, java: &JavaScores) -> String {
     let mut out = String::new();
     out.push_str(&format!("{:<9} {:>10}\n", "metric", "score"));
     out.push_str(&format!("{:-<9} {:->10}\n", "", ""));
-    for (name, value) in score_rows(scores) {
-        out.push_str(&format!("{name:<9} {value:>10.4}\n"));
-    }
-    for (name, reason) in UNAVAILABLE {
-        out.push_str(&format!(
-            "{name:<9} {:>10}  ({name} {reason})\n",
-            "unavailable"
-        ));
+    for (name, value) in score_rows(scores, java) {
+        match value {
+            Ok(v) => out.push_str(&format!("{name:<9} {v:>10.4}\n")),
+            Err(why) => out.push_str(&format!("{name:<9} {:>10}  ({why})\n", "unavailable")),
+        }
     }
     out
 }
 
+/// Per-clip columns after the native scores; null where the metric is unavailable.
+const JAVA_COLUMNS: [&str; 3] = ["meteor", "spice", "spider"];
+
 /// The per-clip file's schema.
 pub fn per_clip_schema() -> SchemaRef {
     let score = |name: &str| Field::new(name, DataType::Float64, false);
-    Arc::new(Schema::new(vec![
+    let mut fields = vec![
         Field::new("key", DataType::Utf8, false),
         Field::new("reference_key", DataType::Utf8, false),
         Field::new("candidate", DataType::Utf8, false),
@@ -99,7 +101,13 @@ pub fn per_clip_schema() -> SchemaRef {
         score("bleu_4"),
         score("rouge_l"),
         score("cider_d"),
-    ]))
+    ];
+    fields.extend(
+        JAVA_COLUMNS
+            .iter()
+            .map(|name| Field::new(*name, DataType::Float64, true)),
+    );
+    Arc::new(Schema::new(fields))
 }
 
 /// Writes one row per pair with its scores (`scores.per_clip[i]` belongs to `pairs[i]`).
@@ -107,6 +115,7 @@ pub fn write_per_clip(
     path: &Path,
     pairs: &[Pair],
     scores: &CorpusScores,
+    java: &JavaScores,
 ) -> Result<(), ReportError> {
     let n = pairs.len();
     let mut key = StringBuilder::with_capacity(n, n * 24);
@@ -132,6 +141,12 @@ pub fn write_per_clip(
             builder.append_value(v);
         }
     }
+    let spider = java.spider(scores).ok().map(|(_, per_clip)| per_clip);
+    let optional = [
+        java.meteor.as_ref().ok().map(|m| m.per_clip.as_slice()),
+        java.spice.as_ref().ok().map(|s| s.per_clip.as_slice()),
+        spider.as_deref(),
+    ];
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(key.finish()),
         Arc::new(reference_key.finish()),
@@ -139,6 +154,13 @@ pub fn write_per_clip(
         Arc::new(references.finish()),
     ];
     columns.extend(metrics.iter_mut().map(|b| Arc::new(b.finish()) as ArrayRef));
+    for values in optional {
+        let column: Float64Array = match values {
+            Some(v) => v.iter().map(|&x| Some(x)).collect(),
+            None => std::iter::repeat_n(None::<f64>, n).collect(),
+        };
+        columns.push(Arc::new(column));
+    }
     let batch =
         RecordBatch::try_new(per_clip_schema(), columns).map_err(|source| ReportError::Arrow {
             path: path.to_path_buf(),

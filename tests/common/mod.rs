@@ -141,3 +141,16 @@ pub struct MetricsSet {
     pub references: Vec<Vec<String>>,
     pub scores: std::collections::BTreeMap<String, f64>,
 }
+
+/// How to get what the METEOR tests need, for their failure messages.
+pub const METEOR_SETUP_HELP: &str = "the METEOR tests need Java and pycocoevalcap's \
+    meteor-1.5.jar: install a Java runtime (`apt-get install default-jre-headless`) and \
+    `python3 -m pip install pycocoevalcap`, or point AUDIOCAP_METEOR_JAR at meteor-1.5.jar \
+    (with data/paraphrase-en.gz beside it)";
+
+/// The METEOR setup found on this machine; a missing one fails the test.
+pub fn meteor_setup() -> audiocap::eval::meteor::MeteorSetup {
+    use audiocap::eval::jvm::{Environment, JavaPaths};
+    audiocap::eval::meteor::MeteorSetup::discover(&JavaPaths::default(), &Environment::process())
+        .unwrap_or_else(|why| panic!("{why}; {METEOR_SETUP_HELP}"))
+}
