@@ -6,6 +6,7 @@ mod common;
 mod beats_parity;
 mod captioning;
 mod cli;
+mod dataset_sink;
 mod eval_cli;
 mod fbank_parity;
 mod large_export;
