@@ -27,6 +27,9 @@ use crate::output::{CaptionRow, schema, to_record_batch, writer_properties};
 /// dropped (or a process killed) with a part open leaves nothing visible, and its
 /// inputs are simply not committed.
 ///
+/// Encoding runs on the calling task (cheap per input; a row-group flush writes up to
+/// `row_group_bytes`); closing a part and polars run on the blocking pool.
+///
 /// The async methods are not cancel-safe: a cancelled call, or one that fails,
 /// discards the open part (its inputs are not committed, as after a kill).
 pub struct DatasetWriter {
