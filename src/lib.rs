@@ -10,10 +10,13 @@
 //!   path that the ONNX export is checked against).
 //! - [`export`]: the model written as ONNX graphs with a manifest (`audiocap export`).
 //! - [`engine`]: the exported model on ONNX Runtime (`audiocap caption`).
+//! - [`dataset`]: the captions dataset on local disk or an object store: size-targeted
+//!   Parquet parts committed atomically, per-shard commit records, resume by URI.
 
 pub mod audio;
 pub mod bench;
 pub mod caption;
+pub mod dataset;
 pub mod engine;
 pub mod eval;
 pub mod export;

@@ -139,6 +139,20 @@ pub enum OutputError {
     },
 }
 
+/// The Parquet settings every output file shares: zstd, and `metadata` as key/value
+/// pairs in the footer.
+pub fn writer_properties(metadata: Vec<(String, String)>) -> WriterProperties {
+    WriterProperties::builder()
+        .set_compression(Compression::ZSTD(ZstdLevel::default()))
+        .set_key_value_metadata(Some(
+            metadata
+                .into_iter()
+                .map(|(k, v)| KeyValue::new(k, v))
+                .collect(),
+        ))
+        .build()
+}
+
 /// A zstd Parquet file of any schema, written under `<name>.partial` and renamed to
 /// its final name by [`ParquetFileWriter::finish`], so a reader never sees half a file.
 pub struct ParquetFileWriter {
@@ -168,21 +182,11 @@ impl ParquetFileWriter {
             path: staging.clone(),
             source,
         })?;
-        let props = WriterProperties::builder()
-            .set_compression(Compression::ZSTD(ZstdLevel::default()))
-            .set_key_value_metadata(Some(
-                metadata
-                    .into_iter()
-                    .map(|(k, v)| KeyValue::new(k, v))
-                    .collect(),
-            ))
-            .build();
-        let writer = ArrowWriter::try_new(file, schema, Some(props)).map_err(|source| {
-            OutputError::Parquet {
+        let writer = ArrowWriter::try_new(file, schema, Some(writer_properties(metadata)))
+            .map_err(|source| OutputError::Parquet {
                 path: staging.clone(),
                 source,
-            }
-        })?;
+            })?;
         Ok(Self {
             path: path.to_path_buf(),
             staging,

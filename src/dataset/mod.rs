@@ -1,0 +1,293 @@
+//! The captions dataset: a folder (local or on an object store) of zstd Parquet parts
+//! of [`crate::output::schema`], written by many shards and read by any Parquet reader.
+//!
+//! Layout under the dataset prefix:
+//! - `part-{shard:05}-of-{shards:05}-{run_id}-{seq:05}.zstd.parquet`: committed parts.
+//!   `prefix/*.parquet` is the dataset; a part that is visible is complete.
+//! - `_staging/`: parts being written on local disk (renamed into place to commit).
+//! - `_commits/shard-{shard:05}-of-{shards:05}/{run_id}.json`: one record per finished
+//!   shard run, written last and create-only.
+//!
+//! Readers (polars, pyarrow, DuckDB) skip names starting with `_` or `.`, so only
+//! committed parts are ever read. See [`DatasetWriter`] for writing and
+//! [`committed_inputs`] for resuming.
+
+mod commit;
+mod resume;
+mod writer;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore};
+
+pub use commit::{CommittedPart, ShardCommitRecord, commit_record_path};
+pub use resume::committed_inputs;
+pub use writer::DatasetWriter;
+
+/// Folder (under the prefix) of parts being written on local disk.
+pub const STAGING_DIR: &str = "_staging";
+/// Folder (under the prefix) of the per-shard commit records.
+pub const COMMITS_DIR: &str = "_commits";
+/// File name ending of every part.
+pub const PART_SUFFIX: &str = ".zstd.parquet";
+
+/// Where the store keeps its objects, which decides how a part is committed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StoreKind {
+    /// A `LocalFileSystem` rooted at `root` (object path `a/b` is `root/a/b`): parts
+    /// are encoded under `_staging/` and renamed into place.
+    Local { root: PathBuf },
+    /// Any other store: parts are uploaded straight to their final key (multipart,
+    /// invisible until completed), or with one `put` when small.
+    Object,
+}
+
+/// How one shard writes its parts.
+#[derive(Debug, Clone)]
+pub struct DatasetWriterOptions {
+    /// This shard, `0..shard_count`.
+    pub shard_index: u32,
+    pub shard_count: u32,
+    /// Unique per run (letters, digits, `.`, `_`, `-`): part names and the commit
+    /// record include it, so two runs never write the same object.
+    pub run_id: String,
+    /// A part is committed once its encoded size reaches this (an input is never
+    /// split, so a part can pass it by one input's rows).
+    pub target_part_bytes: u64,
+    /// A part is committed once it holds this many rows (same caveat).
+    pub max_rows_per_part: u64,
+    /// A part is committed once it has been open this long: the most work a killed
+    /// run loses.
+    pub max_part_age: Duration,
+    /// A row group is closed once its encoded size reaches this (bounds memory).
+    pub row_group_bytes: u64,
+    /// Object stores: multipart chunk size (S3 needs at least 5 MiB); a part smaller
+    /// than one chunk is written with a single `put`.
+    pub upload_chunk_bytes: usize,
+    /// Object stores: chunks in flight at once per part.
+    pub upload_concurrency: usize,
+    /// Key/value pairs for every part's footer (model manifest, pipeline config).
+    pub metadata: Vec<(String, String)>,
+}
+
+impl DatasetWriterOptions {
+    /// Defaults: 128 MiB parts, at most 1M rows, committed at least every 10 minutes,
+    /// 32 MiB row groups, 10 MiB upload chunks, 4 in flight.
+    pub fn new(shard_index: u32, shard_count: u32, run_id: impl Into<String>) -> Self {
+        Self {
+            shard_index,
+            shard_count,
+            run_id: run_id.into(),
+            target_part_bytes: 128 << 20,
+            max_rows_per_part: 1 << 20,
+            max_part_age: Duration::from_secs(600),
+            row_group_bytes: 32 << 20,
+            upload_chunk_bytes: 10 << 20,
+            upload_concurrency: 4,
+            metadata: Vec::new(),
+        }
+    }
+
+    /// Every problem at once, or `Ok`.
+    pub fn validate(&self) -> Result<(), DatasetError> {
+        let mut problems = Vec::new();
+        if self.shard_count == 0 {
+            problems.push("shard_count must be at least 1".to_string());
+        } else if self.shard_index >= self.shard_count {
+            problems.push(format!(
+                "shard_index {} must be below shard_count {}",
+                self.shard_index, self.shard_count
+            ));
+        }
+        if !valid_run_id(&self.run_id) {
+            problems.push(format!(
+                "run_id {:?} must be 1 to 128 of letters, digits, '.', '_', '-', not starting with '.' or '_'",
+                self.run_id
+            ));
+        }
+        for (name, value) in [
+            ("target_part_bytes", self.target_part_bytes),
+            ("max_rows_per_part", self.max_rows_per_part),
+            ("row_group_bytes", self.row_group_bytes),
+            ("upload_chunk_bytes", self.upload_chunk_bytes as u64),
+            ("upload_concurrency", self.upload_concurrency as u64),
+        ] {
+            if value == 0 {
+                problems.push(format!("{name} must be at least 1"));
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(DatasetError::InvalidOptions(problems.join("; ")))
+        }
+    }
+}
+
+fn valid_run_id(run_id: &str) -> bool {
+    !run_id.is_empty()
+        && run_id.len() <= 128
+        && !run_id.starts_with(['.', '_'])
+        && run_id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+}
+
+/// `part-{shard:05}-of-{shards:05}-`: the start of every part name of one shard layout.
+fn shard_part_prefix(shard_index: u32, shard_count: u32) -> String {
+    format!("part-{shard_index:05}-of-{shard_count:05}-")
+}
+
+/// The file name of part `seq` of one shard and run.
+pub fn part_name(shard_index: u32, shard_count: u32, run_id: &str, seq: u32) -> String {
+    format!(
+        "{}{run_id}-{seq:05}{PART_SUFFIX}",
+        shard_part_prefix(shard_index, shard_count)
+    )
+}
+
+/// The `seq` of `name` when it is a part of this shard and run.
+fn part_seq(name: &str, shard_index: u32, shard_count: u32, run_id: &str) -> Option<u32> {
+    let rest = name.strip_prefix(&shard_part_prefix(shard_index, shard_count))?;
+    let digits = rest
+        .strip_prefix(run_id)?
+        .strip_prefix('-')?
+        .strip_suffix(PART_SUFFIX)?;
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    digits.parse().ok()
+}
+
+/// Whether an object name directly under the prefix is a committed part: a Parquet
+/// file readers would read (not hidden by a leading `_` or `.`).
+fn is_committed_part(name: &str) -> bool {
+    name.ends_with(".parquet") && !name.starts_with(['_', '.'])
+}
+
+/// The local file of object path `path` in a `LocalFileSystem` rooted at `root`.
+fn local_path(root: &std::path::Path, path: &Path) -> PathBuf {
+    let mut out = root.to_path_buf();
+    for part in path.parts() {
+        out.push(part.as_ref());
+    }
+    out
+}
+
+/// The objects directly under `prefix` (folders are not objects).
+async fn list_objects(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+) -> Result<Vec<ObjectMeta>, DatasetError> {
+    // `None` lists the store's root.
+    let listed = store
+        .list_with_delimiter((!prefix.is_root()).then_some(prefix))
+        .await
+        .map_err(|source| DatasetError::Store {
+            op: "listing",
+            path: prefix.to_string(),
+            source,
+        })?;
+    Ok(listed.objects)
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DatasetError {
+    #[error("dataset writer options: {0}")]
+    InvalidOptions(String),
+    #[error("{op} {path}: {source}")]
+    Store {
+        op: &'static str,
+        path: String,
+        source: object_store::Error,
+    },
+    #[error("{op} {}: {source}", path.display())]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{op} {path}: {source}")]
+    Parquet {
+        op: &'static str,
+        path: String,
+        source: parquet::errors::ParquetError,
+    },
+    #[error("encoding rows of {uri} for {path}: {source}")]
+    Arrow {
+        uri: String,
+        path: String,
+        source: arrow_schema::ArrowError,
+    },
+    #[error("reading the uri column of {path} with polars: {source}")]
+    Polars {
+        path: String,
+        source: polars::error::PolarsError,
+    },
+    #[error("{path}: {what}")]
+    BadPart { path: String, what: String },
+    #[error(
+        "commit record {path} already exists: run {run_id} of this shard was already committed (use a new run id)"
+    )]
+    AlreadyCommitted { path: String, run_id: String },
+    #[error("encoding commit record {path}: {source}")]
+    Json {
+        path: String,
+        source: serde_json::Error,
+    },
+    #[error("{op}: background task failed: {source}")]
+    Task {
+        op: &'static str,
+        source: tokio::task::JoinError,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn part_names_parse_back_only_for_their_shard_and_run() {
+        let name = part_name(3, 16, "run-1", 42);
+        assert_eq!(name, "part-00003-of-00016-run-1-00042.zstd.parquet");
+        assert_eq!(part_seq(&name, 3, 16, "run-1"), Some(42));
+        assert_eq!(part_seq(&name, 3, 8, "run-1"), None);
+        assert_eq!(part_seq(&name, 4, 16, "run-1"), None);
+        assert_eq!(part_seq(&name, 3, 16, "run"), None);
+        // A run id that extends another's must not be read as the shorter run's part.
+        let longer = part_name(3, 16, "run-1-00007", 1);
+        assert_eq!(part_seq(&longer, 3, 16, "run-1"), None);
+        assert_eq!(part_seq(&longer, 3, 16, "run-1-00007"), Some(1));
+        assert!(is_committed_part(&name));
+        assert!(!is_committed_part("_staging"));
+        assert!(!is_committed_part(".part.parquet"));
+        assert!(!is_committed_part("part.parquet#1"));
+    }
+
+    #[test]
+    fn validate_reports_every_problem() {
+        let mut o = DatasetWriterOptions::new(2, 2, "bad/id");
+        o.target_part_bytes = 0;
+        let Err(DatasetError::InvalidOptions(msg)) = o.validate() else {
+            panic!("accepted invalid options");
+        };
+        assert!(msg.contains("shard_index 2"), "{msg}");
+        assert!(msg.contains("run_id"), "{msg}");
+        assert!(msg.contains("target_part_bytes"), "{msg}");
+        assert!(
+            DatasetWriterOptions::new(1, 2, "2024-01-01T00.00.00Z_ab")
+                .validate()
+                .is_ok()
+        );
+        assert!(DatasetWriterOptions::new(0, 1, "_x").validate().is_err());
+        assert!(DatasetWriterOptions::new(0, 0, "x").validate().is_err());
+    }
+
+    #[test]
+    fn local_paths_follow_the_object_path() {
+        let p = local_path(std::path::Path::new("/data"), &Path::from("out/captions/x"));
+        assert_eq!(p, PathBuf::from("/data/out/captions/x"));
+    }
+}

@@ -1,0 +1,298 @@
+//! Resume: the inputs (URIs) the committed parts already hold.
+
+use std::collections::HashSet;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use arrow_array::cast::AsArray;
+use bytes::{Buf, Bytes};
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use parquet::arrow::ProjectionMask;
+use parquet::arrow::arrow_reader::{
+    ArrowReaderMetadata, ArrowReaderOptions, ParquetRecordBatchReaderBuilder,
+};
+use parquet::errors::ParquetError;
+use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
+use parquet::file::reader::{ChunkReader, Length};
+
+use super::{DatasetError, StoreKind, is_committed_part, list_objects, local_path};
+
+/// The column resume reads.
+const URI: &str = "uri";
+/// Bytes fetched from the end of a part, first try at its footer.
+const FOOTER_GUESS: u64 = 64 << 10;
+/// Parts read at once from an object store.
+const PARALLEL_PARTS: usize = 8;
+
+/// Every `uri` in the committed parts directly under `prefix`, from every shard and
+/// run (shard counts may change between runs). Anything hidden (`_staging/`,
+/// `_commits/`, `.`-names) is not a part; a visible part is complete.
+///
+/// Local disk: polars scans the parts lazily, reading only the `uri` column. Object
+/// stores (polars has no cloud support in this build): each part's footer and its
+/// `uri` column chunks are fetched with ranged reads and decoded with `parquet`, so
+/// resuming downloads the URI column, not the dataset.
+pub async fn committed_inputs(
+    store: Arc<dyn ObjectStore>,
+    prefix: &Path,
+    kind: &StoreKind,
+) -> Result<HashSet<String>, DatasetError> {
+    let parts: Vec<ObjectMeta> = list_objects(store.as_ref(), prefix)
+        .await?
+        .into_iter()
+        .filter(|o| o.location.filename().is_some_and(is_committed_part))
+        .collect();
+    let mut uris = HashSet::new();
+    if parts.is_empty() {
+        return Ok(uris);
+    }
+    match kind {
+        StoreKind::Local { root } => {
+            let files: Vec<PathBuf> = parts
+                .iter()
+                .map(|p| local_path(root, &p.location))
+                .collect();
+            let task = tokio::task::spawn_blocking(move || local_uris(&files));
+            uris = task.await.map_err(|source| DatasetError::Task {
+                op: "reading committed URIs",
+                source,
+            })??;
+        }
+        StoreKind::Object => {
+            let mut reads = futures::stream::iter(parts)
+                .map(|part| part_uris(store.as_ref(), part))
+                .buffer_unordered(PARALLEL_PARTS);
+            while let Some(part) = reads.try_next().await? {
+                uris.extend(part);
+            }
+        }
+    }
+    Ok(uris)
+}
+
+fn local_uris(files: &[PathBuf]) -> Result<HashSet<String>, DatasetError> {
+    use polars::prelude::{LazyFrame, PlRefPath, ScanArgsParquet, col};
+    let what = || match files {
+        [one] => one.display().to_string(),
+        _ => format!("{} parts in {}", files.len(), parent_of(files)),
+    };
+    let polars_err = |source| DatasetError::Polars {
+        path: what(),
+        source,
+    };
+    let paths = files
+        .iter()
+        .map(|f| PlRefPath::try_from_path(f))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(polars_err)?;
+    let args = ScanArgsParquet {
+        glob: false,
+        ..Default::default()
+    };
+    let frame = LazyFrame::scan_parquet_files(paths.into(), args)
+        .and_then(|lf| lf.select([col(URI)]).collect())
+        .map_err(polars_err)?;
+    let column = frame
+        .column(URI)
+        .and_then(|c| c.str())
+        .map_err(polars_err)?;
+    Ok(column.iter().flatten().map(str::to_owned).collect())
+}
+
+fn parent_of(files: &[PathBuf]) -> String {
+    files
+        .first()
+        .and_then(|f| f.parent())
+        .map_or_else(String::new, |p| p.display().to_string())
+}
+
+/// The URIs of one part on an object store, from its footer and `uri` column chunks.
+async fn part_uris(store: &dyn ObjectStore, part: ObjectMeta) -> Result<Vec<String>, DatasetError> {
+    let path = part.location.to_string();
+    let (location, size) = (&part.location, part.size);
+    let path_ref = path.as_str();
+    let get = move |range: Range<u64>| async move {
+        store
+            .get_range(location, range)
+            .await
+            .map_err(|source| DatasetError::Store {
+                op: "reading part",
+                path: path_ref.to_string(),
+                source,
+            })
+    };
+    let parquet_err = |op, source| DatasetError::Parquet {
+        op,
+        path: path.clone(),
+        source,
+    };
+    let tail = get(size.saturating_sub(FOOTER_GUESS)..size).await?;
+    let mut reader = ParquetMetaDataReader::new().with_page_index_policy(PageIndexPolicy::Skip);
+    match reader.try_parse_sized(&tail, size) {
+        Ok(()) => {}
+        Err(ParquetError::NeedMoreData(needed)) => {
+            let tail = get(size.saturating_sub(needed as u64)..size).await?;
+            reader
+                .try_parse_sized(&tail, size)
+                .map_err(|e| parquet_err("reading footer", e))?;
+        }
+        Err(e) => return Err(parquet_err("reading footer", e)),
+    }
+    let metadata = reader
+        .finish()
+        .map_err(|e| parquet_err("reading footer", e))?;
+    let column = uri_leaf(&metadata).ok_or_else(|| DatasetError::BadPart {
+        path: path.clone(),
+        what: format!("no {URI:?} column"),
+    })?;
+    let ranges: Vec<Range<u64>> = metadata
+        .row_groups()
+        .iter()
+        .map(|rg| {
+            let (start, len) = rg.column(column).byte_range();
+            start..start + len
+        })
+        .collect();
+    let chunks = store
+        .get_ranges(&part.location, &ranges)
+        .await
+        .map_err(|source| DatasetError::Store {
+            op: "reading uri column",
+            path: path.clone(),
+            source,
+        })?;
+    let file = SparseFile {
+        len: size,
+        chunks: ranges.iter().map(|r| r.start).zip(chunks).collect(),
+    };
+    let decode = move || decode_uris(file, metadata, column);
+    tokio::task::spawn_blocking(decode)
+        .await
+        .map_err(|source| DatasetError::Task {
+            op: "decoding uri column",
+            source,
+        })?
+        .map_err(|e| match e {
+            DecodeError::Parquet(source) => parquet_err("decoding uri column", source),
+            DecodeError::NotStrings => DatasetError::BadPart {
+                path: path.clone(),
+                what: format!("{URI:?} is not a string column"),
+            },
+        })
+}
+
+fn uri_leaf(metadata: &ParquetMetaData) -> Option<usize> {
+    let schema = metadata.file_metadata().schema_descr();
+    schema
+        .columns()
+        .iter()
+        .position(|c| c.path().string() == URI)
+}
+
+enum DecodeError {
+    Parquet(ParquetError),
+    NotStrings,
+}
+
+fn decode_uris(
+    file: SparseFile,
+    metadata: ParquetMetaData,
+    column: usize,
+) -> Result<Vec<String>, DecodeError> {
+    let arrow = ArrowReaderMetadata::try_new(Arc::new(metadata), ArrowReaderOptions::new())
+        .map_err(DecodeError::Parquet)?;
+    let mask = ProjectionMask::leaves(arrow.metadata().file_metadata().schema_descr(), [column]);
+    let batches = ParquetRecordBatchReaderBuilder::new_with_metadata(file, arrow)
+        .with_projection(mask)
+        .build()
+        .map_err(DecodeError::Parquet)?;
+    let mut uris = Vec::new();
+    for batch in batches {
+        let batch = batch.map_err(|e| DecodeError::Parquet(e.into()))?;
+        let array = batch.column(0);
+        if let Some(strings) = array.as_string_opt::<i32>() {
+            uris.extend(strings.iter().flatten().map(str::to_owned));
+        } else if let Some(strings) = array.as_string_opt::<i64>() {
+            uris.extend(strings.iter().flatten().map(str::to_owned));
+        } else if let Some(strings) = array.as_string_view_opt() {
+            uris.extend(strings.iter().flatten().map(str::to_owned));
+        } else {
+            return Err(DecodeError::NotStrings);
+        }
+    }
+    Ok(uris)
+}
+
+/// A file of which only some byte ranges were fetched; reading outside them is an
+/// error (it would mean the reader wants more than the projected column).
+struct SparseFile {
+    len: u64,
+    /// `(offset, bytes)`, one per fetched range.
+    chunks: Vec<(u64, Bytes)>,
+}
+
+impl SparseFile {
+    fn slice(&self, start: u64, len: Option<usize>) -> Result<Bytes, ParquetError> {
+        for (offset, bytes) in &self.chunks {
+            let end = offset + bytes.len() as u64;
+            if start < *offset || start > end {
+                continue;
+            }
+            let from = (start - offset) as usize;
+            let to = match len {
+                Some(len) if from + len <= bytes.len() => from + len,
+                Some(_) => continue,
+                None => bytes.len(),
+            };
+            return Ok(bytes.slice(from..to));
+        }
+        Err(ParquetError::General(format!(
+            "bytes {start}..{} were not fetched",
+            len.map_or(start, |l| start + l as u64)
+        )))
+    }
+}
+
+impl Length for SparseFile {
+    fn len(&self) -> u64 {
+        self.len
+    }
+}
+
+impl ChunkReader for SparseFile {
+    type T = bytes::buf::Reader<Bytes>;
+
+    fn get_read(&self, start: u64) -> Result<Self::T, ParquetError> {
+        Ok(self.slice(start, None)?.reader())
+    }
+
+    fn get_bytes(&self, start: u64, length: usize) -> Result<Bytes, ParquetError> {
+        self.slice(start, Some(length))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sparse_file_serves_only_fetched_ranges() {
+        let file = SparseFile {
+            len: 100,
+            chunks: vec![
+                (10, Bytes::from_static(b"abcdef")),
+                (50, Bytes::from_static(b"xyz")),
+            ],
+        };
+        assert_eq!(file.get_bytes(12, 3).unwrap(), Bytes::from_static(b"cde"));
+        assert_eq!(file.get_bytes(50, 3).unwrap(), Bytes::from_static(b"xyz"));
+        assert!(file.get_bytes(14, 3).is_err(), "runs past the chunk");
+        assert!(file.get_bytes(0, 1).is_err(), "not fetched");
+        let mut rest = Vec::new();
+        std::io::Read::read_to_end(&mut file.get_read(13).unwrap(), &mut rest).unwrap();
+        assert_eq!(rest, b"def");
+    }
+}

@@ -1,0 +1,532 @@
+//! One shard's writer: inputs go into size-targeted parts, each committed atomically.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path as FsPath, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use arrow_array::RecordBatch;
+use bytes::Bytes;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
+use parquet::arrow::ArrowWriter;
+use parquet::file::properties::WriterProperties;
+
+use super::commit::{ensure_uncommitted, write_record};
+use super::{
+    CommittedPart, DatasetError, DatasetWriterOptions, STAGING_DIR, ShardCommitRecord, StoreKind,
+    commit_record_path, list_objects, local_path, part_name, part_seq, shard_part_prefix,
+};
+use crate::output::{CaptionRow, schema, to_record_batch, writer_properties};
+
+/// Writes one shard's inputs as parts of the dataset under `prefix`.
+///
+/// An input's rows always land in one part, so a committed part holds whole inputs
+/// and resuming by URI is exact. Parts become visible only when committed; a writer
+/// dropped (or a process killed) with a part open leaves nothing visible, and its
+/// inputs are simply not committed.
+///
+/// Encoding runs on the calling task (cheap per input; a row-group flush writes up to
+/// `row_group_bytes`); closing a part and polars run on the blocking pool.
+///
+/// The async methods are not cancel-safe: a cancelled call, or one that fails,
+/// discards the open part (its inputs are not committed, as after a kill).
+pub struct DatasetWriter {
+    store: Arc<dyn ObjectStore>,
+    prefix: Path,
+    kind: StoreKind,
+    options: DatasetWriterOptions,
+    props: WriterProperties,
+    next_seq: u32,
+    open: Option<OpenPart>,
+    committed: Vec<CommittedPart>,
+}
+
+impl DatasetWriter {
+    /// Checks the options, refuses a run id this shard already committed, removes
+    /// this shard's staging files left by killed runs (local disk), and continues
+    /// part numbering after any parts this shard and run already committed.
+    pub async fn open(
+        store: Arc<dyn ObjectStore>,
+        prefix: Path,
+        kind: StoreKind,
+        options: DatasetWriterOptions,
+    ) -> Result<Self, DatasetError> {
+        options.validate()?;
+        let (shard, shards, run_id) = (options.shard_index, options.shard_count, &options.run_id);
+        let record = commit_record_path(&prefix, shard, shards, run_id);
+        ensure_uncommitted(store.as_ref(), &record, run_id).await?;
+        if let StoreKind::Local { root } = &kind {
+            prepare_local(&local_path(root, &prefix), shard, shards)?;
+        }
+        let next_seq = list_objects(store.as_ref(), &prefix)
+            .await?
+            .iter()
+            .filter_map(|o| o.location.filename())
+            .filter_map(|name| part_seq(name, shard, shards, run_id))
+            .max()
+            .map_or(0, |seq| seq + 1);
+        let props = writer_properties(options.metadata.clone());
+        Ok(Self {
+            store,
+            prefix,
+            kind,
+            options,
+            props,
+            next_seq,
+            open: None,
+            committed: Vec::new(),
+        })
+    }
+
+    /// Adds all rows (segments) of one input to the open part, then commits the part
+    /// if it reached its size, row or age limit. No rows: nothing to write.
+    pub async fn write_input(&mut self, rows: &[CaptionRow]) -> Result<(), DatasetError> {
+        let Some(first) = rows.first() else {
+            return Ok(());
+        };
+        let mut part = match self.open.take() {
+            Some(part) => part,
+            None => self.new_part()?,
+        };
+        let batch = match to_record_batch(rows) {
+            Ok(batch) => batch,
+            Err(source) => {
+                let error = DatasetError::Arrow {
+                    uri: first.uri.clone(),
+                    path: part.location.to_string(),
+                    source,
+                };
+                return Err(part.discard(error).await);
+            }
+        };
+        if let Err(error) = part.write(&batch, self.store.as_ref(), &self.options).await {
+            return Err(part.discard(error).await);
+        }
+        part.rows += rows.len() as u64;
+        part.inputs += distinct_uris(rows);
+        let due = part.encoded_bytes() >= self.options.target_part_bytes
+            || part.rows >= self.options.max_rows_per_part
+            || part.opened.elapsed() >= self.options.max_part_age;
+        self.open = Some(part);
+        if due {
+            self.commit_open().await?;
+        }
+        Ok(())
+    }
+
+    /// Commits the open part if it is older than `max_part_age` (call it periodically
+    /// when inputs arrive slowly). Returns the part committed, if any.
+    pub async fn commit_if_due(&mut self) -> Result<Option<CommittedPart>, DatasetError> {
+        match &self.open {
+            Some(part) if part.opened.elapsed() >= self.options.max_part_age => {
+                self.commit_open().await
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Commits the open part now, if any.
+    pub async fn flush(&mut self) -> Result<Option<CommittedPart>, DatasetError> {
+        self.commit_open().await
+    }
+
+    /// Commits the open part, then writes this shard run's commit record (create-only)
+    /// holding every committed part and `run` (the caller's summary).
+    pub async fn finish(
+        mut self,
+        run: serde_json::Value,
+    ) -> Result<ShardCommitRecord, DatasetError> {
+        self.commit_open().await?;
+        let o = &self.options;
+        let path = commit_record_path(&self.prefix, o.shard_index, o.shard_count, &o.run_id);
+        let record = ShardCommitRecord::new(
+            o.shard_index,
+            o.shard_count,
+            o.run_id.clone(),
+            std::mem::take(&mut self.committed),
+            run,
+        );
+        write_record(self.store.as_ref(), &path, &record).await?;
+        tracing::info!(
+            path = %path,
+            parts = record.parts.len(),
+            rows = record.rows,
+            inputs = record.inputs,
+            bytes = record.bytes,
+            "shard run committed"
+        );
+        Ok(record)
+    }
+
+    /// Parts committed so far by this writer.
+    pub fn committed(&self) -> &[CommittedPart] {
+        &self.committed
+    }
+
+    /// Rows in the open (uncommitted) part.
+    pub fn open_rows(&self) -> u64 {
+        self.open.as_ref().map_or(0, |p| p.rows)
+    }
+
+    fn new_part(&mut self) -> Result<OpenPart, DatasetError> {
+        let o = &self.options;
+        let name = part_name(o.shard_index, o.shard_count, &o.run_id, self.next_seq);
+        self.next_seq += 1;
+        let location = self.prefix.clone().join(name.as_str());
+        let parquet_err = |op, source| DatasetError::Parquet {
+            op,
+            path: location.to_string(),
+            source,
+        };
+        let writer = match &self.kind {
+            StoreKind::Local { root } => {
+                let dir = local_path(root, &self.prefix);
+                let staging = dir.join(STAGING_DIR).join(&name);
+                let file = File::create(&staging).map_err(|source| DatasetError::Io {
+                    op: "creating staging part",
+                    path: staging.clone(),
+                    source,
+                })?;
+                let writer = ArrowWriter::try_new(file, schema(), Some(self.props.clone()))
+                    .map_err(|e| parquet_err("starting part", e))?;
+                PartWriter::Local {
+                    writer,
+                    staging,
+                    final_path: dir.join(&name),
+                }
+            }
+            StoreKind::Object => PartWriter::Object {
+                writer: ArrowWriter::try_new(Vec::new(), schema(), Some(self.props.clone()))
+                    .map_err(|e| parquet_err("starting part", e))?,
+                pending: Vec::new(),
+                upload: None,
+                sent: 0,
+            },
+        };
+        tracing::debug!(part = %location, "part opened");
+        Ok(OpenPart {
+            name,
+            location,
+            writer,
+            opened: Instant::now(),
+            rows: 0,
+            inputs: 0,
+        })
+    }
+
+    async fn commit_open(&mut self) -> Result<Option<CommittedPart>, DatasetError> {
+        let Some(part) = self.open.take() else {
+            return Ok(None);
+        };
+        let committed = part.commit(self.store.as_ref()).await?;
+        tracing::info!(
+            part = %committed.name,
+            rows = committed.rows,
+            inputs = committed.inputs,
+            bytes = committed.bytes,
+            "part committed"
+        );
+        self.committed.push(committed.clone());
+        Ok(Some(committed))
+    }
+}
+
+/// Creates `dir/_staging` and removes this shard's staging files left there by killed
+/// runs. Only this shard's files: other shards may be writing theirs right now.
+fn prepare_local(dir: &FsPath, shard: u32, shards: u32) -> Result<(), DatasetError> {
+    let staging = dir.join(STAGING_DIR);
+    std::fs::create_dir_all(&staging).map_err(|source| DatasetError::Io {
+        op: "creating staging folder",
+        path: staging.clone(),
+        source,
+    })?;
+    let entries = std::fs::read_dir(&staging).map_err(|source| DatasetError::Io {
+        op: "listing staging folder",
+        path: staging.clone(),
+        source,
+    })?;
+    let mine = shard_part_prefix(shard, shards);
+    for entry in entries {
+        let entry = entry.map_err(|source| DatasetError::Io {
+            op: "listing staging folder",
+            path: staging.clone(),
+            source,
+        })?;
+        if entry.file_name().to_string_lossy().starts_with(&mine) {
+            let path = entry.path();
+            std::fs::remove_file(&path).map_err(|source| DatasetError::Io {
+                op: "removing stale staging part",
+                path: path.clone(),
+                source,
+            })?;
+            tracing::info!(path = %path.display(), "removed stale staging part");
+        }
+    }
+    Ok(())
+}
+
+fn distinct_uris(rows: &[CaptionRow]) -> u64 {
+    let mut uris: Vec<&str> = rows.iter().map(|r| r.uri.as_str()).collect();
+    uris.sort_unstable();
+    uris.dedup();
+    uris.len() as u64
+}
+
+struct OpenPart {
+    name: String,
+    /// The object path the part has once committed.
+    location: Path,
+    writer: PartWriter,
+    opened: Instant,
+    rows: u64,
+    inputs: u64,
+}
+
+enum PartWriter {
+    /// Encoded into `staging`, renamed to `final_path` to commit.
+    Local {
+        writer: ArrowWriter<File>,
+        staging: PathBuf,
+        final_path: PathBuf,
+    },
+    /// Encoded into memory and moved out after each input: held in `pending` until
+    /// one upload chunk is full, then streamed through a multipart upload.
+    Object {
+        writer: ArrowWriter<Vec<u8>>,
+        pending: Vec<u8>,
+        upload: Option<WriteMultipart>,
+        /// Bytes moved out of `writer` so far.
+        sent: u64,
+    },
+}
+
+impl OpenPart {
+    fn encoded_bytes(&self) -> u64 {
+        match &self.writer {
+            PartWriter::Local { writer, .. } => encoded_bytes(writer),
+            PartWriter::Object { writer, .. } => encoded_bytes(writer),
+        }
+    }
+
+    async fn write(
+        &mut self,
+        batch: &RecordBatch,
+        store: &dyn ObjectStore,
+        options: &DatasetWriterOptions,
+    ) -> Result<(), DatasetError> {
+        let path = || self.location.to_string();
+        match &mut self.writer {
+            PartWriter::Local { writer, .. } => encode(writer, batch, options.row_group_bytes)
+                .map_err(|source| DatasetError::Parquet {
+                    op: "encoding part",
+                    path: path(),
+                    source,
+                }),
+            PartWriter::Object {
+                writer,
+                pending,
+                upload,
+                sent,
+            } => {
+                encode(writer, batch, options.row_group_bytes).map_err(|source| {
+                    DatasetError::Parquet {
+                        op: "encoding part",
+                        path: path(),
+                        source,
+                    }
+                })?;
+                // Safe to move bytes out of the buffer: the writer only appends to it
+                // (parquet's own async writer does the same).
+                let encoded = std::mem::take(writer.inner_mut());
+                *sent += encoded.len() as u64;
+                let store_err = |op, source| DatasetError::Store {
+                    op,
+                    path: path(),
+                    source,
+                };
+                match upload {
+                    Some(upload) => upload.put(Bytes::from(encoded)),
+                    None => {
+                        pending.extend_from_slice(&encoded);
+                        if pending.len() >= options.upload_chunk_bytes {
+                            let started = store
+                                .put_multipart(&self.location)
+                                .await
+                                .map_err(|e| store_err("starting multipart upload", e))?;
+                            let mut multipart = WriteMultipart::new_with_chunk_size(
+                                started,
+                                options.upload_chunk_bytes,
+                            );
+                            multipart.put(Bytes::from(std::mem::take(pending)));
+                            *upload = Some(multipart);
+                        }
+                    }
+                }
+                if let Some(upload) = upload {
+                    upload
+                        .wait_for_capacity(options.upload_concurrency)
+                        .await
+                        .map_err(|e| store_err("uploading part", e))?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// Closes the part and makes it visible; on failure nothing becomes visible.
+    async fn commit(self, store: &dyn ObjectStore) -> Result<CommittedPart, DatasetError> {
+        let OpenPart {
+            name,
+            location,
+            writer,
+            rows,
+            inputs,
+            ..
+        } = self;
+        let bytes = match writer {
+            PartWriter::Local {
+                writer,
+                staging,
+                final_path,
+            } => {
+                let task = tokio::task::spawn_blocking(move || {
+                    let result = close_and_rename(writer, &staging, &final_path);
+                    if result.is_err() {
+                        // Best effort: the next open removes it anyway.
+                        let _ = std::fs::remove_file(&staging);
+                    }
+                    result
+                });
+                task.await.map_err(|source| DatasetError::Task {
+                    op: "committing part",
+                    source,
+                })??
+            }
+            PartWriter::Object {
+                writer,
+                mut pending,
+                upload,
+                sent,
+            } => {
+                let path = location.to_string();
+                let closed = tokio::task::spawn_blocking(move || writer.into_inner()).await;
+                let tail = match closed {
+                    Ok(Ok(tail)) => tail,
+                    Ok(Err(source)) => {
+                        let error = DatasetError::Parquet {
+                            op: "closing part",
+                            path,
+                            source,
+                        };
+                        return Err(abort(upload, error).await);
+                    }
+                    Err(source) => {
+                        let error = DatasetError::Task {
+                            op: "closing part",
+                            source,
+                        };
+                        return Err(abort(upload, error).await);
+                    }
+                };
+                let bytes = sent + tail.len() as u64;
+                let done = match upload {
+                    // `finish` aborts the upload itself when it fails.
+                    Some(mut upload) => {
+                        upload.put(Bytes::from(tail));
+                        upload.finish().await
+                    }
+                    None => {
+                        pending.extend_from_slice(&tail);
+                        store.put(&location, PutPayload::from(pending)).await
+                    }
+                };
+                done.map_err(|source| DatasetError::Store {
+                    op: "committing part",
+                    path,
+                    source,
+                })?;
+                bytes
+            }
+        };
+        Ok(CommittedPart {
+            name,
+            rows,
+            inputs,
+            bytes,
+        })
+    }
+
+    /// Drops the part after `error`, cleaning up what it left; returns `error`.
+    async fn discard(self, error: DatasetError) -> DatasetError {
+        match self.writer {
+            PartWriter::Local { staging, .. } => {
+                let _ = std::fs::remove_file(&staging);
+                error
+            }
+            PartWriter::Object { upload, .. } => abort(upload, error).await,
+        }
+    }
+}
+
+/// Aborts a started multipart upload (best effort) and returns `error`.
+async fn abort(upload: Option<WriteMultipart>, error: DatasetError) -> DatasetError {
+    if let Some(upload) = upload
+        && let Err(e) = upload.abort().await
+    {
+        tracing::warn!(error = %e, "aborting multipart upload failed");
+    }
+    error
+}
+
+/// Bytes already written plus the estimated encoded size of the open row group.
+fn encoded_bytes<W: Write + Send>(writer: &ArrowWriter<W>) -> u64 {
+    (writer.bytes_written() + writer.in_progress_size()) as u64
+}
+
+fn encode<W: Write + Send>(
+    writer: &mut ArrowWriter<W>,
+    batch: &RecordBatch,
+    row_group_bytes: u64,
+) -> Result<(), parquet::errors::ParquetError> {
+    writer.write(batch)?;
+    if writer.in_progress_size() as u64 >= row_group_bytes {
+        writer.flush()?;
+    }
+    Ok(())
+}
+
+/// Writes the footer, syncs, and renames the staging file into place (the commit).
+/// Returns the file's size.
+fn close_and_rename(
+    writer: ArrowWriter<File>,
+    staging: &FsPath,
+    final_path: &FsPath,
+) -> Result<u64, DatasetError> {
+    let io_err = |op, path: &FsPath| {
+        let path = path.to_path_buf();
+        move |source| DatasetError::Io { op, path, source }
+    };
+    let file = writer
+        .into_inner()
+        .map_err(|source| DatasetError::Parquet {
+            op: "closing part",
+            path: staging.display().to_string(),
+            source,
+        })?;
+    file.sync_all().map_err(io_err("syncing part", staging))?;
+    let bytes = file
+        .metadata()
+        .map_err(io_err("reading part size", staging))?
+        .len();
+    drop(file);
+    std::fs::rename(staging, final_path).map_err(io_err("committing part", final_path))?;
+    // The rename itself must survive a power loss, not only a killed process.
+    if let Some(dir) = final_path.parent() {
+        File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io_err("syncing dataset folder", dir))?;
+    }
+    Ok(bytes)
+}

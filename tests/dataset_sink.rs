@@ -1,0 +1,667 @@
+//! The Parquet dataset sink against `InMemory` and a local folder: visibility only on
+//! commit, size-targeted parts, unique names, create-only commit records, kills,
+//! resume, and the folder read as a dataset by polars and pyarrow.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path as FsPath;
+use std::sync::Arc;
+
+use audiocap::dataset::{
+    CommittedPart, DatasetError, DatasetWriter, DatasetWriterOptions, StoreKind,
+    commit_record_path, committed_inputs,
+};
+use audiocap::output::{CaptionRow, schema};
+use object_store::local::LocalFileSystem;
+use object_store::memory::InMemory;
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt};
+use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
+use parquet::file::reader::{FileReader, SerializedFileReader};
+
+const META_KEY: &str = "audiocap.pipeline";
+
+/// Rows of one input: `segments` segments, captions that zstd cannot shrink much so
+/// sizes are predictable.
+fn input(uri: &str, segments: u32, run_id: &str) -> Vec<CaptionRow> {
+    let mut state = uri.bytes().fold(0x9e37_79b9_u64, |h, b| {
+        h.wrapping_mul(0x100_0000_01b3) ^ u64::from(b)
+    });
+    (0..segments)
+        .map(|segment_index| {
+            let caption: String = (0..120)
+                .map(|_| {
+                    state = state
+                        .wrapping_mul(6_364_136_223_846_793_005)
+                        .wrapping_add(1_442_695_040_888_963_407);
+                    char::from(b'a' + (state >> 59) as u8 % 26)
+                })
+                .collect();
+            CaptionRow {
+                uri: uri.to_string(),
+                segment_index,
+                start_s: Some(f64::from(segment_index) * 10.0),
+                end_s: Some(f64::from(segment_index + 1) * 10.0),
+                caption: Some(caption),
+                score: Some(-0.5),
+                model: "m@1".into(),
+                run_id: run_id.into(),
+                processed_at_us: 1,
+                ..Default::default()
+            }
+        })
+        .collect()
+}
+
+fn options(shard: u32, shards: u32, run_id: &str) -> DatasetWriterOptions {
+    let mut o = DatasetWriterOptions::new(shard, shards, run_id);
+    o.metadata = vec![(META_KEY.into(), format!("{{\"run\":\"{run_id}\"}}"))];
+    o
+}
+
+fn memory() -> (Arc<dyn ObjectStore>, StoreKind) {
+    (Arc::new(InMemory::new()), StoreKind::Object)
+}
+
+fn local(dir: &FsPath) -> (Arc<dyn ObjectStore>, StoreKind) {
+    let store = LocalFileSystem::new_with_prefix(dir).unwrap();
+    (
+        Arc::new(store),
+        StoreKind::Local {
+            root: dir.to_path_buf(),
+        },
+    )
+}
+
+/// Names of the objects directly under `prefix` that a reader of the folder reads
+/// (pyarrow, polars and DuckDB skip names starting with `_` or `.`).
+async fn listed(store: &dyn ObjectStore, prefix: &Path) -> Vec<String> {
+    let mut names: Vec<String> = store
+        .list_with_delimiter(Some(prefix))
+        .await
+        .unwrap()
+        .objects
+        .iter()
+        .filter_map(|o| o.location.filename().map(str::to_owned))
+        .filter(|name| !name.starts_with(['_', '.']))
+        .collect();
+    names.sort();
+    names
+}
+
+/// A writer that must open.
+async fn open(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &Path,
+    kind: &StoreKind,
+    options: DatasetWriterOptions,
+) -> DatasetWriter {
+    DatasetWriter::open(store.clone(), prefix.clone(), kind.clone(), options)
+        .await
+        .unwrap()
+}
+
+/// The bytes of a committed part holding `rows`.
+async fn part_bytes(rows: &[CaptionRow]) -> bytes::Bytes {
+    let (store, kind) = memory();
+    let mut w = open(&store, &Path::from("d"), &kind, options(0, 1, "r")).await;
+    w.write_input(rows).await.unwrap();
+    let part = w.flush().await.unwrap().unwrap();
+    let path = Path::from(format!("d/{}", part.name));
+    store.get(&path).await.unwrap().bytes().await.unwrap()
+}
+
+/// Every object in the store.
+async fn all_objects(store: &dyn ObjectStore) -> Vec<String> {
+    use futures::TryStreamExt;
+    store
+        .list(None)
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// Every committed part's rows as `uri` → row count, read with the parquet crate.
+async fn rows_by_uri(store: &dyn ObjectStore, prefix: &Path) -> HashMap<String, usize> {
+    let mut counts = HashMap::new();
+    for name in listed(store, prefix).await {
+        let bytes = store
+            .get(&prefix.clone().join(name.as_str()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap();
+        for batch in reader {
+            let batch = batch.unwrap();
+            assert_eq!(batch.schema(), schema());
+            let uris = batch.column(0).as_any();
+            let uris = uris.downcast_ref::<arrow_array::StringArray>().unwrap();
+            for uri in uris.iter().flatten() {
+                *counts.entry(uri.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    counts
+}
+
+async fn nothing_visible_before_commit(store: Arc<dyn ObjectStore>, kind: StoreKind) {
+    let prefix = Path::from("out/captions");
+    let mut o = options(0, 1, "r1");
+    // Small chunks so the object-store part streams through a multipart upload.
+    o.upload_chunk_bytes = 4096;
+    o.row_group_bytes = 2048;
+    let mut w = open(&store, &prefix, &kind, o).await;
+    for i in 0..40 {
+        w.write_input(&input(&format!("s3://b/{i}.wav"), 2, "r1"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(w.open_rows(), 80);
+    assert_eq!(listed(store.as_ref(), &prefix).await, Vec::<String>::new());
+    let all: Vec<_> = all_objects(store.as_ref()).await;
+    assert!(
+        all.iter()
+            .all(|p| !p.ends_with(".parquet") || p.contains("/_staging/")),
+        "a part is visible before commit: {all:?}"
+    );
+    if let StoreKind::Local { root } = &kind {
+        let staged = std::fs::read_dir(root.join("out/captions/_staging"))
+            .unwrap()
+            .count();
+        assert_eq!(staged, 1, "the open part is staged");
+    }
+    let part = w.flush().await.unwrap().unwrap();
+    assert_eq!((part.rows, part.inputs), (80, 40));
+    assert_eq!(
+        listed(store.as_ref(), &prefix).await,
+        vec![part.name.clone()]
+    );
+    let size = store
+        .head(&prefix.clone().join(part.name.as_str()))
+        .await
+        .unwrap()
+        .size;
+    assert_eq!(size, part.bytes);
+    if let StoreKind::Local { root } = &kind {
+        let staged = std::fs::read_dir(root.join("out/captions/_staging"))
+            .unwrap()
+            .count();
+        assert_eq!(staged, 0, "the committed part left its staging file");
+    }
+}
+
+#[tokio::test]
+async fn parts_are_invisible_until_committed() {
+    let dir = tempfile::tempdir().unwrap();
+    for (store, kind) in [memory(), local(dir.path())] {
+        nothing_visible_before_commit(store, kind).await;
+    }
+}
+
+/// Writes `inputs` inputs of 3 segments with 16 KiB parts; checks parts roll, hold
+/// whole inputs, and the record adds up.
+async fn size_target_rolls_parts(store: Arc<dyn ObjectStore>, kind: StoreKind) {
+    let prefix = Path::from("ds");
+    let mut o = options(2, 4, "r1");
+    o.target_part_bytes = 64 << 10;
+    o.row_group_bytes = 24 << 10;
+    let mut w = open(&store, &prefix, &kind, o).await;
+    let inputs = 600;
+    for i in 0..inputs {
+        w.write_input(&input(&format!("file:///a/{i:04}.flac"), 3, "r1"))
+            .await
+            .unwrap();
+    }
+    let record = w
+        .finish(serde_json::json!({"config_digest": "abc"}))
+        .await
+        .unwrap();
+    assert!(record.parts.len() >= 3, "{} parts", record.parts.len());
+    assert_eq!((record.rows, record.inputs), (3 * inputs, inputs));
+    assert_eq!(record.run["config_digest"], "abc");
+    // Every part but the last is just past the target: an input is about 0.3 KiB
+    // encoded, and the footer (not in the estimate) adds a few KiB.
+    for p in &record.parts[..record.parts.len() - 1] {
+        assert!(p.bytes >= 64 << 10 && p.bytes < 72 << 10, "{p:?}");
+    }
+    let mut names: Vec<String> = record.parts.iter().map(|p| p.name.clone()).collect();
+    names.sort();
+    assert_eq!(listed(store.as_ref(), &prefix).await, names);
+    // Whole inputs: each part's URIs appear in no other part.
+    let mut seen: HashMap<String, String> = HashMap::new();
+    for p in &record.parts {
+        let part_prefix = Path::from(format!("ds/{}", p.name));
+        let bytes = store
+            .get(&part_prefix)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        let reader = ParquetRecordBatchReaderBuilder::try_new(bytes).unwrap();
+        assert!(
+            reader.metadata().num_row_groups() >= 2,
+            "row groups by size"
+        );
+        let mut rows = 0;
+        let mut uris = HashSet::new();
+        for batch in reader.build().unwrap() {
+            let batch = batch.unwrap();
+            rows += batch.num_rows();
+            let col = batch.column(0);
+            let col = col
+                .as_any()
+                .downcast_ref::<arrow_array::StringArray>()
+                .unwrap();
+            uris.extend(col.iter().flatten().map(str::to_owned));
+        }
+        assert_eq!((rows as u64, uris.len() as u64), (p.rows, p.inputs));
+        for uri in uris {
+            if let Some(other) = seen.insert(uri.clone(), p.name.clone()) {
+                panic!("{uri} is in {other} and {}", p.name);
+            }
+        }
+    }
+    let stored = store
+        .get(&commit_record_path(&prefix, 2, 4, "r1"))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&stored).unwrap();
+    assert_eq!(
+        stored["parts"].as_array().unwrap().len(),
+        record.parts.len()
+    );
+    assert_eq!(stored["rows"], 3 * inputs);
+}
+
+#[tokio::test]
+async fn parts_roll_at_the_size_target() {
+    let dir = tempfile::tempdir().unwrap();
+    for (store, kind) in [memory(), local(dir.path())] {
+        size_target_rolls_parts(store, kind).await;
+    }
+}
+
+#[tokio::test]
+async fn rows_limit_rolls_parts_too() {
+    let (store, kind) = memory();
+    let mut o = options(0, 1, "r");
+    o.max_rows_per_part = 10;
+    let mut w = open(&store, &Path::from("x"), &kind, o).await;
+    for i in 0..7 {
+        w.write_input(&input(&i.to_string(), 4, "r")).await.unwrap();
+    }
+    // 4+4+4 = 12 ≥ 10 commits after the third input; an input is never split.
+    let rows: Vec<u64> = w.committed().iter().map(|p| p.rows).collect();
+    assert_eq!(rows, vec![12, 12]);
+    assert_eq!(w.open_rows(), 4);
+}
+
+#[tokio::test]
+async fn part_age_commits_an_idle_part() {
+    let (store, kind) = memory();
+    let mut o = options(0, 1, "r");
+    o.max_part_age = std::time::Duration::from_millis(50);
+    let mut w = open(&store, &Path::from("x"), &kind, o).await;
+    w.write_input(&input("a", 1, "r")).await.unwrap();
+    assert_eq!(
+        w.commit_if_due().await.unwrap(),
+        None,
+        "young part committed"
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(80)).await;
+    let part = w.commit_if_due().await.unwrap().unwrap();
+    assert_eq!(part.rows, 1);
+    assert_eq!(
+        listed(store.as_ref(), &Path::from("x")).await,
+        vec![part.name]
+    );
+}
+
+#[tokio::test]
+async fn names_are_unique_across_runs_and_shards() {
+    let (store, kind) = memory();
+    let prefix = Path::from("ds");
+    let mut all: Vec<CommittedPart> = Vec::new();
+    for run in ["r1", "r2"] {
+        for shard in 0..2 {
+            let mut o = options(shard, 2, run);
+            o.max_rows_per_part = 4;
+            let mut w = open(&store, &prefix, &kind, o).await;
+            for i in 0..5 {
+                w.write_input(&input(&format!("{run}/{shard}/{i}"), 2, run))
+                    .await
+                    .unwrap();
+            }
+            all.extend(w.finish(serde_json::json!({})).await.unwrap().parts);
+        }
+    }
+    let names: HashSet<&str> = all.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names.len(), all.len(), "duplicate part names: {all:?}");
+    assert_eq!(listed(store.as_ref(), &prefix).await.len(), all.len());
+    assert_eq!(all.len(), 2 * 2 * 3);
+    for run in ["r1", "r2"] {
+        for shard in 0..2 {
+            let record = commit_record_path(&prefix, shard, 2, run);
+            store.head(&record).await.unwrap();
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_run_reopened_after_a_kill_never_overwrites_its_parts() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, kind) = local(dir.path());
+    let prefix = Path::from("ds");
+    let mut w = open(&store, &prefix, &kind, options(0, 1, "r")).await;
+    w.write_input(&input("a", 2, "r")).await.unwrap();
+    let first = w.flush().await.unwrap().unwrap();
+    w.write_input(&input("b", 2, "r")).await.unwrap();
+    drop(w); // killed: "b" was never committed
+    let mut w = open(&store, &prefix, &kind, options(0, 1, "r")).await;
+    w.write_input(&input("b", 2, "r")).await.unwrap();
+    let record = w.finish(serde_json::json!({})).await.unwrap();
+    assert_ne!(record.parts[0].name, first.name);
+    let counts = rows_by_uri(store.as_ref(), &prefix).await;
+    assert_eq!(counts, HashMap::from([("a".into(), 2), ("b".into(), 2)]));
+}
+
+#[tokio::test]
+async fn commit_records_are_create_only() {
+    let dir = tempfile::tempdir().unwrap();
+    for (store, kind) in [memory(), local(dir.path())] {
+        let prefix = Path::from("ds");
+        let w = open(&store, &prefix, &kind, options(0, 1, "r")).await;
+        let record = w.finish(serde_json::json!({"n": 1})).await.unwrap();
+        assert!(record.parts.is_empty());
+        // The same shard and run again: refused at open, before anything is written.
+        let again = DatasetWriter::open(
+            store.clone(),
+            prefix.clone(),
+            kind.clone(),
+            options(0, 1, "r"),
+        )
+        .await;
+        assert!(
+            matches!(again, Err(DatasetError::AlreadyCommitted { .. })),
+            "reopened a committed run"
+        );
+        // A writer that opened before the record appeared fails at finish and never
+        // replaces it.
+        let late = open(&store, &prefix, &kind, options(0, 2, "r")).await;
+        let path = commit_record_path(&prefix, 0, 2, "r");
+        store.put(&path, "{\"n\":0}".into()).await.unwrap();
+        let result = late.finish(serde_json::json!({"n": 2})).await;
+        assert!(matches!(result, Err(DatasetError::AlreadyCommitted { .. })));
+        let kept = store.get(&path).await.unwrap().bytes().await.unwrap();
+        assert_eq!(&kept[..], b"{\"n\":0}");
+    }
+}
+
+#[tokio::test]
+async fn a_killed_local_writer_leaves_no_part_and_the_next_open_cleans_staging() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, kind) = local(dir.path());
+    let prefix = Path::from("ds");
+    let staging = dir.path().join("ds/_staging");
+    let mut w0 = open(&store, &prefix, &kind, options(0, 2, "r1")).await;
+    let mut w1 = open(&store, &prefix, &kind, options(1, 2, "r1")).await;
+    w0.write_input(&input("a", 3, "r1")).await.unwrap();
+    w1.write_input(&input("b", 3, "r1")).await.unwrap();
+    drop(w0); // killed mid-part
+    assert_eq!(listed(store.as_ref(), &prefix).await, Vec::<String>::new());
+    assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 2);
+    assert!(
+        committed_inputs(store.clone(), &prefix, &kind)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // Shard 0 restarts: its stale file goes, shard 1's live one stays.
+    let w0 = open(&store, &prefix, &kind, options(0, 2, "r2")).await;
+    let left: Vec<String> = std::fs::read_dir(&staging)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(left.len(), 1);
+    assert!(left[0].starts_with("part-00001-of-00002-r1-"), "{left:?}");
+    w1.flush().await.unwrap().unwrap();
+    drop(w0);
+    let counts = rows_by_uri(store.as_ref(), &prefix).await;
+    assert_eq!(counts, HashMap::from([("b".into(), 3)]));
+}
+
+#[tokio::test]
+async fn a_killed_object_store_writer_leaves_nothing() {
+    let (store, kind) = memory();
+    let prefix = Path::from("ds");
+    let mut o = options(0, 1, "r");
+    o.upload_chunk_bytes = 1024;
+    o.row_group_bytes = 1024;
+    let mut w = open(&store, &prefix, &kind, o).await;
+    for i in 0..50 {
+        w.write_input(&input(&i.to_string(), 2, "r")).await.unwrap();
+    }
+    drop(w);
+    let all: Vec<_> = all_objects(store.as_ref()).await;
+    assert!(all.is_empty(), "{all:?}");
+}
+
+/// Commits inputs `0..20` over several parts, leaves `20..24` in an open part that is
+/// killed (`24..30` never started), adds decoys readers ignore; resume must return
+/// exactly `0..20`. Then a new run writes what is missing, and every input appears
+/// exactly once.
+async fn resume_is_exact(store: Arc<dyn ObjectStore>, kind: StoreKind) {
+    let prefix = Path::from("runs/ds");
+    let uri = |i: u32| format!("gs://bucket/audio/{i:03}.wav");
+    let mut o = options(0, 2, "r1");
+    o.max_rows_per_part = 9;
+    o.row_group_bytes = 1024; // several row groups: several ranged reads per part
+    let mut w = open(&store, &prefix, &kind, o).await;
+    for i in 0..20 {
+        w.write_input(&input(&uri(i), 1 + i % 3, "r1"))
+            .await
+            .unwrap();
+    }
+    w.flush().await.unwrap().unwrap();
+    // 8 rows, below the 9-row limit: this part stays open until the kill.
+    for i in 20..24 {
+        w.write_input(&input(&uri(i), 2, "r1")).await.unwrap();
+    }
+    assert_eq!(w.open_rows(), 8);
+    drop(w);
+    let decoy = part_bytes(&input("decoy://never-committed", 1, "r0")).await;
+    // Real parts where readers do not look.
+    for hidden in [
+        "_staging/decoy.zstd.parquet",
+        "_old/decoy.parquet",
+        "_decoy.zstd.parquet",
+        ".decoy.zstd.parquet",
+    ] {
+        let path = Path::from(format!("{prefix}/{hidden}"));
+        store.put(&path, decoy.clone().into()).await.unwrap();
+    }
+
+    let done = committed_inputs(store.clone(), &prefix, &kind)
+        .await
+        .unwrap();
+    let expected: HashSet<String> = (0..20).map(uri).collect();
+    assert_eq!(done, expected);
+
+    // Shard count changes on the next run: resume reads every shard's parts.
+    let mut w = open(&store, &prefix, &kind, options(0, 1, "r2")).await;
+    for i in (0..30).filter(|i| !done.contains(&uri(*i))) {
+        w.write_input(&input(&uri(i), 2, "r2")).await.unwrap();
+    }
+    w.finish(serde_json::json!({})).await.unwrap();
+    let counts = rows_by_uri(store.as_ref(), &prefix).await;
+    let all: HashSet<String> = (0..30).map(uri).collect();
+    assert_eq!(counts.keys().cloned().collect::<HashSet<_>>(), all);
+    for i in 0..30 {
+        let segments = if i < 20 { 1 + i % 3 } else { 2 };
+        assert_eq!(counts[&uri(i)], segments as usize, "{}", uri(i));
+    }
+    assert_eq!(committed_inputs(store, &prefix, &kind).await.unwrap(), all);
+}
+
+#[tokio::test]
+async fn resume_returns_exactly_the_committed_inputs() {
+    let dir = tempfile::tempdir().unwrap();
+    for (store, kind) in [memory(), local(dir.path())] {
+        resume_is_exact(store, kind).await;
+    }
+}
+
+#[tokio::test]
+async fn resume_of_an_empty_or_missing_dataset_is_empty() {
+    let (store, kind) = memory();
+    assert!(
+        committed_inputs(store, &Path::from("none"), &kind)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let (store, kind) = local(dir.path());
+    assert!(
+        committed_inputs(store, &Path::from("none"), &kind)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+}
+
+/// A local dataset of two shards, several parts each; returns the folder.
+async fn write_local_dataset(dir: &FsPath) -> (std::path::PathBuf, u64) {
+    let (store, kind) = local(dir);
+    let prefix = Path::from("ds");
+    let mut rows = 0;
+    for shard in 0..2 {
+        let mut o = options(shard, 2, "r1");
+        o.max_rows_per_part = 25;
+        let mut w = open(&store, &prefix, &kind, o).await;
+        for i in 0..30 {
+            let mut segs = input(&format!("/a/{shard}-{i}.wav"), 2, "r1");
+            segs[1].caption = None;
+            segs[1].error = Some("decode failed".into());
+            w.write_input(&segs).await.unwrap();
+        }
+        rows += w.finish(serde_json::json!({})).await.unwrap().rows;
+    }
+    (dir.join("ds"), rows)
+}
+
+#[tokio::test]
+async fn polars_reads_the_folder_as_a_dataset_with_metadata_in_every_footer() {
+    use polars::prelude::{LazyFrame, PlRefPath};
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, rows) = write_local_dataset(dir.path()).await;
+    assert_eq!(rows, 120);
+    let glob = format!("{}/*.parquet", folder.display());
+    // Polars blocks on its own runtime: never on a tokio worker thread.
+    // This build of polars has no UInt16 (`channels`); polars proper reads it.
+    let readable: Vec<_> = schema()
+        .fields()
+        .iter()
+        .filter(|f| f.name() != "channels")
+        .map(|f| polars::prelude::col(f.name().as_str()))
+        .collect();
+    let frame = tokio::task::spawn_blocking(move || {
+        LazyFrame::scan_parquet(PlRefPath::new(glob), Default::default())
+            .unwrap()
+            .select(readable)
+            .collect()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert_eq!(frame.height(), 120);
+    let names: Vec<String> = frame
+        .get_column_names()
+        .iter()
+        .map(|n| n.to_string())
+        .collect();
+    let expected: Vec<String> = schema()
+        .fields()
+        .iter()
+        .map(|f| f.name().clone())
+        .filter(|n| n != "channels")
+        .collect();
+    assert_eq!(names, expected);
+    assert_eq!(frame.column("error").unwrap().null_count(), 60);
+
+    let mut parts = 0;
+    for entry in std::fs::read_dir(&folder).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "parquet") {
+            parts += 1;
+            let reader = SerializedFileReader::new(std::fs::File::open(&path).unwrap()).unwrap();
+            let kv = reader
+                .metadata()
+                .file_metadata()
+                .key_value_metadata()
+                .unwrap();
+            let value = kv
+                .iter()
+                .find(|k| k.key == META_KEY)
+                .and_then(|k| k.value.clone());
+            assert_eq!(
+                value.as_deref(),
+                Some("{\"run\":\"r1\"}"),
+                "{}",
+                path.display()
+            );
+        }
+    }
+    assert_eq!(parts, 2 * 3);
+}
+
+/// Needs pyarrow (`python3 -m pip install pyarrow`).
+#[tokio::test]
+async fn pyarrow_reads_the_folder_as_a_dataset() {
+    let dir = tempfile::tempdir().unwrap();
+    let (folder, rows) = write_local_dataset(dir.path()).await;
+    let script = r#"
+import json, sys
+import pyarrow.dataset as ds, pyarrow.parquet as pq
+d = ds.dataset(sys.argv[1], format="parquet")
+meta = [pq.read_metadata(f).metadata.get(sys.argv[2].encode()) for f in d.files]
+print(json.dumps({
+    "rows": d.count_rows(),
+    "names": d.schema.names,
+    "types": [str(t) for t in d.schema.types],
+    "files": len(d.files),
+    "meta": [m.decode() if m else None for m in meta],
+}))
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", script])
+        .arg(&folder)
+        .arg(META_KEY)
+        .output()
+        .expect("running python3");
+    assert!(
+        out.status.success(),
+        "pyarrow failed (the test needs `python3 -m pip install pyarrow`): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let got: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(got["rows"], rows);
+    assert_eq!(got["files"], 6, "staging or commit files were read: {got}");
+    let names: Vec<String> = schema().fields().iter().map(|f| f.name().clone()).collect();
+    assert_eq!(got["names"], serde_json::json!(names));
+    assert_eq!(got["types"][14], "timestamp[us, tz=UTC]");
+    assert_eq!(got["types"][6], "uint16");
+    for m in got["meta"].as_array().unwrap() {
+        assert_eq!(m, "{\"run\":\"r1\"}");
+    }
+}
