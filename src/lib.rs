@@ -1,7 +1,8 @@
 //! audiocap: natural-language captions for large audio archives.
 //!
 //! The crate is layered so data flows one way:
-//! `main (cli) → caption → model (candle) → audio`.
+//! `main (cli) → pipeline → stages → engine (ONNX Runtime) | storage | dataset → audio`,
+//! and `caption → model (candle) → audio` for the reference path.
 //!
 //! - [`audio`]: waveform decoding and the BEATs front end (Kaldi fbank).
 //! - [`model`]: the published architecture in candle: BEATs encoder, projector and
@@ -10,6 +11,12 @@
 //!   path that the ONNX export is checked against).
 //! - [`export`]: the model written as ONNX graphs with a manifest (`audiocap export`).
 //! - [`engine`]: the exported model on ONNX Runtime (`audiocap caption`).
+//! - [`pipeline`]: `audiocap run`: pipeline files, the wiring of the stages, progress
+//!   and the run summary.
+//! - [`stages`]: list, fetch, decode, batch, model, sink: async loops between bounded
+//!   channels.
+//! - [`storage`]: local and object-store locations, streaming listing, manifests,
+//!   shards, fetching.
 //! - [`dataset`]: the captions dataset on local disk or an object store: size-targeted
 //!   Parquet parts committed atomically, per-shard commit records, resume by URI.
 
@@ -23,6 +30,8 @@ pub mod export;
 pub mod manifest;
 pub mod model;
 pub mod output;
+pub mod pipeline;
+pub mod stages;
 pub mod storage;
 
 #[cfg(test)]

@@ -44,6 +44,10 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a pipeline file (see pipelines/): list audio on disk or object storage,
+    /// decode, segment, caption on ONNX Runtime and write a Parquet dataset, resuming
+    /// where an earlier run of the same pipeline stopped.
+    Run(RunArgs),
     /// Caption audio files or folders with an exported model on ONNX Runtime and
     /// write a Parquet table (uri, segment, caption, score, error, ...).
     Caption(CaptionArgs),
@@ -64,6 +68,29 @@ enum Command {
     /// the checkpoints (BEATs, Llama directory, projector, PEFT adapters). Prints one
     /// JSON object per file. Use it to check checkpoints before exporting them.
     ReferenceCaption(ReferenceCaptionArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Pipeline file (TOML), e.g. pipelines/demo.toml.
+    pipeline: PathBuf,
+    /// Override one key for this run: --set batching.batch_size=32 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// This process's shard, 0-based (default: from JOB_COMPLETION_INDEX,
+    /// AWS_BATCH_JOB_ARRAY_INDEX or SLURM_ARRAY_TASK_ID, else 0).
+    #[arg(long)]
+    shard_index: Option<u32>,
+    /// Number of shards (default: from AWS_BATCH_JOB_ARRAY_SIZE or
+    /// SLURM_ARRAY_TASK_COUNT, else 1).
+    #[arg(long)]
+    shard_count: Option<u32>,
+    /// Run id recorded in every row and part name (default: time and process id).
+    #[arg(long)]
+    run_id: Option<String>,
+    /// Validate the pipeline and print it with every default filled in; run nothing.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(clap::Args)]
@@ -191,6 +218,7 @@ fn main() -> ExitCode {
             exit::OK
         }),
         Command::Caption(args) => caption(args),
+        Command::Run(args) => return run(args),
         Command::Eval(args) => audiocap::eval::command::run_eval(&args).map(|outcome| {
             print!("{}", outcome.report());
             exit::OK
@@ -209,6 +237,81 @@ fn main() -> ExitCode {
             ExitCode::from(exit::FATAL)
         }
     }
+}
+
+/// `audiocap run`: its own exit-code mapping (invalid configuration, fatal, some
+/// inputs failed) and its own logging setup.
+fn run(args: RunArgs) -> ExitCode {
+    use audiocap::pipeline::{PipelineConfig, RunError, RunRequest, run_pipeline};
+    let mut overrides = args.set.clone();
+    if let Some(i) = args.shard_index {
+        overrides.push(format!("run.shard_index={i}"));
+    }
+    if let Some(n) = args.shard_count {
+        overrides.push(format!("run.shard_count={n}"));
+    }
+    let config = match PipelineConfig::load(&args.pipeline, &overrides) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(exit::INVALID_CONFIG);
+        }
+    };
+    if args.check {
+        println!("{}", config.to_toml());
+        eprintln!("{}: valid", args.pipeline.display());
+        return ExitCode::from(exit::OK);
+    }
+    init_logging(&config.logging);
+    let threshold = config.run.max_failed_fraction;
+    let request = RunRequest {
+        pipeline_file: args.pipeline.display().to_string(),
+        run_id: args.run_id,
+    };
+    match run_pipeline(config, request) {
+        Ok(summary) => {
+            println!("{}", summary.render());
+            let fraction = summary.failed_fraction();
+            if summary.inputs.failed > 0 && fraction > threshold {
+                eprintln!(
+                    "{} of {} inputs failed ({:.2}% > run.max_failed_fraction {:.2}%): exit code {}",
+                    summary.inputs.failed,
+                    summary.inputs.written,
+                    fraction * 100.0,
+                    threshold * 100.0,
+                    exit::SOME_INPUTS_FAILED
+                );
+                ExitCode::from(exit::SOME_INPUTS_FAILED)
+            } else {
+                ExitCode::from(exit::OK)
+            }
+        }
+        Err(RunError::Config(e)) => {
+            eprintln!("error: invalid configuration: {e:#}");
+            ExitCode::from(exit::INVALID_CONFIG)
+        }
+        Err(RunError::Fatal(e)) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(exit::FATAL)
+        }
+    }
+}
+
+/// `tracing` to stderr: text or JSON lines, level from the pipeline unless
+/// `RUST_LOG` is set.
+fn init_logging(logging: &audiocap::pipeline::config::LoggingSection) {
+    use audiocap::pipeline::config::LogFormat;
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(&logging.level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match logging.format {
+        LogFormat::Json => builder.json().try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
 }
 
 fn caption(args: CaptionArgs) -> anyhow::Result<u8> {

@@ -19,7 +19,8 @@ use crate::common::fixtures;
 pub fn tiny_model() -> &'static Path {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
     MODEL.get_or_init(|| {
-        let dir = std::env::temp_dir().join(format!("audiocap-pipeline-model-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("audiocap-pipeline-model-{}", std::process::id()));
         let f = fixtures();
         let out = Command::new(env!("CARGO_BIN_EXE_audiocap"))
             .args([
@@ -55,7 +56,9 @@ fn run(pipeline: &Path, sets: &[String]) -> Output {
     for s in sets {
         cmd.arg("--set").arg(s);
     }
-    cmd.env("RUST_LOG", "warn").output().expect("running audiocap run")
+    cmd.env("RUST_LOG", "warn")
+        .output()
+        .expect("running audiocap run")
 }
 
 /// A pipeline file for `audio` → `out` on the tiny model, fast settings.
@@ -167,8 +170,11 @@ fn clips(dir: &Path, n: usize) -> Vec<String> {
     (0..n)
         .map(|i| {
             let path = dir.join(format!("clip_{i:03}.wav"));
-            std::fs::write(&path, wav(16_000, 1, &tone(16_000, 1.0, 200.0 + 37.0 * i as f32)))
-                .unwrap();
+            std::fs::write(
+                &path,
+                wav(16_000, 1, &tone(16_000, 1.0, 200.0 + 37.0 * i as f32)),
+            )
+            .unwrap();
             std::fs::canonicalize(&path).unwrap().display().to_string()
         })
         .collect()
@@ -215,10 +221,22 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
     for clip in ["sine_1s.wav", "chirp_2p5s.wav"] {
         std::fs::copy(f.join("e2e-tiny/audio").join(clip), audio.join(clip)).unwrap();
     }
-    std::fs::write(audio.join("nested/stereo_44k.wav"), wav(44_100, 2, &tone(88_200, 1.0, 440.0))).unwrap();
-    std::fs::write(audio.join("long.wav"), wav(16_000, 1, &tone(16_000, 7.0, 300.0))).unwrap();
+    std::fs::write(
+        audio.join("nested/stereo_44k.wav"),
+        wav(44_100, 2, &tone(88_200, 1.0, 440.0)),
+    )
+    .unwrap();
+    std::fs::write(
+        audio.join("long.wav"),
+        wav(16_000, 1, &tone(16_000, 7.0, 300.0)),
+    )
+    .unwrap();
     std::fs::write(audio.join("short.wav"), wav(16_000, 1, &[0.1; 800])).unwrap();
-    std::fs::write(audio.join("not_audio.wav"), b"this is not a wav file at all").unwrap();
+    std::fs::write(
+        audio.join("not_audio.wav"),
+        b"this is not a wav file at all",
+    )
+    .unwrap();
     std::fs::write(audio.join("empty.flac"), b"").unwrap();
     let mut truncated = wav(16_000, 1, &tone(16_000, 1.0, 500.0));
     truncated.truncate(30);
@@ -229,11 +247,20 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
     let out = run(&pipeline, &[]);
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(3), "some inputs failed: {stdout}\n{stderr}");
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "some inputs failed: {stdout}\n{stderr}"
+    );
 
     let rows = read_dataset(&out_dir);
     let by_name: BTreeMap<String, Vec<_>> = rows.iter().fold(BTreeMap::new(), |mut m, r| {
-        let name = Path::new(&r.0).file_name().unwrap().to_str().unwrap().to_string();
+        let name = Path::new(&r.0)
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .to_string();
         m.entry(name).or_insert_with(Vec::new).push(r.clone());
         m
     });
@@ -258,10 +285,26 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
     assert_eq!(by_name["long.wav"].len(), 3);
     assert!(captioned("long.wav"));
     let error = |name: &str| by_name[name][0].3.clone().unwrap_or_default();
-    assert!(error("short.wav").starts_with("too short"), "{}", error("short.wav"));
-    assert!(error("not_audio.wav").contains("not a recognised audio file"), "{}", error("not_audio.wav"));
-    assert!(error("empty.flac").contains("empty"), "{}", error("empty.flac"));
-    assert!(error("truncated.wav").contains("truncated"), "{}", error("truncated.wav"));
+    assert!(
+        error("short.wav").starts_with("too short"),
+        "{}",
+        error("short.wav")
+    );
+    assert!(
+        error("not_audio.wav").contains("not a recognised audio file"),
+        "{}",
+        error("not_audio.wav")
+    );
+    assert!(
+        error("empty.flac").contains("empty"),
+        "{}",
+        error("empty.flac")
+    );
+    assert!(
+        error("truncated.wav").contains("truncated"),
+        "{}",
+        error("truncated.wav")
+    );
     assert!(stdout.contains("failed inputs:"), "{stdout}");
 
     // The same pipeline again: everything is in the dataset already.
@@ -272,7 +315,9 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
     assert_eq!(read_dataset(&out_dir).len(), rows.len());
 
     // Commit records: one per run of the shard, beside the parts.
-    let records = std::fs::read_dir(out_dir.join("_commits/shard-00000-of-00001")).unwrap().count();
+    let records = std::fs::read_dir(out_dir.join("_commits/shard-00000-of-00001"))
+        .unwrap()
+        .count();
     assert_eq!(records, 2);
 }
 
@@ -292,7 +337,12 @@ fn kill_9_at_random_points_then_finish_gives_every_input_exactly_once() {
         state ^= state << 17;
         let delay = 300 + state % 2200;
         let mut child = Command::new(env!("CARGO_BIN_EXE_audiocap"))
-            .args(["run", pipeline.to_str().unwrap(), "--set", "batching.batch_size=1"])
+            .args([
+                "run",
+                pipeline.to_str().unwrap(),
+                "--set",
+                "batching.batch_size=1",
+            ])
             .env("RUST_LOG", "error")
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
@@ -305,10 +355,19 @@ fn kill_9_at_random_points_then_finish_gives_every_input_exactly_once() {
         let rows = read_dataset(&out_dir);
         let uris: Vec<&String> = rows.iter().map(|r| &r.0).collect();
         let unique: HashSet<&String> = uris.iter().copied().collect();
-        assert_eq!(uris.len(), unique.len(), "duplicates after kill {round} at {delay} ms");
+        assert_eq!(
+            uris.len(),
+            unique.len(),
+            "duplicates after kill {round} at {delay} ms"
+        );
     }
     let out = run(&pipeline, &[]);
-    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows = read_dataset(&out_dir);
     let got: Vec<String> = rows.iter().map(|r| r.0.clone()).collect();
     let unique: HashSet<String> = got.iter().cloned().collect();
@@ -333,7 +392,12 @@ fn shards_partition_the_inputs() {
             .env("RUST_LOG", "warn")
             .output()
             .unwrap();
-        assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+        assert_eq!(
+            out.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         per_shard.push(read_dataset(&out_dir).len());
     }
     let rows = read_dataset(&out_dir);
@@ -341,5 +405,148 @@ fn shards_partition_the_inputs() {
     assert_eq!(got.len(), 24);
     assert_eq!(got.into_iter().collect::<HashSet<_>>(), expected);
     // Each shard added some of them (24 inputs over 3 shards by hash: all missing one shard has odds (2/3)^24).
-    assert!(per_shard[0] > 0 && per_shard[1] > per_shard[0] && per_shard[2] > per_shard[1], "{per_shard:?}");
+    assert!(
+        per_shard[0] > 0 && per_shard[1] > per_shard[0] && per_shard[2] > per_shard[1],
+        "{per_shard:?}"
+    );
+}
+
+/// (uri, caption, error) of every row of the dataset under `prefix` in `store`.
+async fn read_remote_dataset(
+    store: &dyn object_store::ObjectStore,
+    prefix: &str,
+) -> Vec<(String, Option<String>, Option<String>)> {
+    use futures::TryStreamExt;
+    use object_store::ObjectStoreExt;
+    let prefix = object_store::path::Path::from(prefix);
+    let listed = store.list_with_delimiter(Some(&prefix)).await.unwrap();
+    let mut rows = Vec::new();
+    for meta in listed.objects {
+        if !meta.location.as_ref().ends_with(".parquet") {
+            continue;
+        }
+        let bytes = store
+            .get(&meta.location)
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        for batch in ParquetRecordBatchReaderBuilder::try_new(bytes)
+            .unwrap()
+            .build()
+            .unwrap()
+        {
+            let batch = batch.unwrap();
+            let strings = |name: &str| {
+                batch
+                    .column_by_name(name)
+                    .unwrap()
+                    .as_any()
+                    .downcast_ref::<StringArray>()
+                    .unwrap()
+                    .clone()
+            };
+            let (uri, cap, err) = (strings("uri"), strings("caption"), strings("error"));
+            for i in 0..batch.num_rows() {
+                rows.push((
+                    uri.value(i).to_string(),
+                    cap.is_valid(i).then(|| cap.value(i).to_string()),
+                    err.is_valid(i).then(|| err.value(i).to_string()),
+                ));
+            }
+        }
+    }
+    // Nothing but parts and the commit records.
+    let all: Vec<_> = store.list(Some(&prefix)).try_collect().await.unwrap();
+    for meta in all {
+        let key = meta.location.as_ref().to_string();
+        assert!(
+            key.ends_with(".parquet") || key.contains("/_commits/"),
+            "unexpected object {key}"
+        );
+    }
+    rows
+}
+
+#[test]
+fn s3_in_and_out_with_resume() {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let server = crate::common::s3::MotoServer::start("archive");
+    let store = server.store();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let f = fixtures();
+    let mut uploads: Vec<(String, Vec<u8>)> = ["sine_1s.wav", "chirp_2p5s.wav", "noise_0p3s.wav"]
+        .iter()
+        .map(|c| {
+            (
+                format!("audio/clips/{c}"),
+                std::fs::read(f.join("e2e-tiny/audio").join(c)).unwrap(),
+            )
+        })
+        .collect();
+    uploads.push(("audio/broken.wav".into(), b"RIFF....WAVEjunk".to_vec()));
+    uploads.push(("audio/readme.txt".into(), b"not listed: not audio".to_vec()));
+    runtime.block_on(async {
+        for (key, bytes) in &uploads {
+            store
+                .put(
+                    &object_store::path::Path::from(key.as_str()),
+                    PutPayload::from(bytes.clone()),
+                )
+                .await
+                .unwrap();
+        }
+    });
+
+    let dir = tempfile::tempdir().unwrap();
+    let pipeline = write_pipeline(
+        dir.path(),
+        Path::new("s3://archive/audio/"),
+        "s3://archive/captions/",
+    );
+    let go = || {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiocap"));
+        cmd.arg("run").arg(&pipeline).env("RUST_LOG", "warn");
+        for (k, v) in server.env() {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let out = go();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(3),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows = runtime.block_on(read_remote_dataset(store.as_ref(), "captions"));
+    let mut uris: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    uris.sort();
+    assert_eq!(
+        uris,
+        [
+            "s3://archive/audio/broken.wav",
+            "s3://archive/audio/clips/chirp_2p5s.wav",
+            "s3://archive/audio/clips/noise_0p3s.wav",
+            "s3://archive/audio/clips/sine_1s.wav",
+        ]
+    );
+    for (uri, caption, error) in &rows {
+        assert_eq!(
+            uri.ends_with("broken.wav"),
+            error.is_some(),
+            "{uri}: {error:?}"
+        );
+        assert_eq!(caption.is_some(), error.is_none());
+    }
+
+    // Again: everything is committed, nothing is added.
+    let out = go();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert!(stdout.contains("4 already in the dataset"), "{stdout}");
+    let again = runtime.block_on(read_remote_dataset(store.as_ref(), "captions"));
+    assert_eq!(again.len(), rows.len());
 }

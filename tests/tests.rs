@@ -15,4 +15,5 @@ mod llama_parity;
 mod lora_adapters;
 mod metrics_parity;
 mod onnx_engine;
+mod pipeline_run;
 mod storage_inputs;

@@ -6,7 +6,8 @@ use serde::{Deserialize, Serialize};
 
 /// How recordings are cut. A recording no longer than `max_seconds` is one segment.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+// Every field has a default, so a pipeline file may set only some of them.
+#[serde(default, deny_unknown_fields)]
 pub struct SegmentConfig {
     /// Recordings longer than this are cut into windows.
     pub max_seconds: f64,

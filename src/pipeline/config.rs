@@ -419,7 +419,10 @@ impl PipelineConfig {
         }
         for (key, value) in [
             ("storage.timeout_secs", self.storage.timeout_secs),
-            ("storage.connect_timeout_secs", self.storage.connect_timeout_secs),
+            (
+                "storage.connect_timeout_secs",
+                self.storage.connect_timeout_secs,
+            ),
         ] {
             if value == Some(0) {
                 p.push(problem(key, "must be >= 1 second"));
@@ -563,7 +566,10 @@ fn check_location(spec: &str) -> Result<(), String> {
     let Some((scheme, _)) = spec.split_once("://") else {
         return Ok(());
     };
-    if !scheme.chars().all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c)) {
+    if !scheme
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "+-.".contains(c))
+    {
         return Ok(());
     }
     let scheme = scheme.to_ascii_lowercase();

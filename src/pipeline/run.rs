@@ -75,7 +75,10 @@ async fn run_async(
     let output = Location::parse(&config.output.uri, &config.storage)
         .map_err(|e| RunError::Config(anyhow::Error::new(e).context("output.uri")))?;
     let store_kind = match &output.kind {
-        LocationKind::Local { root } => StoreKind::Local { root: root.clone() },
+        // Local locations are paths inside a `LocalFileSystem` rooted at `/`.
+        LocationKind::Local { .. } => StoreKind::Local {
+            root: std::path::PathBuf::from("/"),
+        },
         LocationKind::Object { .. } => StoreKind::Object,
     };
     let fatal = |what: &'static str| move |e: anyhow::Error| RunError::Fatal(e.context(what));
@@ -112,7 +115,8 @@ async fn run_async(
     let mut options = DatasetWriterOptions::new(shard.index, shard.count, &run_id);
     options.target_part_bytes = config.output.target_part_mb << 20;
     options.max_rows_per_part = config.output.max_rows_per_part as u64;
-    options.max_part_age = std::time::Duration::from_secs_f64(config.output.commit_interval_seconds);
+    options.max_part_age =
+        std::time::Duration::from_secs_f64(config.output.commit_interval_seconds);
     options.metadata = vec![
         (
             "audiocap.model_manifest".into(),
@@ -120,7 +124,10 @@ async fn run_async(
         ),
         ("audiocap.model".into(), model.identity.clone()),
         ("audiocap.pipeline".into(), config.to_toml()),
-        ("audiocap.pipeline_file".into(), request.pipeline_file.clone()),
+        (
+            "audiocap.pipeline_file".into(),
+            request.pipeline_file.clone(),
+        ),
         ("audiocap.run_id".into(), run_id.clone()),
         (
             "audiocap.shard".into(),
@@ -176,12 +183,9 @@ async fn run_async(
     let model_identity = model.identity.clone();
 
     // Stages, last to first, so each one's input exists before its producer starts.
-    let sink = tokio::spawn(stages::sink::run(
-        sink_rx,
-        writer,
-        counters.clone(),
-        busy_sink.clone(),
-    ));
+    // The sink runs on this task, not a spawned one: the dataset writer's upload
+    // state is not `Sync`, and one task is all it needs.
+    let sink = stages::sink::run(sink_rx, writer, counters.clone(), busy_sink.clone());
     let model_idle = Arc::new(AtomicBool::new(true));
     let model_thread = stages::model::spawn(
         model,
@@ -238,7 +242,13 @@ async fn run_async(
         progress_rx,
     ));
 
-    let mut sources: Vec<Source> = config.input.sources.iter().cloned().map(Source::Path).collect();
+    let mut sources: Vec<Source> = config
+        .input
+        .sources
+        .iter()
+        .cloned()
+        .map(Source::Path)
+        .collect();
     sources.extend(config.input.manifests.iter().map(|m| Source::Manifest {
         manifest: m.clone(),
         column: config.input.manifest_column.clone(),
@@ -256,25 +266,27 @@ async fn run_async(
         limit: config.run.limit,
         base_row,
     };
-    let listed = stages::list::run(plan, input_tx, sink_tx, counters.clone(), stop.clone()).await;
-
-    // The listing has ended (or failed): the stages drain in order.
-    for f in fetchers {
-        let _ = f.await;
-    }
-    for d in decoders {
-        let _ = d.await;
-    }
-    let _ = batcher.await;
-    let model_panicked = tokio::task::spawn_blocking(move || model_thread.join().is_err())
-        .await
-        .unwrap_or(true);
-    let sink_result = sink.await;
+    let list_and_drain = async {
+        let listed =
+            stages::list::run(plan, input_tx, sink_tx, counters.clone(), stop.clone()).await;
+        // The listing has ended (or failed): the stages drain in order.
+        for f in fetchers {
+            let _ = f.await;
+        }
+        for d in decoders {
+            let _ = d.await;
+        }
+        let _ = batcher.await;
+        let model_panicked = tokio::task::spawn_blocking(move || model_thread.join().is_err())
+            .await
+            .unwrap_or(true);
+        (listed, model_panicked)
+    };
+    let ((listed, model_panicked), sink_result) = tokio::join!(list_and_drain, sink);
     let _ = progress_done.send(());
     let _ = progress.await;
 
     let (writer, outcome) = sink_result
-        .map_err(|e| RunError::Fatal(anyhow::Error::new(e).context("the sink stage")))?
         .context("writing the dataset")
         .map_err(RunError::Fatal)?;
     let listing = listed

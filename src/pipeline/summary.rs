@@ -80,7 +80,7 @@ impl RunSummary {
              inputs: {} listed, {} taken, {} already in the dataset, {} duplicates; \
              {} written, {} failed\n\
              rows: {} ({} captions, {} errors); {:.3} h of audio in {} \
-             ({:.2} captions/s, {:.0}x realtime)\n\
+             ({:.2} captions/s, {:.1}x realtime)\n\
              busy: fetch {:.0}%, decode {:.0}%, model {:.0}%, sink {:.0}%; {} part files committed",
             self.run_id,
             self.shard_index,

@@ -164,7 +164,10 @@ mod tests {
         got.sort();
         assert_eq!(got, expected);
         // The model never reported idle: every batch but the last two is full.
-        assert!(sizes[..sizes.len() - 2].iter().all(|&s| s == 4), "{sizes:?}");
+        assert!(
+            sizes[..sizes.len() - 2].iter().all(|&s| s == 4),
+            "{sizes:?}"
+        );
     }
 
     #[tokio::test]

@@ -37,8 +37,12 @@ pub async fn run(
     busy: Arc<BusyClock>,
 ) {
     while let Ok(item) = fetched.recv().await {
-        let (segments, sink, context, busy) =
-            (segments.clone(), sink.clone(), context.clone(), busy.clone());
+        let (segments, sink, context, busy) = (
+            segments.clone(),
+            sink.clone(),
+            context.clone(),
+            busy.clone(),
+        );
         let joined = tokio::task::spawn_blocking(move || {
             busy.time(|| prepare_input(item, &context, &segments, &sink))
         })
@@ -112,47 +116,53 @@ fn prepare_input(
     let rate = context.fbank.config().sample_rate;
     let mut emitted = 0usize;
     let mut closed = false;
-    let result = decode_segments(reader, audio.extension.as_deref(), rate, &context.segments, |seg| {
-        let frames = context.fbank.compute(&seg.samples);
-        let mut row = CaptionRow {
-            start_s: Some(seg.start_sample as f64 / f64::from(rate)),
-            end_s: Some(seg.end_sample as f64 / f64::from(rate)),
-            ..row_for(seg.index)
-        };
-        emitted += 1;
-        let sent = if frames.num_frames < context.min_frames {
-            row.error = Some(format!(
-                "too short to caption: {:.3} s gives {} fbank frames, the encoder needs at \
+    let result = decode_segments(
+        reader,
+        audio.extension.as_deref(),
+        rate,
+        &context.segments,
+        |seg| {
+            let frames = context.fbank.compute(&seg.samples);
+            let mut row = CaptionRow {
+                start_s: Some(seg.start_sample as f64 / f64::from(rate)),
+                end_s: Some(seg.end_sample as f64 / f64::from(rate)),
+                ..row_for(seg.index)
+            };
+            emitted += 1;
+            let sent = if frames.num_frames < context.min_frames {
+                row.error = Some(format!(
+                    "too short to caption: {:.3} s gives {} fbank frames, the encoder needs at \
                  least {} ({:.2} s)",
-                seg.samples.len() as f64 / f64::from(rate),
-                frames.num_frames,
-                context.min_frames,
-                context.fbank.min_duration_for_frames(context.min_frames)
-            ));
-            row.processed_at_us = now_us();
-            send(
-                sink,
-                SinkMessage::Rows {
-                    input_id,
-                    rows: vec![row],
-                },
-            )
-        } else {
-            segments
-                .send_blocking(SegmentJob {
-                    input_id,
-                    row,
-                    frames: frames.num_frames,
-                    fbank: frames.data,
-                })
-                .map_err(|_| Closed)
-        };
-        if sent.is_err() {
-            closed = true;
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    });
+                    seg.samples.len() as f64 / f64::from(rate),
+                    frames.num_frames,
+                    context.min_frames,
+                    context.fbank.min_duration_for_frames(context.min_frames)
+                ));
+                row.processed_at_us = now_us();
+                send(
+                    sink,
+                    SinkMessage::Rows {
+                        input_id,
+                        rows: vec![row],
+                    },
+                )
+            } else {
+                segments
+                    .send_blocking(SegmentJob {
+                        input_id,
+                        row,
+                        frames: frames.num_frames,
+                        fbank: frames.data,
+                    })
+                    .map_err(|_| Closed)
+            };
+            if sent.is_err() {
+                closed = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        },
+    );
     if closed {
         return Err(Closed);
     }
@@ -229,6 +239,7 @@ fn open_reader(fetched: &Fetched) -> std::io::Result<InputReader> {
 pub fn decode_failure_kind(e: &FrontEndError) -> &'static str {
     match e {
         FrontEndError::Resample(_) => "resample",
+        FrontEndError::SegmentConfig(_) => "segment_config",
         FrontEndError::Decode(d) => match d {
             DecodeError::Open { .. } => "unreadable",
             DecodeError::Io(_) => "read_error",
@@ -241,6 +252,7 @@ pub fn decode_failure_kind(e: &FrontEndError) -> &'static str {
             DecodeError::Malformed { .. } => "malformed",
             DecodeError::Corrupt { .. } => "corrupt",
             DecodeError::ZeroChannels => "zero_channels",
+            DecodeError::TooManyChannels { .. } => "too_many_channels",
             DecodeError::InvalidSampleRate { .. } => "invalid_sample_rate",
             DecodeError::SampleRateChanged { .. } => "sample_rate_changed",
             DecodeError::NonFiniteSample { .. } => "non_finite_samples",

@@ -42,7 +42,10 @@ pub struct SegmentJob {
 #[derive(Debug, Clone)]
 pub enum SinkMessage {
     /// Finished rows of one input (captions, or errors).
-    Rows { input_id: u64, rows: Vec<CaptionRow> },
+    Rows {
+        input_id: u64,
+        rows: Vec<CaptionRow>,
+    },
     /// Everything about an input is known: how many rows it will have in total.
     Done(InputDone),
 }
