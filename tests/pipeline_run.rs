@@ -141,20 +141,32 @@ fn wav(rate: u32, channels: u16, samples: &[f32]) -> Vec<u8> {
         .iter()
         .flat_map(|&s| ((s.clamp(-1.0, 1.0) * 32767.0) as i16).to_le_bytes())
         .collect();
+    wav_bytes(1, 16, rate, channels, &data)
+}
+
+/// 32-bit float WAV bytes.
+fn wav_f32(rate: u32, samples: &[f32]) -> Vec<u8> {
+    let data: Vec<u8> = samples.iter().flat_map(|s| s.to_le_bytes()).collect();
+    wav_bytes(3, 32, rate, 1, &data)
+}
+
+/// A canonical WAV file: `format` 1 = integer PCM, 3 = IEEE float.
+fn wav_bytes(format: u16, bits: u16, rate: u32, channels: u16, data: &[u8]) -> Vec<u8> {
+    let block = channels * bits / 8;
     let mut out = Vec::new();
     out.extend_from_slice(b"RIFF");
     out.extend_from_slice(&(36 + data.len() as u32).to_le_bytes());
     out.extend_from_slice(b"WAVEfmt ");
     out.extend_from_slice(&16u32.to_le_bytes());
-    out.extend_from_slice(&1u16.to_le_bytes());
+    out.extend_from_slice(&format.to_le_bytes());
     out.extend_from_slice(&channels.to_le_bytes());
     out.extend_from_slice(&rate.to_le_bytes());
-    out.extend_from_slice(&(rate * u32::from(channels) * 2).to_le_bytes());
-    out.extend_from_slice(&(channels * 2).to_le_bytes());
-    out.extend_from_slice(&16u16.to_le_bytes());
+    out.extend_from_slice(&rate.wrapping_mul(u32::from(block)).to_le_bytes());
+    out.extend_from_slice(&block.to_le_bytes());
+    out.extend_from_slice(&bits.to_le_bytes());
     out.extend_from_slice(b"data");
     out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-    out.extend_from_slice(&data);
+    out.extend_from_slice(data);
     out
 }
 
@@ -241,10 +253,38 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
     let mut truncated = wav(16_000, 1, &tone(16_000, 1.0, 500.0));
     truncated.truncate(30);
     std::fs::write(audio.join("truncated.wav"), truncated).unwrap();
+    let mut nan = tone(16_000, 1.0, 500.0);
+    nan[4000] = f32::NAN;
+    std::fs::write(audio.join("nan.wav"), wav_f32(16_000, &nan)).unwrap();
+    let pcm: Vec<u8> = vec![0; 32_000];
+    std::fs::write(
+        audio.join("absurd_rate.wav"),
+        wav_bytes(1, 16, 5_000_000, 1, &pcm),
+    )
+    .unwrap();
+    // Real encoded files: every codec end to end, 8 channels, and a codec we lack.
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/audio");
+    for name in [
+        "tone.mp3",
+        "tone.ogg",
+        "tone_aac.m4a",
+        "tone.flac",
+        "tone_8ch.flac",
+        "tone_opus.ogg",
+    ] {
+        std::fs::copy(data.join(name), audio.join(name)).unwrap();
+    }
+    // A manifest naming a file that does not exist.
+    let manifest = dir.path().join("manifest.csv");
+    let missing = dir.path().join("gone/missing.wav");
+    std::fs::write(&manifest, format!("uri\n{}\n", missing.display())).unwrap();
 
     let out_dir = dir.path().join("captions");
     let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
-    let out = run(&pipeline, &[]);
+    let out = run(
+        &pipeline,
+        &[format!("input.manifests=[\"{}\"]", manifest.display())],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(
@@ -268,19 +308,39 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
     assert_eq!(
         names,
         [
+            "absurd_rate.wav",
             "chirp_2p5s.wav",
             "empty.flac",
             "long.wav",
+            "missing.wav",
+            "nan.wav",
             "not_audio.wav",
             "short.wav",
             "sine_1s.wav",
             "stereo_44k.wav",
+            "tone.flac",
+            "tone.mp3",
+            "tone.ogg",
+            "tone_8ch.flac",
+            "tone_aac.m4a",
+            "tone_opus.ogg",
             "truncated.wav"
         ],
         "{stdout}"
     );
     let captioned = |name: &str| by_name[name].iter().all(|r| r.2.is_some() && r.3.is_none());
-    assert!(captioned("sine_1s.wav") && captioned("chirp_2p5s.wav") && captioned("stereo_44k.wav"));
+    for name in [
+        "sine_1s.wav",
+        "chirp_2p5s.wav",
+        "stereo_44k.wav",
+        "tone.mp3",
+        "tone.ogg",
+        "tone_aac.m4a",
+        "tone.flac",
+        "tone_8ch.flac",
+    ] {
+        assert!(captioned(name), "{name}: {:?}", by_name[name]);
+    }
     // 7 s with 3 s windows: 0-3, 3-6, 6-7.
     assert_eq!(by_name["long.wav"].len(), 3);
     assert!(captioned("long.wav"));
@@ -308,10 +368,13 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
     assert!(stdout.contains("failed inputs:"), "{stdout}");
 
     // The same pipeline again: everything is in the dataset already.
-    let out = run(&pipeline, &[]);
+    let out = run(
+        &pipeline,
+        &[format!("input.manifests=[\"{}\"]", manifest.display())],
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(out.status.code(), Some(0), "{stdout}");
-    assert!(stdout.contains("8 already in the dataset"), "{stdout}");
+    assert!(stdout.contains("17 already in the dataset"), "{stdout}");
     assert_eq!(read_dataset(&out_dir).len(), rows.len());
 
     // Commit records: one per run of the shard, beside the parts.
