@@ -30,6 +30,7 @@ use std::ops::ControlFlow;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 
+use symphonia::core::audio::{Audio, GenericAudioBufferRef};
 use symphonia::core::codecs::CodecParameters;
 use symphonia::core::codecs::audio::well_known::*;
 use symphonia::core::codecs::audio::{
@@ -551,8 +552,18 @@ fn decode_packets(
             });
         }
 
-        buffer.copy_to_vecs_planar::<f32>(&mut planes);
-        downmix(&planes, frames, &mut mono)?;
+        match &buffer {
+            // Float output (MP3, Vorbis, AAC): read the planes in place, no conversion copy.
+            GenericAudioBufferRef::F32(buf) => {
+                let in_place: Vec<&[f32]> =
+                    (0..buf.num_planes()).filter_map(|c| buf.plane(c)).collect();
+                downmix(&in_place, frames, &mut mono)?;
+            }
+            _ => {
+                buffer.copy_to_vecs_planar::<f32>(&mut planes);
+                downmix(&planes, frames, &mut mono)?;
+            }
+        }
         if let Some(index) = mono.iter().position(|sample| !sample.is_finite()) {
             return Err(DecodeError::NonFiniteSample {
                 frame: info.frames + index as u64,
@@ -587,15 +598,23 @@ fn decode_packets(
 }
 
 /// Mean of the channels into `mono`.
-fn downmix(planes: &[Vec<f32>], frames: usize, mono: &mut Vec<f32>) -> Result<(), DecodeError> {
+fn downmix<P: AsRef<[f32]>>(
+    planes: &[P],
+    frames: usize,
+    mono: &mut Vec<f32>,
+) -> Result<(), DecodeError> {
     mono.clear();
     match planes {
         [] => return Err(DecodeError::ZeroChannels),
-        [only] => mono.extend_from_slice(&only[..frames.min(only.len())]),
+        [only] => {
+            let only = only.as_ref();
+            mono.extend_from_slice(&only[..frames.min(only.len())]);
+        }
         [first, rest @ ..] => {
+            let first = first.as_ref();
             mono.extend_from_slice(&first[..frames.min(first.len())]);
             for plane in rest {
-                for (sum, sample) in mono.iter_mut().zip(plane) {
+                for (sum, sample) in mono.iter_mut().zip(plane.as_ref()) {
                     *sum += sample;
                 }
             }
