@@ -6,6 +6,7 @@
 
 use std::ops::ControlFlow;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use async_channel::{Receiver, Sender};
 
@@ -13,7 +14,7 @@ use super::fetch::FetchedInput;
 use super::{BusyClock, InputDone, SegmentJob, SinkMessage};
 use crate::audio::decode::{AudioInfo, DecodeError};
 use crate::audio::fbank::Fbank;
-use crate::audio::frontend::{FrontEndError, decode_segments};
+use crate::audio::frontend::{FrontEnd, FrontEndError};
 use crate::audio::segment::SegmentConfig;
 use crate::output::{CaptionRow, now_us};
 use crate::storage::{FetchError, Fetched, FetchedAudio};
@@ -28,7 +29,8 @@ pub struct DecodeContext {
     pub base_row: CaptionRow,
 }
 
-/// Decodes inputs until the channel closes.
+/// Decodes inputs until the channel closes. Each worker keeps one [`FrontEnd`], so
+/// the resampler is reused while consecutive inputs share a sample rate.
 pub async fn run(
     fetched: Receiver<FetchedInput>,
     segments: Sender<SegmentJob>,
@@ -36,22 +38,75 @@ pub async fn run(
     context: Arc<DecodeContext>,
     busy: Arc<BusyClock>,
 ) {
+    let mut front_end: Option<FrontEnd> = None;
     while let Ok(item) = fetched.recv().await {
-        let (segments, sink, context, busy) = (
-            segments.clone(),
-            sink.clone(),
-            context.clone(),
-            busy.clone(),
-        );
-        let joined = tokio::task::spawn_blocking(move || {
-            busy.time(|| prepare_input(item, &context, &segments, &sink))
-        })
-        .await;
+        let (input_id, uri) = (item.task.id, item.task.input.uri.clone());
+        // Rows sent for this input so far, known even if the worker panics.
+        let emitted = Arc::new(AtomicUsize::new(0));
+        let joined = {
+            let (segments, sink, context, busy, emitted) = (
+                segments.clone(),
+                sink.clone(),
+                context.clone(),
+                busy.clone(),
+                emitted.clone(),
+            );
+            let reused = front_end.take();
+            let uri = uri.clone();
+            tokio::task::spawn_blocking(move || {
+                let rate = context.fbank.config().sample_rate;
+                let mut front_end = match reused {
+                    Some(f) => f,
+                    None => match FrontEnd::new(rate, context.segments) {
+                        Ok(f) => f,
+                        Err(e) => {
+                            let failed = fail_input(
+                                &sink,
+                                &context,
+                                input_id,
+                                &uri,
+                                0,
+                                "segment_config",
+                                e.to_string(),
+                            );
+                            return (failed, None);
+                        }
+                    },
+                };
+                let result = busy.time(|| {
+                    prepare_input(item, &mut front_end, &context, &segments, &sink, &emitted)
+                });
+                (result, Some(front_end))
+            })
+            .await
+        };
         match joined {
-            Ok(Ok(())) => {}
+            Ok((Ok(()), reused)) => front_end = reused,
             // The next stages are gone: the run is stopping.
-            Ok(Err(Closed)) => return,
-            Err(e) => tracing::error!(error = %e, "a decode worker panicked"),
+            Ok((Err(Closed), _)) => return,
+            Err(e) => {
+                // A bug in a decoder: this input is an error row, the run goes on.
+                tracing::error!(%uri, error = %e, "a decode worker panicked");
+                let emitted = emitted.load(Ordering::Relaxed);
+                let sink = sink.clone();
+                let context = context.clone();
+                let message = format!("the decoder crashed on this input: {e}");
+                let failed = tokio::task::spawn_blocking(move || {
+                    fail_input(
+                        &sink,
+                        &context,
+                        input_id,
+                        &uri,
+                        emitted,
+                        "decoder_crash",
+                        message,
+                    )
+                })
+                .await;
+                if !matches!(failed, Ok(Ok(()))) {
+                    return;
+                }
+            }
         }
     }
 }
@@ -59,11 +114,50 @@ pub async fn run(
 /// A downstream channel closed.
 struct Closed;
 
+/// Ends an input with one error row after the `rows_before` rows already sent.
+fn fail_input(
+    sink: &Sender<SinkMessage>,
+    context: &DecodeContext,
+    input_id: u64,
+    uri: &str,
+    rows_before: usize,
+    kind: &'static str,
+    message: String,
+) -> Result<(), Closed> {
+    let row = CaptionRow {
+        uri: uri.to_string(),
+        segment_index: rows_before as u32,
+        error: Some(message),
+        processed_at_us: now_us(),
+        ..context.base_row.clone()
+    };
+    send(
+        sink,
+        SinkMessage::Rows {
+            input_id,
+            rows: vec![row],
+        },
+    )?;
+    send(
+        sink,
+        SinkMessage::Done(InputDone {
+            input_id,
+            uri: uri.to_string(),
+            rows: rows_before + 1,
+            audio_seconds: 0.0,
+            failure: Some(kind),
+            info: None,
+        }),
+    )
+}
+
 fn prepare_input(
     item: FetchedInput,
+    front_end: &mut FrontEnd,
     context: &DecodeContext,
     segments: &Sender<SegmentJob>,
     sink: &Sender<SinkMessage>,
+    emitted_rows: &AtomicUsize,
 ) -> Result<(), Closed> {
     let input_id = item.task.id;
     let uri = item.task.input.uri.clone();
@@ -73,29 +167,7 @@ fn prepare_input(
         ..context.base_row.clone()
     };
     let fail = |kind: &'static str, message: String, rows_before: usize| {
-        let row = CaptionRow {
-            error: Some(message),
-            processed_at_us: now_us(),
-            ..row_for(rows_before as u32)
-        };
-        send(
-            sink,
-            SinkMessage::Rows {
-                input_id,
-                rows: vec![row],
-            },
-        )?;
-        send(
-            sink,
-            SinkMessage::Done(InputDone {
-                input_id,
-                uri: uri.clone(),
-                rows: rows_before + 1,
-                audio_seconds: 0.0,
-                failure: Some(kind),
-                info: None,
-            }),
-        )
+        fail_input(sink, context, input_id, &uri, rows_before, kind, message)
     };
 
     let audio = match item.result {
@@ -116,53 +188,48 @@ fn prepare_input(
     let rate = context.fbank.config().sample_rate;
     let mut emitted = 0usize;
     let mut closed = false;
-    let result = decode_segments(
-        reader,
-        audio.extension.as_deref(),
-        rate,
-        &context.segments,
-        |seg| {
-            let frames = context.fbank.compute(&seg.samples);
-            let mut row = CaptionRow {
-                start_s: Some(seg.start_sample as f64 / f64::from(rate)),
-                end_s: Some(seg.end_sample as f64 / f64::from(rate)),
-                ..row_for(seg.index)
-            };
-            emitted += 1;
-            let sent = if frames.num_frames < context.min_frames {
-                row.error = Some(format!(
-                    "too short to caption: {:.3} s gives {} fbank frames, the encoder needs at \
+    let result = front_end.decode_segments(reader, audio.extension.as_deref(), |seg| {
+        let frames = context.fbank.compute(&seg.samples);
+        let mut row = CaptionRow {
+            start_s: Some(seg.start_sample as f64 / f64::from(rate)),
+            end_s: Some(seg.end_sample as f64 / f64::from(rate)),
+            ..row_for(seg.index)
+        };
+        emitted += 1;
+        emitted_rows.store(emitted, Ordering::Relaxed);
+        let sent = if frames.num_frames < context.min_frames {
+            row.error = Some(format!(
+                "too short to caption: {:.3} s gives {} fbank frames, the encoder needs at \
                  least {} ({:.2} s)",
-                    seg.samples.len() as f64 / f64::from(rate),
-                    frames.num_frames,
-                    context.min_frames,
-                    context.fbank.min_duration_for_frames(context.min_frames)
-                ));
-                row.processed_at_us = now_us();
-                send(
-                    sink,
-                    SinkMessage::Rows {
-                        input_id,
-                        rows: vec![row],
-                    },
-                )
-            } else {
-                segments
-                    .send_blocking(SegmentJob {
-                        input_id,
-                        row,
-                        frames: frames.num_frames,
-                        fbank: frames.data,
-                    })
-                    .map_err(|_| Closed)
-            };
-            if sent.is_err() {
-                closed = true;
-                return ControlFlow::Break(());
-            }
-            ControlFlow::Continue(())
-        },
-    );
+                seg.samples.len() as f64 / f64::from(rate),
+                frames.num_frames,
+                context.min_frames,
+                context.fbank.min_duration_for_frames(context.min_frames)
+            ));
+            row.processed_at_us = now_us();
+            send(
+                sink,
+                SinkMessage::Rows {
+                    input_id,
+                    rows: vec![row],
+                },
+            )
+        } else {
+            segments
+                .send_blocking(SegmentJob {
+                    input_id,
+                    row,
+                    frames: frames.num_frames,
+                    fbank: frames.data,
+                })
+                .map_err(|_| Closed)
+        };
+        if sent.is_err() {
+            closed = true;
+            return ControlFlow::Break(());
+        }
+        ControlFlow::Continue(())
+    });
     if closed {
         return Err(Closed);
     }
