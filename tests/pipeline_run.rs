@@ -367,6 +367,26 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
     );
     assert!(stdout.contains("failed inputs:"), "{stdout}");
 
+    // A reader that knows nothing of audiocap sees the same table.
+    let query = format!(
+        "import duckdb; print(duckdb.sql(\"select count(*), count(distinct uri) from \
+         read_parquet('{}/*.parquet')\").fetchall()[0])",
+        out_dir.display()
+    );
+    let duck = Command::new("python3")
+        .args(["-c", &query])
+        .output()
+        .unwrap();
+    assert!(
+        duck.status.success(),
+        "DuckDB could not read the dataset (pip install duckdb): {}",
+        String::from_utf8_lossy(&duck.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&duck.stdout).trim(),
+        format!("({}, 17)", rows.len())
+    );
+
     // The same pipeline again: everything is in the dataset already.
     let out = run(
         &pipeline,
