@@ -8,17 +8,12 @@ use std::time::Instant;
 
 use super::generate::{GenerationParams, generate};
 use super::model::OnnxModel;
+use crate::audio::AUDIO_EXTENSIONS;
 use crate::audio::decode::AudioInfo;
 use crate::audio::fbank::Fbank;
 use crate::audio::frontend::decode_file_to_rate;
 use crate::audio::segment::{SegmentConfig, plan_segments};
 use crate::output::{CaptionRow, now_us};
-
-/// File extensions picked up when a folder is given.
-pub const AUDIO_EXTENSIONS: &[&str] = &[
-    "wav", "wave", "flac", "mp3", "ogg", "oga", "opus", "m4a", "mp4", "aac", "alac", "aif", "aiff",
-    "caf", "mka", "mkv", "webm",
-];
 
 /// Files to caption: files as given (a missing one becomes an error row), folders
 /// walked recursively for audio files, in a stable (sorted) order.

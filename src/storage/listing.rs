@@ -15,7 +15,7 @@
 //!   folder (for a glob: relative to its literal prefix). A pattern without `/`
 //!   matches the file name at any depth (`*.tmp`), like `.gitignore`;
 //! - for folders (not globs) the extension list, by default
-//!   [`AUDIO_EXTENSIONS`](crate::engine::captioner::AUDIO_EXTENSIONS).
+//!   [`AUDIO_EXTENSIONS`](crate::audio::AUDIO_EXTENSIONS).
 //!
 //! The same URI reached through two sources is listed twice: removing duplicates
 //! would need memory proportional to the listing, so it is the caller's choice.
@@ -37,7 +37,7 @@ use serde::Deserialize;
 
 use super::location::{Location, LocationKind, StorageOptions};
 use super::{StorageError, redact, redact_text, scheme_of};
-use crate::engine::captioner::AUDIO_EXTENSIONS;
+use crate::audio::AUDIO_EXTENSIONS;
 
 /// One input to caption.
 #[derive(Clone)]
