@@ -633,3 +633,64 @@ fn s3_in_and_out_with_resume() {
     let again = runtime.block_on(read_remote_dataset(store.as_ref(), "captions"));
     assert_eq!(again.len(), rows.len());
 }
+
+#[test]
+fn sigterm_commits_what_is_in_flight_and_the_next_run_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let audio = dir.path().join("audio");
+    let expected: HashSet<String> = clips(&audio, 40).into_iter().collect();
+    let out_dir = dir.path().join("captions");
+    let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_audiocap"))
+        .args([
+            "run",
+            pipeline.to_str().unwrap(),
+            "--set",
+            "batching.batch_size=1",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Once a part is committed the run is under way (and its signal handler set).
+    let waited = std::time::Instant::now();
+    while read_dataset(&out_dir).is_empty() {
+        assert!(
+            waited.elapsed() < Duration::from_secs(120),
+            "no part committed"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let term = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let out = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("stopped early"), "{stdout}");
+    let first = read_dataset(&out_dir);
+    assert!(
+        first.len() < expected.len(),
+        "stopped before the end: {}",
+        first.len()
+    );
+    let uris: HashSet<&String> = first.iter().map(|r| &r.0).collect();
+    assert_eq!(uris.len(), first.len(), "no duplicates");
+
+    let out = run(&pipeline, &[]);
+    assert_eq!(out.status.code(), Some(0));
+    let rows = read_dataset(&out_dir);
+    assert_eq!(rows.len(), expected.len());
+    assert_eq!(
+        rows.into_iter().map(|r| r.0).collect::<HashSet<_>>(),
+        expected
+    );
+}
