@@ -404,6 +404,22 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
     assert_eq!(records, 2);
 }
 
+/// `audiocap run` in the background with batches of one (many small commits).
+fn spawn_one_at_a_time(pipeline: &Path) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_audiocap"))
+        .args([
+            "run",
+            pipeline.to_str().unwrap(),
+            "--set",
+            "batching.batch_size=1",
+        ])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap()
+}
+
 #[test]
 fn kill_9_at_random_points_then_finish_gives_every_input_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
@@ -419,18 +435,7 @@ fn kill_9_at_random_points_then_finish_gives_every_input_exactly_once() {
         state ^= state >> 7;
         state ^= state << 17;
         let delay = 300 + state % 2200;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_audiocap"))
-            .args([
-                "run",
-                pipeline.to_str().unwrap(),
-                "--set",
-                "batching.batch_size=1",
-            ])
-            .env("RUST_LOG", "error")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut child = spawn_one_at_a_time(&pipeline);
         std::thread::sleep(Duration::from_millis(delay));
         // SIGKILL: no chance to clean up.
         let _ = child.kill();
@@ -641,18 +646,7 @@ fn sigterm_commits_what_is_in_flight_and_the_next_run_finishes() {
     let expected: HashSet<String> = clips(&audio, 40).into_iter().collect();
     let out_dir = dir.path().join("captions");
     let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_audiocap"))
-        .args([
-            "run",
-            pipeline.to_str().unwrap(),
-            "--set",
-            "batching.batch_size=1",
-        ])
-        .env("RUST_LOG", "warn")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let child = spawn_one_at_a_time(&pipeline);
     // Once a part is committed the run is under way (and its signal handler set).
     let waited = std::time::Instant::now();
     while read_dataset(&out_dir).is_empty() {
