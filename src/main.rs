@@ -68,6 +68,10 @@ enum Command {
     /// the checkpoints (BEATs, Llama directory, projector, PEFT adapters). Prints one
     /// JSON object per file. Use it to check checkpoints before exporting them.
     ReferenceCaption(ReferenceCaptionArgs),
+    /// Merge PEFT LoRA adapters by concatenation (PEFT's `cat` combination): rank Σr,
+    /// lora_alpha = Σr, ΔW = Σ wᵢ·(αᵢ/rᵢ)·BᵢAᵢ. The output is a PEFT adapter directory
+    /// that Python PEFT and `audiocap export --adapter` both read.
+    Merge(MergeArgs),
 }
 
 #[derive(clap::Args)]
@@ -199,6 +203,23 @@ struct ExportArgs {
 }
 
 #[derive(clap::Args)]
+struct MergeArgs {
+    /// PEFT LoRA adapter directory (adapter_config.json + adapter_model.safetensors);
+    /// repeat for each adapter.
+    #[arg(long = "adapter", required = true)]
+    adapters: Vec<PathBuf>,
+    /// Comma-separated weights, one per adapter (default 1/K each).
+    #[arg(long, value_delimiter = ',')]
+    weights: Option<Vec<f64>>,
+    /// Output adapter directory.
+    #[arg(long)]
+    out: PathBuf,
+    /// Replace the output directory if it exists.
+    #[arg(long)]
+    overwrite: bool,
+}
+
+#[derive(clap::Args)]
 struct ReferenceCaptionArgs {
     #[command(flatten)]
     model: CheckpointArgs,
@@ -229,6 +250,7 @@ fn main() -> ExitCode {
         }
         Command::Export(args) => export(args),
         Command::ReferenceCaption(args) => reference_caption(args),
+        Command::Merge(args) => merge(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -412,6 +434,57 @@ fn export(args: ExportArgs) -> anyhow::Result<u8> {
         } else {
             " + external data"
         }
+    );
+    Ok(exit::OK)
+}
+
+fn merge(args: MergeArgs) -> anyhow::Result<u8> {
+    use audiocap::model::lora::PeftAdapter;
+    let k = args.adapters.len();
+    let weights = args.weights.unwrap_or_else(|| vec![1.0 / k as f64; k]);
+    if weights.len() != k {
+        eprintln!(
+            "error: {} --weights for {k} --adapter directories",
+            weights.len()
+        );
+        return Ok(exit::INVALID_CONFIG);
+    }
+    if args.out.exists() && !args.overwrite {
+        eprintln!(
+            "error: {} exists (pass --overwrite to replace it)",
+            args.out.display()
+        );
+        return Ok(exit::INVALID_CONFIG);
+    }
+    let adapters = args
+        .adapters
+        .iter()
+        .map(|dir| PeftAdapter::load(dir).with_context(|| format!("loading {}", dir.display())))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let merged = PeftAdapter::cat(&adapters, &weights).context("merging the adapters")?;
+    // Written beside the target and renamed, so a reader never sees half an adapter.
+    let name = args
+        .out
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "adapter".into());
+    let staging = args
+        .out
+        .with_file_name(format!(".{name}.partial-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&staging);
+    merged
+        .save(&staging)
+        .with_context(|| format!("writing {}", staging.display()))?;
+    if args.out.exists() {
+        std::fs::remove_dir_all(&args.out)
+            .with_context(|| format!("replacing {}", args.out.display()))?;
+    }
+    std::fs::rename(&staging, &args.out)
+        .with_context(|| format!("moving the adapter into {}", args.out.display()))?;
+    println!(
+        "merged {k} adapters (weights {weights:?}) into {}: rank {}",
+        args.out.display(),
+        merged.config.r
     );
     Ok(exit::OK)
 }

@@ -136,3 +136,83 @@ fn adapter_errors_are_clear() {
     .to_string();
     assert!(err.contains("model.layers.7.self_attn.q_proj"), "{err}");
 }
+
+/// `audiocap merge` writes a PEFT directory whose single adapter decodes exactly as
+/// PEFT's `add_weighted_adapter([a0, a1], [0.5, 0.5], "cat")` did in the reference.
+#[test]
+fn merge_command_writes_the_cat_adapter_of_the_reference() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("cat_a0_a1_half");
+    let bin = env!("CARGO_BIN_EXE_audiocap");
+    let a = |name: &str| f.join("e2e-tiny/adapters").join(name);
+    let merged = std::process::Command::new(bin)
+        .args(["merge", "--adapter"])
+        .arg(a("a0"))
+        .arg("--adapter")
+        .arg(a("a1"))
+        .args(["--weights", "0.5,0.5", "--out"])
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert!(
+        merged.status.success(),
+        "{}",
+        String::from_utf8_lossy(&merged.stderr)
+    );
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("adapter_config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["r"], 8, "rank 4 + 4");
+    assert_eq!(config["lora_alpha"].as_f64(), Some(8.0));
+    assert!(out.join("adapter_model.safetensors").is_file());
+    // An existing output is not replaced without --overwrite.
+    let again = std::process::Command::new(bin)
+        .args(["merge", "--adapter"])
+        .arg(a("a0"))
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    assert_eq!(again.status.code(), Some(2));
+
+    let reference = crate::common::e2e_reference();
+    let clips: Vec<String> = reference["cases"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    let captioned = std::process::Command::new(bin)
+        .arg("reference-caption")
+        .arg("--beats")
+        .arg(f.join("beats-tiny/beats.pt"))
+        .arg("--llm")
+        .arg(f.join("e2e-tiny/llm"))
+        .arg("--projector")
+        .arg(f.join("e2e-tiny/projector.safetensors"))
+        .arg("--adapter")
+        .arg(&out)
+        .args(["--max-new-tokens", &reference["max_new_tokens"].to_string()])
+        .args(clips.iter().map(|c| f.join("e2e-tiny/audio").join(c)))
+        .output()
+        .unwrap();
+    assert!(
+        captioned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&captioned.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&captioned.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), clips.len());
+    for (clip, line) in clips.iter().zip(&lines) {
+        let got = crate::common::ids(&line["token_ids"]);
+        crate::common::check_tokens(
+            &format!("{clip}/merged"),
+            &got,
+            &reference["cases"][clip]["cat_a0_a1_half"],
+        );
+    }
+}
