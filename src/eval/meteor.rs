@@ -12,6 +12,9 @@
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use super::jvm::{self, Environment, JavaError, JavaPaths, Tail, Unavailable};
 use super::{check_pairs, tokenize};
@@ -28,7 +31,14 @@ pub struct MeteorSetup {
     pub jar: PathBuf,
     /// JVM heap limit (`-Xmx`), `2G` as in the reference.
     pub max_memory: String,
+    /// A JVM that prints nothing for this long is killed and METEOR reported
+    /// unavailable, so a hung jar cannot hang the evaluation.
+    pub stall_timeout: Duration,
 }
+
+/// Default [`MeteorSetup::stall_timeout`]: loading the paraphrase table takes ~15 s,
+/// after which answers come line by line.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(300);
 
 impl MeteorSetup {
     /// Finds Java and the jar (see [`jvm::find_java`], [`jvm::find_jar`]) and checks
@@ -57,6 +67,7 @@ impl MeteorSetup {
             java,
             jar,
             max_memory: "2G".to_string(),
+            stall_timeout: STALL_TIMEOUT,
         })
     }
 }
@@ -84,6 +95,66 @@ pub struct Meteor {
     stdin: Option<ChildStdin>,
     stdout: BufReader<ChildStdout>,
     stderr: Tail,
+    watchdog: Watchdog,
+}
+
+/// Kills the JVM when it prints nothing for too long (a hung JVM would otherwise
+/// block the read forever).
+struct Watchdog {
+    started: Instant,
+    /// Milliseconds after `started` of the last output line.
+    last_output_ms: Arc<AtomicU64>,
+    /// Set when the watchdog killed the JVM.
+    fired: Arc<AtomicBool>,
+    /// Set when the JVM is done with; the watchdog thread then exits.
+    done: Arc<AtomicBool>,
+    timeout: Duration,
+}
+
+impl Watchdog {
+    fn start(pid: u32, timeout: Duration) -> Self {
+        let started = Instant::now();
+        let last_output_ms = Arc::new(AtomicU64::new(0));
+        let fired = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let (last, fire, stop) = (last_output_ms.clone(), fired.clone(), done.clone());
+        std::thread::spawn(move || {
+            let tick = Duration::from_millis(100).min(timeout);
+            while !stop.load(Ordering::Relaxed) {
+                std::thread::sleep(tick);
+                let quiet = (started.elapsed().as_millis() as u64)
+                    .saturating_sub(last.load(Ordering::Relaxed));
+                if quiet >= timeout.as_millis() as u64 && !stop.load(Ordering::Relaxed) {
+                    fire.store(true, Ordering::Relaxed);
+                    // The child is owned by the reading thread; signal it by pid.
+                    let _ = Command::new("kill")
+                        .args(["-KILL", &pid.to_string()])
+                        .stdout(Stdio::null())
+                        .stderr(Stdio::null())
+                        .status();
+                    return;
+                }
+            }
+        });
+        Watchdog {
+            started,
+            last_output_ms,
+            fired,
+            done,
+            timeout,
+        }
+    }
+
+    fn output_seen(&self) {
+        self.last_output_ms
+            .store(self.started.elapsed().as_millis() as u64, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        self.done.store(true, Ordering::Relaxed);
+    }
 }
 
 impl Meteor {
@@ -113,11 +184,13 @@ impl Meteor {
                 stderr: String::new(),
             });
         };
+        let watchdog = Watchdog::start(child.id(), setup.stall_timeout);
         Ok(Meteor {
             child,
             stdin: Some(stdin),
             stdout: BufReader::new(stdout),
             stderr: Tail::collect(stderr),
+            watchdog,
         })
     }
 
@@ -205,8 +278,15 @@ impl Meteor {
     fn read_line(&mut self) -> Result<String, JavaError> {
         let mut line = String::new();
         match self.stdout.read_line(&mut line) {
+            Ok(0) if self.watchdog.fired.load(Ordering::Relaxed) => Err(self.ended(format!(
+                "no output for {} s, killed",
+                self.watchdog.timeout.as_secs_f64()
+            ))),
             Ok(0) => Err(self.ended("end of output".to_string())),
-            Ok(_) => Ok(line.trim().to_string()),
+            Ok(_) => {
+                self.watchdog.output_seen();
+                Ok(line.trim().to_string())
+            }
             Err(e) => Err(self.ended(format!("reading its output failed: {e}"))),
         }
     }
@@ -241,6 +321,7 @@ impl Meteor {
 
     /// Closes stdin, kills the JVM if it still runs, and returns its exit status.
     fn stop(&mut self) -> String {
+        self.watchdog.done.store(true, Ordering::Relaxed);
         self.stdin = None;
         if let Ok(Some(status)) = self.child.try_wait() {
             return format!("exit {status}");
@@ -299,6 +380,30 @@ fn is_stats(line: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(unix)]
+    #[test]
+    fn a_jvm_that_hangs_is_killed_and_reported() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        // Stands in for a JVM that never answers.
+        let java = dir.path().join("java");
+        std::fs::write(&java, "#!/bin/sh\nexec sleep 60\n").unwrap();
+        std::fs::set_permissions(&java, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let setup = MeteorSetup {
+            java,
+            jar: dir.path().join("meteor-1.5.jar"),
+            max_memory: "2G".into(),
+            stall_timeout: Duration::from_millis(300),
+        };
+        let started = Instant::now();
+        let err = meteor(&setup, &["a dog barks".into()], &[vec!["a dog".into()]]).unwrap_err();
+        assert!(
+            err.to_string().contains("no output for 0.3 s, killed"),
+            "{err}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(30));
+    }
 
     #[test]
     fn score_lines_follow_the_protocol() {
