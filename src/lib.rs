@@ -33,6 +33,7 @@ pub mod output;
 pub mod pipeline;
 pub mod stages;
 pub mod storage;
+pub mod train;
 
 #[cfg(test)]
 mod test_util;

@@ -362,6 +362,9 @@ pub struct RefClip {
     pub key: String,
     pub names: Vec<String>,
     pub captions: Vec<String>,
+    /// The key cell as written (a generic table's full path or URI; the Clotho file
+    /// name; the AudioCaps id), for tools that must find the audio itself.
+    pub written_key: String,
 }
 
 /// The references, grouped per clip in input order.
@@ -452,7 +455,7 @@ pub fn read_references(path: &Path, key_column: Option<&str>) -> Result<Referenc
     let mut index: HashMap<String, usize> = HashMap::new();
     for row in &table.rows {
         let cell = |i: usize| row[i].as_deref().map(str::trim).unwrap_or("");
-        let (key, names) = match &layout {
+        let (key, names, written_key) = match &layout {
             Layout::AudioCaps => {
                 let [Some(id), Some(yt), Some(start), _] = audiocaps else {
                     continue;
@@ -466,7 +469,7 @@ pub fn read_references(path: &Path, key_column: Option<&str>) -> Result<Referenc
                     names.push(format!("{yt}_{}", s as i64));
                     names.push(format!("{yt}_{}.000", s as i64));
                 }
-                (id.to_string(), names)
+                (id.to_string(), names, id.to_string())
             }
             Layout::Clotho | Layout::Generic { .. } => {
                 let key_name = match &layout {
@@ -477,7 +480,7 @@ pub fn read_references(path: &Path, key_column: Option<&str>) -> Result<Referenc
                     continue;
                 };
                 let name = file_name(cell(k)).to_string();
-                (name.clone(), vec![name])
+                (name.clone(), vec![name], cell(k).to_string())
             }
         };
         if key.is_empty() {
@@ -496,6 +499,7 @@ pub fn read_references(path: &Path, key_column: Option<&str>) -> Result<Referenc
                     key,
                     names,
                     captions: captions.collect(),
+                    written_key,
                 });
             }
         }
@@ -615,6 +619,7 @@ mod tests {
             key: k.into(),
             names: vec![k.into()],
             captions: vec![format!("ref {k}")],
+            written_key: k.into(),
         };
         let references = References {
             layout: Layout::Clotho,
