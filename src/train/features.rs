@@ -162,10 +162,10 @@ mod tests {
             calls.set(calls.get() + 1);
             Ok(features.clone())
         };
-        let (first, how) = cache.get_or_compute(&a, &compute).unwrap();
+        let (first, how) = cache.get_or_compute(&a, compute).unwrap();
         assert_eq!(how, Lookup::Computed);
         // Same content under another name: a hit, equal by value.
-        let (again, how) = cache.get_or_compute(&b, &compute).unwrap();
+        let (again, how) = cache.get_or_compute(&b, compute).unwrap();
         assert_eq!(how, Lookup::Hit);
         assert_eq!(
             again.to_vec2::<f32>().unwrap(),
@@ -175,16 +175,16 @@ mod tests {
 
         // Another encoder does not see the first one's entries.
         let other = FeatureCache::open(&dir.path().join("cache"), "enc2").unwrap();
-        let (_, how) = other.get_or_compute(&a, &compute).unwrap();
+        let (_, how) = other.get_or_compute(&a, compute).unwrap();
         assert_eq!(how, Lookup::Computed);
 
         // Edited audio is a new key; a damaged entry is recomputed.
         std::fs::write(&a, b"other bytes").unwrap();
-        let (_, how) = cache.get_or_compute(&a, &compute).unwrap();
+        let (_, how) = cache.get_or_compute(&a, compute).unwrap();
         assert_eq!(how, Lookup::Computed);
         let key = FeatureCache::key_of(&a).unwrap();
         std::fs::write(cache.entry(&key), b"garbage").unwrap();
-        let (_, how) = cache.get_or_compute(&a, &compute).unwrap();
+        let (_, how) = cache.get_or_compute(&a, compute).unwrap();
         assert_eq!(how, Lookup::Computed);
         assert_eq!(calls.get(), 4);
         // No staging files are left behind.
