@@ -44,26 +44,7 @@ fn export_then_caption_a_folder_with_bad_inputs() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     let f = fixtures();
-    let out = audiocap(&[
-        "export",
-        "--beats",
-        f.join("beats-tiny/beats.pt").to_str().unwrap(),
-        "--llm",
-        f.join("e2e-tiny/llm").to_str().unwrap(),
-        "--projector",
-        f.join("e2e-tiny/projector.safetensors").to_str().unwrap(),
-        "--adapter",
-        f.join("e2e-tiny/adapters/a0").to_str().unwrap(),
-        "--name",
-        "tiny-a0",
-        "--out",
-        model.to_str().unwrap(),
-    ]);
-    assert!(
-        out.status.success(),
-        "export: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    crate::common::export_tiny_a0(&model);
 
     let audio = dir.path().join("audio");
     std::fs::create_dir_all(audio.join("nested")).unwrap();

@@ -21,31 +21,7 @@ pub fn tiny_model() -> &'static Path {
     MODEL.get_or_init(|| {
         let dir =
             std::env::temp_dir().join(format!("audiocap-pipeline-model-{}", std::process::id()));
-        let f = fixtures();
-        let out = Command::new(env!("CARGO_BIN_EXE_audiocap"))
-            .args([
-                "export",
-                "--beats",
-                f.join("beats-tiny/beats.pt").to_str().unwrap(),
-                "--llm",
-                f.join("e2e-tiny/llm").to_str().unwrap(),
-                "--projector",
-                f.join("e2e-tiny/projector.safetensors").to_str().unwrap(),
-                "--adapter",
-                f.join("e2e-tiny/adapters/a0").to_str().unwrap(),
-                "--name",
-                "tiny-a0",
-                "--overwrite",
-                "--out",
-                dir.to_str().unwrap(),
-            ])
-            .output()
-            .expect("running audiocap export");
-        assert!(
-            out.status.success(),
-            "export: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        crate::common::export_tiny_a0(&dir);
         dir
     })
 }

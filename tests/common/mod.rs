@@ -3,7 +3,7 @@
 pub mod s3;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 
@@ -153,4 +153,29 @@ pub fn meteor_setup() -> audiocap::eval::meteor::MeteorSetup {
     use audiocap::eval::jvm::{Environment, JavaPaths};
     audiocap::eval::meteor::MeteorSetup::discover(&JavaPaths::default(), &Environment::process())
         .unwrap_or_else(|why| panic!("{why}; {METEOR_SETUP_HELP}"))
+}
+
+/// `audiocap export` of the fixture model (BEATs-tiny + Llama-tiny + adapter a0,
+/// named `tiny-a0`) into `out`, through the binary as a user runs it.
+pub fn export_tiny_a0(out: &Path) {
+    let f = fixtures();
+    let result = std::process::Command::new(env!("CARGO_BIN_EXE_audiocap"))
+        .arg("export")
+        .arg("--beats")
+        .arg(f.join("beats-tiny/beats.pt"))
+        .arg("--llm")
+        .arg(f.join("e2e-tiny/llm"))
+        .arg("--projector")
+        .arg(f.join("e2e-tiny/projector.safetensors"))
+        .arg("--adapter")
+        .arg(f.join("e2e-tiny/adapters/a0"))
+        .args(["--name", "tiny-a0", "--overwrite", "--out"])
+        .arg(out)
+        .output()
+        .expect("running audiocap export");
+    assert!(
+        result.status.success(),
+        "export: {}",
+        String::from_utf8_lossy(&result.stderr)
+    );
 }
