@@ -103,36 +103,36 @@ pub async fn report(
             return;
         }
     };
-    if bar {
+    // One loop for both displays: a bar redrawn 4 times a second, or a log line
+    // every `interval`.
+    let pb = bar.then(|| {
         let pb = ProgressBar::new(0);
         pb.set_style(
             ProgressStyle::with_template("{bar:30} {msg}")
                 .unwrap_or_else(|_| ProgressStyle::default_bar()),
         );
-        let mut tick = tokio::time::interval(Duration::from_millis(250));
-        tokio::pin!(done);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = &mut done => break,
-            }
-            let snap = Snapshot::take(&counters, started.elapsed());
-            pb.set_length(snap.queued.max(1));
-            pb.set_position(snap.inputs_done);
-            pb.set_message(snap.line());
-        }
-        pb.finish_and_clear();
+        pb
+    });
+    let mut tick = tokio::time::interval(if bar {
+        Duration::from_millis(250)
     } else {
-        let mut tick = tokio::time::interval(interval);
-        tick.tick().await;
-        tokio::pin!(done);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = &mut done => break,
+        interval
+    });
+    tick.tick().await;
+    tokio::pin!(done);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = &mut done => break,
+        }
+        let snap = Snapshot::take(&counters, started.elapsed());
+        match &pb {
+            Some(pb) => {
+                pb.set_length(snap.queued.max(1));
+                pb.set_position(snap.inputs_done);
+                pb.set_message(snap.line());
             }
-            let snap = Snapshot::take(&counters, started.elapsed());
-            tracing::info!(
+            None => tracing::info!(
                 inputs_done = snap.inputs_done,
                 queued = snap.queued,
                 segments = snap.rows,
@@ -142,8 +142,11 @@ pub async fn report(
                 captions_per_second = snap.captions_per_second,
                 "progress: {}",
                 snap.line()
-            );
+            ),
         }
+    }
+    if let Some(pb) = pb {
+        pb.finish_and_clear();
     }
 }
 
