@@ -52,6 +52,20 @@ fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
     }
 }
 
+/// How every too-short-segment error starts (the run summary counts them by it).
+pub const TOO_SHORT: &str = "too short to caption";
+
+/// The error row text of a segment of `samples` samples whose fbank has fewer frames
+/// than the encoder's one patch needs.
+pub fn too_short_error(fbank: &Fbank, samples: usize, frames: usize, min_frames: usize) -> String {
+    format!(
+        "{TOO_SHORT}: {:.3} s gives {frames} fbank frames, the encoder needs at least \
+         {min_frames} ({:.2} s)",
+        samples as f64 / f64::from(fbank.config().sample_rate),
+        fbank.min_duration_for_frames(min_frames)
+    )
+}
+
 /// Settings of a caption job.
 #[derive(Debug, Clone)]
 pub struct CaptionJobOptions {
@@ -124,11 +138,11 @@ fn prepare_file(
             };
             let frames = fbank.compute(&audio.samples[seg.start..seg.end]);
             if frames.num_frames < min_frames {
-                row.error = Some(format!(
-                    "too short to caption: {:.3} s gives {} fbank frames, the encoder needs at least {min_frames} ({:.2} s)",
-                    (seg.end - seg.start) as f64 / f64::from(rate),
+                row.error = Some(too_short_error(
+                    fbank,
+                    seg.end - seg.start,
                     frames.num_frames,
-                    fbank.min_duration_for_frames(min_frames)
+                    min_frames,
                 ));
                 row.processed_at_us = now_us();
                 return Err(Box::new(row));

@@ -16,6 +16,7 @@ use crate::audio::decode::{AudioInfo, DecodeError};
 use crate::audio::fbank::Fbank;
 use crate::audio::frontend::{FrontEnd, FrontEndError};
 use crate::audio::segment::SegmentConfig;
+use crate::engine::captioner::too_short_error;
 use crate::output::{CaptionRow, now_us};
 use crate::storage::{FetchError, Fetched, FetchedAudio};
 
@@ -198,13 +199,11 @@ fn prepare_input(
         emitted += 1;
         emitted_rows.store(emitted, Ordering::Relaxed);
         let sent = if frames.num_frames < context.min_frames {
-            row.error = Some(format!(
-                "too short to caption: {:.3} s gives {} fbank frames, the encoder needs at \
-                 least {} ({:.2} s)",
-                seg.samples.len() as f64 / f64::from(rate),
+            row.error = Some(too_short_error(
+                &context.fbank,
+                seg.samples.len(),
                 frames.num_frames,
                 context.min_frames,
-                context.fbank.min_duration_for_frames(context.min_frames)
             ));
             row.processed_at_us = now_us();
             send(

@@ -129,7 +129,7 @@ fn record(done: &InputDone, rows: &[CaptionRow], counters: &RunCounters, out: &m
 
 /// The kind of a segment's error, from the prefix the stages give it.
 fn segment_failure_kind(error: &str) -> &'static str {
-    if error.starts_with("too short") {
+    if error.starts_with(crate::engine::captioner::TOO_SHORT) {
         "too_short"
     } else if error.starts_with("model:") {
         "model"
