@@ -161,60 +161,14 @@ impl Captioner {
 
     /// Greedy decoding after the prompt with `audio` [1, n, hidden] spliced in.
     pub fn generate(&self, audio: &Tensor, max_new_tokens: usize) -> Result<Caption> {
-        let ids = |ids: &[u32]| Tensor::new(ids, &self.device)?.unsqueeze(0);
-        let mut parts = Vec::with_capacity(3);
-        if !self.prompt.prefix.is_empty() {
-            parts.push(self.llm.embed(&ids(&self.prompt.prefix)?)?);
-        }
-        parts.push(audio.to_dtype(DType::F32)?);
-        if !self.prompt.suffix.is_empty() {
-            parts.push(self.llm.embed(&ids(&self.prompt.suffix)?)?);
-        }
-        let embeds = Tensor::cat(&parts, 1)?;
-
-        let mut cache = KvCache::new(self.llm.config());
-        let mut hidden = self.llm.forward_embeds(&embeds, Some(&mut cache))?;
-        let mut caption = Caption {
-            token_ids: Vec::new(),
-            text: String::new(),
-            top2_margins: Vec::new(),
-            score: 0.0,
-        };
-        let mut logprob_sum = 0.0f64;
-        for step in 0..max_new_tokens {
-            let seq = hidden.dim(1)?;
-            let logits = self
-                .llm
-                .logits(&hidden.narrow(1, seq - 1, 1)?)?
-                .flatten_all()?
-                .to_dtype(DType::F32)?
-                .to_vec1::<f32>()?;
-            let choice = greedy_choice(&logits).ok_or_else(|| {
-                CaptionError::Mismatch("the decoder produced no finite logits".into())
-            })?;
-            caption.token_ids.push(choice.token);
-            caption.top2_margins.push(choice.margin);
-            logprob_sum += choice.logprob;
-            if self.stop_ids.contains(&choice.token) || step + 1 == max_new_tokens {
-                break;
-            }
-            hidden = self
-                .llm
-                .forward_embeds(&self.llm.embed(&ids(&[choice.token])?)?, Some(&mut cache))?;
-        }
-        if !caption.token_ids.is_empty() {
-            caption.score = (logprob_sum / caption.token_ids.len() as f64) as f32;
-        }
-        caption.text = self
-            .tokenizer
-            .decode(&caption.token_ids, true)
-            .map_err(|e| PromptError::Tokenizer {
-                file: PathBuf::from("tokenizer.json"),
-                message: e.to_string(),
-            })?
-            .trim()
-            .to_string();
-        Ok(caption)
+        greedy_decode(
+            &self.llm,
+            &self.tokenizer,
+            &self.prompt,
+            &self.stop_ids,
+            audio,
+            max_new_tokens,
+        )
     }
 
     /// Logits [vocab] at the last position of a full prompt's embeddings [1, L, hidden].
@@ -234,6 +188,68 @@ impl Captioner {
         let audio = self.audio_embedding(waveform)?;
         self.generate(&audio, max_new_tokens)
     }
+}
+
+/// Greedy decoding with `llm` after `prompt` with `audio` [1, n, hidden] spliced in:
+/// the candle captioner's and the trainer's validation decoding.
+pub fn greedy_decode(
+    llm: &Llama,
+    tokenizer: &Tokenizer,
+    prompt: &PromptIds,
+    stop_ids: &[u32],
+    audio: &Tensor,
+    max_new_tokens: usize,
+) -> Result<Caption> {
+    let ids = |ids: &[u32]| Tensor::new(ids, llm.device())?.unsqueeze(0);
+    let mut parts = Vec::with_capacity(3);
+    if !prompt.prefix.is_empty() {
+        parts.push(llm.embed(&ids(&prompt.prefix)?)?);
+    }
+    parts.push(audio.to_dtype(DType::F32)?);
+    if !prompt.suffix.is_empty() {
+        parts.push(llm.embed(&ids(&prompt.suffix)?)?);
+    }
+    let embeds = Tensor::cat(&parts, 1)?;
+
+    let mut cache = KvCache::new(llm.config());
+    let mut hidden = llm.forward_embeds(&embeds, Some(&mut cache))?;
+    let mut caption = Caption {
+        token_ids: Vec::new(),
+        text: String::new(),
+        top2_margins: Vec::new(),
+        score: 0.0,
+    };
+    let mut logprob_sum = 0.0f64;
+    for step in 0..max_new_tokens {
+        let seq = hidden.dim(1)?;
+        let logits = llm
+            .logits(&hidden.narrow(1, seq - 1, 1)?)?
+            .flatten_all()?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        let choice = greedy_choice(&logits).ok_or_else(|| {
+            CaptionError::Mismatch("the decoder produced no finite logits".into())
+        })?;
+        caption.token_ids.push(choice.token);
+        caption.top2_margins.push(choice.margin);
+        logprob_sum += choice.logprob;
+        if stop_ids.contains(&choice.token) || step + 1 == max_new_tokens {
+            break;
+        }
+        hidden = llm.forward_embeds(&llm.embed(&ids(&[choice.token])?)?, Some(&mut cache))?;
+    }
+    if !caption.token_ids.is_empty() {
+        caption.score = (logprob_sum / caption.token_ids.len() as f64) as f32;
+    }
+    caption.text = tokenizer
+        .decode(&caption.token_ids, true)
+        .map_err(|e| PromptError::Tokenizer {
+            file: PathBuf::from("tokenizer.json"),
+            message: e.to_string(),
+        })?
+        .trim()
+        .to_string();
+    Ok(caption)
 }
 
 /// The greedy pick at one step: best token, its margin over the runner-up and its

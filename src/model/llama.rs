@@ -362,6 +362,16 @@ impl Rope {
 // Layers
 // ---------------------------------------------------------------------------------
 
+/// The precision numerically sensitive steps run in: f32, or f64 for an f64 model
+/// (the trainer's gradient check runs the whole model in f64).
+fn upcast(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
+    }
+}
+
 /// `weight * (x / sqrt(mean(x²) + eps))`, normalised in f32.
 #[derive(Debug, Clone)]
 struct RmsNorm {
@@ -379,7 +389,7 @@ impl RmsNorm {
 
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         let dtype = x.dtype();
-        let x = x.to_dtype(DType::F32)?;
+        let x = x.to_dtype(upcast(x.dtype()))?;
         let variance = x.sqr()?.mean_keepdim(D::Minus1)?;
         let inv_rms = (variance + self.eps)?.sqrt()?.recip()?;
         x.broadcast_mul(&inv_rms)?
@@ -525,11 +535,11 @@ impl Attention {
         // Scores and softmax in f32 whatever the compute dtype.
         let scale = (self.head_dim as f64).powf(-0.5);
         let scores = q
-            .to_dtype(DType::F32)?
-            .matmul(&keys.to_dtype(DType::F32)?.t()?)?
+            .to_dtype(upcast(keys.dtype()))?
+            .matmul(&keys.to_dtype(upcast(keys.dtype()))?.t()?)?
             .affine(scale, 0.0)?;
         let scores = match mask {
-            Some(mask) => scores.broadcast_add(mask)?,
+            Some(mask) => scores.broadcast_add(&mask.to_dtype(scores.dtype())?)?,
             None => scores,
         };
         let probs = candle_nn::ops::softmax(&scores, D::Minus1)?.to_dtype(values.dtype())?;
@@ -766,6 +776,60 @@ impl Llama {
         &self.linear_paths
     }
 
+    /// Every frozen tensor of the model by its published name (LoRA paths excluded):
+    /// what a trainer checks it never modified.
+    pub fn frozen_tensors(&self) -> Vec<(String, Tensor)> {
+        let mut out = vec![(
+            "model.embed_tokens.weight".to_string(),
+            self.embed_tokens.embeddings().clone(),
+        )];
+        let mut linear = |name: String, l: &LoraLinear| {
+            out.push((format!("{name}.weight"), l.base.weight().clone()));
+            if let Some(b) = l.base.bias() {
+                out.push((format!("{name}.bias"), b.clone()));
+            }
+        };
+        for (i, layer) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            let a = &layer.self_attn;
+            for (n, l) in [
+                ("q_proj", &a.q_proj),
+                ("k_proj", &a.k_proj),
+                ("v_proj", &a.v_proj),
+                ("o_proj", &a.o_proj),
+            ] {
+                linear(format!("{p}.self_attn.{n}"), l);
+            }
+            let m = &layer.mlp;
+            for (n, l) in [
+                ("gate_proj", &m.gate_proj),
+                ("up_proj", &m.up_proj),
+                ("down_proj", &m.down_proj),
+            ] {
+                linear(format!("{p}.mlp.{n}"), l);
+            }
+        }
+        linear(
+            "lm_head".to_string(),
+            &LoraLinear {
+                base: self.lm_head.clone(),
+                adapters: Vec::new(),
+            },
+        );
+        for (i, layer) in self.layers.iter().enumerate() {
+            out.push((
+                format!("model.layers.{i}.input_layernorm.weight"),
+                layer.input_layernorm.weight.clone(),
+            ));
+            out.push((
+                format!("model.layers.{i}.post_attention_layernorm.weight"),
+                layer.post_attention_layernorm.weight.clone(),
+            ));
+        }
+        out.push(("model.norm.weight".to_string(), self.norm.weight.clone()));
+        out
+    }
+
     /// Token embeddings: ids [B, S] (u32) → [B, S, H].
     pub fn embed(&self, ids: &Tensor) -> candle_core::Result<Tensor> {
         self.embed_tokens.forward(ids)
@@ -822,7 +886,8 @@ impl Llama {
 
     /// The output layer: hidden states [.., H] → logits [.., vocab], in f32.
     pub fn logits(&self, hidden: &Tensor) -> candle_core::Result<Tensor> {
-        self.lm_head.forward(hidden)?.to_dtype(DType::F32)
+        let logits = super::frozen::forward(&self.lm_head, hidden)?;
+        logits.to_dtype(upcast(logits.dtype()))
     }
 
     /// ids [B, S] → logits [B, S, vocab] in f32, through the cache when given.

@@ -9,11 +9,14 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use candle_core::{DType, Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
+use super::init::SplitMix64;
 use super::weights::{LoadError, Result, Weights};
 
 /// The prefix PEFT puts in front of module paths of a `CAUSAL_LM` model.
@@ -492,6 +495,67 @@ pub struct Adaptation {
     folded: HashMap<String, Tensor>,
     /// Low-rank paths per module path, evaluated at every forward pass.
     live: HashMap<String, Vec<LoraModule>>,
+    /// Dropout on the input of the live paths (training only).
+    dropout: Option<Arc<LoraDropout>>,
+}
+
+/// PEFT's `lora_dropout`: while training, each live LoRA path sees its input with
+/// elements zeroed with probability `p` (and the rest scaled by `1/(1-p)`); the
+/// frozen path always sees the input as is. Masks come from a seeded generator whose
+/// state a checkpoint stores.
+#[derive(Debug)]
+pub struct LoraDropout {
+    p: f64,
+    training: AtomicBool,
+    rng: Mutex<SplitMix64>,
+}
+
+impl LoraDropout {
+    pub fn new(p: f64, seed: u64) -> Self {
+        Self {
+            p,
+            training: AtomicBool::new(true),
+            rng: Mutex::new(SplitMix64::new(seed)),
+        }
+    }
+
+    /// Training (dropout on) or evaluation (off).
+    pub fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+
+    pub fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+
+    pub fn rng_state(&self) -> SplitMix64 {
+        *self.rng.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub fn set_rng_state(&self, state: SplitMix64) {
+        *self.rng.lock().unwrap_or_else(|e| e.into_inner()) = state;
+    }
+
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        if self.p <= 0.0 || !self.training.load(Ordering::Relaxed) {
+            return Ok(x.clone());
+        }
+        let keep = 1.0 / (1.0 - self.p);
+        let mask: Vec<f32> = {
+            let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
+            (0..x.elem_count())
+                .map(|_| {
+                    if rng.next_f64() < self.p {
+                        0.0
+                    } else {
+                        keep as f32
+                    }
+                })
+                .collect()
+        };
+        let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+        x.mul(&mask)
+    }
 }
 
 impl Adaptation {
@@ -516,6 +580,7 @@ impl Adaptation {
         Ok(Self {
             folded,
             live: HashMap::new(),
+            dropout: None,
         })
     }
 
@@ -530,7 +595,14 @@ impl Adaptation {
         Self {
             folded: HashMap::new(),
             live,
+            dropout: None,
         }
+    }
+
+    /// The live paths with dropout on their inputs while `dropout` is training.
+    pub fn with_dropout(mut self, dropout: Arc<LoraDropout>) -> Self {
+        self.dropout = Some(dropout);
+        self
     }
 
     pub fn is_empty(&self) -> bool {
@@ -585,6 +657,7 @@ impl Adaptation {
                 a,
                 b,
                 scale: module.scale,
+                dropout: self.dropout.clone(),
             });
         }
         Ok(LoraLinear {
@@ -641,6 +714,7 @@ pub struct LoraPath {
     /// [out, r]
     pub b: Tensor,
     pub scale: f64,
+    pub dropout: Option<Arc<LoraDropout>>,
 }
 
 /// A linear layer of the frozen model plus zero or more live LoRA paths.
@@ -652,9 +726,14 @@ pub struct LoraLinear {
 
 impl Module for LoraLinear {
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let mut y = self.base.forward(x)?;
+        // The frozen weight gets no gradient; only the low-rank paths can be trained.
+        let mut y = super::frozen::forward(&self.base, x)?;
         for path in &self.adapters {
-            let low = candle_nn::Linear::new(path.a.clone(), None).forward(x)?;
+            let input = match &path.dropout {
+                Some(dropout) => dropout.apply(x)?,
+                None => x.clone(),
+            };
+            let low = candle_nn::Linear::new(path.a.clone(), None).forward(&input)?;
             let up = candle_nn::Linear::new(path.b.clone(), None).forward(&low)?;
             y = (y + up.affine(path.scale, 0.0)?)?;
         }

@@ -7,6 +7,8 @@
 
 pub mod beats;
 pub mod checkpoint;
+pub mod frozen;
+pub mod init;
 pub mod llama;
 pub mod lora;
 pub mod projector;

@@ -1,8 +1,11 @@
-//! The companion trainer (issue #5), built up in pieces. So far: training sets
-//! matched to their audio ([`data`]) and the on-disk cache of frozen encoder features
-//! ([`features`]), and the learning-rate schedule ([`schedule`]). `audiocap merge` (adapter concatenation) lives
-//! on `model::lora::PeftAdapter::cat`.
+//! The companion trainer (issue #5): `audiocap train` runs the recipe's stages over
+//! training sets matched to their audio ([`data`]), with frozen encoder features
+//! cached on disk ([`features`]), the trainable projector + LoRA model ([`model`]),
+//! AdamW ([`optim`]) under the warm-up + cosine schedule ([`schedule`]).
+//! `audiocap merge` (adapter concatenation) lives on `model::lora::PeftAdapter::cat`.
 
 pub mod data;
 pub mod features;
+pub mod model;
+pub mod optim;
 pub mod schedule;
