@@ -72,6 +72,26 @@ enum Command {
     /// lora_alpha = Σr, ΔW = Σ wᵢ·(αᵢ/rᵢ)·BᵢAᵢ. The output is a PEFT adapter directory
     /// that Python PEFT and `audiocap export --adapter` both read.
     Merge(MergeArgs),
+    /// Train the projector and LoRA adapters on the frozen encoder and decoder (the
+    /// paper's recipe: stages, AdamW, warm-up + cosine, merged runs) from a training
+    /// file (see pipelines/train-*.toml). Writes OUTPUT/final/{projector.safetensors,
+    /// adapter/} for `audiocap export`.
+    Train(TrainArgs),
+}
+
+#[derive(clap::Args)]
+struct TrainArgs {
+    /// Training file (TOML), e.g. pipelines/train-recipe.toml.
+    config: PathBuf,
+    /// Override one key: --set training.batch_size=4 (repeatable).
+    #[arg(long = "set", value_name = "SECTION.KEY=VALUE")]
+    set: Vec<String>,
+    /// Continue the run in model.output from its checkpoints.
+    #[arg(long)]
+    resume: bool,
+    /// Validate the file and print it with every default filled in; train nothing.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(clap::Args)]
@@ -251,6 +271,7 @@ fn main() -> ExitCode {
         Command::Export(args) => export(args),
         Command::ReferenceCaption(args) => reference_caption(args),
         Command::Merge(args) => merge(args),
+        Command::Train(args) => train(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -434,6 +455,59 @@ fn export(args: ExportArgs) -> anyhow::Result<u8> {
         } else {
             " + external data"
         }
+    );
+    Ok(exit::OK)
+}
+
+fn train(args: TrainArgs) -> anyhow::Result<u8> {
+    use audiocap::train::config::TrainConfig;
+    use audiocap::train::run::{TrainOptions, train};
+    use std::io::IsTerminal;
+    let config = match TrainConfig::load(&args.config, &args.set) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return Ok(exit::INVALID_CONFIG);
+        }
+    };
+    if args.check {
+        println!("{}", config.to_toml());
+        eprintln!("{}: valid", args.config.display());
+        return Ok(exit::OK);
+    }
+    let options = TrainOptions {
+        resume: args.resume,
+        progress_bar: std::io::stderr().is_terminal(),
+    };
+    let summary = train(&config, &options)?;
+    for run in &summary.runs {
+        println!(
+            "stage {} seed {}: {} steps, loss {} → {}{}, {:.0} tokens/s",
+            run.stage,
+            run.seed,
+            run.steps,
+            run.first_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            run.last_loss.map_or("-".into(), |l| format!("{l:.4}")),
+            run.best.as_ref().map_or(String::new(), |b| format!(
+                ", best epoch {} (validation loss {:.4}, CIDEr-D {})",
+                b.epoch,
+                b.loss,
+                b.cider_d.map_or("-".into(), |c| format!("{c:.3}"))
+            )),
+            run.tokens_per_second
+        );
+    }
+    if !summary.skipped.is_empty() {
+        println!("{} clips left out (listed above)", summary.skipped.len());
+    }
+    println!(
+        "model: {} + {}\nexport it with: audiocap export --beats {} --llm {} --projector {} --adapter {} --out DIR",
+        summary.projector.display(),
+        summary.adapter.display(),
+        config.model.beats,
+        config.model.llm,
+        summary.projector.display(),
+        summary.adapter.display()
     );
     Ok(exit::OK)
 }

@@ -177,10 +177,20 @@ fn every_pipeline_file_parses_and_validates() {
         if path.extension().and_then(|e| e.to_str()) != Some("toml") {
             continue;
         }
-        PipelineConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+        let name = path.file_name().unwrap().to_string_lossy().into_owned();
+        if name.starts_with("train-") {
+            // Training files (`audiocap train`).
+            audiocap::train::config::TrainConfig::load(&path, &[])
+                .unwrap_or_else(|e| panic!("{e}"));
+        } else {
+            PipelineConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
+        }
         seen += 1;
     }
-    assert!(seen >= 3, "demo, s3-archive and long-recordings at least");
+    assert!(
+        seen >= 5,
+        "demo, s3-archive, long-recordings and two training files at least"
+    );
 }
 
 #[test]

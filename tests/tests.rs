@@ -17,3 +17,4 @@ mod metrics_parity;
 mod onnx_engine;
 mod pipeline_run;
 mod storage_inputs;
+mod training;

@@ -304,7 +304,7 @@ impl fmt::Display for ConfigErrors {
     }
 }
 
-fn problem(at: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
+pub(crate) fn problem(at: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
     ConfigProblem {
         at: at.into(),
         message: message.into(),
@@ -314,37 +314,13 @@ fn problem(at: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
 impl PipelineConfig {
     /// Reads, overrides and validates a pipeline file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigErrors> {
-        let file = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-            file: file.clone(),
-            problems: vec![problem("", format!("cannot read the file: {e}"))],
-        })?;
-        Self::parse(&text, &file, overrides)
+        let text = read_config_text(path)?;
+        Self::parse(&text, &path.display().to_string(), overrides)
     }
 
     /// [`PipelineConfig::load`] on text already read; `file` names it in messages.
     pub fn parse(text: &str, file: &str, overrides: &[String]) -> Result<Self, ConfigErrors> {
-        let fail = |problems| ConfigErrors {
-            file: file.to_string(),
-            problems,
-        };
-        let mut table: toml::Table = toml::from_str(text)
-            .map_err(|e| fail(vec![problem("", format!("not valid TOML: {e}"))]))?;
-        let mut problems = Vec::new();
-        for o in overrides {
-            if let Err(p) = apply_override(&mut table, o) {
-                problems.push(p);
-            }
-        }
-        problems.extend(check_keys(&table));
-        if !problems.is_empty() {
-            return Err(fail(problems));
-        }
-        let config: PipelineConfig = toml::Value::Table(table)
-            .try_into()
-            .map_err(|e: toml::de::Error| fail(vec![problem("", e.message().to_string())]))?;
-        config.validate().map_err(fail)?;
-        Ok(config)
+        parse_config(text, file, overrides, check_keys, Self::validate)
     }
 
     /// Checks values and their combinations; every problem at once. No I/O.
@@ -591,7 +567,7 @@ fn check_location(spec: &str) -> Result<(), String> {
 /// Applies one `section.key=value` override. The value is read as TOML (`8`,
 /// `true`, `"text"`, `["a", "b"]`); anything that is not valid TOML is a string, so
 /// `--set output.uri=s3://bucket/x` works without quotes.
-fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigProblem> {
+pub(crate) fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigProblem> {
     let at = format!("--set {spec}");
     let Some((path, raw)) = spec.split_once('=') else {
         return Err(problem(at, "expected section.key=value"));
@@ -625,26 +601,44 @@ fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigProbl
 /// Deserialises every key of every section on its own, so that each unknown key and
 /// each wrong type is reported, not only the first.
 fn check_keys(table: &toml::Table) -> Vec<ConfigProblem> {
+    check_sections(
+        table,
+        &[
+            ("model", check_section::<ModelSection>),
+            ("input", check_section::<InputSection>),
+            ("storage", check_section::<crate::storage::StorageOptions>),
+            ("segments", check_section::<SegmentConfig>),
+            ("batching", check_section::<BatchingSection>),
+            ("generation", check_section::<GenerationSection>),
+            ("workers", check_section::<WorkersSection>),
+            ("output", check_section::<OutputSection>),
+            ("run", check_section::<RunSection>),
+            ("logging", check_section::<LoggingSection>),
+        ],
+    )
+}
+
+/// Checks a section's keys one by one (its name, its table).
+pub(crate) type SectionCheck = fn(&str, &toml::Table) -> Vec<ConfigProblem>;
+
+/// Runs each `[section]`'s check; an unknown section or a section that is not a
+/// table is a problem of its own.
+pub(crate) fn check_sections(
+    table: &toml::Table,
+    sections: &[(&str, SectionCheck)],
+) -> Vec<ConfigProblem> {
+    let names: Vec<&str> = sections.iter().map(|(n, _)| *n).collect();
     let mut problems = Vec::new();
     for (section, value) in table {
-        let check: fn(&str, &toml::Table) -> Vec<ConfigProblem> = match section.as_str() {
-            "model" => check_section::<ModelSection>,
-            "input" => check_section::<InputSection>,
-            "storage" => check_section::<crate::storage::StorageOptions>,
-            "segments" => check_section::<SegmentConfig>,
-            "batching" => check_section::<BatchingSection>,
-            "generation" => check_section::<GenerationSection>,
-            "workers" => check_section::<WorkersSection>,
-            "output" => check_section::<OutputSection>,
-            "run" => check_section::<RunSection>,
-            "logging" => check_section::<LoggingSection>,
-            other => {
-                problems.push(problem(
-                    other,
-                    format!("unknown section `[{other}]`; expected one of {SECTIONS}"),
-                ));
-                continue;
-            }
+        let Some((_, check)) = sections.iter().find(|(n, _)| n == section) else {
+            problems.push(problem(
+                section.as_str(),
+                format!(
+                    "unknown section `[{section}]`; expected one of {}",
+                    names.join(", ")
+                ),
+            ));
+            continue;
         };
         match value {
             toml::Value::Table(t) => problems.extend(check(section, t)),
@@ -657,10 +651,51 @@ fn check_keys(table: &toml::Table) -> Vec<ConfigProblem> {
     problems
 }
 
-const SECTIONS: &str =
-    "model, input, storage, segments, batching, generation, workers, output, run, logging";
+/// A config file's text; an unreadable file is the file's one problem.
+pub(crate) fn read_config_text(path: &Path) -> Result<String, ConfigErrors> {
+    std::fs::read_to_string(path).map_err(|e| ConfigErrors {
+        file: path.display().to_string(),
+        problems: vec![problem("", format!("cannot read the file: {e}"))],
+    })
+}
 
-fn check_section<T: DeserializeOwned>(section: &str, table: &toml::Table) -> Vec<ConfigProblem> {
+/// The three loading steps shared by pipeline and training files: TOML +
+/// `--set` overrides, every key checked on its own (`check_keys`), then
+/// deserialisation and `validate`; every problem of a step at once.
+pub(crate) fn parse_config<T: DeserializeOwned>(
+    text: &str,
+    file: &str,
+    overrides: &[String],
+    check_keys: fn(&toml::Table) -> Vec<ConfigProblem>,
+    validate: fn(&T) -> Result<(), Vec<ConfigProblem>>,
+) -> Result<T, ConfigErrors> {
+    let fail = |problems| ConfigErrors {
+        file: file.to_string(),
+        problems,
+    };
+    let mut table: toml::Table = toml::from_str(text)
+        .map_err(|e| fail(vec![problem("", format!("not valid TOML: {e}"))]))?;
+    let mut problems = Vec::new();
+    for o in overrides {
+        if let Err(p) = apply_override(&mut table, o) {
+            problems.push(p);
+        }
+    }
+    problems.extend(check_keys(&table));
+    if !problems.is_empty() {
+        return Err(fail(problems));
+    }
+    let config: T = toml::Value::Table(table)
+        .try_into()
+        .map_err(|e: toml::de::Error| fail(vec![problem("", e.message().to_string())]))?;
+    validate(&config).map_err(fail)?;
+    Ok(config)
+}
+
+pub(crate) fn check_section<T: DeserializeOwned>(
+    section: &str,
+    table: &toml::Table,
+) -> Vec<ConfigProblem> {
     table
         .iter()
         .filter_map(|(key, value)| {

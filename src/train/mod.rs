@@ -4,8 +4,11 @@
 //! AdamW ([`optim`]) under the warm-up + cosine schedule ([`schedule`]).
 //! `audiocap merge` (adapter concatenation) lives on `model::lora::PeftAdapter::cat`.
 
+pub mod config;
 pub mod data;
+pub mod encode;
 pub mod features;
 pub mod model;
 pub mod optim;
+pub mod run;
 pub mod schedule;

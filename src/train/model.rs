@@ -103,7 +103,12 @@ impl TrainableParams {
         let mut projector = BTreeMap::new();
         match &from.projector {
             Some(path) => {
-                let w = Weights::from_safetensors(path, &[path.clone()], DType::F32, &Device::Cpu)?;
+                let w = Weights::from_safetensors(
+                    path,
+                    std::slice::from_ref(path),
+                    DType::F32,
+                    &Device::Cpu,
+                )?;
                 let loaded = Projector::from_weights(&w, Pooling::Mean)?;
                 if loaded.in_dim() != encoder_dim || loaded.out_dim() != out_dim {
                     return Err(LoadError::config(
@@ -283,6 +288,22 @@ fn fresh_adapter_config(lora: &LoraSettings) -> AdapterConfig {
     .expect("a fixed-shape adapter config")
 }
 
+/// Caption text → ids (no special tokens, as the decoder continues the prompt), at
+/// most `max_tokens`.
+pub fn tokenize_caption(
+    tokenizer: &Tokenizer,
+    caption: &str,
+    max_tokens: usize,
+) -> ModelResult<Vec<u32>> {
+    let mut ids = tokenizer
+        .encode(caption.trim(), false)
+        .map_err(|e| CaptionError::Mismatch(format!("tokenizing a caption: {e}")))?
+        .get_ids()
+        .to_vec();
+    ids.truncate(max_tokens);
+    Ok(ids)
+}
+
 /// One training example: a clip's cached encoder features and one caption's ids.
 #[derive(Debug, Clone)]
 pub struct Example {
@@ -308,6 +329,8 @@ pub struct Batch {
     pub labels: Tensor,
     /// N: caption tokens (terminators included) the loss is over.
     pub tokens: usize,
+    /// Positions the decoder ran over, padding excluded (prompt + audio + caption).
+    pub positions: usize,
 }
 
 /// The frozen decoder with live trainable LoRA paths, the trainable projector, the
@@ -405,14 +428,7 @@ impl TrainableCaptioner {
 
     /// Caption text → ids (no special tokens), at most `max_tokens`.
     pub fn tokenize_caption(&self, caption: &str, max_tokens: usize) -> ModelResult<Vec<u32>> {
-        let mut ids = self
-            .tokenizer
-            .encode(caption.trim(), false)
-            .map_err(|e| CaptionError::Mismatch(format!("tokenizing a caption: {e}")))?
-            .get_ids()
-            .to_vec();
-        ids.truncate(max_tokens);
-        Ok(ids)
+        tokenize_caption(&self.tokenizer, caption, max_tokens)
     }
 
     /// Pads and stacks examples into a batch on the training device.
@@ -473,7 +489,9 @@ impl TrainableCaptioner {
             ids.extend(row);
         }
         let tokens = labels.len();
+        let positions = b * head + tokens;
         Ok(Batch {
+            positions,
             features,
             padding_mask,
             ids: Tensor::from_vec(ids, (b, seq), &self.device)?,
