@@ -14,12 +14,16 @@ use crate::audio::segment::SegmentConfig;
 use crate::model::beats::Beats;
 use crate::model::weights::LoadError;
 
-/// A clip ready for training: its encoder features and captions.
+/// A clip ready for training: where its encoder features are cached, and its
+/// captions. Features stay on disk until a step needs them (AudioCaps' would take
+/// ~75 GB of memory), so memory does not grow with the training set.
 #[derive(Debug, Clone)]
 pub struct EncodedClip {
     pub key: String,
-    /// [P, D] f32 on the CPU.
-    pub features: Tensor,
+    /// The feature cache key (the audio's SHA-256).
+    pub cache_key: String,
+    /// [P, D] of the cached features.
+    pub shape: Vec<usize>,
     pub captions: Vec<String>,
 }
 
@@ -114,14 +118,15 @@ impl ClipEncoder {
         let mut report = EncodeReport::default();
         for (i, clip) in clips.iter().enumerate() {
             match self.encode(&clip.audio) {
-                Ok((features, lookup)) => {
+                Ok((cache_key, shape, lookup)) => {
                     match lookup {
                         Lookup::Hit => report.cached += 1,
                         Lookup::Computed => report.computed += 1,
                     }
                     out.push(EncodedClip {
                         key: clip.key.clone(),
-                        features,
+                        cache_key,
+                        shape,
                         captions: clip.captions.clone(),
                     });
                 }
@@ -139,9 +144,24 @@ impl ClipEncoder {
         Ok((out, report))
     }
 
-    fn encode(&mut self, audio: &Path) -> Result<(Tensor, Lookup), ClipError> {
-        let cache = self.cache.clone();
-        cache.get_or_compute(audio, || self.compute(audio))
+    /// The features of an encoded clip, read from the cache ([P, D] f32, CPU).
+    pub fn load(&self, clip: &EncodedClip) -> Result<Tensor, EncodeError> {
+        self.cache.get(&clip.cache_key).ok_or_else(|| {
+            EncodeError::Setup(format!(
+                "the cached features of {} ({}) are gone or damaged; run again to recompute them",
+                clip.key, clip.cache_key
+            ))
+        })
+    }
+
+    fn encode(&mut self, audio: &Path) -> Result<(String, Vec<usize>, Lookup), ClipError> {
+        let key = FeatureCache::key_of(audio)?;
+        if let Some(shape) = self.cache.shape(&key) {
+            return Ok((key, shape, Lookup::Hit));
+        }
+        let features = self.compute(audio)?;
+        self.cache.put(&key, &features)?;
+        Ok((key, features.dims().to_vec(), Lookup::Computed))
     }
 
     fn compute(&mut self, audio: &Path) -> Result<Tensor, ClipError> {

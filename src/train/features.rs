@@ -94,6 +94,23 @@ impl FeatureCache {
         tensors.get("features").cloned()
     }
 
+    /// The shape of `key`'s features when a complete entry exists (header read and
+    /// file length checked; the data is not read).
+    pub fn shape(&self, key: &str) -> Option<Vec<usize>> {
+        let file = std::fs::File::open(self.entry(key)).ok()?;
+        // SAFETY: entries are only ever replaced by rename, never written in place.
+        let map = unsafe { memmap2::Mmap::map(&file) }.ok()?;
+        let (header, meta) = safetensors::SafeTensors::read_metadata(&map).ok()?;
+        let info = meta.info("features")?;
+        let data_end = meta
+            .tensors()
+            .values()
+            .map(|t| t.data_offsets.1)
+            .max()
+            .unwrap_or(0);
+        (map.len() == 8 + header + data_end).then(|| info.shape.clone())
+    }
+
     /// Stores `features` for `key` (atomically: temporary name, then rename).
     pub fn put(&self, key: &str, features: &Tensor) -> Result<(), CacheError> {
         let path = self.entry(key);
@@ -183,7 +200,12 @@ mod tests {
         let (_, how) = cache.get_or_compute(&a, compute).unwrap();
         assert_eq!(how, Lookup::Computed);
         let key = FeatureCache::key_of(&a).unwrap();
+        assert_eq!(cache.shape(&key), Some(vec![3, 4]));
+        let bytes = std::fs::read(cache.entry(&key)).unwrap();
+        std::fs::write(cache.entry(&key), &bytes[..bytes.len() - 4]).unwrap();
+        assert_eq!(cache.shape(&key), None, "a truncated entry is incomplete");
         std::fs::write(cache.entry(&key), b"garbage").unwrap();
+        assert_eq!(cache.shape(&key), None);
         let (_, how) = cache.get_or_compute(&a, compute).unwrap();
         assert_eq!(how, Lookup::Computed);
         assert_eq!(calls.get(), 4);

@@ -8,6 +8,7 @@ pub mod config;
 pub mod data;
 pub mod encode;
 pub mod features;
+pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod run;

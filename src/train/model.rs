@@ -11,7 +11,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use candle_core::{D, DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor, Var};
 use tokenizers::Tokenizer;
 
 use crate::caption::{Caption, CaptionError, greedy_decode};
@@ -526,9 +526,7 @@ impl TrainableCaptioner {
             .reshape((b * seq, hidden))?
             .index_select(&batch.label_rows, 0)?;
         let logits = self.llm.logits(&picked)?; // [N, V] f32
-        let log_probs = candle_nn::ops::log_softmax(&logits, D::Minus1)?;
-        let picked = log_probs.gather(&batch.labels.unsqueeze(1)?, 1)?;
-        Ok(picked.sum_all()?.neg()?)
+        Ok(super::loss::cross_entropy_sum(&logits, &batch.labels)?)
     }
 
     /// The audio embedding(s) [1, n, H] of one clip's features [P, D].

@@ -230,6 +230,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
                 seed,
                 &run_dir,
                 &init,
+                &encoder,
                 &train_clips,
                 &train_examples,
                 validation.as_deref().unwrap_or(&[]),
@@ -359,6 +360,7 @@ fn run_one(
     seed: u64,
     run_dir: &Path,
     init: &Handoff,
+    encoder: &ClipEncoder,
     train_clips: &[EncodedClip],
     train: &[(usize, Vec<u32>)],
     val_clips: &[EncodedClip],
@@ -394,7 +396,7 @@ fn run_one(
             adapter: init.adapter.clone(),
         },
     };
-    let encoder_dim = train_clips[0].features.dim(1)?;
+    let encoder_dim = train_clips[0].shape.last().copied().unwrap_or(0);
     let lora = LoraSettings {
         r: cfg.lora.r,
         alpha: cfg.lora.alpha,
@@ -484,13 +486,15 @@ fn run_one(
         while state.step_in_epoch < steps_per_epoch {
             let start = state.step_in_epoch * per_step;
             let chosen = &order[start..(start + per_step).min(order.len())];
-            let step_examples: Vec<Example> = chosen
+            let step_examples = chosen
                 .iter()
-                .map(|&i| Example {
-                    features: train_clips[train[i].0].features.clone(),
-                    caption: train[i].1.clone(),
+                .map(|&i| {
+                    Ok(Example {
+                        features: encoder.load(&train_clips[train[i].0])?,
+                        caption: train[i].1.clone(),
+                    })
                 })
-                .collect();
+                .collect::<anyhow::Result<Vec<_>>>()?;
             let lr = schedule.lr(state.steps);
             let outcome = train_step(
                 &model,
@@ -557,7 +561,7 @@ fn run_one(
         let last = state.epoch == stage.epochs;
         let due = t.eval_every_epochs > 0 && state.epoch % t.eval_every_epochs == 0;
         if !val.is_empty() && (due || last) {
-            let v = validate(&model, ctx, val_clips, val, state.epoch)?;
+            let v = validate(&model, ctx, encoder, val_clips, val, state.epoch)?;
             log_metrics(
                 ctx,
                 serde_json::json!({"kind": "validation", "stage": stage.name, "seed": seed, "validation": v}),
@@ -673,6 +677,7 @@ pub fn train_step(
 fn validate(
     model: &TrainableCaptioner,
     ctx: &RunContext,
+    encoder: &ClipEncoder,
     clips: &[EncodedClip],
     pairs: &[(usize, Vec<u32>)],
     epoch: usize,
@@ -682,13 +687,15 @@ fn validate(
     let mut loss_sum = 0.0f64;
     let mut tokens = 0usize;
     for chunk in pairs.chunks(t.batch_size) {
-        let examples: Vec<Example> = chunk
+        let examples = chunk
             .iter()
-            .map(|(i, ids)| Example {
-                features: clips[*i].features.clone(),
-                caption: ids.clone(),
+            .map(|(i, ids)| {
+                Ok(Example {
+                    features: encoder.load(&clips[*i])?,
+                    caption: ids.clone(),
+                })
             })
-            .collect();
+            .collect::<anyhow::Result<Vec<_>>>()?;
         let batch = model.collate(&examples.iter().collect::<Vec<_>>())?;
         loss_sum += model
             .loss_sum(&batch)?
@@ -705,7 +712,7 @@ fn validate(
     let mut candidates = Vec::with_capacity(limit);
     let mut references = Vec::with_capacity(limit);
     for clip in &clips[..limit] {
-        let caption = model.caption(&clip.features, t.eval_max_new_tokens)?;
+        let caption = model.caption(&encoder.load(clip)?, t.eval_max_new_tokens)?;
         candidates.push(caption.text);
         references.push(clip.captions.clone());
     }
