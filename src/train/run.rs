@@ -147,9 +147,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
             out.display()
         );
     }
-    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-    std::fs::write(out.join("train.toml"), config.to_toml())
-        .with_context(|| format!("writing {}", out.join("train.toml").display()))?;
+    // Everything that can fail on the configuration fails before the output exists.
     let device = make_device(&config.model.device)?;
     let dtype = match config.model.dtype.as_str() {
         "bf16" => DType::BF16,
@@ -159,6 +157,12 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
     let llm_dir = PathBuf::from(&config.model.llm);
     let llm_config = LlamaConfig::from_file(&llm_dir.join("config.json"))?;
     let tokenizer = load_tokenizer(&llm_dir.join("tokenizer.json"))?;
+    if !Path::new(&config.model.beats).is_file() {
+        bail!("model.beats: {} is not a file", config.model.beats);
+    }
+    std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+    std::fs::write(out.join("train.toml"), config.to_toml())
+        .with_context(|| format!("writing {}", out.join("train.toml").display()))?;
     let metrics_file = out.join("metrics.jsonl");
     let metrics = std::fs::OpenOptions::new()
         .create(true)
