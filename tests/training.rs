@@ -374,3 +374,87 @@ fn a_bad_training_file_lists_every_problem_with_exit_code_2() {
     }
     assert!(!dir.path().join("o").exists(), "nothing is written");
 }
+
+/// Stage 2 fixes the projector and trains two fresh adapters, merged by PEFT `cat`
+/// with stage 1's: the recipe's stage 3 in small.
+#[test]
+fn a_multi_seed_stage_merges_its_runs_with_the_previous_adapter() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    toy_set(&d.join("train"), 2, 0);
+    let out = d.join("run");
+    let base = write_config(d, &out, 2, 0);
+    let text = std::fs::read_to_string(&base).unwrap();
+    // Drop the validation set; add the merging stage.
+    let text: String = text
+        .lines()
+        .filter(|l| !l.starts_with("validation"))
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+        + &format!(
+            r#"
+[[stages]]
+name = "merge"
+epochs = 1
+train_projector = false
+lora_init = "fresh"
+seeds = [1, 2]
+merge_with_previous = true
+train = {{ captions = "{}", audio = "{}" }}
+"#,
+            d.join("train/captions.csv").display(),
+            d.join("train").display()
+        );
+    let config = d.join("merge.toml");
+    std::fs::write(&config, text).unwrap();
+    let result = audiocap(&["train", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    // Stage 2 read every clip from the cache stage 1 filled.
+    assert!(
+        stderr.contains("8 clips (8 from the feature cache, 0 encoded)"),
+        "{stderr}"
+    );
+
+    let load = |p: &Path| audiocap::model::lora::PeftAdapter::load(p).unwrap();
+    let first = load(&out.join("stages/00-toy/seed-7/result/adapter"));
+    let run1 = load(&out.join("stages/01-merge/seed-1/result/adapter"));
+    let run2 = load(&out.join("stages/01-merge/seed-2/result/adapter"));
+    let merged = load(&out.join("final/adapter"));
+    assert_eq!(merged.config.r, 3 * 8);
+    assert_eq!(merged.config.lora_alpha, 24.0);
+    // ΔW of the merge = the mean of the three adapters' ΔW.
+    for (path, m) in &merged.modules {
+        let delta = |a: &audiocap::model::lora::PeftAdapter| a.modules[path].delta().unwrap();
+        let expected = ((delta(&first) + delta(&run1)).unwrap() + delta(&run2))
+            .unwrap()
+            .affine(1.0 / 3.0, 0.0)
+            .unwrap();
+        let diff = (m.delta().unwrap() - expected)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-5, "{path}: {diff}");
+    }
+    // The fresh runs differ (their seeds), and the projector stayed fixed.
+    let a = |x: &audiocap::model::lora::PeftAdapter| {
+        x.modules
+            .values()
+            .next()
+            .unwrap()
+            .a
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+    };
+    assert_ne!(a(&run1), a(&run2));
+    assert_eq!(
+        std::fs::read(out.join("stages/00-toy/seed-7/result/projector.safetensors")).unwrap(),
+        std::fs::read(out.join("final/projector.safetensors")).unwrap()
+    );
+}

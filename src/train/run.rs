@@ -604,7 +604,7 @@ fn run_one(
     if state.best.is_some() && run_dir.join("best").is_dir() {
         copy_model(&run_dir.join("best"), &staging)?;
     } else {
-        save_model(&staging, &params)?;
+        write_model_files(&staging, &params)?;
     }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
     let summary = RunSummary {
@@ -623,9 +623,11 @@ fn run_one(
     std::fs::write(
         staging.join("done.json"),
         serde_json::to_vec_pretty(&summary)?,
-    )?;
+    )
+    .with_context(|| format!("writing {}", staging.join("done.json").display()))?;
     let _ = std::fs::remove_dir_all(&result_dir);
-    std::fs::rename(&staging, &result_dir)?;
+    std::fs::rename(&staging, &result_dir)
+        .with_context(|| format!("renaming to {}", result_dir.display()))?;
     Ok(summary)
 }
 
@@ -756,15 +758,25 @@ fn log_metrics(ctx: &mut RunContext, value: serde_json::Value) -> anyhow::Result
     Ok(())
 }
 
-/// `projector.safetensors` + `adapter/` into `dir` (replaced).
+/// `projector.safetensors` + `adapter/` into `dir` (replaced as a whole).
 fn save_model(dir: &Path, params: &TrainableParams) -> anyhow::Result<()> {
     let staging = dir.with_extension("partial");
     let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging)?;
-    params.save_projector(&staging.join("projector.safetensors"))?;
-    params.save_adapter(&staging.join("adapter"))?;
+    write_model_files(&staging, params)?;
     let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&staging, dir)?;
+    std::fs::rename(&staging, dir).with_context(|| format!("renaming to {}", dir.display()))?;
+    Ok(())
+}
+
+/// `projector.safetensors` + `adapter/` written into `dir` (created).
+fn write_model_files(dir: &Path, params: &TrainableParams) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    params
+        .save_projector(&dir.join("projector.safetensors"))
+        .with_context(|| format!("writing {}", dir.join("projector.safetensors").display()))?;
+    params
+        .save_adapter(&dir.join("adapter"))
+        .with_context(|| format!("writing {}", dir.join("adapter").display()))?;
     Ok(())
 }
 
@@ -778,10 +790,10 @@ fn save_checkpoint(
 ) -> anyhow::Result<()> {
     let staging = run_dir.join("checkpoint.partial");
     let _ = std::fs::remove_dir_all(&staging);
-    std::fs::create_dir_all(&staging)?;
-    params.save_projector(&staging.join("projector.safetensors"))?;
-    params.save_adapter(&staging.join("adapter"))?;
-    optimizer.save(&staging.join("optimizer.safetensors"))?;
+    write_model_files(&staging, params)?;
+    optimizer
+        .save(&staging.join("optimizer.safetensors"))
+        .with_context(|| format!("writing {}", staging.display()))?;
     // state.json last: a checkpoint folder without it is incomplete.
     std::fs::write(
         staging.join("state.json"),
