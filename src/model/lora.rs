@@ -501,8 +501,9 @@ pub struct Adaptation {
 
 /// PEFT's `lora_dropout`: while training, each live LoRA path sees its input with
 /// elements zeroed with probability `p` (and the rest scaled by `1/(1-p)`); the
-/// frozen path always sees the input as is. Masks come from a seeded generator whose
-/// state a checkpoint stores.
+/// frozen path always sees the input as is. On the CPU masks come from a seeded
+/// generator whose state a checkpoint stores (runs are reproducible and resume
+/// exactly); on a GPU from the device's generator.
 #[derive(Debug)]
 pub struct LoraDropout {
     p: f64,
@@ -541,6 +542,14 @@ impl LoraDropout {
             return Ok(x.clone());
         }
         let keep = 1.0 / (1.0 - self.p);
+        if !x.device().is_cpu() {
+            // On a GPU the mask is drawn there (the device's own generator): a host
+            // mask per LoRA path would be ~100 M random numbers and a copy per step
+            // for Llama 3 8B. GPU runs are not bit-reproducible anyway.
+            let draw = Tensor::rand(0f32, 1f32, x.shape(), x.device())?;
+            let mask = draw.ge(self.p)?.to_dtype(x.dtype())?.affine(keep, 0.0)?;
+            return x.mul(&mask);
+        }
         let mask: Vec<f32> = {
             let mut rng = self.rng.lock().unwrap_or_else(|e| e.into_inner());
             (0..x.elem_count())
@@ -819,6 +828,29 @@ mod tests {
         let yl = live.forward(&x).unwrap();
         assert!(max_abs_diff(&yf, &yl) < 1e-5);
         assert!(max_abs_diff(&yf, &plain.forward(&x).unwrap()) > 1e-2);
+    }
+
+    #[test]
+    fn dropout_masks_scale_and_reproduce() {
+        let x = Tensor::ones(4000, DType::F32, &Device::Cpu).unwrap();
+        let a = LoraDropout::new(0.25, 9);
+        let ya = a.apply(&x).unwrap().to_vec1::<f32>().unwrap();
+        let zeros = ya.iter().filter(|v| **v == 0.0).count();
+        assert!((800..1200).contains(&zeros), "{zeros} of 4000 dropped");
+        assert!(ya.iter().all(|v| *v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+        // Same seed, same mask; a restored state continues the sequence.
+        let b = LoraDropout::new(0.25, 9);
+        assert_eq!(b.apply(&x).unwrap().to_vec1::<f32>().unwrap(), ya);
+        let saved = a.rng_state();
+        let next = a.apply(&x).unwrap().to_vec1::<f32>().unwrap();
+        b.set_rng_state(saved);
+        assert_eq!(b.apply(&x).unwrap().to_vec1::<f32>().unwrap(), next);
+        // Evaluation: the input as is.
+        a.set_training(false);
+        assert_eq!(
+            a.apply(&x).unwrap().to_vec1::<f32>().unwrap(),
+            vec![1.0; 4000]
+        );
     }
 
     #[test]
