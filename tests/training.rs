@@ -193,26 +193,11 @@ fn toy_captioning_set_trains_exports_and_captions() {
     assert_eq!(adapter.modules.len(), 2 * 7);
     // ... that exports and captions through ONNX Runtime.
     let model = d.join("model");
-    let f = fixtures();
-    let export = audiocap(&[
-        "export",
-        "--beats",
-        f.join("beats-tiny/beats.pt").to_str().unwrap(),
-        "--llm",
-        f.join("e2e-tiny/llm").to_str().unwrap(),
-        "--projector",
-        final_dir.join("projector.safetensors").to_str().unwrap(),
-        "--adapter",
-        final_dir.join("adapter").to_str().unwrap(),
-        "--name",
+    crate::common::export_tiny(
+        &model,
+        &final_dir.join("projector.safetensors"),
+        &final_dir.join("adapter"),
         "toy",
-        "--out",
-        model.to_str().unwrap(),
-    ]);
-    assert!(
-        export.status.success(),
-        "{}",
-        String::from_utf8_lossy(&export.stderr)
     );
     let held_out = d.join("held-out");
     toy_set(&held_out, 2, 200);

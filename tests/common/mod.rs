@@ -159,6 +159,18 @@ pub fn meteor_setup() -> audiocap::eval::meteor::MeteorSetup {
 /// named `tiny-a0`) into `out`, through the binary as a user runs it.
 pub fn export_tiny_a0(out: &Path) {
     let f = fixtures();
+    export_tiny(
+        out,
+        &f.join("e2e-tiny/projector.safetensors"),
+        &f.join("e2e-tiny/adapters/a0"),
+        "tiny-a0",
+    );
+}
+
+/// `audiocap export` of BEATs-tiny + Llama-tiny with `projector` and `adapter`
+/// (fixture ones or trained ones) into `out` as `name`.
+pub fn export_tiny(out: &Path, projector: &Path, adapter: &Path, name: &str) {
+    let f = fixtures();
     let result = std::process::Command::new(env!("CARGO_BIN_EXE_audiocap"))
         .arg("export")
         .arg("--beats")
@@ -166,10 +178,10 @@ pub fn export_tiny_a0(out: &Path) {
         .arg("--llm")
         .arg(f.join("e2e-tiny/llm"))
         .arg("--projector")
-        .arg(f.join("e2e-tiny/projector.safetensors"))
+        .arg(projector)
         .arg("--adapter")
-        .arg(f.join("e2e-tiny/adapters/a0"))
-        .args(["--name", "tiny-a0", "--overwrite", "--out"])
+        .arg(adapter)
+        .args(["--name", name, "--overwrite", "--out"])
         .arg(out)
         .output()
         .expect("running audiocap export");
