@@ -809,13 +809,7 @@ impl Llama {
                 linear(format!("{p}.mlp.{n}"), l);
             }
         }
-        linear(
-            "lm_head".to_string(),
-            &LoraLinear {
-                base: self.lm_head.clone(),
-                adapters: Vec::new(),
-            },
-        );
+        out.push(("lm_head.weight".to_string(), self.lm_head.weight().clone()));
         for (i, layer) in self.layers.iter().enumerate() {
             out.push((
                 format!("model.layers.{i}.input_layernorm.weight"),

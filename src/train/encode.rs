@@ -155,13 +155,8 @@ impl ClipEncoder {
     }
 
     fn encode(&mut self, audio: &Path) -> Result<(String, Vec<usize>, Lookup), ClipError> {
-        let key = FeatureCache::key_of(audio)?;
-        if let Some(shape) = self.cache.shape(&key) {
-            return Ok((key, shape, Lookup::Hit));
-        }
-        let features = self.compute(audio)?;
-        self.cache.put(&key, &features)?;
-        Ok((key, features.dims().to_vec(), Lookup::Computed))
+        let cache = self.cache.clone();
+        cache.get_or_compute(audio, || self.compute(audio))
     }
 
     fn compute(&mut self, audio: &Path) -> Result<Tensor, ClipError> {

@@ -127,23 +127,24 @@ impl FeatureCache {
         std::fs::rename(&staging, &path).map_err(|source| CacheError::Io { path, source })
     }
 
-    /// The features of the audio file at `audio`: from the cache, or from `compute`
-    /// (then stored).
+    /// The cache entry of the audio file at `audio`: its key and features' shape,
+    /// found complete in the cache or made by `compute` (then stored). The features
+    /// themselves stay on disk; [`FeatureCache::get`] reads them.
     pub fn get_or_compute<E>(
         &self,
         audio: &Path,
         compute: impl FnOnce() -> Result<Tensor, E>,
-    ) -> Result<(Tensor, Lookup), E>
+    ) -> Result<(String, Vec<usize>, Lookup), E>
     where
         E: From<CacheError>,
     {
         let key = Self::key_of(audio)?;
-        if let Some(features) = self.get(&key) {
-            return Ok((features, Lookup::Hit));
+        if let Some(shape) = self.shape(&key) {
+            return Ok((key, shape, Lookup::Hit));
         }
         let features = compute()?;
         self.put(&key, &features)?;
-        Ok((features, Lookup::Computed))
+        Ok((key, features.dims().to_vec(), Lookup::Computed))
     }
 }
 
@@ -179,25 +180,27 @@ mod tests {
             calls.set(calls.get() + 1);
             Ok(features.clone())
         };
-        let (first, how) = cache.get_or_compute(&a, compute).unwrap();
+        let (first, shape, how) = cache.get_or_compute(&a, compute).unwrap();
         assert_eq!(how, Lookup::Computed);
+        assert_eq!(shape, vec![3, 4]);
         // Same content under another name: a hit, equal by value.
-        let (again, how) = cache.get_or_compute(&b, compute).unwrap();
+        let (again, _, how) = cache.get_or_compute(&b, compute).unwrap();
         assert_eq!(how, Lookup::Hit);
         assert_eq!(
-            again.to_vec2::<f32>().unwrap(),
-            first.to_vec2::<f32>().unwrap()
+            cache.get(&again).unwrap().to_vec2::<f32>().unwrap(),
+            features.to_vec2::<f32>().unwrap()
         );
+        assert_eq!(again, first);
         assert_eq!(calls.get(), 1);
 
         // Another encoder does not see the first one's entries.
         let other = FeatureCache::open(&dir.path().join("cache"), "enc2").unwrap();
-        let (_, how) = other.get_or_compute(&a, compute).unwrap();
+        let (_, _, how) = other.get_or_compute(&a, compute).unwrap();
         assert_eq!(how, Lookup::Computed);
 
         // Edited audio is a new key; a damaged entry is recomputed.
         std::fs::write(&a, b"other bytes").unwrap();
-        let (_, how) = cache.get_or_compute(&a, compute).unwrap();
+        let (_, _, how) = cache.get_or_compute(&a, compute).unwrap();
         assert_eq!(how, Lookup::Computed);
         let key = FeatureCache::key_of(&a).unwrap();
         assert_eq!(cache.shape(&key), Some(vec![3, 4]));
@@ -206,7 +209,7 @@ mod tests {
         assert_eq!(cache.shape(&key), None, "a truncated entry is incomplete");
         std::fs::write(cache.entry(&key), b"garbage").unwrap();
         assert_eq!(cache.shape(&key), None);
-        let (_, how) = cache.get_or_compute(&a, compute).unwrap();
+        let (_, _, how) = cache.get_or_compute(&a, compute).unwrap();
         assert_eq!(how, Lookup::Computed);
         assert_eq!(calls.get(), 4);
         // No staging files are left behind.

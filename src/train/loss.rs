@@ -34,7 +34,7 @@ struct FusedCrossEntropy {
     log_sum_exp: std::sync::Mutex<Vec<f64>>,
 }
 
-/// Rows handed to each thread at a time.
+/// Threads the rows are split over.
 fn threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }

@@ -259,14 +259,15 @@ impl TrainableParams {
     pub fn save_adapter(&self, dir: &Path) -> Result<(), crate::model::lora::SaveError> {
         let mut adapter = self.adapter(dir, true);
         for module in adapter.modules.values_mut() {
-            module.a = module
-                .a
-                .to_dtype(DType::F32)
-                .unwrap_or_else(|_| module.a.clone());
-            module.b = module
-                .b
-                .to_dtype(DType::F32)
-                .unwrap_or_else(|_| module.b.clone());
+            let f32 = |t: &Tensor| {
+                t.to_dtype(DType::F32)
+                    .map_err(|source| crate::model::lora::SaveError::Tensor {
+                        path: dir.to_path_buf(),
+                        source,
+                    })
+            };
+            module.a = f32(&module.a)?;
+            module.b = f32(&module.b)?;
         }
         adapter.save(dir)
     }
@@ -424,11 +425,6 @@ impl TrainableCaptioner {
     /// Dropout on (training) or off (validation, captioning).
     pub fn set_training(&self, training: bool) {
         self.dropout.set_training(training);
-    }
-
-    /// Caption text → ids (no special tokens), at most `max_tokens`.
-    pub fn tokenize_caption(&self, caption: &str, max_tokens: usize) -> ModelResult<Vec<u32>> {
-        tokenize_caption(&self.tokenizer, caption, max_tokens)
     }
 
     /// Pads and stacks examples into a batch on the training device.
