@@ -9,6 +9,8 @@
 //!   pooling, Llama 3 decoder, LoRA adapters, and the checkpoint readers they share.
 //! - [`caption`]: the prompt template and greedy captioning on candle (the reference
 //!   path that the ONNX export is checked against).
+//! - [`corpus`]: `audiocap corpus build`: the captioning corpus made from freely
+//!   licensed Debian sound packages, espeak-ng speech and synthetic signals.
 //! - [`export`]: the model written as ONNX graphs with a manifest (`audiocap export`).
 //! - [`engine`]: the exported model on ONNX Runtime (`audiocap caption`).
 //! - [`pipeline`]: `audiocap run`: pipeline files, the wiring of the stages, progress
@@ -23,6 +25,7 @@
 pub mod audio;
 pub mod bench;
 pub mod caption;
+pub mod corpus;
 pub mod dataset;
 pub mod engine;
 pub mod eval;

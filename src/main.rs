@@ -77,6 +77,53 @@ enum Command {
     /// file (see pipelines/train-*.toml). Writes OUTPUT/final/{projector.safetensors,
     /// adapter/} for `audiocap export`.
     Train(TrainArgs),
+    /// Build (or check) the captioning corpus of the bundled model: freely licensed
+    /// Debian sound packages, espeak-ng speech and synthetic signals, captioned by
+    /// the rules in corpus/ and split into train / validation / test.
+    #[command(subcommand)]
+    Corpus(CorpusCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum CorpusCommand {
+    /// Fetch the pinned packages, cut and caption the clips, write OUT/{train,
+    /// validation,test}.csv, OUT/audio/<split>/*.wav, labels.txt and corpus.json.
+    Build(CorpusBuildArgs),
+    /// Validate the corpus definition (every problem listed); build nothing.
+    Check {
+        /// The corpus definition folder.
+        #[arg(long, default_value = "corpus")]
+        catalog: PathBuf,
+    },
+}
+
+#[derive(clap::Args)]
+struct CorpusBuildArgs {
+    /// The corpus definition folder (corpus.toml, sounds/, test-split.txt).
+    #[arg(long, default_value = "corpus")]
+    catalog: PathBuf,
+    /// Output folder.
+    #[arg(long)]
+    out: PathBuf,
+    /// A folder of already downloaded .deb files, searched before `apt-get download`.
+    #[arg(long)]
+    debs: Option<PathBuf>,
+    /// Downloaded and unpacked packages, reused by later builds (default:
+    /// ${AUDIOCAP_HOME:-~/.local/share/audiocap}/corpus-cache).
+    #[arg(long)]
+    cache: Option<PathBuf>,
+    /// Build only these parts (source ids, speech, synthetic, mixtures), comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    only: Vec<String>,
+    /// Replace OUT if it exists.
+    #[arg(long)]
+    overwrite: bool,
+    /// Write the catalog's fixed test list from this build's split.
+    #[arg(long)]
+    write_test_split: bool,
+    /// Worker threads (default: the machine's cores).
+    #[arg(long)]
+    threads: Option<usize>,
 }
 
 #[derive(clap::Args)]
@@ -272,6 +319,7 @@ fn main() -> ExitCode {
         Command::ReferenceCaption(args) => reference_caption(args),
         Command::Merge(args) => merge(args),
         Command::Train(args) => train(args),
+        Command::Corpus(command) => corpus(command),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -509,6 +557,79 @@ fn train(args: TrainArgs) -> anyhow::Result<u8> {
         summary.projector.display(),
         summary.adapter.display()
     );
+    Ok(exit::OK)
+}
+
+fn corpus(command: CorpusCommand) -> anyhow::Result<u8> {
+    use audiocap::corpus::{BuildOptions, build, catalog::Catalog};
+    let (dir, args) = match command {
+        CorpusCommand::Check { catalog } => (catalog, None),
+        CorpusCommand::Build(args) => (args.catalog.clone(), Some(args)),
+    };
+    let catalog = match Catalog::load(&dir) {
+        Ok(c) => c,
+        Err(problems) => {
+            eprintln!("error: {} problem(s) in {}:", problems.len(), dir.display());
+            for p in problems {
+                eprintln!("  - {p}");
+            }
+            return Ok(exit::INVALID_CONFIG);
+        }
+    };
+    let Some(args) = args else {
+        let rules: usize = catalog.rules.values().map(|r| r.rules.len()).sum();
+        println!(
+            "{}: valid ({} {}, {} sources, {} sound rules)",
+            dir.display(),
+            catalog.corpus.name,
+            catalog.corpus.version,
+            catalog.corpus.sources.len(),
+            rules
+        );
+        return Ok(exit::OK);
+    };
+    // The Ogg demuxer logs every stream it opens at info level.
+    init_logging(&audiocap::pipeline::config::LoggingSection {
+        level: "info,symphonia=warn,symphonia_format_ogg=warn".to_string(),
+        ..Default::default()
+    });
+    let cache = args.cache.unwrap_or_else(|| {
+        std::env::var_os("AUDIOCAP_HOME")
+            .map(PathBuf::from)
+            .or_else(|| {
+                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/audiocap"))
+            })
+            .unwrap_or_else(|| PathBuf::from(".audiocap"))
+            .join("corpus-cache")
+    });
+    let options = BuildOptions {
+        out: args.out,
+        debs: args.debs,
+        cache,
+        only: args.only,
+        overwrite: args.overwrite,
+        write_test_split: args.write_test_split,
+        threads: args
+            .threads
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(2, |n| n.get())),
+    };
+    let report = build(&catalog, &options)?;
+    for split in audiocap::corpus::SPLITS {
+        println!(
+            "{split:<10} {:>6} clips {:>6} recordings {:>7.2} h",
+            report.clips.get(split).copied().unwrap_or(0),
+            report.recordings.get(split).copied().unwrap_or(0),
+            report.hours.get(split).copied().unwrap_or(0.0)
+        );
+    }
+    println!(
+        "{} labels; left out: {} unmatched, {} skipped by rule, {} unusable (see corpus.json)",
+        report.labels.len(),
+        report.unmatched.values().sum::<usize>(),
+        report.skipped_by_rule.values().sum::<usize>(),
+        report.left_out.len()
+    );
+    println!("corpus: {}", options.out.display());
     Ok(exit::OK)
 }
 

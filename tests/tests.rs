@@ -7,6 +7,7 @@ mod audio_inputs;
 mod beats_parity;
 mod captioning;
 mod cli;
+mod corpus_build;
 mod dataset_sink;
 mod eval_cli;
 mod fbank_parity;

@@ -6,6 +6,7 @@ pub mod fbank;
 pub mod frontend;
 pub mod resample;
 pub mod segment;
+pub mod wav;
 
 /// File extensions taken when a folder or prefix is listed (explicit files are taken
 /// whatever their extension).

@@ -1039,34 +1039,19 @@ fn write_clips(dir: &Path, rate: u32, seconds: f64, count: usize) -> anyhow::Res
 
 /// A mono 16-bit PCM WAV file: a rising chirp over white noise.
 fn synthetic_wav(rate: u32, samples: usize, seed: u64) -> Vec<u8> {
-    let data_len = (samples * 2) as u32;
-    let mut out = Vec::with_capacity(44 + samples * 2);
-    out.extend_from_slice(b"RIFF");
-    out.extend_from_slice(&(36 + data_len).to_le_bytes());
-    out.extend_from_slice(b"WAVEfmt ");
-    out.extend_from_slice(&16u32.to_le_bytes());
-    out.extend_from_slice(&1u16.to_le_bytes()); // PCM
-    out.extend_from_slice(&1u16.to_le_bytes()); // mono
-    out.extend_from_slice(&rate.to_le_bytes());
-    out.extend_from_slice(&(rate * 2).to_le_bytes());
-    out.extend_from_slice(&2u16.to_le_bytes());
-    out.extend_from_slice(&16u16.to_le_bytes());
-    out.extend_from_slice(b"data");
-    out.extend_from_slice(&data_len.to_le_bytes());
     let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     let (f0, f1) = (200.0 + 50.0 * seed as f64, 4000.0);
     let duration = samples as f64 / f64::from(rate);
-    for i in 0..samples {
+    let signal = (0..samples).map(move |i| {
         let t = i as f64 / f64::from(rate);
         let phase = 2.0 * std::f64::consts::PI * (f0 * t + (f1 - f0) * t * t / (2.0 * duration));
         state ^= state << 13;
         state ^= state >> 7;
         state ^= state << 17;
         let noise = (state >> 11) as f64 / (1u64 << 53) as f64 - 0.5;
-        let v = 0.3 * phase.sin() + 0.1 * noise;
-        out.extend_from_slice(&((v * 32767.0) as i16).to_le_bytes());
-    }
-    out
+        (0.3 * phase.sin() + 0.1 * noise) as f32
+    });
+    crate::audio::wav::encode_pcm16(signal, rate)
 }
 
 #[cfg(test)]

@@ -13,3 +13,4 @@ pub mod model;
 pub mod optim;
 pub mod run;
 pub mod schedule;
+pub mod tokenizer;
