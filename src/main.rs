@@ -82,6 +82,73 @@ enum Command {
     /// the rules in corpus/ and split into train / validation / test.
     #[command(subcommand)]
     Corpus(CorpusCommand),
+    /// Train the parts the captioner keeps frozen, from scratch: `decoder` (a small
+    /// Llama-architecture language model on caption text, with its own BPE
+    /// tokenizer, written as a Hugging Face Llama directory) and `encoder` (a
+    /// BEATs-architecture multi-label tagger, written as a BEATs checkpoint).
+    #[command(subcommand)]
+    Pretrain(PretrainCommand),
+}
+
+#[derive(clap::Subcommand)]
+enum PretrainCommand {
+    /// A small Llama decoder and its byte-level BPE tokenizer trained as a language
+    /// model on the captions of a table (Clotho, AudioCaps or generic layout), in the
+    /// captioner's prompt. Writes OUT/{config.json, generation_config.json,
+    /// model.safetensors, tokenizer.json, pretrain.json}.
+    Decoder(PretrainDecoderArgs),
+    /// A BEATs-architecture encoder trained from scratch as a multi-label tagger on a
+    /// manifest with `file_name` and `labels` (`;`-separated) columns, as `audiocap
+    /// corpus build` writes. Writes OUT/{encoder.safetensors, encoder.json (the BEATs
+    /// cfg), labels.json, pretrain.json}.
+    Encoder(PretrainEncoderArgs),
+}
+
+#[derive(clap::Args)]
+struct PretrainEncoderArgs {
+    /// Training manifest (CSV or Parquet with `file_name` and `labels`).
+    #[arg(long)]
+    manifest: PathBuf,
+    /// Folder with the manifest's audio files.
+    #[arg(long)]
+    audio: PathBuf,
+    /// Validation manifest and its audio folder, scored after every epoch.
+    #[arg(long, requires = "validation_audio")]
+    validation: Option<PathBuf>,
+    #[arg(long)]
+    validation_audio: Option<PathBuf>,
+    /// Labels on fewer training clips than this are left out of the vocabulary.
+    #[arg(long, default_value_t = 3)]
+    min_clips_per_label: usize,
+    /// Shape and training settings (TOML; keys of audiocap::train::tagger::TaggerSettings).
+    #[arg(long)]
+    settings: Option<PathBuf>,
+    /// Output directory (replaced when it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// Print the settings with every default filled in; train nothing.
+    #[arg(long)]
+    check: bool,
+}
+
+#[derive(clap::Args)]
+struct PretrainDecoderArgs {
+    /// Training captions (CSV or Parquet; every caption column is used).
+    #[arg(long)]
+    captions: PathBuf,
+    /// Validation captions, scored after every epoch.
+    #[arg(long)]
+    validation: Option<PathBuf>,
+    /// Shape and training settings (TOML; keys of audiocap::train::lm::LmSettings,
+    /// e.g. hidden_size = 256, epochs = 10); unset keys keep their defaults.
+    #[arg(long)]
+    settings: Option<PathBuf>,
+    /// Output directory (replaced when it exists).
+    #[arg(long)]
+    out: PathBuf,
+    /// Print the settings with every default filled in; train nothing.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(clap::Subcommand)]
@@ -320,6 +387,8 @@ fn main() -> ExitCode {
         Command::Merge(args) => merge(args),
         Command::Train(args) => train(args),
         Command::Corpus(command) => corpus(command),
+        Command::Pretrain(PretrainCommand::Decoder(args)) => pretrain_decoder(args),
+        Command::Pretrain(PretrainCommand::Encoder(args)) => pretrain_encoder(args),
     };
     match result {
         Ok(code) => ExitCode::from(code),
@@ -588,9 +657,10 @@ fn corpus(command: CorpusCommand) -> anyhow::Result<u8> {
         );
         return Ok(exit::OK);
     };
-    // The Ogg demuxer logs every stream it opens at info level.
+    // The Ogg demuxer logs every stream it opens, and malformed Vorbis comments,
+    // which say nothing about the audio.
     init_logging(&audiocap::pipeline::config::LoggingSection {
-        level: "info,symphonia=warn,symphonia_format_ogg=warn".to_string(),
+        level: "info,symphonia_core=error,symphonia_format_ogg=error,symphonia_metadata=error,symphonia_codec_vorbis=error".to_string(),
         ..Default::default()
     });
     let cache = args.cache.unwrap_or_else(|| {
@@ -630,6 +700,141 @@ fn corpus(command: CorpusCommand) -> anyhow::Result<u8> {
         report.left_out.len()
     );
     println!("corpus: {}", options.out.display());
+    Ok(exit::OK)
+}
+
+/// Settings from an optional TOML file, every problem printed; `None`: exit 2.
+fn read_settings<T: serde::de::DeserializeOwned + Default>(
+    path: Option<&PathBuf>,
+) -> anyhow::Result<Option<T>> {
+    use anyhow::Context;
+    let Some(path) = path else {
+        return Ok(Some(T::default()));
+    };
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    match toml::from_str(&text) {
+        Ok(s) => Ok(Some(s)),
+        Err(e) => {
+            eprintln!("error: {}: {e}", path.display());
+            Ok(None)
+        }
+    }
+}
+
+fn print_problems(what: &str, problems: &[String]) -> bool {
+    if problems.is_empty() {
+        return false;
+    }
+    eprintln!("error: {what}:");
+    for p in problems {
+        eprintln!("  - {p}");
+    }
+    true
+}
+
+fn pretrain_encoder(args: PretrainEncoderArgs) -> anyhow::Result<u8> {
+    use audiocap::train::tagger::{
+        TaggerSettings, TaggingSet, label_vocabulary, load_tagging_set, pretrain_encoder,
+    };
+    let Some(settings) = read_settings::<TaggerSettings>(args.settings.as_ref())? else {
+        return Ok(exit::INVALID_CONFIG);
+    };
+    if print_problems("encoder settings", &settings.problems()) {
+        return Ok(exit::INVALID_CONFIG);
+    }
+    if args.check {
+        println!("{}", toml::to_string(&settings).unwrap_or_default());
+        return Ok(exit::OK);
+    }
+    init_logging(&Default::default());
+    let labels = label_vocabulary(&args.manifest, args.min_clips_per_label)?;
+    let train = load_tagging_set(&args.manifest, &args.audio, &labels, settings.max_seconds)?;
+    let validation = match (&args.validation, &args.validation_audio) {
+        (Some(m), Some(a)) => load_tagging_set(m, a, &labels, settings.max_seconds)?,
+        _ => TaggingSet {
+            clips: Vec::new(),
+            skipped: Vec::new(),
+        },
+    };
+    for (key, why) in train.skipped.iter().chain(&validation.skipped) {
+        eprintln!("left out {key}: {why}");
+    }
+    let summary = pretrain_encoder(
+        &train,
+        &validation,
+        &labels,
+        &settings,
+        &args.out,
+        &candle_core::Device::Cpu,
+    )?;
+    println!(
+        "encoder: {} parameters, {} labels, {} steps over {} clips, loss {:.4} → {:.4}{}, {:.1} clips/s\n{}",
+        summary.parameters,
+        summary.labels.len(),
+        summary.steps,
+        summary.train_clips,
+        summary.train_loss.first().copied().unwrap_or(f64::NAN),
+        summary.train_loss.last().copied().unwrap_or(f64::NAN),
+        summary
+            .validation_top1
+            .last()
+            .map_or(String::new(), |v| format!(
+                ", validation top-1 {:.1}%",
+                100.0 * v
+            )),
+        summary.clips_per_second,
+        summary.checkpoint.display()
+    );
+    Ok(exit::OK)
+}
+
+fn pretrain_decoder(args: PretrainDecoderArgs) -> anyhow::Result<u8> {
+    use anyhow::Context;
+    use audiocap::train::lm::{LmSettings, pretrain_decoder};
+    let Some(settings) = read_settings::<LmSettings>(args.settings.as_ref())? else {
+        return Ok(exit::INVALID_CONFIG);
+    };
+    if print_problems("decoder settings", &settings.problems()) {
+        return Ok(exit::INVALID_CONFIG);
+    }
+    if args.check {
+        println!("{}", toml::to_string(&settings).unwrap_or_default());
+        return Ok(exit::OK);
+    }
+    let read = |path: &PathBuf| -> anyhow::Result<Vec<String>> {
+        let refs = audiocap::eval::files::read_references(path, None)
+            .with_context(|| format!("reading captions from {}", path.display()))?;
+        Ok(refs.clips.into_iter().flat_map(|c| c.captions).collect())
+    };
+    let train = read(&args.captions)?;
+    let validation = match &args.validation {
+        Some(p) => read(p)?,
+        None => Vec::new(),
+    };
+    init_logging(&Default::default());
+    let summary = pretrain_decoder(
+        &train,
+        &validation,
+        &settings,
+        &args.out,
+        &candle_core::Device::Cpu,
+    )?;
+    println!(
+        "decoder: {} parameters, vocabulary {}, {} steps over {} captions, loss {:.3} → {:.3}{}, {:.0} tokens/s\n{}",
+        summary.parameters,
+        summary.vocab_size,
+        summary.steps,
+        summary.train_examples,
+        summary.train_loss.first().copied().unwrap_or(f64::NAN),
+        summary.train_loss.last().copied().unwrap_or(f64::NAN),
+        summary
+            .validation_loss
+            .last()
+            .map_or(String::new(), |v| format!(", validation {v:.3}")),
+        summary.tokens_per_second,
+        args.out.display()
+    );
     Ok(exit::OK)
 }
 

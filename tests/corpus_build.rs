@@ -89,6 +89,13 @@ fn build_deb(dir: &Path) -> (PathBuf, String) {
             &sound("bell", v, secs),
         );
     }
+    // Same name, other extension: its clip needs a name of its own.
+    write_wav(
+        &sounds.join("animals/dog0.wave"),
+        16_000,
+        1,
+        &sound("dog", 7, 1.5),
+    );
     for v in 0..3 {
         // 25 s: three 10 s crops each.
         write_wav(
@@ -98,6 +105,12 @@ fn build_deb(dir: &Path) -> (PathBuf, String) {
             &sound("rain", v, 25.0),
         );
     }
+    // A byte-identical copy under another name: left out, never in two splits.
+    std::fs::copy(
+        sounds.join("things/rain0.wav"),
+        sounds.join("things/rainz.wav"),
+    )
+    .unwrap();
     write_wav(
         &sounds.join("things/silent.wav"),
         16_000,
@@ -213,7 +226,7 @@ test = 2
 source = "folder"
 
 [[sound]]
-match = ["animals/dog*.wav"]
+match = ["animals/dog*.wav", "animals/dog*.wave"]
 labels = ["dog"]
 subjects = ["a dog", "a small dog"]
 actions = ["barks", "barks twice", "yaps"]
@@ -330,7 +343,8 @@ fn a_corpus_is_built_from_a_debian_package_split_per_sound_and_rebuilt_identical
     let rows = read_rows(&out);
     let report: serde_json::Value =
         serde_json::from_slice(&std::fs::read(out.join("corpus.json")).unwrap()).unwrap();
-    // Left out: the silent and the corrupt file (with reasons), one unmatched, one skipped.
+    // Left out: the silent, the corrupt and the copied file (with reasons), one
+    // unmatched, one skipped.
     let left_out: Vec<(String, String)> = report["left_out"]
         .as_array()
         .unwrap()
@@ -342,7 +356,10 @@ fn a_corpus_is_built_from_a_debian_package_split_per_sound_and_rebuilt_identical
             )
         })
         .collect();
-    assert_eq!(left_out.len(), 2, "{left_out:?}");
+    assert_eq!(left_out.len(), 3, "{left_out:?}");
+    assert!(left_out.iter().any(
+        |(r, w)| r == "folder/things/rainz.wav" && w == "same audio as folder/things/rain0.wav"
+    ));
     assert!(
         left_out
             .iter()
@@ -357,9 +374,13 @@ fn a_corpus_is_built_from_a_debian_package_split_per_sound_and_rebuilt_identical
     assert_eq!(report["skipped_by_rule"]["folder"], 1);
     assert_eq!(report["packages"][0]["sha256"], sha.as_str());
 
-    // Every recording's clips: 6 dogs, 6 bells, 3 rains × 3 crops, 4 winds, 4 beeps.
+    // Every recording's clips: 7 dogs, 6 bells, 3 rains × 3 crops, 4 winds, 4 beeps.
     let singles: Vec<&Row> = rows.iter().filter(|r| r.source != "mixture").collect();
-    assert_eq!(singles.len(), 6 + 6 + 9 + 4 + 4);
+    assert_eq!(singles.len(), 7 + 6 + 9 + 4 + 4);
+    let names: HashSet<&str> = singles.iter().map(|r| r.file_name.as_str()).collect();
+    assert!(
+        names.contains("folder-animals-dog0.wav") && names.contains("folder-animals-dog0-2.wav")
+    );
     let mut split_of_recording: HashMap<&str, &str> = HashMap::new();
     for row in &singles {
         // Crops of one recording never straddle splits.

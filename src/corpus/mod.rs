@@ -339,6 +339,18 @@ pub fn build(catalog: &Catalog, options: &BuildOptions) -> Result<BuildReport, C
         }
     }
 
+    // Unique clip names: `a/x.ogg` and `a/x.wav` would both be `src-a-x`.
+    let mut taken: HashSet<String> = HashSet::new();
+    for item in &mut planned {
+        let mut stem = item.stem.clone();
+        let mut n = 1;
+        while !taken.insert(stem.clone()) {
+            n += 1;
+            stem = format!("{}-{n}", item.stem);
+        }
+        item.stem = stem;
+    }
+
     // Clips, in parallel.
     let rows = Mutex::new(Vec::new());
     let left_out = Mutex::new(Vec::new());
@@ -355,7 +367,10 @@ pub fn build(catalog: &Catalog, options: &BuildOptions) -> Result<BuildReport, C
                         break;
                     };
                     match make_clips(item, catalog, espeak.as_ref(), &mut reader, &staging) {
-                        Ok(made) => rows.lock().unwrap_or_else(|p| p.into_inner()).extend(made),
+                        Ok(made) => rows
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push((i, made)),
                         Err(why) => {
                             left_out
                                 .lock()
@@ -374,8 +389,31 @@ pub fn build(catalog: &Catalog, options: &BuildOptions) -> Result<BuildReport, C
             });
         }
     });
-    let mut rows = rows.into_inner().unwrap_or_else(|p| p.into_inner());
+    let mut made = rows.into_inner().unwrap_or_else(|p| p.into_inner());
     let mut left_out = left_out.into_inner().unwrap_or_else(|p| p.into_inner());
+    // A recording whose audio equals an earlier one's (packages ship copies under
+    // other names) is left out, so one sound never sits in two splits.
+    made.sort_by_key(|(i, _)| *i);
+    let mut first_with: HashMap<String, &str> = HashMap::new();
+    let mut rows = Vec::new();
+    for (i, clips) in made {
+        let id = planned[i].id.as_str();
+        match first_with.get(&clips.audio_sha256) {
+            Some(first) => {
+                for row in &clips.rows {
+                    let _ = std::fs::remove_file(staging.join(PENDING).join(&row.file_name));
+                }
+                left_out.push(LeftOut {
+                    recording: id.to_string(),
+                    why: format!("same audio as {first}"),
+                });
+            }
+            None => {
+                first_with.insert(clips.audio_sha256, id);
+                rows.extend(clips.rows);
+            }
+        }
+    }
     rows.sort_by(|a, b| a.file_name.cmp(&b.file_name));
     left_out.sort_by(|a, b| a.recording.cmp(&b.recording));
 
@@ -583,13 +621,19 @@ fn assign_splits(
 }
 
 /// Decodes (or generates) one recording and writes its clips to the pending folder.
+/// The clips of one recording and the SHA-256 of its decoded audio.
+struct MadeClips {
+    rows: Vec<ClipRow>,
+    audio_sha256: String,
+}
+
 fn make_clips(
     item: &Planned,
     catalog: &Catalog,
     espeak: Option<&speech::Espeak>,
     reader: &mut RecordingReader,
     staging: &Path,
-) -> Result<Vec<ClipRow>, String> {
+) -> Result<MadeClips, String> {
     let settings = &catalog.corpus.clips;
     let rate = settings.sample_rate;
     let mut trim = true;
@@ -624,6 +668,11 @@ fn make_clips(
     if samples.iter().any(|s| !s.is_finite()) {
         return Err("non-finite samples".to_string());
     }
+    let mut hasher = Sha256::new();
+    for s in &samples {
+        hasher.update(s.to_le_bytes());
+    }
+    let audio_sha256 = hex::encode(hasher.finalize());
     let threshold = clips::db_to_amplitude(settings.silence_db);
     let kept: &[f32] = if trim {
         clips::trim_silence(&samples, rate, threshold).ok_or("silent")?
@@ -670,7 +719,7 @@ fn make_clips(
     if rows.is_empty() {
         return Err("every crop is silent".to_string());
     }
-    Ok(rows)
+    Ok(MadeClips { rows, audio_sha256 })
 }
 
 /// `count` captions from the pool: distinct while the pool lasts, capitalised.

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use super::catalog::{SourceKind, SourceSpec};
 
 /// Extensions read as audio in folders and archives.
-const AUDIO_EXTENSIONS: [&str; 6] = ["ogg", "oga", "wav", "flac", "mp3", "opus"];
+const AUDIO_EXTENSIONS: [&str; 7] = ["ogg", "oga", "wav", "wave", "flac", "mp3", "opus"];
 
 /// One recording of a source, not yet read.
 #[derive(Debug, Clone)]

@@ -12,9 +12,10 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, Layout, Module, Shape, Storage, Tensor};
 
 /// `linear(x)` with no gradient for the layer's weight or bias. When `x` is not part
-/// of a trained graph this is the plain forward pass.
+/// of a trained graph, or the weight is itself being trained (a `Var`, as in decoder
+/// pre-training), this is the plain forward pass.
 pub fn forward(linear: &candle_nn::Linear, x: &Tensor) -> candle_core::Result<Tensor> {
-    if !x.track_op() {
+    if !x.track_op() || linear.weight().is_variable() {
         return linear.forward(x);
     }
     let output = linear.forward(&x.detach())?.contiguous()?;
