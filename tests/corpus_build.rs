@@ -11,14 +11,14 @@ use std::process::{Command, Output};
 
 use crate::common::write_wav;
 
-fn audiocap(args: &[&str]) -> Output {
+pub fn audiocap(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_audiocap"))
         .args(args)
         .output()
         .expect("run audiocap")
 }
 
-fn ok(out: &Output) -> String {
+pub fn ok(out: &Output) -> String {
     assert!(
         out.status.success(),
         "exit {:?}\nstdout:\n{}\nstderr:\n{}",
@@ -63,7 +63,7 @@ fn sound(kind: &str, variant: usize, seconds: f32) -> Vec<f32> {
 
 /// Builds `test-sounds_1.0_all.deb` with a folder of WAVs and a zip of WAVs; returns
 /// its path and SHA-256.
-fn build_deb(dir: &Path) -> (PathBuf, String) {
+pub fn build_deb(dir: &Path) -> (PathBuf, String) {
     let root = dir.join("pkg");
     let sounds = root.join("usr/share/test-sounds/folder");
     std::fs::create_dir_all(sounds.join("animals")).unwrap();
@@ -168,7 +168,7 @@ fn build_deb(dir: &Path) -> (PathBuf, String) {
     (deb, sha)
 }
 
-fn write_catalog(dir: &Path, sha: &str) -> PathBuf {
+pub fn write_catalog(dir: &Path, sha: &str) -> PathBuf {
     let catalog = dir.join("catalog");
     std::fs::create_dir_all(catalog.join("sounds")).unwrap();
     std::fs::write(

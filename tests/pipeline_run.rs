@@ -182,6 +182,16 @@ fn every_pipeline_file_parses_and_validates() {
             // Training files (`audiocap train`).
             audiocap::train::config::TrainConfig::load(&path, &[])
                 .unwrap_or_else(|e| panic!("{e}"));
+        } else if name.starts_with("pretrain-encoder") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let s: audiocap::train::tagger::TaggerSettings =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(s.problems().is_empty(), "{name}: {:?}", s.problems());
+        } else if name.starts_with("pretrain-decoder") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            let s: audiocap::train::lm::LmSettings =
+                toml::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(s.problems().is_empty(), "{name}: {:?}", s.problems());
         } else {
             PipelineConfig::load(&path, &[]).unwrap_or_else(|e| panic!("{e}"));
         }

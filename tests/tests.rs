@@ -9,6 +9,7 @@ mod captioning;
 mod cli;
 mod corpus_build;
 mod dataset_sink;
+mod default_model;
 mod eval_cli;
 mod fbank_parity;
 mod large_export;

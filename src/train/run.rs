@@ -243,7 +243,9 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
             results.push(summary.result.clone());
             runs.push(summary);
         }
-        handoff = if results.len() == 1 {
+        // One run hands its model on as it is, unless it is to be merged with the
+        // previous stage's adapter.
+        handoff = if results.len() == 1 && !stage.merge_with_previous {
             Handoff {
                 projector: Some(results[0].join("projector.safetensors")),
                 adapter: Some(results[0].join("adapter")),

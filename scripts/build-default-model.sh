@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# Rebuilds the bundled default model from nothing but Debian packages, on the CPU:
+#
+#   1. the corpus (corpus/: pinned sound packages, espeak-ng speech, synthetic
+#      signals, mixtures; fixed test split)                      ~1 min
+#   2. the encoder: a BEATs-architecture tagger on the corpus labels
+#      (pipelines/pretrain-encoder-default.toml)                 ~1 h on 2 cores
+#   3. the decoder: a small Llama-architecture language model with its own BPE
+#      tokenizer on the corpus captions
+#      (pipelines/pretrain-decoder-default.toml)                 ~20 min
+#   4. the captioner: projector + LoRA, then two more LoRA runs merged by `cat`
+#      (pipelines/train-default-model.toml)
+#   5. the ONNX export into exported_models/$NAME
+#   6. captions of the fixed test split and their DCASE metrics
+#
+# Every step writes under target/bundled/ (the paths pipelines/train-default-model.toml
+# names); a step whose output exists is skipped, so the script resumes after an
+# interruption (remove a step's folder to redo it).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NAME=${NAME:-audiocap-sounds-small}
+WORK=target/bundled
+BIN=target/release/audiocap
+
+cargo build --release
+mkdir -p "$WORK"
+
+if [ ! -f "$WORK/corpus/corpus.json" ]; then
+  "$BIN" corpus build --out "$WORK/corpus" --overwrite
+fi
+
+if [ ! -f "$WORK/encoder/encoder.safetensors" ]; then
+  "$BIN" pretrain encoder --settings pipelines/pretrain-encoder-default.toml \
+    --manifest "$WORK/corpus/train.csv" --audio "$WORK/corpus/audio/train" \
+    --validation "$WORK/corpus/validation.csv" --validation-audio "$WORK/corpus/audio/validation" \
+    --out "$WORK/encoder"
+fi
+
+if [ ! -f "$WORK/decoder/model.safetensors" ]; then
+  "$BIN" pretrain decoder --settings pipelines/pretrain-decoder-default.toml \
+    --captions "$WORK/corpus/train.csv" --validation "$WORK/corpus/validation.csv" \
+    --out "$WORK/decoder"
+fi
+
+if [ ! -f "$WORK/captioner/final/projector.safetensors" ]; then
+  # --resume continues an interrupted run from its last checkpoint.
+  resume=()
+  [ -d "$WORK/captioner" ] && resume=(--resume)
+  "$BIN" train pipelines/train-default-model.toml "${resume[@]}"
+fi
+
+"$BIN" export --beats "$WORK/encoder/encoder.safetensors" --llm "$WORK/decoder" \
+  --projector "$WORK/captioner/final/projector.safetensors" \
+  --adapter "$WORK/captioner/final/adapter" \
+  --name "$NAME" --out "exported_models/$NAME" --overwrite
+
+"$BIN" caption --model "exported_models/$NAME" --out "$WORK/test-captions.parquet" \
+  "$WORK/corpus/audio/test"
+"$BIN" eval --pred "$WORK/test-captions.parquet" --refs "$WORK/corpus/test.csv" \
+  --out "$WORK/test-metrics.json"

@@ -1,0 +1,165 @@
+//! The bundled default model's recipe (scripts/build-default-model.sh) end to end on
+//! a tiny corpus, through the same commands at toy sizes: corpus build, encoder
+//! pre-training (tagger), decoder pre-training (language model + tokenizer), the
+//! captioner's two stages (projector + LoRA, then LoRA runs merged by `cat`), ONNX
+//! export, captions of the test split and their metrics. CI does not retrain the real
+//! model; this proves the path it takes still runs.
+
+use std::path::Path;
+
+use crate::corpus_build::{audiocap, build_deb, ok, write_catalog};
+
+fn write(path: &Path, text: &str) {
+    std::fs::write(path, text).unwrap();
+}
+
+#[test]
+fn the_default_model_recipe_runs_end_to_end_at_toy_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let s = |p: &Path| p.to_str().unwrap().to_string();
+    let (deb, sha) = build_deb(d);
+    let catalog = write_catalog(d, &sha);
+    let corpus = d.join("corpus");
+    ok(&audiocap(&[
+        "corpus",
+        "build",
+        "--catalog",
+        &s(&catalog),
+        "--out",
+        &s(&corpus),
+        "--debs",
+        &s(deb.parent().unwrap()),
+        "--cache",
+        &s(&d.join("cache")),
+    ]));
+
+    // Encoder: a one-layer BEATs tagger, a few epochs.
+    let enc_settings = d.join("encoder.toml");
+    write(
+        &enc_settings,
+        "embed_dim = 16\nencoder_layers = 1\nencoder_embed_dim = 32\nencoder_ffn_embed_dim = 64\n\
+         encoder_attention_heads = 2\nconv_pos = 8\nconv_pos_groups = 2\nnum_buckets = 16\n\
+         max_distance = 64\nepochs = 3\nbatch_size = 8\npeak_lr = 3e-3\n",
+    );
+    let encoder = d.join("encoder");
+    let out = ok(&audiocap(&[
+        "pretrain",
+        "encoder",
+        "--settings",
+        &s(&enc_settings),
+        "--manifest",
+        &s(&corpus.join("train.csv")),
+        "--audio",
+        &s(&corpus.join("audio/train")),
+        "--validation",
+        &s(&corpus.join("validation.csv")),
+        "--validation-audio",
+        &s(&corpus.join("audio/validation")),
+        "--min-clips-per-label",
+        "1",
+        "--out",
+        &s(&encoder),
+    ]));
+    assert!(out.contains("encoder:"), "{out}");
+    let labels: Vec<String> =
+        serde_json::from_slice(&std::fs::read(encoder.join("labels.json")).unwrap()).unwrap();
+    for l in ["dog", "bell", "rain", "wind", "beeps"] {
+        assert!(labels.contains(&l.to_string()), "{labels:?}");
+    }
+
+    // Decoder: a two-layer Llama with a 300-token tokenizer.
+    let dec_settings = d.join("decoder.toml");
+    write(
+        &dec_settings,
+        "vocab_size = 300\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\n\
+         num_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 128\n\
+         epochs = 3\nbatch_size = 8\npeak_lr = 3e-3\n",
+    );
+    let decoder = d.join("decoder");
+    ok(&audiocap(&[
+        "pretrain",
+        "decoder",
+        "--settings",
+        &s(&dec_settings),
+        "--captions",
+        &s(&corpus.join("train.csv")),
+        "--validation",
+        &s(&corpus.join("validation.csv")),
+        "--out",
+        &s(&decoder),
+    ]));
+
+    // The captioner: the recipe's two stages, at a few epochs.
+    let run = d.join("captioner");
+    let train = format!(
+        "train = {{ captions = \"{c}/train.csv\", audio = \"{c}/audio/train\" }}\n\
+         validation = {{ captions = \"{c}/validation.csv\", audio = \"{c}/audio/validation\" }}\n",
+        c = s(&corpus)
+    );
+    let config = d.join("train.toml");
+    write(
+        &config,
+        &format!(
+            "[model]\nbeats = \"{enc}\"\nllm = \"{dec}\"\ndtype = \"f32\"\ndevice = \"cpu\"\noutput = \"{run}\"\n\
+             [lora]\nr = 4\nalpha = 8\ndropout = 0.05\ntarget_modules = [\"q_proj\", \"k_proj\"]\n\
+             [features]\ncache = \"{cache}\"\nmax_seconds = 10.0\n\
+             [optimizer]\npeak_lr = 1e-3\n\
+             [training]\nbatch_size = 8\neval_every_epochs = 2\neval_max_clips = 8\neval_max_new_tokens = 12\n\
+             [[stages]]\nname = \"corpus\"\nepochs = 2\n{train}\n\
+             [[stages]]\nname = \"merge\"\nepochs = 1\ntrain_projector = false\nlora_init = \"fresh\"\n\
+             seeds = [1]\nmerge_with_previous = true\n{train}",
+            enc = s(&encoder.join("encoder.safetensors")),
+            dec = s(&decoder),
+            run = s(&run),
+            cache = s(&d.join("features")),
+        ),
+    );
+    ok(&audiocap(&["train", &s(&config)]));
+    let adapter: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(run.join("final/adapter/adapter_config.json")).unwrap(),
+    )
+    .unwrap();
+    // Two runs merged by concatenation: rank 2 × 4.
+    assert_eq!(adapter["r"], 8, "{adapter}");
+
+    // Export, caption the test split, score it.
+    let model = d.join("model");
+    ok(&audiocap(&[
+        "export",
+        "--beats",
+        &s(&encoder.join("encoder.safetensors")),
+        "--llm",
+        &s(&decoder),
+        "--projector",
+        &s(&run.join("final/projector.safetensors")),
+        "--adapter",
+        &s(&run.join("final/adapter")),
+        "--name",
+        "toy",
+        "--out",
+        &s(&model),
+    ]));
+    let captions = d.join("captions.parquet");
+    ok(&audiocap(&[
+        "caption",
+        "--model",
+        &s(&model),
+        "--out",
+        &s(&captions),
+        &s(&corpus.join("audio/test")),
+    ]));
+    let metrics = d.join("metrics.json");
+    ok(&audiocap(&[
+        "eval",
+        "--pred",
+        &s(&captions),
+        "--refs",
+        &s(&corpus.join("test.csv")),
+        "--out",
+        &s(&metrics),
+        "--no-java-metrics",
+    ]));
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    assert!(m.to_string().contains("cider"), "{m}");
+}
