@@ -57,5 +57,8 @@ fi
 
 "$BIN" caption --model "exported_models/$NAME" --out "$WORK/test-captions.parquet" \
   "$WORK/corpus/audio/test"
+# The model card's figures: the DCASE metrics, the best constant caption among the
+# training captions, and how often a caption names its clip's sound.
 "$BIN" eval --pred "$WORK/test-captions.parquet" --refs "$WORK/corpus/test.csv" \
+  --constant-baseline "$WORK/corpus/train.csv" --labels-column labels \
   --out "$WORK/test-metrics.json"

@@ -161,5 +161,38 @@ fn the_default_model_recipe_runs_end_to_end_at_toy_size() {
         "--no-java-metrics",
     ]));
     let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
-    assert!(m.to_string().contains("cider"), "{m}");
+    assert!(m["scores"]["cider_d"].is_number(), "{m}");
+    // The model card's reference points: the best constant caption among the
+    // training captions, and how often a caption names its clip's sound.
+    let report = ok(&audiocap(&[
+        "eval",
+        "--pred",
+        &s(&captions),
+        "--refs",
+        &s(&corpus.join("test.csv")),
+        "--out",
+        &s(&metrics),
+        "--no-java-metrics",
+        "--constant-baseline",
+        &s(&corpus.join("train.csv")),
+        "--labels-column",
+        "labels",
+    ]));
+    assert!(report.contains("best constant caption of"), "{report}");
+    assert!(report.contains("class word named"), "{report}");
+    let m: serde_json::Value = serde_json::from_slice(&std::fs::read(&metrics).unwrap()).unwrap();
+    let b = &m["baselines"];
+    assert!(
+        b["best_constant_caption"]["cider_d"].as_f64().unwrap() > 0.0,
+        "{b}"
+    );
+    let rate = b["class_word_rate"]["rate"].as_f64().unwrap();
+    assert!((0.0..=1.0).contains(&rate), "{b}");
+    assert!(
+        b["class_word_rate"]["labelled_predictions"]
+            .as_u64()
+            .unwrap()
+            > 0,
+        "{b}"
+    );
 }

@@ -52,6 +52,8 @@ fn args(pred: &Path, refs: &Path, dir: &Path) -> EvalArgs {
         // The join and native scores are tested without JVMs; the METEOR tests below
         // turn them on.
         no_java_metrics: true,
+        constant_baseline: None,
+        labels_column: None,
     }
 }
 

@@ -11,6 +11,8 @@ use std::path::{Path, PathBuf};
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
 
+use crate::eval::baselines::mentions_label;
+
 /// `corpus.toml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -336,30 +338,6 @@ impl CaptionText {
     }
 }
 
-/// Whether `caption` contains one of `labels` as whole words.
-pub fn mentions_label(caption: &str, labels: &[String]) -> bool {
-    let words: Vec<String> = words(caption);
-    labels.iter().any(|label| {
-        let label_words = words_of(label);
-        !label_words.is_empty()
-            && words
-                .windows(label_words.len())
-                .any(|w| w == label_words.as_slice())
-    })
-}
-
-fn words_of(text: &str) -> Vec<String> {
-    words(text)
-}
-
-/// Lower-case words of a text (letters, digits and apostrophes).
-pub fn words(text: &str) -> Vec<String> {
-    text.split(|c: char| !(c.is_alphanumeric() || c == '\''))
-        .filter(|w| !w.is_empty())
-        .map(str::to_lowercase)
-        .collect()
-}
-
 /// One compiled sound rule.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -660,15 +638,6 @@ mod tests {
             captions: captions.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
         }
-    }
-
-    #[test]
-    fn labels_match_whole_words_and_phrases() {
-        let labels = vec!["dog".to_string(), "church bell".to_string()];
-        assert!(mentions_label("a dog barks twice", &labels));
-        assert!(!mentions_label("dogs bark", &labels));
-        assert!(mentions_label("a church bell rings", &labels));
-        assert!(!mentions_label("a bell rings in a church", &labels));
     }
 
     #[test]

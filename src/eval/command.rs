@@ -1,11 +1,13 @@
 //! `audiocap eval`: read predictions and references, join them by file name, score
 //! the matched pairs, and write the report.
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 use serde_json::json;
 
+use super::baselines::{self, ConstantBaseline};
 use super::files::{self, Layout, Pair, Predictions};
 use super::jvm::{Environment, JavaPaths};
 use super::{CorpusScores, JavaScores, report, score_corpus, score_java_metrics};
@@ -51,6 +53,16 @@ pub struct EvalArgs {
     /// Skip METEOR and SPICE (no JVM is started).
     #[arg(long = "no-java-metrics")]
     pub no_java_metrics: bool,
+    /// Also score the best single constant caption: every caption of this table
+    /// (e.g. the training set's) given to every clip, the one with the highest CIDEr-D
+    /// reported (the bar a captioner must clear).
+    #[arg(long = "constant-baseline", value_name = "CAPTIONS")]
+    pub constant_baseline: Option<PathBuf>,
+    /// Column of the references with each clip's class labels (`;`-separated, as
+    /// `audiocap corpus build` writes `labels`): report the share of predictions that
+    /// name one of their clip's labels.
+    #[arg(long = "labels-column")]
+    pub labels_column: Option<String>,
 }
 
 impl EvalArgs {
@@ -105,6 +117,11 @@ pub struct EvalOutcome {
     pub failed_predictions: Vec<(String, String)>,
     /// Lines for the user about how the inputs were read.
     pub notes: Vec<String>,
+    /// The best constant caption (with --constant-baseline).
+    pub constant_baseline: Option<ConstantBaseline>,
+    /// Share of scored predictions naming one of their clip's labels, and the
+    /// number of predictions with labels (with --labels-column).
+    pub class_word_rate: Option<(f64, usize)>,
     /// The content of `metrics.json`.
     pub metrics: serde_json::Value,
 }
@@ -119,6 +136,24 @@ impl EvalOutcome {
         }
         out.push('\n');
         out.push_str(&report::table(&self.scores, &self.java));
+        if let Some(b) = &self.constant_baseline {
+            out.push_str(&format!(
+                "\nbest constant caption of {} tried: \"{}\" (CIDEr-D {:.4}, BLEU-4 {:.4}, ROUGE-L {:.4}); \
+                 the predictions' CIDEr-D is {:.2}x it\n",
+                b.tried,
+                b.caption,
+                b.cider_d,
+                b.bleu_4,
+                b.rouge_l,
+                self.scores.cider_d / b.cider_d.max(f64::MIN_POSITIVE)
+            ));
+        }
+        if let Some((rate, n)) = self.class_word_rate {
+            out.push_str(&format!(
+                "class word named: {:.1}% of {n} labelled predictions\n",
+                100.0 * rate
+            ));
+        }
         out
     }
 }
@@ -181,6 +216,21 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<EvalOutcome> {
         )
     };
 
+    let constant_baseline = match &args.constant_baseline {
+        Some(path) => {
+            let pool = files::read_references(path, None).with_context(|| {
+                format!("reading constant-caption candidates {}", path.display())
+            })?;
+            let pool: Vec<String> = pool.clips.into_iter().flat_map(|c| c.captions).collect();
+            baselines::best_constant_caption(&pool, &refs).context("scoring constant captions")?
+        }
+        None => None,
+    };
+    let class_word_rate = match &args.labels_column {
+        Some(column) => Some(class_word_rate(&args.refs, column, &joined.pairs)?),
+        None => None,
+    };
+
     let mut metric_values = serde_json::Map::new();
     let mut unavailable = serde_json::Map::new();
     for (name, value) in report::score_rows(&scores, &java) {
@@ -209,6 +259,10 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<EvalOutcome> {
                 .map(|(k, r)| json!({"key": k, "reason": r})).collect::<Vec<_>>(),
         },
         "notes": notes,
+        "baselines": {
+            "best_constant_caption": constant_baseline,
+            "class_word_rate": class_word_rate.map(|(rate, n)| json!({"rate": rate, "labelled_predictions": n})),
+        },
     });
 
     if let Some(path) = &args.out {
@@ -231,8 +285,56 @@ pub fn run_eval(args: &EvalArgs) -> anyhow::Result<EvalOutcome> {
         references_without_predictions: joined.references_without_predictions,
         failed_predictions: predictions.failed,
         notes,
+        constant_baseline,
+        class_word_rate,
         metrics,
     })
+}
+
+/// Share of `pairs` whose prediction names one of its reference clip's labels
+/// (column `column` of the references, `;`-separated), over the pairs with labels.
+fn class_word_rate(
+    refs: &std::path::Path,
+    column: &str,
+    pairs: &[Pair],
+) -> anyhow::Result<(f64, usize)> {
+    let table = files::read_table(refs)
+        .with_context(|| format!("reading labels from {}", refs.display()))?;
+    let labels_col = table
+        .column(column)
+        .with_context(|| format!("{}: no column `{column}`", refs.display()))?;
+    let key_col = table
+        .column("file_name")
+        .or_else(|| table.column("uri"))
+        .with_context(|| {
+            format!(
+                "{}: labels need a `file_name` or `uri` column",
+                refs.display()
+            )
+        })?;
+    let mut labels: HashMap<String, Vec<String>> = HashMap::new();
+    for row in &table.rows {
+        let (Some(key), Some(cell)) = (row[key_col].as_deref(), row[labels_col].as_deref()) else {
+            continue;
+        };
+        let list: Vec<String> = cell
+            .split(';')
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect();
+        if !list.is_empty() {
+            labels.insert(files::file_name(key.trim()).to_string(), list);
+        }
+    }
+    let (mut hits, mut n) = (0usize, 0usize);
+    for pair in pairs {
+        if let Some(l) = labels.get(&pair.reference_key) {
+            n += 1;
+            hits += usize::from(baselines::mentions_label(&pair.candidate, l));
+        }
+    }
+    Ok((hits as f64 / n.max(1) as f64, n))
 }
 
 fn notes(

@@ -10,6 +10,7 @@
 //! ([`meteor`], [`spice`]) when Java and the jars are found ([`jvm`]); otherwise they
 //! are reported unavailable with the reason, and the native metrics stand alone.
 
+pub mod baselines;
 mod bleu;
 mod cider;
 pub mod command;
