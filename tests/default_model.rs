@@ -140,6 +140,41 @@ fn the_default_model_recipe_runs_end_to_end_at_toy_size() {
         "--out",
         &s(&model),
     ]));
+    // Its throughput through the repository's benchmark (the model card's speed).
+    let bench = d.join("bench.json");
+    ok(&audiocap(&[
+        "bench",
+        "--model",
+        &s(&model),
+        "--repetitions",
+        "1",
+        "--batch-sizes",
+        "1",
+        "--encoder-batch",
+        "2",
+        "--e2e-batch",
+        "2",
+        "--clip-seconds",
+        "2",
+        "--quiet",
+        "--work-dir",
+        &s(&d.join("bench")),
+        "--json",
+        &s(&bench),
+    ]));
+    let report: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&bench).unwrap()).unwrap();
+    assert!(
+        report["model_dir"].as_str().unwrap().ends_with("model"),
+        "{report}"
+    );
+    let e2e = report["figures"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["stage"] == "end_to_end")
+        .unwrap_or_else(|| panic!("{report}"));
+    assert!(e2e["mean"].as_f64().unwrap() > 0.0, "{e2e}");
     let captions = d.join("captions.parquet");
     ok(&audiocap(&[
         "caption",

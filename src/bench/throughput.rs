@@ -138,6 +138,11 @@ pub struct BenchOptions {
     /// random weights, f16, for GPUs).
     #[arg(long, value_enum, default_value_t = BenchPreset::Fixture)]
     pub preset: BenchPreset,
+    /// An exported model directory to benchmark instead of a preset (e.g. the bundled
+    /// default model in exported_models/); the preset's batch and repetition
+    /// defaults still apply.
+    #[arg(long)]
+    pub model: Option<PathBuf>,
     /// Device: cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: DeviceSpec,
@@ -201,6 +206,7 @@ impl Default for BenchOptions {
     fn default() -> Self {
         Self {
             preset: BenchPreset::Fixture,
+            model: None,
             device: DeviceSpec::Cpu,
             dtype: None,
             batch_sizes: None,
@@ -372,6 +378,8 @@ pub struct SetupTimes {
 #[derive(Debug, Clone, Serialize)]
 pub struct BenchReport {
     pub preset: BenchPreset,
+    /// The exported model benchmarked instead of the preset's (`--model`).
+    pub model_dir: Option<PathBuf>,
     pub device: String,
     pub dtype: ExportDtype,
     /// `release` or `debug` (how this binary was built).
@@ -411,10 +419,13 @@ impl BenchReport {
 impl fmt::Display for BenchReport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let m = &self.model;
+        let what = match &self.model_dir {
+            Some(dir) => format!("model {}", dir.display()),
+            None => format!("preset {}", self.preset),
+        };
         writeln!(
             f,
-            "audiocap bench: preset {} ({}), {} on {}, {} build, ONNX Runtime {}",
-            self.preset,
+            "audiocap bench: {what} ({}), {} on {}, {} build, ONNX Runtime {}",
             m.name,
             fmt_dtype(self.dtype),
             self.device,
@@ -524,7 +535,15 @@ pub fn run_bench(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         figures: Vec::new(),
     };
 
-    let prepared = prepare_export(options, &plan, &|m| runner.progress(&m))?;
+    let prepared = match &options.model {
+        Some(dir) => Prepared {
+            dir: dir.clone(),
+            decoder_parameters: None,
+            sources_s: None,
+            export_s: None,
+        },
+        None => prepare_export(options, &plan, &|m| runner.progress(&m))?,
+    };
     let export_dir = prepared.dir;
     runner.progress(&format!(
         "loading {} on {}",
@@ -580,6 +599,7 @@ pub fn run_bench(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     };
     let report = BenchReport {
         preset: plan.preset,
+        model_dir: options.model.clone(),
         device: options.device.to_string(),
         dtype: manifest.onnx.dtype,
         build_profile: if cfg!(debug_assertions) {
