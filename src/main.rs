@@ -703,50 +703,58 @@ fn corpus(command: CorpusCommand) -> anyhow::Result<u8> {
     Ok(exit::OK)
 }
 
-/// Settings from an optional TOML file, every problem printed; `None`: exit 2.
-fn read_settings<T: serde::de::DeserializeOwned + Default>(
+/// Pre-training settings from an optional TOML file (defaults otherwise), every
+/// problem printed. `Ok(Err(code))` ends the command: 2 for bad settings, 0 after
+/// `--check` printed them.
+fn pretrain_settings<T: serde::de::DeserializeOwned + serde::Serialize + Default>(
     path: Option<&PathBuf>,
-) -> anyhow::Result<Option<T>> {
+    what: &str,
+    check: bool,
+    problems: impl Fn(&T) -> Vec<String>,
+) -> anyhow::Result<Result<T, u8>> {
     use anyhow::Context;
-    let Some(path) = path else {
-        return Ok(Some(T::default()));
-    };
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    match toml::from_str(&text) {
-        Ok(s) => Ok(Some(s)),
-        Err(e) => {
-            eprintln!("error: {}: {e}", path.display());
-            Ok(None)
+    let settings: T = match path {
+        None => T::default(),
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            match toml::from_str(&text) {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {}: {e}", path.display());
+                    return Ok(Err(exit::INVALID_CONFIG));
+                }
+            }
         }
+    };
+    let problems = problems(&settings);
+    if !problems.is_empty() {
+        eprintln!("error: {what}:");
+        for p in problems {
+            eprintln!("  - {p}");
+        }
+        return Ok(Err(exit::INVALID_CONFIG));
     }
-}
-
-fn print_problems(what: &str, problems: &[String]) -> bool {
-    if problems.is_empty() {
-        return false;
+    if check {
+        println!("{}", toml::to_string(&settings).unwrap_or_default());
+        return Ok(Err(exit::OK));
     }
-    eprintln!("error: {what}:");
-    for p in problems {
-        eprintln!("  - {p}");
-    }
-    true
+    Ok(Ok(settings))
 }
 
 fn pretrain_encoder(args: PretrainEncoderArgs) -> anyhow::Result<u8> {
     use audiocap::train::tagger::{
         TaggerSettings, TaggingSet, label_vocabulary, load_tagging_set, pretrain_encoder,
     };
-    let Some(settings) = read_settings::<TaggerSettings>(args.settings.as_ref())? else {
-        return Ok(exit::INVALID_CONFIG);
+    let settings = match pretrain_settings::<TaggerSettings>(
+        args.settings.as_ref(),
+        "encoder settings",
+        args.check,
+        TaggerSettings::problems,
+    )? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
     };
-    if print_problems("encoder settings", &settings.problems()) {
-        return Ok(exit::INVALID_CONFIG);
-    }
-    if args.check {
-        println!("{}", toml::to_string(&settings).unwrap_or_default());
-        return Ok(exit::OK);
-    }
     init_logging(&Default::default());
     let labels = label_vocabulary(&args.manifest, args.min_clips_per_label)?;
     let train = load_tagging_set(&args.manifest, &args.audio, &labels, settings.max_seconds)?;
@@ -792,16 +800,15 @@ fn pretrain_encoder(args: PretrainEncoderArgs) -> anyhow::Result<u8> {
 fn pretrain_decoder(args: PretrainDecoderArgs) -> anyhow::Result<u8> {
     use anyhow::Context;
     use audiocap::train::lm::{LmSettings, pretrain_decoder};
-    let Some(settings) = read_settings::<LmSettings>(args.settings.as_ref())? else {
-        return Ok(exit::INVALID_CONFIG);
+    let settings = match pretrain_settings::<LmSettings>(
+        args.settings.as_ref(),
+        "decoder settings",
+        args.check,
+        LmSettings::problems,
+    )? {
+        Ok(s) => s,
+        Err(code) => return Ok(code),
     };
-    if print_problems("decoder settings", &settings.problems()) {
-        return Ok(exit::INVALID_CONFIG);
-    }
-    if args.check {
-        println!("{}", toml::to_string(&settings).unwrap_or_default());
-        return Ok(exit::OK);
-    }
     let read = |path: &PathBuf| -> anyhow::Result<Vec<String>> {
         let refs = audiocap::eval::files::read_references(path, None)
             .with_context(|| format!("reading captions from {}", path.display()))?;

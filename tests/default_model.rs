@@ -231,3 +231,43 @@ fn the_default_model_recipe_runs_end_to_end_at_toy_size() {
         "{b}"
     );
 }
+
+#[test]
+fn bad_pretraining_settings_are_all_listed_with_exit_code_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.toml");
+    write(
+        &bad,
+        "num_attention_heads = 3\nepochs = 0\npeak_lr = -1.0\n",
+    );
+    let out = audiocap(&[
+        "pretrain",
+        "decoder",
+        "--captions",
+        "unused.csv",
+        "--out",
+        "unused",
+        "--settings",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    for expected in ["num_attention_heads", "epochs", "peak_lr"] {
+        assert!(err.contains(expected), "{expected} missing in {err}");
+    }
+    write(&bad, "encoder_layers = 2\nlayers = 3\n");
+    let out = audiocap(&[
+        "pretrain",
+        "encoder",
+        "--manifest",
+        "m.csv",
+        "--audio",
+        "a",
+        "--out",
+        "o",
+        "--settings",
+        bad.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("layers"));
+}
