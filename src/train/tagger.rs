@@ -387,6 +387,9 @@ pub struct TaggerSummary {
     /// After each epoch: share of validation clips whose top-scoring label is one of
     /// theirs (chance: about the mean label count over the vocabulary size).
     pub validation_top1: Vec<f64>,
+    /// After each epoch: validation mAP over the labels present (chance: about the
+    /// labels' frequency).
+    pub validation_map: Vec<f64>,
     pub clips_per_second: f64,
     pub checkpoint: PathBuf,
 }
@@ -433,6 +436,7 @@ pub fn pretrain_encoder(
     let mut order: Vec<usize> = (0..batches.len()).collect();
     let mut train_loss = Vec::new();
     let mut validation_top1 = Vec::new();
+    let mut validation_map = Vec::new();
     let mut seen = 0usize;
     let started = Instant::now();
     for epoch in 0..settings.epochs {
@@ -465,18 +469,21 @@ pub fn pretrain_encoder(
         }
         train_loss.push(sum / count.max(1) as f64);
         if !validation.clips.is_empty() {
-            validation_top1.push(top1(
+            let (top1, map) = validate(
                 &model,
                 validation,
                 labels.len(),
                 settings.batch_size,
                 device,
-            )?);
+            )?;
+            validation_top1.push(top1);
+            validation_map.push(map);
         }
         tracing::info!(
             epoch = epoch + 1,
             train_loss = train_loss.last().copied().unwrap_or(f64::NAN),
             validation_top1 = validation_top1.last().copied().unwrap_or(f64::NAN),
+            validation_map = validation_map.last().copied().unwrap_or(f64::NAN),
             "encoder pre-training"
         );
     }
@@ -501,6 +508,7 @@ pub fn pretrain_encoder(
         steps: optimizer.steps(),
         train_loss,
         validation_top1,
+        validation_map,
         clips_per_second: seen as f64 / elapsed,
         checkpoint: out.join("encoder.safetensors"),
     };
@@ -518,35 +526,90 @@ pub fn pretrain_encoder(
     Ok(summary)
 }
 
-/// Share of clips whose highest-scoring label is one of theirs.
-fn top1(
+/// Validation scores of the tagger: top-1 (share of clips whose highest-scoring
+/// label is one of theirs) and mAP (mean over the labels present of the average
+/// precision of ranking the clips by that label's score).
+fn validate(
     model: &TrainableTagger,
     set: &TaggingSet,
     labels: usize,
     batch_size: usize,
     device: &Device,
-) -> Result<f64, TaggerError> {
-    let mut hits = 0usize;
+) -> Result<(f64, f64), TaggerError> {
+    let mut scores: Vec<Vec<f32>> = Vec::with_capacity(set.clips.len());
     for chunk in set.clips.chunks(batch_size) {
         let clips: Vec<&TaggedClip> = chunk.iter().collect();
         let (fbank, lengths, _) = batch_tensors(&clips, labels, device)?;
-        let best: Vec<u32> = model
-            .logits(&fbank, &lengths)?
-            .detach()
-            .argmax(1)?
-            .to_vec1()?;
-        hits += clips
-            .iter()
-            .zip(best)
-            .filter(|(c, b)| c.labels.contains(&(*b as usize)))
-            .count();
+        scores.extend(model.logits(&fbank, &lengths)?.detach().to_vec2::<f32>()?);
     }
-    Ok(hits as f64 / set.clips.len().max(1) as f64)
+    let truth: Vec<&[usize]> = set.clips.iter().map(|c| c.labels.as_slice()).collect();
+    Ok((
+        top1(&scores, &truth),
+        mean_average_precision(&scores, &truth, labels),
+    ))
+}
+
+fn top1(scores: &[Vec<f32>], truth: &[&[usize]]) -> f64 {
+    let hits = scores
+        .iter()
+        .zip(truth)
+        .filter(|(s, t)| {
+            let best = s
+                .iter()
+                .enumerate()
+                .max_by(|a, b| a.1.total_cmp(b.1))
+                .map(|(i, _)| i);
+            best.is_some_and(|b| t.contains(&b))
+        })
+        .count();
+    hits as f64 / scores.len().max(1) as f64
+}
+
+/// Mean over labels with at least one positive clip of the average precision.
+fn mean_average_precision(scores: &[Vec<f32>], truth: &[&[usize]], labels: usize) -> f64 {
+    let mut sum = 0.0;
+    let mut counted = 0usize;
+    for label in 0..labels {
+        let positives = truth.iter().filter(|t| t.contains(&label)).count();
+        if positives == 0 {
+            continue;
+        }
+        let mut order: Vec<usize> = (0..scores.len()).collect();
+        order.sort_by(|&a, &b| scores[b][label].total_cmp(&scores[a][label]));
+        let (mut hits, mut precision_sum) = (0usize, 0.0);
+        for (rank, &clip) in order.iter().enumerate() {
+            if truth[clip].contains(&label) {
+                hits += 1;
+                precision_sum += hits as f64 / (rank + 1) as f64;
+            }
+        }
+        sum += precision_sum / positives as f64;
+        counted += 1;
+    }
+    sum / counted.max(1) as f64
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn average_precision_by_hand() {
+        // Label 0: positives ranked 1st and 3rd → (1 + 2/3) / 2; label 1: ranked 2nd
+        // of its one positive → 1/2. Label 2 has no positive and does not count.
+        let scores = vec![
+            vec![0.9, 0.1, 0.0],
+            vec![0.5, 0.8, 0.0],
+            vec![0.2, 0.9, 0.0],
+        ];
+        let truth: Vec<&[usize]> = vec![&[0], &[1], &[0]];
+        let map = mean_average_precision(&scores, &truth, 3);
+        assert!(
+            (map - ((1.0 + 2.0 / 3.0) / 2.0 + 0.5) / 2.0).abs() < 1e-12,
+            "{map}"
+        );
+        assert!((top1(&scores, &truth) - 2.0 / 3.0).abs() < 1e-12);
+    }
 
     #[test]
     fn bce_matches_the_textbook_formula() {
@@ -624,6 +687,7 @@ mod tests {
             summary.train_loss
         );
         assert_eq!(*summary.validation_top1.last().unwrap(), 1.0, "{summary:?}");
+        assert_eq!(*summary.validation_map.last().unwrap(), 1.0, "{summary:?}");
         let beats =
             Beats::load(&out.join("encoder.safetensors"), DType::F32, &Device::Cpu).unwrap();
         assert!(beats.config().finetuned_model);
