@@ -784,13 +784,13 @@ fn pretrain_encoder(args: PretrainEncoderArgs) -> anyhow::Result<u8> {
         summary.train_clips,
         summary.train_loss.first().copied().unwrap_or(f64::NAN),
         summary.train_loss.last().copied().unwrap_or(f64::NAN),
-        summary
-            .validation_top1
-            .last()
-            .map_or(String::new(), |v| format!(
-                ", validation top-1 {:.1}%",
-                100.0 * v
-            )),
+        match (
+            summary.validation_top1.last(),
+            summary.validation_map.last()
+        ) {
+            (Some(t), Some(m)) => format!(", validation top-1 {:.1}%, mAP {m:.3}", 100.0 * t),
+            _ => String::new(),
+        },
         summary.clips_per_second,
         summary.checkpoint.display()
     );
