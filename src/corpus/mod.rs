@@ -69,6 +69,9 @@ pub enum CorpusError {
     Source(#[from] sources::SourceError),
     #[error("{0}")]
     Speech(String),
+    /// A clip this build wrote could not be read back (for a mixture).
+    #[error("{path}: {why}")]
+    Clip { path: PathBuf, why: String },
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -791,7 +794,10 @@ fn make_mixtures(
                 let path = staging.join("audio").join(split).join(&row.file_name);
                 crate::audio::decode::decode_file(&path)
                     .map(|d| d.samples)
-                    .map_err(|e| CorpusError::Speech(format!("{}: {e}", path.display())))
+                    .map_err(|e| CorpusError::Clip {
+                        path: path.clone(),
+                        why: e.to_string(),
+                    })
             };
             let (mut xa, mut xb) = (read(a)?, read(b)?);
             // The longer clip is the bed the shorter one is laid on.
