@@ -776,7 +776,16 @@ pub fn execution_providers(
     device: &DeviceSpec,
 ) -> Result<Vec<ExecutionProviderDispatch>, RuntimeError> {
     match *device {
-        DeviceSpec::Cpu => Ok(vec![ep::CPU::default().build().error_on_failure()]),
+        // ort's `CPU::default()` turns ONNX Runtime's CPU memory arena *off*; without
+        // it every large intermediate (the encoder's attention scores are tens of MB per
+        // batch) is a fresh mmap whose pages fault in on every run: half the CPU time
+        // went to the kernel and `audiocap run` ran at half speed.
+        DeviceSpec::Cpu => Ok(vec![
+            ep::CPU::default()
+                .with_arena_allocator(true)
+                .build()
+                .error_on_failure(),
+        ]),
         DeviceSpec::Cuda(index) => {
             let id = i32::try_from(index).map_err(|_| RuntimeError::DeviceIndex(index))?;
             Ok(vec![
