@@ -120,15 +120,8 @@ struct PretrainEncoderArgs {
     /// Labels on fewer training clips than this are left out of the vocabulary.
     #[arg(long, default_value_t = 3)]
     min_clips_per_label: usize,
-    /// Shape and training settings (TOML; keys of audiocap::train::tagger::TaggerSettings).
-    #[arg(long)]
-    settings: Option<PathBuf>,
-    /// Output directory (replaced when it exists).
-    #[arg(long)]
-    out: PathBuf,
-    /// Print the settings with every default filled in; train nothing.
-    #[arg(long)]
-    check: bool,
+    #[command(flatten)]
+    common: PretrainCommonArgs,
 }
 
 #[derive(clap::Args)]
@@ -139,8 +132,15 @@ struct PretrainDecoderArgs {
     /// Validation captions, scored after every epoch.
     #[arg(long)]
     validation: Option<PathBuf>,
-    /// Shape and training settings (TOML; keys of audiocap::train::lm::LmSettings,
-    /// e.g. hidden_size = 256, epochs = 10); unset keys keep their defaults.
+    #[command(flatten)]
+    common: PretrainCommonArgs,
+}
+
+/// What both `pretrain` commands take.
+#[derive(clap::Args)]
+struct PretrainCommonArgs {
+    /// Shape and training settings (TOML: the keys of pipelines/pretrain-*-default.toml);
+    /// unset keys keep their defaults.
     #[arg(long)]
     settings: Option<PathBuf>,
     /// Output directory (replaced when it exists).
@@ -747,9 +747,9 @@ fn pretrain_encoder(args: PretrainEncoderArgs) -> anyhow::Result<u8> {
         TaggerSettings, TaggingSet, label_vocabulary, load_tagging_set, pretrain_encoder,
     };
     let settings = match pretrain_settings::<TaggerSettings>(
-        args.settings.as_ref(),
+        args.common.settings.as_ref(),
         "encoder settings",
-        args.check,
+        args.common.check,
         TaggerSettings::problems,
     )? {
         Ok(s) => s,
@@ -773,7 +773,7 @@ fn pretrain_encoder(args: PretrainEncoderArgs) -> anyhow::Result<u8> {
         &validation,
         &labels,
         &settings,
-        &args.out,
+        &args.common.out,
         &candle_core::Device::Cpu,
     )?;
     println!(
@@ -801,9 +801,9 @@ fn pretrain_decoder(args: PretrainDecoderArgs) -> anyhow::Result<u8> {
     use anyhow::Context;
     use audiocap::train::lm::{LmSettings, pretrain_decoder};
     let settings = match pretrain_settings::<LmSettings>(
-        args.settings.as_ref(),
+        args.common.settings.as_ref(),
         "decoder settings",
-        args.check,
+        args.common.check,
         LmSettings::problems,
     )? {
         Ok(s) => s,
@@ -824,7 +824,7 @@ fn pretrain_decoder(args: PretrainDecoderArgs) -> anyhow::Result<u8> {
         &train,
         &validation,
         &settings,
-        &args.out,
+        &args.common.out,
         &candle_core::Device::Cpu,
     )?;
     println!(
@@ -840,7 +840,7 @@ fn pretrain_decoder(args: PretrainDecoderArgs) -> anyhow::Result<u8> {
             .last()
             .map_or(String::new(), |v| format!(", validation {v:.3}")),
         summary.tokens_per_second,
-        args.out.display()
+        args.common.out.display()
     );
     Ok(exit::OK)
 }
