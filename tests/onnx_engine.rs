@@ -187,6 +187,36 @@ fn onnx_captions_match_reference_at_batch_1_and_4() {
             clips.iter().map(|(_, d, n)| (d.as_slice(), *n)).collect();
         let audio = engine.encode(&batch).unwrap();
         let together = generate(&mut engine, &audio, &params).unwrap();
+        // Finished rows kept in the batch (what a GPU does) change nothing.
+        engine.set_keep_finished_rows(true);
+        assert_eq!(
+            generate(&mut engine, &audio, &params).unwrap(),
+            together,
+            "{name}: finished rows kept in the batch"
+        );
+        // A fixed length (benchmarks): no stop id before `min_new_tokens`.
+        let fixed = generate(
+            &mut engine,
+            &audio,
+            &GenerationParams {
+                min_new_tokens: 12,
+                ..params.clone()
+            },
+        )
+        .unwrap();
+        let stops = engine.manifest.generation.stop_ids.clone();
+        for (g, free) in fixed.iter().zip(&together) {
+            assert_eq!(g.token_ids.len(), 12, "{name}");
+            assert!(g.token_ids.iter().all(|t| !stops.contains(t)), "{name}");
+            // Up to the free caption's stop the choices are the same.
+            let shared = free
+                .token_ids
+                .iter()
+                .take_while(|t| !stops.contains(t))
+                .count();
+            assert_eq!(g.token_ids[..shared], free.token_ids[..shared], "{name}");
+        }
+        engine.set_keep_finished_rows(false);
         for (i, (clip, data, frames)) in clips.iter().enumerate() {
             let alone_audio = engine.encode(&[(data.as_slice(), *frames)]).unwrap();
             let alone = generate(&mut engine, &alone_audio, &params)

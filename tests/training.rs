@@ -78,14 +78,27 @@ fn audiocap(args: &[&str]) -> Output {
         .expect("running audiocap")
 }
 
+/// The device and frozen-weight dtype the toy runs train on: the CPU in f32 unless
+/// `AUDIOCAP_TEST_TRAIN_DEVICE` / `AUDIOCAP_TEST_TRAIN_DTYPE` ask for another (the GPU
+/// check runs these tests with `cuda` and `bf16` on a `--features cuda` build).
+fn train_device() -> (String, String) {
+    (
+        std::env::var("AUDIOCAP_TEST_TRAIN_DEVICE").unwrap_or_else(|_| "cpu".into()),
+        std::env::var("AUDIOCAP_TEST_TRAIN_DTYPE").unwrap_or_else(|_| "f32".into()),
+    )
+}
+
 fn write_config(dir: &Path, out: &Path, epochs: usize, checkpoint_every: u64) -> PathBuf {
     let f = fixtures();
+    let (device, dtype) = train_device();
     let text = format!(
         r#"
 [model]
 beats = "{beats}"
 llm = "{llm}"
 output = "{out}"
+device = "{device}"
+dtype = "{dtype}"
 
 [lora]
 r = 8

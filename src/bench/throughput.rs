@@ -774,7 +774,8 @@ fn measure_decoder(
     let prefill = r.time(|| {
         let embeds = model.embeds_value(model.prompt_embeds(audio))?;
         let past = model.empty_past(b)?;
-        model.decode(embeds, past, 0)?;
+        // As generation runs it: the greedy choice where the model runs.
+        model.decode_greedy(embeds, past, 0, &vec![false; b])?;
         Ok(())
     })?;
     let prefill_mean = prefill.iter().sum::<f64>() / prefill.len().max(1) as f64;

@@ -90,41 +90,52 @@ fn greedy(
     let prompt_len = prompt.dim().1;
     let embeds = model.embeds_value(prompt)?;
     let past = model.empty_past(batch)?;
-    let (mut logits, mut cache) = model.decode(embeds, past, 0)?;
+    // Stop ids may not be chosen before `min_new_tokens` (all rows advance together).
+    let suppress = |generated: usize, rows: usize| vec![generated < params.min_new_tokens; rows];
+    let (mut choice, mut cache) = model.decode_greedy(embeds, past, 0, &suppress(0, batch))?;
     let mut position = prompt_len;
 
     let mut results: Vec<Option<Generated>> = vec![None; batch];
     let mut tokens: Vec<Vec<u32>> = vec![Vec::new(); batch];
     let mut sums = vec![0f64; batch];
-    // Batch row → clip index, for the rows still generating.
+    // Batch row → clip index, for the rows still generating (or kept, finished, in
+    // the batch: see `keeps_finished_rows`; they are fed a stop id and ignored).
     let mut active: Vec<usize> = (0..batch).collect();
+    let mut finished = vec![false; batch];
+    let keep_finished = model.keeps_finished_rows();
+    let filler = stop_ids.first().copied().unwrap_or(0);
+    let mut generated = 0;
     while !active.is_empty() {
+        generated += 1;
         let mut next = Vec::with_capacity(active.len());
         let mut keep = Vec::with_capacity(active.len());
         for (row, &clip) in active.iter().enumerate() {
-            let mut lp = log_softmax(logits.row(row));
-            suppress_stops(&mut lp, &stop_ids, tokens[clip].len(), params);
-            let (token, best) =
-                lp.iter()
-                    .enumerate()
-                    .fold((0usize, f32::NEG_INFINITY), |acc, (i, &v)| {
-                        if v > acc.1 { (i, v) } else { acc }
-                    });
-            tokens[clip].push(token as u32);
-            sums[clip] += best as f64;
-            let stopped = stop_ids.contains(&(token as u32));
+            if finished[clip] {
+                keep.push(row);
+                next.push(filler);
+                continue;
+            }
+            let token = choice.tokens[row];
+            tokens[clip].push(token);
+            sums[clip] += choice.logprobs[row] as f64;
+            let stopped = stop_ids.contains(&token);
             if stopped || tokens[clip].len() >= params.max_new_tokens {
                 let n = tokens[clip].len();
                 results[clip] = Some(Generated {
                     token_ids: std::mem::take(&mut tokens[clip]),
                     score: (sums[clip] / n as f64) as f32,
                 });
+                finished[clip] = true;
+                if keep_finished {
+                    keep.push(row);
+                    next.push(filler);
+                }
             } else {
                 keep.push(row);
-                next.push(token as u32);
+                next.push(token);
             }
         }
-        if keep.is_empty() {
+        if finished.iter().all(|&f| f) {
             break;
         }
         if keep.len() != active.len() {
@@ -132,9 +143,10 @@ fn greedy(
             active = keep.iter().map(|&r| active[r]).collect();
         }
         let step = model.embed_step(&next)?;
-        let (l, c) = model.decode(step, cache, position)?;
-        logits = l;
-        cache = c;
+        let (c, k) =
+            model.decode_greedy(step, cache, position, &suppress(generated, next.len()))?;
+        choice = c;
+        cache = k;
         position += 1;
     }
     Ok(results

@@ -69,6 +69,26 @@ pub struct OnnxModel {
     prefix_embeds: Array2<f32>,
     suffix_embeds: Array2<f32>,
     device: DeviceSpec,
+    /// The decoder graph picks greedy tokens itself (`next_token`; exports since
+    /// 0.1 of this layout). Older exports return logits and the host picks.
+    device_greedy: bool,
+    /// See [`OnnxModel::keeps_finished_rows`].
+    keep_finished_rows: bool,
+}
+
+/// What a decoder step hands back: the last position's logits [B, vocab] when they
+/// were asked for on the host, else the greedy choice made on the device.
+pub enum StepOutput {
+    Logits(Array2<f32>),
+    Greedy(GreedyChoice),
+}
+
+/// The device's greedy choice per row.
+#[derive(Debug, Clone, PartialEq)]
+pub struct GreedyChoice {
+    pub tokens: Vec<u32>,
+    /// Log-probability of each chosen token under the full softmax.
+    pub logprobs: Vec<f32>,
 }
 
 fn run_error(graph: &'static str) -> impl FnOnce(ort::Error) -> EngineError {
@@ -97,6 +117,10 @@ impl OnnxModel {
         let tokenizer = load_tokenizer(&dir.join(&manifest.onnx.tokenizer.path))?;
         let prefix_embeds = embed_ids(&mut embedding, &manifest.prompt.ids.prefix)?;
         let suffix_embeds = embed_ids(&mut embedding, &manifest.prompt.ids.suffix)?;
+        let device_greedy = decoder
+            .outputs()
+            .iter()
+            .any(|o| o.name() == dec_io::NEXT_TOKEN);
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
@@ -108,7 +132,27 @@ impl OnnxModel {
             prefix_embeds,
             suffix_embeds,
             device: options.device,
+            device_greedy,
+            keep_finished_rows: matches!(options.device, DeviceSpec::Cuda(_)),
         })
+    }
+
+    /// Whether finished rows should stay in the batch rather than leave it. On a GPU a
+    /// decode step reads every weight whatever the batch, so a finished row costs
+    /// next to nothing, while taking rows out of a cache in device memory would be a
+    /// round trip through the host. On the CPU a step's cost grows with its rows.
+    pub fn keeps_finished_rows(&self) -> bool {
+        self.keep_finished_rows
+    }
+
+    /// Overrides the device's choice (tests check both ways give the same captions).
+    pub fn set_keep_finished_rows(&mut self, keep: bool) {
+        self.keep_finished_rows = keep;
+    }
+
+    /// Whether the decoder graph makes the greedy choice itself.
+    pub fn has_device_greedy(&self) -> bool {
+        self.device_greedy
     }
 
     pub fn hidden_size(&self) -> usize {
@@ -259,8 +303,52 @@ impl OnnxModel {
         past: Vec<DynValue>,
         past_len: usize,
     ) -> Result<(Array2<f32>, Vec<DynValue>)> {
+        let batch = embeds_shape(&embeds)?[0];
+        let (output, cache) =
+            self.run_decoder(embeds, past, past_len, &vec![false; batch], true)?;
+        match output {
+            StepOutput::Logits(logits) => Ok((logits, cache)),
+            StepOutput::Greedy(_) => Err(EngineError::Input("decoder returned no logits".into())),
+        }
+    }
+
+    /// One decoder call whose greedy choice is made where the model runs: only the
+    /// chosen ids and their log-probabilities come back to the host. Rows with
+    /// `suppress_stops[row]` may not choose a stop id. Exports without the greedy
+    /// outputs fall back to logits and a host argmax (same result).
+    pub fn decode_greedy(
+        &mut self,
+        embeds: DynValue,
+        past: Vec<DynValue>,
+        past_len: usize,
+        suppress_stops: &[bool],
+    ) -> Result<(GreedyChoice, Vec<DynValue>)> {
+        let (output, cache) = self.run_decoder(embeds, past, past_len, suppress_stops, false)?;
+        let choice = match output {
+            StepOutput::Greedy(choice) => choice,
+            StepOutput::Logits(logits) => {
+                host_greedy(&logits, &self.manifest.generation.stop_ids, suppress_stops)
+            }
+        };
+        Ok((choice, cache))
+    }
+
+    fn run_decoder(
+        &mut self,
+        embeds: DynValue,
+        past: Vec<DynValue>,
+        past_len: usize,
+        suppress_stops: &[bool],
+        logits_on_host: bool,
+    ) -> Result<(StepOutput, Vec<DynValue>)> {
         let shape = embeds_shape(&embeds)?;
         let (batch, seq) = (shape[0], shape[1]);
+        if suppress_stops.len() != batch {
+            return Err(EngineError::Input(format!(
+                "{} stop-suppression flags for {batch} rows",
+                suppress_stops.len()
+            )));
+        }
         let total = past_len + seq;
         let mask = Tensor::from_array((vec![batch, total], vec![1i64; batch * total]))
             .map_err(run_error("decoder"))?;
@@ -277,7 +365,7 @@ impl OnnxModel {
             )));
         }
         // The cache stays where the model runs (device memory on CUDA) from one step
-        // to the next through an I/O binding; only the logits come back to the host.
+        // to the next through an I/O binding; only what the host reads comes back.
         let cache_memory = self.cache_memory()?;
         let host_memory = memory_info(AllocationDevice::CPU, 0)?;
         let mut binding = self
@@ -286,11 +374,17 @@ impl OnnxModel {
             .map_err(run_error("decoder"))?;
         let mask = mask.into_dyn();
         let positions = positions.into_dyn();
+        let suppress = Tensor::from_array((vec![batch], suppress_stops.to_vec()))
+            .map_err(run_error("decoder"))?
+            .into_dyn();
         let mut bound = vec![
             (dec_io::INPUTS_EMBEDS.to_string(), &embeds),
             (dec_io::ATTENTION_MASK.to_string(), &mask),
             (dec_io::POSITION_IDS.to_string(), &positions),
         ];
+        if self.device_greedy {
+            bound.push((dec_io::SUPPRESS_STOPS.to_string(), &suppress));
+        }
         for (i, value) in past.iter().enumerate() {
             let name = if i % 2 == 0 {
                 dec_io::past_key(i / 2)
@@ -304,9 +398,22 @@ impl OnnxModel {
                 .bind_input(name, value)
                 .map_err(run_error("decoder"))?;
         }
+        let greedy_on_device = self.device_greedy && !logits_on_host;
+        let logits_memory = if greedy_on_device {
+            &cache_memory
+        } else {
+            &host_memory
+        };
         binding
-            .bind_output_to_device(dec_io::LOGITS, &host_memory)
+            .bind_output_to_device(dec_io::LOGITS, logits_memory)
             .map_err(run_error("decoder"))?;
+        if self.device_greedy {
+            for name in [dec_io::NEXT_TOKEN, dec_io::NEXT_TOKEN_LOGPROB] {
+                binding
+                    .bind_output_to_device(name, &host_memory)
+                    .map_err(run_error("decoder"))?;
+            }
+        }
         for layer in 0..layers {
             for name in [dec_io::present_key(layer), dec_io::present_value(layer)] {
                 binding
@@ -319,6 +426,22 @@ impl OnnxModel {
             .run_binding(&binding)
             .map_err(run_error("decoder"))?;
         let logits = take(&mut outputs, "decoder", dec_io::LOGITS)?;
+        let greedy = if greedy_on_device {
+            let tokens = take(&mut outputs, "decoder", dec_io::NEXT_TOKEN)?;
+            let logprobs = take(&mut outputs, "decoder", dec_io::NEXT_TOKEN_LOGPROB)?;
+            let (_, tokens) = tokens
+                .try_extract_tensor::<i64>()
+                .map_err(run_error("decoder"))?;
+            let (_, logprobs) = logprobs
+                .try_extract_tensor::<f32>()
+                .map_err(run_error("decoder"))?;
+            Some(GreedyChoice {
+                tokens: tokens.iter().map(|&t| t as u32).collect(),
+                logprobs: logprobs.to_vec(),
+            })
+        } else {
+            None
+        };
         let mut present = Vec::with_capacity(2 * layers);
         for layer in 0..layers {
             present.push(take(&mut outputs, "decoder", &dec_io::present_key(layer))?);
@@ -331,18 +454,51 @@ impl OnnxModel {
         drop(outputs);
         drop(binding);
         drop(past);
+        if let Some(choice) = greedy {
+            return Ok((StepOutput::Greedy(choice), present));
+        }
         let (shape, data) = logits
             .try_extract_tensor::<f32>()
             .map_err(run_error("decoder"))?;
-        let vocab = shape[2] as usize;
+        // [B, 1, V] from current exports, [B, S, V] from older ones: the last row.
+        let (rows, vocab) = (shape[1] as usize, shape[2] as usize);
         let mut last = Array2::<f32>::zeros((batch, vocab));
         for b in 0..batch {
-            let start = (b * seq + seq - 1) * vocab;
+            let start = (b * rows + rows - 1) * vocab;
             last.row_mut(b)
                 .assign(&ndarray::ArrayView1::from(&data[start..start + vocab]));
         }
-        Ok((last, present))
+        Ok((StepOutput::Logits(last), present))
     }
+}
+
+/// The greedy choice on the host, as the decoder graph makes it: the first maximal
+/// logit (stop ids excluded in suppressed rows) and its log-probability.
+pub fn host_greedy(
+    logits: &Array2<f32>,
+    stop_ids: &[u32],
+    suppress_stops: &[bool],
+) -> GreedyChoice {
+    let mut tokens = Vec::with_capacity(logits.nrows());
+    let mut logprobs = Vec::with_capacity(logits.nrows());
+    for (row, values) in logits.rows().into_iter().enumerate() {
+        let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f64 = values.iter().map(|&v| ((v - max) as f64).exp()).sum();
+        let log_z = max as f64 + sum.ln();
+        let suppress = suppress_stops.get(row).copied().unwrap_or(false);
+        let mut best = (0usize, f32::NEG_INFINITY);
+        for (i, &v) in values.iter().enumerate() {
+            if suppress && stop_ids.contains(&(i as u32)) {
+                continue;
+            }
+            if v > best.1 {
+                best = (i, v);
+            }
+        }
+        tokens.push(best.0 as u32);
+        logprobs.push((best.1 as f64 - log_z) as f32);
+    }
+    GreedyChoice { tokens, logprobs }
 }
 
 fn memory_info(device: AllocationDevice<'static>, id: i32) -> Result<MemoryInfo<'static>> {

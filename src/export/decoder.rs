@@ -5,8 +5,13 @@
 //! embedding: `input_ids` [batch, sequence] int64 → `inputs_embeds` [batch, sequence, hidden].
 //! decoder: `inputs_embeds`, `attention_mask` [batch, total_sequence] int64,
 //! `position_ids` [batch, sequence] int64, `past_key_values.{i}.key/.value`
-//! [batch, kv_heads, past_sequence, head_dim] → `logits` [batch, sequence, vocab] f32,
-//! `present.{i}.key/.value` [batch, kv_heads, total_sequence, head_dim].
+//! [batch, kv_heads, past_sequence, head_dim], `suppress_stops` [batch] bool →
+//! `logits` [batch, 1, vocab] f32 (the last position only: generation never needs the
+//! others, and on a GPU the full [batch, sequence, vocab] tensor of a prefill is
+//! gigabytes), `next_token` [batch] int64 and `next_token_logprob` [batch] f32 (the
+//! greedy choice, made where the model runs so a GPU returns 16 bytes per row instead
+//! of the logits; stop ids are excluded from it in rows whose `suppress_stops` is
+//! set), `present.{i}.key/.value` [batch, kv_heads, total_sequence, head_dim].
 //!
 //! Weights are read one tensor at a time from the memory-mapped checkpoint and
 //! written straight into the graph (or its external-data file), so exporting an 8B
@@ -29,6 +34,9 @@ pub mod io {
     pub const ATTENTION_MASK: &str = "attention_mask";
     pub const POSITION_IDS: &str = "position_ids";
     pub const LOGITS: &str = "logits";
+    pub const SUPPRESS_STOPS: &str = "suppress_stops";
+    pub const NEXT_TOKEN: &str = "next_token";
+    pub const NEXT_TOKEN_LOGPROB: &str = "next_token_logprob";
 
     pub fn past_key(layer: usize) -> String {
         format!("past_key_values.{layer}.key")
@@ -70,13 +78,15 @@ pub fn build_embedding(g: &mut Graph, cfg: &LlamaConfig, w: &Weights) -> Result<
     Ok(())
 }
 
-/// The decoder stack, final norm and LM head. Returns the paths of the linear
-/// modules it wrote (for checking that every adapter module was applied).
+/// The decoder stack, final norm and LM head, and the greedy choice over `stop_ids`'
+/// suppression. Returns the paths of the linear modules it wrote (for checking that
+/// every adapter module was applied).
 pub fn build_decoder(
     g: &mut Graph,
     cfg: &LlamaConfig,
     w: &Weights,
     adaptation: &Adaptation,
+    stop_ids: &[u32],
 ) -> Result<Vec<String>> {
     let float = g.float();
     let hidden = cfg.hidden_size;
@@ -272,7 +282,8 @@ pub fn build_decoder(
     }
 
     g.set_scope("lm_head");
-    let x = rms_norm(g, &x, &model.pp("norm"), hidden, cfg.rms_norm_eps)?;
+    let last = g.slice(&x, 1, -1, i64::MAX);
+    let x = rms_norm(g, &last, &model.pp("norm"), hidden, cfg.rms_norm_eps)?;
     let head: Tensor = if cfg.tie_word_embeddings || !w.contains("lm_head.weight") {
         model
             .pp("embed_tokens")
@@ -288,12 +299,68 @@ pub fn build_decoder(
         DataType::Float,
         &[
             Dim::named("batch"),
-            Dim::named("sequence"),
+            Dim::Fixed(1),
             Dim::Fixed(cfg.vocab_size),
         ],
     );
+    g.set_scope("greedy");
+    greedy_choice(g, &logits, cfg.vocab_size, stop_ids)?;
     adaptation.check_all_applied(&linear_paths, w.origin())?;
     Ok(linear_paths)
+}
+
+/// `next_token` = argmax of the logits [B, 1, V] (the first of equal maxima, as the
+/// host does), with the stop ids pushed to the lowest f32 in rows whose
+/// `suppress_stops` is set; `next_token_logprob` = its log-probability under the
+/// unsuppressed softmax.
+fn greedy_choice(g: &mut Graph, logits: &Value, vocab: usize, stop_ids: &[u32]) -> Result<()> {
+    let suppress = g.input(io::SUPPRESS_STOPS, DataType::Bool, &[Dim::named("batch")]);
+    let mut stops = vec![0f32; vocab];
+    for &id in stop_ids {
+        let slot = stops.get_mut(id as usize).ok_or_else(|| {
+            ExportError::Unsupported(format!(
+                "stop id {id} is outside the vocabulary of {vocab} tokens"
+            ))
+        })?;
+        *slot = f32::MIN;
+    }
+    let stops = g.const_float(&stops, &[vocab], DataType::Float);
+    let suppress = g.cast(&suppress, DataType::Float);
+    let suppress = g.unsqueeze(&suppress, &[1, 2]); // [B, 1, 1]
+    let penalty = g.mul(&suppress, &stops); // [B, 1, V]
+    let masked = g.add(logits, &penalty);
+    let next = g.op(
+        "ArgMax",
+        &[&masked],
+        vec![
+            super::onnx::attr_int("axis", -1),
+            super::onnx::attr_int("keepdims", 0),
+        ],
+    ); // [B, 1]
+    let next = g.squeeze(&next, &[1]);
+    g.output(
+        &next,
+        io::NEXT_TOKEN,
+        DataType::Int64,
+        &[Dim::named("batch")],
+    );
+    // log p = x - (m + log Σ exp(x - m)), m the row's maximum: stable in f32.
+    let max = g.reduce_max(logits, &[-1], true);
+    let shifted = g.sub(logits, &max);
+    let exp = g.op("Exp", &[&shifted], vec![]);
+    let sum = g.reduce_sum(&exp, &[-1], true);
+    let log_sum = g.op("Log", &[&sum], vec![]);
+    let log_z = g.add(&max, &log_sum); // [B, 1, 1]
+    let best = g.reduce_max(&masked, &[-1], true);
+    let logprob = g.sub(&best, &log_z);
+    let logprob = g.reshape_to(&logprob, &[-1]);
+    g.output(
+        &logprob,
+        io::NEXT_TOKEN_LOGPROB,
+        DataType::Float,
+        &[Dim::named("batch")],
+    );
+    Ok(())
 }
 
 fn present_dims(kv_heads: usize, head_dim: usize) -> Vec<Dim> {
@@ -416,6 +483,7 @@ pub fn export_decoder_files(
     cfg: &LlamaConfig,
     w: &Weights,
     adaptation: &Adaptation,
+    stop_ids: &[u32],
     float: DataType,
     out_dir: &std::path::Path,
 ) -> Result<Vec<std::path::PathBuf>> {
@@ -444,7 +512,88 @@ pub fn export_decoder_files(
     } else {
         Graph::new("decoder", float)
     };
-    build_decoder(&mut g, cfg, w, adaptation)?;
+    build_decoder(&mut g, cfg, w, adaptation, stop_ids)?;
     files.extend(g.save(&path, env!("CARGO_PKG_VERSION"), &[])?);
     Ok(files)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::model::host_greedy;
+    use crate::engine::runtime::{DeviceSpec, init_runtime, session_builder};
+    use ndarray::Array2;
+
+    /// The graph's greedy choice equals the host's, with and without stop suppression,
+    /// including a row whose best logit is a stop id and a tie (first index wins).
+    #[test]
+    fn greedy_choice_in_the_graph_matches_the_host() {
+        init_runtime().expect("ONNX Runtime");
+        let vocab = 6;
+        let stops = [2u32, 5];
+        let mut g = Graph::new("greedy", DataType::Float);
+        let logits = g.input(
+            io::LOGITS,
+            DataType::Float,
+            &[Dim::named("batch"), Dim::Fixed(1), Dim::Fixed(vocab)],
+        );
+        greedy_choice(&mut g, &logits, vocab, &stops).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("greedy.onnx");
+        g.save(&path, "test", &[]).unwrap();
+        let mut session = session_builder(&DeviceSpec::Cpu, Some(1))
+            .unwrap()
+            .commit_from_file(&path)
+            .unwrap();
+
+        let rows = [
+            [0.5f32, 1.0, 3.0, -2.0, 0.0, 1.5], // best are stops 2 and 5
+            [0.5, 1.0, 3.0, -2.0, 0.0, 1.5],    // same row, not suppressed
+            [4.0, 4.0, -1.0, 0.0, 0.0, 9.0],    // best is stop 5, then a tie
+            [-30.0, -1.0, -50.0, 2.0, -3.0, -4.0],
+        ];
+        let suppress = vec![true, false, true, false];
+        let host_logits =
+            Array2::from_shape_vec((4, vocab), rows.iter().flatten().copied().collect()).unwrap();
+        let expected = host_greedy(&host_logits, &stops, &suppress);
+        assert_eq!(expected.tokens, vec![1, 2, 0, 3]);
+
+        let input = ort::value::Tensor::from_array((
+            vec![4usize, 1, vocab],
+            rows.iter().flatten().copied().collect::<Vec<f32>>(),
+        ))
+        .unwrap();
+        let flags = ort::value::Tensor::from_array((vec![4usize], suppress.clone())).unwrap();
+        let outputs = session
+            .run(ort::inputs![io::LOGITS => input, io::SUPPRESS_STOPS => flags])
+            .unwrap();
+        let tokens: Vec<u32> = outputs[io::NEXT_TOKEN]
+            .try_extract_array::<i64>()
+            .unwrap()
+            .iter()
+            .map(|&t| t as u32)
+            .collect();
+        let logprobs: Vec<f32> = outputs[io::NEXT_TOKEN_LOGPROB]
+            .try_extract_array::<f32>()
+            .unwrap()
+            .iter()
+            .copied()
+            .collect();
+        assert_eq!(tokens, expected.tokens);
+        for (got, want) in logprobs.iter().zip(&expected.logprobs) {
+            assert!(
+                (got - want).abs() < 1e-5,
+                "{logprobs:?} vs {:?}",
+                expected.logprobs
+            );
+        }
+    }
+
+    #[test]
+    fn a_stop_id_outside_the_vocabulary_is_refused() {
+        let mut g = Graph::new("greedy", DataType::Float);
+        let logits = g.input(io::LOGITS, DataType::Float, &[Dim::Fixed(1)]);
+        let err = greedy_choice(&mut g, &logits, 4, &[7]).unwrap_err();
+        assert!(err.to_string().contains("stop id 7"), "{err}");
+    }
 }

@@ -187,7 +187,8 @@ fn write_model_dir(options: &ExportOptions, dir: &Path) -> Result<ModelManifest,
     let encoder_files = graph
         .save(&encoder_path, env!("CARGO_PKG_VERSION"), &[])
         .map_err(GraphError::from)?;
-    let decoder_files = decoder::export_decoder_files(&llm_cfg, &llm, &adaptation, float, dir)?;
+    let decoder_files =
+        decoder::export_decoder_files(&llm_cfg, &llm, &adaptation, &stop_ids, float, dir)?;
 
     let digest = |path: &Path| -> Result<FileDigest, ManifestError> {
         let name = path
