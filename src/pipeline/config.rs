@@ -121,6 +121,10 @@ pub struct GenerationSection {
     pub max_new_tokens: Option<usize>,
     /// Beam search width; 1 is greedy decoding.
     pub beams: usize,
+    /// For benchmarks only: stop ids are ignored until a caption has this many
+    /// tokens, so every caption has a fixed length (0: captions end where the model
+    /// ends them).
+    pub min_new_tokens: usize,
 }
 
 impl Default for GenerationSection {
@@ -128,6 +132,7 @@ impl Default for GenerationSection {
         Self {
             max_new_tokens: None,
             beams: 1,
+            min_new_tokens: 0,
         }
     }
 }
@@ -446,6 +451,14 @@ impl PipelineConfig {
         if self.generation.max_new_tokens == Some(0) {
             p.push(problem("generation.max_new_tokens", "must be >= 1"));
         }
+        if let Some(max) = self.generation.max_new_tokens
+            && self.generation.min_new_tokens > max
+        {
+            p.push(problem(
+                "generation.min_new_tokens",
+                "must be <= generation.max_new_tokens",
+            ));
+        }
         if self.workers.decode_threads == Some(0) {
             p.push(problem(
                 "workers.decode_threads",
@@ -747,6 +760,9 @@ mod tests {
             [segments]
             window_seconds = 5.0
             hop_seconds = 6.0
+            [generation]
+            max_new_tokens = 10
+            min_new_tokens = 11
             [output]
             uri = "out/"
             commit_interval_seconds = -1
@@ -782,6 +798,7 @@ mod tests {
             "input.include[0]",
             "batching.batch_size",
             "segments.hop_seconds",
+            "generation.min_new_tokens",
             "output.commit_interval_seconds",
             "run.shard_index",
         ] {

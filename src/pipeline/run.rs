@@ -178,7 +178,7 @@ async fn run_async(
             .max_new_tokens
             .unwrap_or(model.manifest.generation.max_new_tokens),
         beams: config.generation.beams,
-        min_new_tokens: 0,
+        min_new_tokens: config.generation.min_new_tokens,
     };
     let model_identity = model.identity.clone();
 

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# Issue #8's GPU measurement: the real-size captioner (BEATs iter3+ and a Llama-3-8B-shaped
+# decoder, random weights, f16 export) on ONNX Runtime's CUDA provider, the same decoder in
+# PyTorch on the same GPU, and `audiocap run` end to end with fixed-length captions.
+#
+#   here:  benchmarks/gpu-throughput.sh pack   # .gpu/perf/bin.tar.xz + ORT GPU parts
+#   there: benchmarks/gpu-throughput.sh run    # after .gpu/assemble-ort-gpu.sh is sourced
+#
+# `pack` takes target/release/audiocap (any release build; ONNX Runtime is loaded at run
+# time), the training bench if scripts/gpu-training-check.sh built one, and the Llama 3
+# tokenizer from the fixtures; ../shared/gpu/prepare-ort-gpu.sh splits ONNX Runtime's
+# CUDA build into parts that travel one per device call.
+#
+# `run` writes into $OUT (or ./gpu-out): doctor.txt, bench.txt + bench-real.json (front
+# end, encoder, prefill, decode at several batch sizes, end to end), pytorch.txt +
+# pytorch.json (benchmarks/pytorch_captioner.py on the same checkpoint), run.txt (the
+# streaming pipeline on 10 s clips, 20 tokens each) and smi.csv (GPU utilisation and
+# memory every 200 ms, with the run's window marked in run.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+pack() {
+    mkdir -p .gpu/perf/stage
+    grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >>.git/info/exclude
+    cp target/release/audiocap .gpu/perf/stage/audiocap
+    strip .gpu/perf/stage/audiocap
+    cp ../shared/fixtures/e2e-tiny/llm/tokenizer.json .gpu/perf/stage/
+    local bench
+    bench=$(ls -t target/release/deps/training-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+    if [ -n "$bench" ]; then
+        cp "$bench" .gpu/perf/stage/training
+        strip .gpu/perf/stage/training
+    fi
+    tar -C .gpu/perf/stage -cf - . | xz -6 -T2 >.gpu/perf/bin.tar.xz
+    rm -rf .gpu/perf/stage
+    ../shared/gpu/prepare-ort-gpu.sh
+    ls -la .gpu/perf .gpu
+}
+
+# 10 s clips of tones and noise for the pipeline run (numpy is beside PyTorch there).
+write_clips() {
+    python3 - "$1" "$2" <<'PY'
+import os, sys, wave
+import numpy as np
+out, n = sys.argv[1], int(sys.argv[2])
+os.makedirs(out, exist_ok=True)
+rate = 16000
+t = np.arange(rate * 10) / rate
+for i in range(n):
+    rng = np.random.default_rng(i)
+    signal = 0.3 * np.sin(2 * np.pi * (100 + 37 * i % 3000) * t) + 0.1 * rng.uniform(-1, 1, t.size)
+    with wave.open(os.path.join(out, f"clip{i:05d}.wav"), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(rate)
+        w.writeframes((signal * 32767).astype("<i2").tobytes())
+PY
+}
+
+run() {
+    local out=${OUT:-$PWD/gpu-out} bin=/tmp/perf work=/tmp/bench
+    mkdir -p "$out" "$bin"
+    xz -dc .gpu/perf/bin.tar.xz | tar -C "$bin" -xf -
+    nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader \
+        -lms 200 >"$out/smi.csv" &
+    local sampler=$!
+    "$bin/audiocap" doctor >"$out/doctor.txt" 2>&1 || true
+    # Clips for the pipeline run, written while the GPU works on the bench.
+    write_clips /tmp/clips "${CLIPS:-2048}" &
+    local clips=$!
+
+    "$bin/audiocap" bench --preset real --device cuda --work-dir "$work" \
+        --tokenizer "$bin/tokenizer.json" --batch-sizes "${BATCHES:-1,64,256}" \
+        --encoder-batch 64 --e2e-batch "${E2E_BATCH:-128}" --repetitions 3 \
+        --json "$out/bench-real.json" 2>&1 | tee "$out/bench.txt"
+
+    PYTHONUNBUFFERED=1 python3 benchmarks/pytorch_captioner.py --llm "$work/sources/real-seed1/llm" \
+        --batch-sizes "${BATCHES:-1,64,256}" --new-tokens 20 --repetitions 3 --peak-memory \
+        --json "$out/pytorch.json" 2>&1 | tee "$out/pytorch.txt" || true
+
+    local export
+    export=$(ls -d "$work"/exports/bench-real-f16-seed* | grep -v '\.json$' | head -1)
+    wait "$clips"
+    cat >/tmp/run.toml <<TOML
+[model]
+path = "$export"
+device = "cuda"
+[input]
+sources = ["/tmp/clips"]
+[batching]
+batch_size = ${RUN_BATCH:-128}
+max_inflight_batches = 2
+[generation]
+max_new_tokens = 20
+min_new_tokens = 20
+[output]
+uri = "/tmp/run-out"
+[run]
+resume = false
+TOML
+    {
+        echo "run window start $(date -u +%Y/%m/%d\ %H:%M:%S.%3N)"
+        "$bin/audiocap" run /tmp/run.toml 2>&1 | tail -25
+        echo "run window end $(date -u +%Y/%m/%d\ %H:%M:%S.%3N)"
+    } | tee "$out/run.txt"
+
+    if [ -x "$bin/training" ]; then
+        # The recipe's LoRA step on the same 8B-shaped checkpoint (bf16 frozen weights).
+        mkdir -p /tmp/train-bench
+        ln -sfn "$work/sources/real-seed1/llm" /tmp/train-bench/llama3-8b
+        "$bin/training" --device cuda --dtype bf16 --case llama3-8b --steps 5 --batch 8 \
+            --dir /tmp/train-bench 2>&1 | tee "$out/train-8b.txt" || true
+    fi
+    kill "$sampler" || true
+}
+
+case "${1:-}" in
+pack) pack ;;
+run) run ;;
+*)
+    echo "usage: $0 pack|run" >&2
+    exit 2
+    ;;
+esac
