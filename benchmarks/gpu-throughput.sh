@@ -11,11 +11,12 @@
 # tokenizer from the fixtures; ../shared/gpu/prepare-ort-gpu.sh splits ONNX Runtime's
 # CUDA build into parts that travel one per device call.
 #
-# `run` writes into $OUT (or ./gpu-out): doctor.txt, bench.txt + bench-real.json (front
-# end, encoder, prefill, decode at several batch sizes, end to end), pytorch.txt +
-# pytorch.json (benchmarks/pytorch_captioner.py on the same checkpoint), run.txt (the
-# streaming pipeline on 10 s clips, 20 tokens each) and smi.csv (GPU utilisation and
-# memory every 200 ms, with the run's window marked in run.txt).
+# `run` writes into $OUT (or ./gpu-out): bench.txt (`audiocap doctor`, then the bench's
+# log) + bench-real.json (front end, encoder, prefill, decode at several batch sizes,
+# end to end), pytorch.txt + pytorch.json (benchmarks/pytorch_captioner.py on the same
+# checkpoint), run.txt (the streaming pipeline on 10 s clips, 20 tokens each, then the
+# recipe's LoRA training step on the same 8B-shaped checkpoint) and smi.csv (GPU
+# utilisation and memory every 200 ms; the run's window is marked in run.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -33,7 +34,7 @@ pack() {
     fi
     tar -C .gpu/perf/stage -cf - . | xz -6 -T2 >.gpu/perf/bin.tar.xz
     rm -rf .gpu/perf/stage
-    ../shared/gpu/prepare-ort-gpu.sh
+    ls .gpu/ort-part-* >/dev/null 2>&1 || ../shared/gpu/prepare-ort-gpu.sh
     ls -la .gpu/perf .gpu
 }
 
@@ -64,7 +65,7 @@ run() {
     nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader \
         -lms 200 >"$out/smi.csv" &
     local sampler=$!
-    "$bin/audiocap" doctor >"$out/doctor.txt" 2>&1 || true
+    "$bin/audiocap" doctor >"$out/bench.txt" 2>&1 || true
     # Clips for the pipeline run, written while the GPU works on the bench.
     write_clips /tmp/clips "${CLIPS:-2048}" &
     local clips=$!
@@ -72,7 +73,7 @@ run() {
     "$bin/audiocap" bench --preset real --device cuda --work-dir "$work" \
         --tokenizer "$bin/tokenizer.json" --batch-sizes "${BATCHES:-1,64,256}" \
         --encoder-batch 64 --e2e-batch "${E2E_BATCH:-128}" --repetitions 3 \
-        --json "$out/bench-real.json" 2>&1 | tee "$out/bench.txt"
+        --json "$out/bench-real.json" 2>&1 | tee -a "$out/bench.txt"
 
     PYTHONUNBUFFERED=1 python3 benchmarks/pytorch_captioner.py --llm "$work/sources/real-seed1/llm" \
         --batch-sizes "${BATCHES:-1,64,256}" --new-tokens 20 --repetitions 3 --peak-memory \
@@ -109,7 +110,7 @@ TOML
         mkdir -p /tmp/train-bench
         ln -sfn "$work/sources/real-seed1/llm" /tmp/train-bench/llama3-8b
         "$bin/training" --device cuda --dtype bf16 --case llama3-8b --steps 5 --batch 8 \
-            --dir /tmp/train-bench 2>&1 | tee "$out/train-8b.txt" || true
+            --dir /tmp/train-bench 2>&1 | tee -a "$out/run.txt" || true
     fi
     kill "$sampler" || true
 }

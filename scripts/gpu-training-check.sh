@@ -17,7 +17,9 @@
 #      and the multi-seed `cat` merge test on cuda;
 #   2. the training-step bench on cuda (bf16 frozen weights): the fixture decoder, the
 #      512x4 synthetic one and the Llama-3-8B shape, with GPU memory sampled by nvidia-smi.
-# Output goes to $OUT (the device tool's folder) or ./gpu-out.
+# Output: $OUT (the device tool's folder; ./gpu-out otherwise) gets train-check.txt (the
+# GPU, the tests' results, the bench) and tests-full.txt (the tests' whole output);
+# the rest stays in /tmp/gpu-train.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 mode=${1:-}
@@ -46,8 +48,8 @@ pack() {
 }
 
 run() {
-    local out=${OUT:-$PWD/gpu-out}
-    mkdir -p "$out" /work/main/target/release /work/shared /tmp/ort-cpu
+    local out=${OUT:-$PWD/gpu-out} work=/tmp/gpu-train
+    mkdir -p "$out" "$work" /work/main/target/release /work/shared /tmp/ort-cpu
     xz -dc .gpu/train/bin.tar.xz | tar -C /tmp -xf -
     xz -dc .gpu/train/data.tar.xz | tar -C /tmp/ort-cpu -xf -
     rm -rf /work/shared/fixtures
@@ -59,25 +61,31 @@ run() {
     LD_LIBRARY_PATH=$(ls -d "$nv"/*/lib | tr '\n' ':')${LD_LIBRARY_PATH:-}
     export LD_LIBRARY_PATH
     export ORT_DYLIB_PATH=/tmp/ort-cpu/lib/libonnxruntime.so
-    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$out/gpu.txt"
+    nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader |
+        tee "$out/train-check.txt"
 
     local tests=(training::toy_captioning_set_trains_exports_and_captions
         training::a_multi_seed_stage_merges_its_runs_with_the_previous_adapter)
+    # Both dtypes at once: the toy runs are launch-bound and leave the GPU mostly idle.
     for dtype in f32 bf16; do
-        echo "== toy training tests on cuda, frozen weights $dtype" | tee -a "$out/tests.txt"
         (cd /work/main && AUDIOCAP_TEST_TRAIN_DEVICE=cuda AUDIOCAP_TEST_TRAIN_DTYPE=$dtype \
             /usr/bin/time -f "%e s" /tmp/bin/tests --exact "${tests[@]}" --nocapture --test-threads 1) \
-            >>"$out/tests.txt" 2>&1 || echo "FAILED ($dtype)" | tee -a "$out/tests.txt"
-        tail -4 "$out/tests.txt"
+            >"$work/tests-$dtype.txt" 2>&1 &
     done
+    wait || true
+    for dtype in f32 bf16; do
+        echo "== toy training tests on cuda, frozen weights $dtype"
+        grep -E "^test |test result|loss|exact|right|s$" "$work/tests-$dtype.txt" | tail -12
+        cat "$work/tests-$dtype.txt" >>"$out/tests-full.txt"
+    done | tee -a "$out/train-check.txt"
 
-    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$out/memory.csv" &
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 200 >"$work/memory.csv" &
     local sampler=$!
-    (cd /work/main && /tmp/bin/training --device cuda --dtype bf16 --case fixture,small,llama3-8b \
-        --steps 8 --batch 8 --dir /tmp/train-bench) 2>&1 | tee "$out/bench.txt" || true
+    (cd /work/main && /tmp/bin/training --device cuda --dtype bf16 --case "${CASES:-fixture,small}" \
+        --steps 8 --batch 8 --dir /tmp/train-bench) 2>&1 | tee -a "$out/train-check.txt" || true
     kill "$sampler" || true
-    echo "peak GPU memory used while benchmarking: $(sort -n "$out/memory.csv" | tail -1) MiB" |
-        tee -a "$out/bench.txt"
+    echo "peak GPU memory used while benchmarking: $(sort -n "$work/memory.csv" | tail -1) MiB" |
+        tee -a "$out/train-check.txt"
 }
 
 case "$mode" in

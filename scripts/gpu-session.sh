@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One GPU-machine session for both device checks (device tool, 64 MiB per call):
+#
+#   here:  scripts/gpu-session.sh pack        # after scripts/gpu-training-check.sh pack and
+#                                             # benchmarks/gpu-throughput.sh pack
+#   there, once per part, back to back:       scripts/gpu-session.sh keep .gpu/session/pNN
+#   there, last:                              scripts/gpu-session.sh run
+#
+# `pack` puts ONNX Runtime's CUDA build (.gpu/ort-part-*), the training check's and the
+# throughput benchmark's packs into one stream cut into .gpu/session/pNN parts. `keep`
+# moves a carried part to /tmp/gpu-parts (the machine keeps /tmp while warm; a later
+# call's working tree does not keep earlier carried files). `run` joins them, sets up
+# ONNX Runtime's CUDA build and runs scripts/gpu-training-check.sh then
+# benchmarks/gpu-throughput.sh, everything into $OUT.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+case "${1:-}" in
+pack)
+    rm -rf .gpu/session
+    mkdir -p .gpu/session
+    tar -C .gpu -cf - ort-part-00 ort-part-01 ort-part-02 ort-part-03 ort-part-04 \
+        assemble-ort-gpu.sh train/bin.tar.xz train/data.tar.xz perf/bin.tar.xz |
+        split -b "${PART:-58M}" -d - .gpu/session/p
+    ls -la .gpu/session
+    ;;
+keep)
+    mkdir -p /tmp/gpu-parts
+    cp "$2" /tmp/gpu-parts/
+    ls -la /tmp/gpu-parts
+    ;;
+run)
+    mkdir -p .gpu
+    cat /tmp/gpu-parts/p* | tar -C .gpu -xf -
+    # shellcheck disable=SC1091
+    . .gpu/assemble-ort-gpu.sh
+    bash scripts/gpu-training-check.sh run || true
+    bash benchmarks/gpu-throughput.sh run
+    ;;
+*)
+    echo "usage: $0 pack | keep PART | run" >&2
+    exit 2
+    ;;
+esac
