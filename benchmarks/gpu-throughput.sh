@@ -32,7 +32,7 @@ pack() {
         cp "$bench" .gpu/perf/stage/training
         strip .gpu/perf/stage/training
     fi
-    tar -C .gpu/perf/stage -cf - . | xz -6 -T2 >.gpu/perf/bin.tar.xz
+    tar -C .gpu/perf/stage -cf - . | xz -3 -T2 >.gpu/perf/bin.tar.xz
     rm -rf .gpu/perf/stage
     ls .gpu/ort-part-* >/dev/null 2>&1 || ../shared/gpu/prepare-ort-gpu.sh
     ls -la .gpu/perf .gpu

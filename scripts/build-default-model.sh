@@ -7,7 +7,7 @@
 #      (pipelines/pretrain-encoder-default.toml)                 ~1 h on 2 cores
 #   3. the decoder: a small Llama-architecture language model with its own BPE
 #      tokenizer on the corpus captions
-#      (pipelines/pretrain-decoder-default.toml)                 ~20 min
+#      (pipelines/pretrain-decoder-default.toml)                 ~25 min
 #   4. the captioner: projector + LoRA, then two more LoRA runs merged by `cat`
 #      (pipelines/train-default-model.toml)
 #   5. the ONNX export into exported_models/$NAME

@@ -39,10 +39,10 @@ pack() {
     cp "$tests" .gpu/train/stage/bin/tests
     cp "$bench" .gpu/train/stage/bin/training
     strip .gpu/train/stage/bin/*
-    tar -C .gpu/train/stage -cf - bin | xz -6 -T2 >.gpu/train/bin.tar.xz
+    tar -C .gpu/train/stage -cf - bin | xz -3 -T2 >.gpu/train/bin.tar.xz
     local fixtures=../shared/fixtures ort=${AUDIOCAP_HOME:-$HOME/.local/share/audiocap}/onnxruntime/lib
     tar -cf - -C "$fixtures/.." fixtures/README.md fixtures/beats-tiny fixtures/e2e-tiny \
-        -C "$ort/.." lib | xz -6 -T2 >.gpu/train/data.tar.xz
+        -C "$ort/.." lib | xz -3 -T2 >.gpu/train/data.tar.xz
     rm -rf .gpu/train/stage
     ls -la .gpu/train
 }
