@@ -205,7 +205,8 @@ pub fn greedy_decode(
     if !prompt.prefix.is_empty() {
         parts.push(llm.embed(&ids(&prompt.prefix)?)?);
     }
-    parts.push(audio.to_dtype(DType::F32)?);
+    // The audio embeddings come from the (f32) projector; the decoder may hold bf16/f16.
+    parts.push(audio.to_dtype(llm.dtype())?);
     if !prompt.suffix.is_empty() {
         parts.push(llm.embed(&ids(&prompt.suffix)?)?);
     }

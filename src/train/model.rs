@@ -773,6 +773,49 @@ mod tests {
         assert!(losses[2] < losses[0], "{losses:?}");
     }
 
+    /// As `audiocap train` holds a GPU run: f32 projector and LoRA over bf16 frozen
+    /// weights. Validation captions splice the f32 audio embedding into bf16 prompt
+    /// embeddings (a dtype mismatch here once failed the CUDA bf16 run at its first
+    /// validation).
+    #[test]
+    fn greedy_captions_work_over_bf16_frozen_weights() {
+        let config = LlamaConfig::from_file(&llm_dir().join("config.json")).unwrap();
+        let lora = settings(&["q_proj", "k_proj"]);
+        let params = TrainableParams::init(
+            &config,
+            48,
+            0,
+            &lora,
+            &InitFrom::default(),
+            3,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let model = TrainableCaptioner::new(
+            &llm_dir(),
+            &params,
+            DEFAULT_PROMPT_TEMPLATE,
+            0.0,
+            3,
+            DType::BF16,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let caption = model.caption(&examples()[0].features, 3).unwrap();
+        assert!(!caption.token_ids.is_empty() && caption.token_ids.len() <= 3);
+        let data = examples();
+        let batch = model.collate(&data.iter().collect::<Vec<_>>()).unwrap();
+        let loss = model
+            .loss_sum(&batch)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(loss.is_finite() && loss > 0.0, "{loss}");
+    }
+
     #[test]
     fn saved_adapter_and_projector_load_back() {
         let (params, _) = setup(DType::F32, &["q_proj", "k_proj"]);
