@@ -55,6 +55,30 @@ fi
   --adapter "$WORK/captioner/final/adapter" \
   --name "$NAME" --out "exported_models/$NAME" --overwrite
 
+# Provenance beside model.json (which already names every source file by hash): the
+# corpus version and its packages, the recipe files, and what pre-training reported.
+python3 - "$WORK" "exported_models/$NAME/training.json" <<'PY'
+import hashlib, json, sys
+work, out = sys.argv[1], sys.argv[2]
+def sha(path):
+    return hashlib.sha256(open(path, "rb").read()).hexdigest()
+corpus = json.load(open(f"{work}/corpus/corpus.json"))
+recipe = ["pipelines/pretrain-encoder-default.toml", "pipelines/pretrain-decoder-default.toml",
+          "pipelines/train-default-model.toml", "corpus/corpus.toml", "corpus/test-split.txt"]
+json.dump({
+    "corpus": {k: corpus[k] for k in ("name", "version", "seed", "clips", "recordings", "hours")}
+              | {"packages": [{k: p[k] for k in ("name", "version", "sha256", "licence")}
+                              for p in corpus["packages"]],
+                 "manifests": {s: sha(f"{work}/corpus/{s}.csv")
+                               for s in ("train", "validation", "test")}},
+    "recipe": {f: sha(f) for f in recipe},
+    "encoder_pretraining": json.load(open(f"{work}/encoder/pretrain.json")),
+    "decoder_pretraining": json.load(open(f"{work}/decoder/pretrain.json")),
+    "captioner": [json.loads(line) for line in open(f"{work}/captioner/metrics.jsonl")
+                  if json.loads(line).get("kind") != "train"],
+}, open(out, "w"), indent=2)
+PY
+
 "$BIN" caption --model "exported_models/$NAME" --out "$WORK/test-captions.parquet" \
   "$WORK/corpus/audio/test"
 # The model card's figures: the DCASE metrics, the best constant caption among the
