@@ -581,6 +581,15 @@ mod tests {
     }
 
     fn setup(dtype: DType, targets: &[&str]) -> (TrainableParams, TrainableCaptioner) {
+        setup_with(dtype, dtype, targets)
+    }
+
+    /// Trainable parameters in `param_dtype` over frozen weights in `frozen_dtype`.
+    fn setup_with(
+        param_dtype: DType,
+        frozen_dtype: DType,
+        targets: &[&str],
+    ) -> (TrainableParams, TrainableCaptioner) {
         let config = LlamaConfig::from_file(&llm_dir().join("config.json")).unwrap();
         let params = TrainableParams::init(
             &config,
@@ -589,7 +598,7 @@ mod tests {
             &settings(targets),
             &InitFrom::default(),
             3,
-            dtype,
+            param_dtype,
             &Device::Cpu,
         )
         .unwrap();
@@ -599,7 +608,7 @@ mod tests {
             DEFAULT_PROMPT_TEMPLATE,
             0.0,
             3,
-            dtype,
+            frozen_dtype,
             &Device::Cpu,
         )
         .unwrap();
@@ -779,29 +788,7 @@ mod tests {
     /// validation).
     #[test]
     fn greedy_captions_work_over_bf16_frozen_weights() {
-        let config = LlamaConfig::from_file(&llm_dir().join("config.json")).unwrap();
-        let lora = settings(&["q_proj", "k_proj"]);
-        let params = TrainableParams::init(
-            &config,
-            48,
-            0,
-            &lora,
-            &InitFrom::default(),
-            3,
-            DType::F32,
-            &Device::Cpu,
-        )
-        .unwrap();
-        let model = TrainableCaptioner::new(
-            &llm_dir(),
-            &params,
-            DEFAULT_PROMPT_TEMPLATE,
-            0.0,
-            3,
-            DType::BF16,
-            &Device::Cpu,
-        )
-        .unwrap();
+        let (_params, model) = setup_with(DType::F32, DType::BF16, &["q_proj", "k_proj"]);
         let caption = model.caption(&examples()[0].features, 3).unwrap();
         assert!(!caption.token_ids.is_empty() && caption.token_ids.len() <= 3);
         let data = examples();
