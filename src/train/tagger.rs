@@ -53,6 +53,16 @@ pub struct TaggerSettings {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub seed: u64,
+    /// SpecAugment on training clips: this many frequency bands, each up to
+    /// `freq_mask_bins` wide, set to the normalised mean (0).
+    pub freq_masks: usize,
+    pub freq_mask_bins: usize,
+    /// SpecAugment: this many time spans, each up to `time_mask_fraction` of the clip.
+    pub time_masks: usize,
+    pub time_mask_fraction: f64,
+    /// Share of training clips mixed with another clip of their batch (fbank
+    /// mixup with soft targets, as AST and BEATs fine-tuning do); 0 = off.
+    pub mixup: f64,
 }
 
 impl Default for TaggerSettings {
@@ -75,6 +85,11 @@ impl Default for TaggerSettings {
             weight_decay: 0.01,
             max_grad_norm: 1.0,
             seed: 1,
+            freq_masks: 2,
+            freq_mask_bins: 16,
+            time_masks: 2,
+            time_mask_fraction: 0.1,
+            mixup: 0.5,
         }
     }
 }
@@ -110,6 +125,21 @@ impl TaggerSettings {
                 "max_seconds ({}) must be at least 0.2",
                 self.max_seconds
             ));
+        }
+        if self.freq_mask_bins > 64 {
+            p.push(format!(
+                "freq_mask_bins ({}) must be at most 64 of the 128 mel bins",
+                self.freq_mask_bins
+            ));
+        }
+        if !(0.0..=0.5).contains(&self.time_mask_fraction) {
+            p.push(format!(
+                "time_mask_fraction ({}) must be within 0..=0.5",
+                self.time_mask_fraction
+            ));
+        }
+        if !(0.0..=1.0).contains(&self.mixup) {
+            p.push(format!("mixup ({}) must be within 0..=1", self.mixup));
         }
         schedule_problems(
             self.epochs,
@@ -336,40 +366,102 @@ fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Ten
     ((relu - (logits * targets)?)? + softplus)?.mean_all()
 }
 
+/// A batch as padded fbank [B, T, bins] (zeros past each clip's length), the
+/// lengths, and the targets [B, labels]; with `augment`, training augmentation too.
 fn batch_tensors(
     clips: &[&TaggedClip],
     labels: usize,
     device: &Device,
+    augment: Option<(&TaggerSettings, &mut SplitMix64)>,
 ) -> Result<(Tensor, Vec<usize>, Tensor), TaggerError> {
-    let lengths: Vec<usize> = clips
-        .iter()
-        .map(|c| c.fbank.dim(0))
-        .collect::<candle_core::Result<_>>()?;
-    let longest = lengths.iter().copied().max().unwrap_or(16);
-    let mut rows = Vec::with_capacity(clips.len());
+    let mut lengths = Vec::with_capacity(clips.len());
+    let mut rows: Vec<Vec<f32>> = Vec::with_capacity(clips.len());
+    let mut bins = 128;
     let mut targets = vec![0f32; clips.len() * labels];
     for (i, c) in clips.iter().enumerate() {
-        let f = c.fbank.to_dtype(DType::F32)?;
-        let (t, bins) = f.dims2()?;
-        let f = if t < longest {
-            Tensor::cat(
-                &[
-                    f,
-                    Tensor::zeros((longest - t, bins), DType::F32, &Device::Cpu)?,
-                ],
-                0,
-            )?
-        } else {
-            f
-        };
-        rows.push(f);
+        let (t, b) = c.fbank.dims2()?;
+        bins = b;
+        lengths.push(t);
+        rows.push(c.fbank.to_dtype(DType::F32)?.flatten_all()?.to_vec1()?);
         for &l in &c.labels {
             targets[i * labels + l] = 1.0;
         }
     }
-    let fbank = Tensor::stack(&rows, 0)?.to_device(device)?;
+    if let Some((settings, rng)) = augment {
+        augment_batch(
+            settings,
+            rng,
+            bins,
+            labels,
+            &mut rows,
+            &mut lengths,
+            &mut targets,
+        );
+    }
+    let longest = lengths.iter().copied().max().unwrap_or(16);
+    let mut padded = vec![0f32; clips.len() * longest * bins];
+    for (i, row) in rows.iter().enumerate() {
+        padded[i * longest * bins..][..row.len()].copy_from_slice(row);
+    }
+    let fbank = Tensor::from_vec(padded, (clips.len(), longest, bins), device)?;
     let targets = Tensor::from_vec(targets, (clips.len(), labels), device)?;
     Ok((fbank, lengths, targets))
+}
+
+/// Training augmentation against over-fitting a small corpus: mixup (a clip mixed
+/// with another of its batch, weight 0.25..0.75 so both stay audible, targets mixed
+/// alike) then SpecAugment (frequency bands and time spans set to 0, the normalised
+/// mean). `rows` are row-major [length, bins] fbanks.
+fn augment_batch(
+    settings: &TaggerSettings,
+    rng: &mut SplitMix64,
+    bins: usize,
+    labels: usize,
+    rows: &mut [Vec<f32>],
+    lengths: &mut [usize],
+    targets: &mut [f32],
+) {
+    let n = rows.len();
+    if n > 1 && settings.mixup > 0.0 {
+        let (clean, clean_lengths, clean_targets) =
+            (rows.to_vec(), lengths.to_vec(), targets.to_vec());
+        for i in 0..n {
+            if rng.next_f64() >= settings.mixup {
+                continue;
+            }
+            let j = (i + 1 + rng.below(n - 1)) % n;
+            let lambda = 0.25 + 0.5 * rng.next_f64() as f32;
+            let len = clean_lengths[i].max(clean_lengths[j]);
+            let mut mixed = vec![0f32; len * bins];
+            for (m, v) in mixed.iter_mut().zip(&clean[i]) {
+                *m += lambda * v;
+            }
+            for (m, v) in mixed.iter_mut().zip(&clean[j]) {
+                *m += (1.0 - lambda) * v;
+            }
+            rows[i] = mixed;
+            lengths[i] = len;
+            for l in 0..labels {
+                targets[i * labels + l] = lambda * clean_targets[i * labels + l]
+                    + (1.0 - lambda) * clean_targets[j * labels + l];
+            }
+        }
+    }
+    for (row, &len) in rows.iter_mut().zip(lengths.iter()) {
+        for _ in 0..settings.freq_masks {
+            let width = rng.below(settings.freq_mask_bins.min(bins) + 1);
+            let start = rng.below(bins - width + 1);
+            for frame in row.chunks_mut(bins) {
+                frame[start..start + width].fill(0.0);
+            }
+        }
+        let longest_span = (len as f64 * settings.time_mask_fraction) as usize;
+        for _ in 0..settings.time_masks {
+            let width = rng.below(longest_span + 1);
+            let start = rng.below(len - width + 1);
+            row[start * bins..(start + width) * bins].fill(0.0);
+        }
+    }
 }
 
 /// What a tagger run did (`pretrain.json` beside the checkpoint).
@@ -382,6 +474,9 @@ pub struct TaggerSummary {
     pub validation_clips: usize,
     pub skipped: Vec<(String, String)>,
     pub steps: u64,
+    /// The epoch whose weights were written: the best validation mAP (the last
+    /// epoch without validation clips).
+    pub best_epoch: usize,
     /// Mean BCE per epoch over the training batches.
     pub train_loss: Vec<f64>,
     /// After each epoch: share of validation clips whose top-scoring label is one of
@@ -433,10 +528,14 @@ pub fn pretrain_encoder(
     let total = (batches.len() * settings.epochs) as u64;
     let schedule = CosineSchedule::new(settings.peak_lr, settings.warmup_fraction, total);
     let mut rng = SplitMix64::new(settings.seed ^ 0x7A66);
+    let mut augment_rng = SplitMix64::derive(settings.seed, 0xA06);
     let mut order: Vec<usize> = (0..batches.len()).collect();
     let mut train_loss = Vec::new();
     let mut validation_top1 = Vec::new();
     let mut validation_map = Vec::new();
+    // The epoch with the best validation mAP is the one written (the last without
+    // validation): a small corpus over-fits long before the schedule ends.
+    let mut best: Option<(usize, f64, HashMap<String, Tensor>)> = None;
     let mut seen = 0usize;
     let started = Instant::now();
     for epoch in 0..settings.epochs {
@@ -444,7 +543,12 @@ pub fn pretrain_encoder(
         let (mut sum, mut count) = (0.0f64, 0usize);
         for &b in &order {
             let clips: Vec<&TaggedClip> = batches[b].iter().map(|&i| &train.clips[i]).collect();
-            let (fbank, lengths, targets) = batch_tensors(&clips, labels.len(), device)?;
+            let (fbank, lengths, targets) = batch_tensors(
+                &clips,
+                labels.len(),
+                device,
+                Some((settings, &mut augment_rng)),
+            )?;
             let logits = model.logits(&fbank, &lengths)?;
             let lr = schedule.lr(optimizer.steps());
             let loss = optimizer_step(
@@ -478,6 +582,9 @@ pub fn pretrain_encoder(
             )?;
             validation_top1.push(top1);
             validation_map.push(map);
+            if best.as_ref().is_none_or(|(_, b, _)| map > *b) {
+                best = Some((epoch + 1, map, detached(&model.params)?));
+            }
         }
         tracing::info!(
             epoch = epoch + 1,
@@ -488,6 +595,10 @@ pub fn pretrain_encoder(
         );
     }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
+    let (best_epoch, tensors) = match best {
+        Some((epoch, _, tensors)) => (epoch, tensors),
+        None => (settings.epochs, detached(&model.params)?),
+    };
 
     let summary = TaggerSummary {
         settings: settings.clone(),
@@ -506,6 +617,7 @@ pub fn pretrain_encoder(
             .cloned()
             .collect(),
         steps: optimizer.steps(),
+        best_epoch,
         train_loss,
         validation_top1,
         validation_map,
@@ -513,17 +625,20 @@ pub fn pretrain_encoder(
         checkpoint: out.join("encoder.safetensors"),
     };
     publish_dir(out, |dir| {
-        let tensors: HashMap<String, Tensor> = model
-            .params
-            .iter()
-            .map(|(n, v)| (n.clone(), v.as_tensor().detach()))
-            .collect();
         candle_core::safetensors::save(&tensors, dir.join("encoder.safetensors"))?;
         write_json(dir, "encoder.json", &cfg)?;
         write_json(dir, "labels.json", &labels)?;
         write_json(dir, "pretrain.json", &summary)
     })?;
     Ok(summary)
+}
+
+/// A copy of the variables' current values (the optimiser goes on updating them).
+fn detached(params: &[(String, Var)]) -> candle_core::Result<HashMap<String, Tensor>> {
+    params
+        .iter()
+        .map(|(n, v)| Ok((n.clone(), v.as_tensor().copy()?.detach())))
+        .collect()
 }
 
 /// Validation scores of the tagger: top-1 (share of clips whose highest-scoring
@@ -539,7 +654,7 @@ fn validate(
     let mut scores: Vec<Vec<f32>> = Vec::with_capacity(set.clips.len());
     for chunk in set.clips.chunks(batch_size) {
         let clips: Vec<&TaggedClip> = chunk.iter().collect();
-        let (fbank, lengths, _) = batch_tensors(&clips, labels, device)?;
+        let (fbank, lengths, _) = batch_tensors(&clips, labels, device, None)?;
         scores.extend(model.logits(&fbank, &lengths)?.detach().to_vec2::<f32>()?);
     }
     let truth: Vec<&[usize]> = set.clips.iter().map(|c| c.labels.as_slice()).collect();
@@ -674,6 +789,8 @@ mod tests {
             epochs: 25,
             batch_size: 4,
             peak_lr: 3e-3,
+            // Soft mixup targets would put a floor under the loss this test bounds.
+            mixup: 0.0,
             ..TaggerSettings::default()
         };
         let dir = tempfile::tempdir().unwrap();
@@ -688,9 +805,118 @@ mod tests {
         );
         assert_eq!(*summary.validation_top1.last().unwrap(), 1.0, "{summary:?}");
         assert_eq!(*summary.validation_map.last().unwrap(), 1.0, "{summary:?}");
+        // The written epoch is the first with the best validation mAP.
+        let best = summary
+            .validation_map
+            .iter()
+            .position(|&m| m == 1.0)
+            .unwrap();
+        assert_eq!(summary.best_epoch, best + 1, "{summary:?}");
         let beats =
             Beats::load(&out.join("encoder.safetensors"), DType::F32, &Device::Cpu).unwrap();
         assert!(beats.config().finetuned_model);
         assert_eq!(beats.config().predictor_class, 2);
+    }
+
+    #[test]
+    fn augmentation_mixes_pairs_and_masks_bands_and_spans() {
+        let bins = 8;
+        let mut rows = vec![vec![1.0f32; 10 * bins], vec![3.0f32; 6 * bins]];
+        let mut lengths = vec![10, 6];
+        let mut targets = vec![1.0, 0.0, 0.0, 1.0];
+        let off = TaggerSettings {
+            freq_masks: 0,
+            time_masks: 0,
+            mixup: 0.0,
+            ..TaggerSettings::default()
+        };
+        let before = rows.clone();
+        let mut rng = SplitMix64::new(7);
+        augment_batch(
+            &off,
+            &mut rng,
+            bins,
+            2,
+            &mut rows,
+            &mut lengths,
+            &mut targets,
+        );
+        assert_eq!(rows, before, "everything off leaves the batch alone");
+
+        // Mixup only: both clips mixed with the other, to the longer length, with the
+        // same weight on features and targets.
+        let mix = TaggerSettings {
+            mixup: 1.0,
+            ..off.clone()
+        };
+        augment_batch(
+            &mix,
+            &mut rng,
+            bins,
+            2,
+            &mut rows,
+            &mut lengths,
+            &mut targets,
+        );
+        assert_eq!(lengths, vec![10, 10]);
+        for (i, row) in rows.iter().enumerate() {
+            let lambda = targets[i * 2 + i];
+            assert!((0.25..=0.75).contains(&lambda), "{targets:?}");
+            assert!((targets[i * 2] + targets[i * 2 + 1] - 1.0).abs() < 1e-6);
+            let own = if i == 0 { 1.0 } else { 3.0 };
+            let other = 4.0 - own;
+            // Frame 0 has both clips; frame 8 only clip 0 (clip 1 is 6 frames long).
+            assert!((row[0] - (lambda * own + (1.0 - lambda) * other)).abs() < 1e-5);
+            let tail = if i == 0 {
+                lambda * own
+            } else {
+                (1.0 - lambda) * other
+            };
+            assert!((row[8 * bins] - tail).abs() < 1e-5);
+        }
+
+        // Masks only: whole bands and whole frames are zeroed, never more than asked.
+        let mask = TaggerSettings {
+            freq_masks: 1,
+            freq_mask_bins: 3,
+            time_masks: 1,
+            time_mask_fraction: 0.5,
+            ..off
+        };
+        let mut rows = vec![vec![1.0f32; 20 * bins]; 8];
+        let mut lengths = vec![20; 8];
+        let mut targets = vec![1.0; 8];
+        augment_batch(
+            &mask,
+            &mut rng,
+            bins,
+            1,
+            &mut rows,
+            &mut lengths,
+            &mut targets,
+        );
+        let mut masked_any = false;
+        for row in &rows {
+            let zero_bins = (0..bins)
+                .filter(|&b| row.chunks(bins).all(|f| f[b] == 0.0))
+                .count();
+            let zero_frames = row
+                .chunks(bins)
+                .filter(|f| f.iter().all(|&v| v == 0.0))
+                .count();
+            let zeros = row.iter().filter(|&&v| v == 0.0).count();
+            assert!(
+                zero_bins <= 3 && zero_frames <= 10,
+                "{zero_bins} {zero_frames}"
+            );
+            // Every zero lies in a zeroed band or a zeroed frame.
+            assert_eq!(
+                zeros,
+                zero_bins * 20 + zero_frames * bins - zero_bins * zero_frames
+            );
+            masked_any |= zeros > 0;
+        }
+        assert!(masked_any);
+        assert_eq!(targets, vec![1.0; 8], "masks leave targets alone");
     }
 }
