@@ -13,6 +13,9 @@ use serde::Deserialize;
 
 use crate::eval::baselines::mentions_label;
 
+/// The shortest clip the captioner can encode (16 fbank frames).
+pub const MIN_ENCODABLE_SECONDS: f64 = 0.175;
+
 /// `corpus.toml`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -498,6 +501,14 @@ impl CorpusFile {
             problems.push(format!(
                 "clips: need 0 < min_seconds ({}) < max_seconds ({})",
                 c.min_seconds, c.max_seconds
+            ));
+        }
+        // One encoder patch is 16 fbank frames: 25 ms + 15 shifts of 10 ms.
+        if c.min_seconds < MIN_ENCODABLE_SECONDS {
+            problems.push(format!(
+                "clips.min_seconds = {}: at least {MIN_ENCODABLE_SECONDS} (16 fbank frames, \
+                 the encoder's one patch; shorter clips cannot be captioned)",
+                c.min_seconds
             ));
         }
         if c.max_crops == 0 {
