@@ -126,7 +126,8 @@ struct PretrainEncoderArgs {
 
 #[derive(clap::Args)]
 struct PretrainDecoderArgs {
-    /// Training captions (CSV or Parquet; every caption column is used).
+    /// Training captions (CSV or Parquet; every caption column is used, and the
+    /// `labels` column with `audio_slot = "labels"`).
     #[arg(long)]
     captions: PathBuf,
     /// Validation captions, scored after every epoch.
@@ -799,7 +800,7 @@ fn pretrain_encoder(args: PretrainEncoderArgs) -> anyhow::Result<u8> {
 
 fn pretrain_decoder(args: PretrainDecoderArgs) -> anyhow::Result<u8> {
     use anyhow::Context;
-    use audiocap::train::lm::{LmSettings, pretrain_decoder};
+    use audiocap::train::lm::{CaptionText, LmSettings, pretrain_decoder};
     let settings = match pretrain_settings::<LmSettings>(
         args.common.settings.as_ref(),
         "decoder settings",
@@ -809,10 +810,27 @@ fn pretrain_decoder(args: PretrainDecoderArgs) -> anyhow::Result<u8> {
         Ok(s) => s,
         Err(code) => return Ok(code),
     };
-    let read = |path: &PathBuf| -> anyhow::Result<Vec<String>> {
+    let with_labels = settings.audio_slot == audiocap::train::lm::AudioSlot::Labels;
+    let read = |path: &PathBuf| -> anyhow::Result<Vec<CaptionText>> {
         let refs = audiocap::eval::files::read_references(path, None)
             .with_context(|| format!("reading captions from {}", path.display()))?;
-        Ok(refs.clips.into_iter().flat_map(|c| c.captions).collect())
+        let labels = if with_labels {
+            audiocap::eval::files::read_labels(path, "labels")
+                .with_context(|| format!("reading labels from {}", path.display()))?
+        } else {
+            Default::default()
+        };
+        Ok(refs
+            .clips
+            .into_iter()
+            .flat_map(|c| {
+                let l = labels.get(&c.key).cloned().unwrap_or_default();
+                c.captions.into_iter().map(move |caption| CaptionText {
+                    caption,
+                    labels: l.clone(),
+                })
+            })
+            .collect())
     };
     let train = read(&args.captions)?;
     let validation = match &args.validation {

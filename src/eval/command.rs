@@ -1,7 +1,6 @@
 //! `audiocap eval`: read predictions and references, join them by file name, score
 //! the matched pairs, and write the report.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
@@ -298,35 +297,8 @@ fn class_word_rate(
     column: &str,
     pairs: &[Pair],
 ) -> anyhow::Result<(f64, usize)> {
-    let table = files::read_table(refs)
+    let labels = files::read_labels(refs, column)
         .with_context(|| format!("reading labels from {}", refs.display()))?;
-    let labels_col = table
-        .column(column)
-        .with_context(|| format!("{}: no column `{column}`", refs.display()))?;
-    let key_col = table
-        .column("file_name")
-        .or_else(|| table.column("uri"))
-        .with_context(|| {
-            format!(
-                "{}: labels need a `file_name` or `uri` column",
-                refs.display()
-            )
-        })?;
-    let mut labels: HashMap<String, Vec<String>> = HashMap::new();
-    for row in &table.rows {
-        let (Some(key), Some(cell)) = (row[key_col].as_deref(), row[labels_col].as_deref()) else {
-            continue;
-        };
-        let list: Vec<String> = cell
-            .split(';')
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(String::from)
-            .collect();
-        if !list.is_empty() {
-            labels.insert(files::file_name(key.trim()).to_string(), list);
-        }
-    }
     let (mut hits, mut n) = (0usize, 0usize);
     for pair in pairs {
         if let Some(l) = labels.get(&pair.reference_key) {

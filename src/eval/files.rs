@@ -220,6 +220,44 @@ fn column_as_text(array: &ArrayRef) -> Vec<Option<String>> {
     }
 }
 
+/// The `;`-separated labels of each clip of a manifest (column `column`), keyed by
+/// the file name of its `file_name` (or `uri`) cell; clips with no label are left out.
+pub fn read_labels(path: &Path, column: &str) -> Result<HashMap<String, Vec<String>>, InputError> {
+    let table = read_table(path)?;
+    let layout = |what: String| InputError::Layout {
+        path: path.to_path_buf(),
+        what,
+        found: table.columns.clone(),
+    };
+    let labels_col = table
+        .column(column)
+        .ok_or_else(|| layout(format!("no column `{column}`")))?;
+    let key_col = table
+        .column("file_name")
+        .or_else(|| table.column("uri"))
+        .ok_or_else(|| layout("labels need a `file_name` or `uri` column".to_string()))?;
+    let mut labels = HashMap::new();
+    for row in &table.rows {
+        let (Some(key), Some(cell)) = (row[key_col].as_deref(), row[labels_col].as_deref()) else {
+            continue;
+        };
+        let list = split_labels(cell);
+        if !list.is_empty() {
+            labels.insert(file_name(key.trim()).to_string(), list);
+        }
+    }
+    Ok(labels)
+}
+
+/// A labels cell (`dog; barking`) as its non-empty, trimmed labels.
+pub fn split_labels(cell: &str) -> Vec<String> {
+    cell.split(';')
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(String::from)
+        .collect()
+}
+
 /// The last path component of a URI or path (`s3://b/x/a.wav` → `a.wav`).
 pub fn file_name(uri: &str) -> &str {
     let trimmed = uri.trim().trim_end_matches(['/', '\\']);

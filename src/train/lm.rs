@@ -5,9 +5,14 @@
 //! `tokenizer.json`) that the captioning trainer, `audiocap export` and Python
 //! `transformers` all read.
 //!
-//! Each example is the captioner's own prompt without the audio, then the caption
-//! and `<|eot_id|>`: the decoder learns the caption language in the very context it
-//! will caption in, and the loss covers the caption tokens and the terminator only.
+//! Each example is the captioner's own prompt, then the caption and `<|eot_id|>`:
+//! the decoder learns the caption language in the very context it will caption in,
+//! and the loss covers the caption tokens and the terminator only. The prompt's
+//! `<|audio|>` slot is left out ([`AudioSlot::None`]) or filled with a hint of what
+//! the clip holds ([`AudioSlot::Labels`]: the mean embedding of its label words), so
+//! that the decoder learns to read that position as an instruction-tuned LLM reads
+//! its prompt; the captioner's projector then maps audio into what the decoder
+//! already reads there.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -53,8 +58,44 @@ pub struct LmSettings {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub seed: u64,
-    /// The captioner's prompt (with its `<|audio|>` placeholder, left out here).
+    /// The captioner's prompt (with its `<|audio|>` placeholder).
     pub prompt_template: String,
+    /// What fills the `<|audio|>` slot during pre-training.
+    pub audio_slot: AudioSlot,
+    /// With `audio_slot = "labels"`: share of examples whose slot is a zero vector
+    /// instead, so the decoder also captions without a usable hint.
+    pub audio_slot_dropout: f64,
+}
+
+/// What the decoder sees at the prompt's `<|audio|>` position while pre-training.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AudioSlot {
+    /// No slot: the prompt without its placeholder (a caption language model whose
+    /// prompt never varies, so nothing teaches it to read the prompt).
+    #[default]
+    None,
+    /// One embedding at the slot: the mean of the token embeddings of the clip's
+    /// labels (`dog, barking`), learnt with the rest. Needs a `labels` column.
+    Labels,
+}
+
+/// One training text: a caption, and the labels of its clip (for
+/// [`AudioSlot::Labels`]; may be empty).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaptionText {
+    pub caption: String,
+    pub labels: Vec<String>,
+}
+
+impl CaptionText {
+    /// A caption with no labels.
+    pub fn plain(caption: impl Into<String>) -> Self {
+        Self {
+            caption: caption.into(),
+            labels: Vec::new(),
+        }
+    }
 }
 
 impl Default for LmSettings {
@@ -77,6 +118,8 @@ impl Default for LmSettings {
             max_grad_norm: 1.0,
             seed: 1,
             prompt_template: DEFAULT_PROMPT_TEMPLATE.to_string(),
+            audio_slot: AudioSlot::None,
+            audio_slot_dropout: 0.2,
         }
     }
 }
@@ -123,6 +166,12 @@ impl LmSettings {
         if let Err(e) = PromptTemplate::parse(&self.prompt_template) {
             p.push(e.to_string());
         }
+        if !(0.0..1.0).contains(&self.audio_slot_dropout) {
+            p.push(format!(
+                "audio_slot_dropout ({}) must be within 0..1",
+                self.audio_slot_dropout
+            ));
+        }
         p
     }
 
@@ -160,10 +209,12 @@ pub struct LmSummary {
     pub out: PathBuf,
 }
 
-/// One example: the whole token sequence and where its caption starts.
+/// One example: the whole token sequence, where its caption starts, and with a
+/// slot, its position and the ids whose mean embedding fills it (empty: zeros).
 struct Example {
     ids: Vec<u32>,
     caption_start: usize,
+    slot: Option<(usize, Vec<u32>)>,
 }
 
 /// The decoder as trained: the model over `Var`-backed weights and the variables.
@@ -197,7 +248,8 @@ impl TrainableDecoder {
     }
 
     /// Summed cross-entropy over the caption tokens of `batch`, and their count.
-    fn loss_sum(&self, batch: &[&Example]) -> Result<(Tensor, usize), LmError> {
+    /// `drop_slot` says, per example, whether its slot hint is replaced by zeros.
+    fn loss_sum(&self, batch: &[&Example], drop_slot: &[bool]) -> Result<(Tensor, usize), LmError> {
         let device = self.llm.device();
         let seq = batch.iter().map(|e| e.ids.len() - 1).max().unwrap_or(1);
         let pad = *batch[0].ids.last().unwrap_or(&0);
@@ -215,7 +267,11 @@ impl TrainableDecoder {
             }
         }
         let ids = Tensor::from_vec(ids, (batch.len(), seq), device)?;
-        let hidden = self.llm.forward_embeds(&self.llm.embed(&ids)?, None)?;
+        let mut embeds = self.llm.embed(&ids)?;
+        if let Some((slot, _)) = batch[0].slot {
+            embeds = self.fill_slot(embeds, slot, batch, drop_slot)?;
+        }
+        let hidden = self.llm.forward_embeds(&embeds, None)?;
         let width = hidden.dim(2)?;
         let rows_t = Tensor::from_vec(rows, labels.len(), device)?;
         let picked = hidden
@@ -225,6 +281,50 @@ impl TrainableDecoder {
         let n = labels.len();
         let labels = Tensor::from_vec(labels, n, device)?;
         Ok((super::loss::cross_entropy_sum(&logits, &labels)?, n))
+    }
+
+    /// `embeds` [B, S, H] with position `slot` replaced by each example's hint: the
+    /// mean embedding of its hint ids (zeros when it has none or `drop_slot`).
+    fn fill_slot(
+        &self,
+        embeds: Tensor,
+        slot: usize,
+        batch: &[&Example],
+        drop_slot: &[bool],
+    ) -> Result<Tensor, LmError> {
+        let device = self.llm.device();
+        let (b, seq, _) = embeds.dims3()?;
+        let hints: Vec<&[u32]> = batch
+            .iter()
+            .zip(drop_slot)
+            .map(|(e, &dropped)| match &e.slot {
+                Some((_, h)) if !dropped => h.as_slice(),
+                _ => &[],
+            })
+            .collect();
+        let longest = hints.iter().map(|h| h.len()).max().unwrap_or(0).max(1);
+        let mut ids = vec![0u32; b * longest];
+        let mut weights = vec![0f32; b * longest];
+        for (i, h) in hints.iter().enumerate() {
+            for (k, &id) in h.iter().enumerate() {
+                ids[i * longest + k] = id;
+                weights[i * longest + k] = 1.0 / h.len() as f32;
+            }
+        }
+        let hint_embeds = self
+            .llm
+            .embed(&Tensor::from_vec(ids, (b, longest), device)?)?; // [B, L, H]
+        let weights =
+            Tensor::from_vec(weights, (b, longest, 1), device)?.to_dtype(hint_embeds.dtype())?;
+        let hint = hint_embeds.broadcast_mul(&weights)?.sum_keepdim(1)?; // [B, 1, H]
+        Ok(Tensor::cat(
+            &[
+                embeds.narrow(1, 0, slot)?,
+                hint,
+                embeds.narrow(1, slot + 1, seq - slot - 1)?,
+            ],
+            1,
+        )?)
     }
 }
 
@@ -242,30 +342,42 @@ fn build_llama(
 }
 
 fn examples(
-    texts: &[String],
+    texts: &[CaptionText],
     tokenizer: &Tokenizer,
     prompt: &PromptIds,
     eot: u32,
-    max_caption_tokens: usize,
+    settings: &LmSettings,
 ) -> Result<Vec<Example>, LmError> {
-    let start = prompt.prefix.len() + prompt.suffix.len();
+    let with_slot = settings.audio_slot == AudioSlot::Labels;
+    let tokenize = |text: &str| -> Result<Vec<u32>, LmError> {
+        Ok(tokenizer
+            .encode(text, false)
+            .map_err(|e| LmError::Model(format!("tokenizing {text:?}: {e}")))?
+            .get_ids()
+            .to_vec())
+    };
     texts
         .iter()
-        .filter(|t| !t.trim().is_empty())
+        .filter(|t| !t.caption.trim().is_empty())
         .map(|t| {
-            let mut caption = tokenizer
-                .encode(t.trim(), false)
-                .map_err(|e| LmError::Model(format!("tokenizing {t:?}: {e}")))?
-                .get_ids()
-                .to_vec();
-            caption.truncate(max_caption_tokens);
+            let mut caption = tokenize(t.caption.trim())?;
+            caption.truncate(settings.max_caption_tokens);
             let mut ids = prompt.prefix.clone();
+            let slot = if with_slot {
+                // The placeholder id is never embedded: the slot is replaced.
+                ids.push(eot);
+                Some((prompt.prefix.len(), tokenize(&t.labels.join(", "))?))
+            } else {
+                None
+            };
             ids.extend_from_slice(&prompt.suffix);
+            let caption_start = ids.len();
             ids.extend(caption);
             ids.push(eot);
             Ok(Example {
                 ids,
-                caption_start: start,
+                caption_start,
+                slot,
             })
         })
         .collect()
@@ -274,8 +386,8 @@ fn examples(
 /// Trains the tokenizer and the decoder on `train` captions (scored on
 /// `validation` after every epoch) and writes the Llama directory to `out`.
 pub fn pretrain_decoder(
-    train: &[String],
-    validation: &[String],
+    train: &[CaptionText],
+    validation: &[CaptionText],
     settings: &LmSettings,
     out: &Path,
     device: &Device,
@@ -294,7 +406,20 @@ pub fn pretrain_decoder(
         .map(|part| part.split_once("|>").map_or(part, |(_, rest)| rest))
         .collect::<Vec<_>>()
         .join(" ");
-    let mut tokenizer_text: Vec<String> = train.to_vec();
+    if settings.audio_slot == AudioSlot::Labels && train.iter().all(|t| t.labels.is_empty()) {
+        return Err(LmError::Settings(vec![
+            "audio_slot = \"labels\" needs labels with the training captions (a `labels` column)"
+                .to_string(),
+        ]));
+    }
+    // Label words are tokenized too, so they go into the tokenizer's training text.
+    let mut tokenizer_text: Vec<String> = train.iter().map(|t| t.caption.clone()).collect();
+    tokenizer_text.extend(
+        train
+            .iter()
+            .filter(|t| !t.labels.is_empty())
+            .map(|t| t.labels.join(", ")),
+    );
     tokenizer_text.extend(std::iter::repeat_n(prompt_words, 100));
     let tokenizer = super::tokenizer::train_tokenizer(
         &tokenizer_text,
@@ -315,14 +440,8 @@ pub fn pretrain_decoder(
     let prompt = template
         .tokenize(&tokenizer, Path::new("tokenizer.json"))
         .map_err(|e| LmError::Model(e.to_string()))?;
-    let train_examples = examples(train, &tokenizer, &prompt, eot, settings.max_caption_tokens)?;
-    let validation_examples = examples(
-        validation,
-        &tokenizer,
-        &prompt,
-        eot,
-        settings.max_caption_tokens,
-    )?;
+    let train_examples = examples(train, &tokenizer, &prompt, eot, settings)?;
+    let validation_examples = examples(validation, &tokenizer, &prompt, eot, settings)?;
     if train_examples.is_empty() {
         return Err(LmError::Settings(vec!["no training captions".to_string()]));
     }
@@ -355,6 +474,7 @@ pub fn pretrain_decoder(
     let total = (batches_per_epoch * settings.epochs) as u64;
     let schedule = CosineSchedule::new(settings.peak_lr, settings.warmup_fraction, total);
     let mut rng = SplitMix64::new(settings.seed ^ 0x5EED);
+    let mut slot_rng = SplitMix64::derive(settings.seed, 0x5107);
     let mut order: Vec<usize> = (0..train_examples.len()).collect();
     let mut train_loss = Vec::new();
     let mut validation_loss = Vec::new();
@@ -365,7 +485,11 @@ pub fn pretrain_decoder(
         let (mut sum, mut count) = (0.0f64, 0usize);
         for chunk in order.chunks(settings.batch_size) {
             let batch: Vec<&Example> = chunk.iter().map(|&i| &train_examples[i]).collect();
-            let (loss_sum, n) = model.loss_sum(&batch)?;
+            let drop: Vec<bool> = batch
+                .iter()
+                .map(|_| slot_rng.next_f64() < settings.audio_slot_dropout)
+                .collect();
+            let (loss_sum, n) = model.loss_sum(&batch, &drop)?;
             let lr = schedule.lr(optimizer.steps());
             let loss = optimizer_step(
                 &mut optimizer,
@@ -393,7 +517,7 @@ pub fn pretrain_decoder(
             let (mut vsum, mut vcount) = (0.0f64, 0usize);
             for chunk in validation_examples.chunks(settings.batch_size) {
                 let batch: Vec<&Example> = chunk.iter().collect();
-                let (l, n) = model.loss_sum(&batch)?;
+                let (l, n) = model.loss_sum(&batch, &vec![false; batch.len()])?;
                 vsum += l.detach().to_scalar::<f32>()? as f64;
                 vcount += n;
             }
@@ -488,8 +612,9 @@ mod tests {
         let ex = Example {
             ids: vec![1, 2, 3, 4, 5, 6],
             caption_start: 3,
+            slot: Some((1, vec![7, 8])),
         };
-        let (loss, n) = model.loss_sum(&[&ex]).unwrap();
+        let (loss, n) = model.loss_sum(&[&ex], &[false]).unwrap();
         assert_eq!(n, 3);
         let grads = loss.backward().unwrap();
         for (name, var) in &model.params {
@@ -503,8 +628,8 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("decoder");
         let captions = toy_captions();
-        let summary =
-            pretrain_decoder(&captions, &captions[..4], &tiny(), &out, &Device::Cpu).unwrap();
+        let texts: Vec<CaptionText> = captions.iter().map(CaptionText::plain).collect();
+        let summary = pretrain_decoder(&texts, &texts[..4], &tiny(), &out, &Device::Cpu).unwrap();
         let first = summary.train_loss[0];
         let last = *summary.train_loss.last().unwrap();
         // A handful of captions of ~5 tokens: near-memorised after 60 epochs.
@@ -565,5 +690,79 @@ mod tests {
         };
         let problems = settings.problems();
         assert!(problems.len() >= 4, "{problems:?}");
+    }
+
+    /// With `audio_slot = "labels"` the decoder learns to read the slot: the same
+    /// prompt captions a dog with the hint "dog" and a bell with the hint "bell".
+    #[test]
+    fn a_decoder_pretrained_with_label_hints_captions_what_the_slot_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("decoder");
+        let texts: Vec<CaptionText> = toy_captions()
+            .into_iter()
+            .map(|c| {
+                let label = c.split(' ').nth(1).unwrap().to_string();
+                CaptionText {
+                    caption: c,
+                    labels: vec![label],
+                }
+            })
+            .collect();
+        let settings = LmSettings {
+            audio_slot: AudioSlot::Labels,
+            audio_slot_dropout: 0.1,
+            epochs: 150,
+            ..tiny()
+        };
+        pretrain_decoder(&texts, &texts[..4], &settings, &out, &Device::Cpu).unwrap();
+        let pretrain: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(out.join("pretrain.json")).unwrap()).unwrap();
+        assert_eq!(pretrain["settings"]["audio_slot"], "labels");
+
+        let llm = Llama::load(&out, DType::F32, &Device::Cpu, &Adaptation::none()).unwrap();
+        let tokenizer = crate::model::prompt::load_tokenizer(&out.join("tokenizer.json")).unwrap();
+        let prompt = PromptTemplate::parse(DEFAULT_PROMPT_TEMPLATE)
+            .unwrap()
+            .tokenize(&tokenizer, Path::new("t"))
+            .unwrap();
+        let eot = tokenizer.token_to_id("<|eot_id|>").unwrap();
+        let embed = |ids: &[u32]| {
+            llm.embed(
+                &Tensor::new(ids, &Device::Cpu)
+                    .unwrap()
+                    .unsqueeze(0)
+                    .unwrap(),
+            )
+            .unwrap()
+        };
+        for (subject, word) in [("rain", "falls"), ("dog", "barks"), ("bell", "rings")] {
+            let hint_ids = tokenizer.encode(subject, false).unwrap().get_ids().to_vec();
+            let hint = embed(&hint_ids).mean_keepdim(1).unwrap();
+            let mut generated: Vec<u32> = Vec::new();
+            for _ in 0..20 {
+                let tail: Vec<u32> = prompt.suffix.iter().chain(&generated).copied().collect();
+                let embeds =
+                    Tensor::cat(&[embed(&prompt.prefix), hint.clone(), embed(&tail)], 1).unwrap();
+                let hidden = llm.forward_embeds(&embeds, None).unwrap();
+                let last = hidden.narrow(1, hidden.dim(1).unwrap() - 1, 1).unwrap();
+                let logits = llm.logits(&last.squeeze(1).unwrap()).unwrap();
+                let next = logits
+                    .squeeze(0)
+                    .unwrap()
+                    .argmax(0)
+                    .unwrap()
+                    .to_scalar::<u32>()
+                    .unwrap();
+                if next == eot {
+                    break;
+                }
+                generated.push(next);
+            }
+            let text = tokenizer.decode(&generated, true).unwrap();
+            assert!(
+                text.contains(subject) && text.contains(word),
+                "hint {subject:?} gave {text:?}"
+            );
+        }
     }
 }

@@ -258,13 +258,7 @@ fn read_label_rows(manifest: &Path) -> Result<Vec<(String, Vec<String>)>, Tagger
         .iter()
         .filter_map(|row| {
             let f = row[file].as_deref()?.trim().to_string();
-            let l = row[labels].as_deref().unwrap_or("");
-            let l: Vec<String> = l
-                .split(';')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(String::from)
-                .collect();
+            let l = crate::eval::files::split_labels(row[labels].as_deref().unwrap_or(""));
             (!f.is_empty()).then_some((f, l))
         })
         .collect())
