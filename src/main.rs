@@ -88,6 +88,15 @@ enum Command {
     /// BEATs-architecture multi-label tagger, written as a BEATs checkpoint).
     #[command(subcommand)]
     Pretrain(PretrainCommand),
+    /// Where every shard of a dataset stands (committed, in progress, missing; rows,
+    /// error rows, size). Exit code 0: all committed; 4: not yet; 2: the shards do
+    /// not make one dataset.
+    Status(audiocap::dataset::command::DatasetArgs),
+    /// The dataset-level commit: checks that all shards committed with one model and
+    /// one pipeline, then writes _manifest.json (parts, rows, SHA-256) and _SUCCESS
+    /// last. Idempotent. Exit code 0: finalized; 4: shards not committed yet; 2:
+    /// inconsistent shards.
+    Finalize(audiocap::dataset::command::DatasetArgs),
 }
 
 #[derive(clap::Subcommand)]
@@ -390,6 +399,8 @@ fn main() -> ExitCode {
         Command::Corpus(command) => corpus(command),
         Command::Pretrain(PretrainCommand::Decoder(args)) => pretrain_decoder(args),
         Command::Pretrain(PretrainCommand::Encoder(args)) => pretrain_encoder(args),
+        Command::Status(args) => audiocap::dataset::command::status_command(&args),
+        Command::Finalize(args) => audiocap::dataset::command::finalize_command(&args),
     };
     match result {
         Ok(code) => ExitCode::from(code),

@@ -7,8 +7,9 @@ use std::path::Path as FsPath;
 use std::sync::Arc;
 
 use audiocap::dataset::{
-    CommittedPart, DatasetError, DatasetWriter, DatasetWriterOptions, StoreKind,
-    commit_record_path, committed_inputs,
+    CommittedPart, DatasetError, DatasetManifest, DatasetStatus, DatasetWriter,
+    DatasetWriterOptions, FinalizeOutcome, MANIFEST_FILE, SUCCESS_FILE, ShardState, StoreKind,
+    commit_record_path, committed_inputs, dataset_status, finalize,
 };
 use audiocap::output::{CaptionRow, schema};
 use object_store::local::LocalFileSystem;
@@ -664,4 +665,204 @@ print(json.dumps({
     for m in got["meta"].as_array().unwrap() {
         assert_eq!(m, "{\"run\":\"r1\"}");
     }
+}
+
+/// Writer options that stamp the model into the footers, as `audiocap run` does.
+fn stamped(shard: u32, shards: u32, run_id: &str, model: &str) -> DatasetWriterOptions {
+    let mut o = options(shard, shards, run_id);
+    o.metadata.push(("audiocap.model".into(), model.into()));
+    o.model = model.into();
+    o.config_digest = "digest-1".into();
+    o
+}
+
+fn states(status: &DatasetStatus) -> Vec<ShardState> {
+    status.shards.iter().map(|s| s.state).collect()
+}
+
+/// Shard runs commit (one after a kill and a resume), `status` follows every step,
+/// `finalize` refuses until all three shards committed, then writes a manifest whose
+/// parts, rows, error rows and checksums match the objects, `_SUCCESS` last; again (or
+/// twice at once) it writes nothing new; a later stray part makes it refuse again.
+#[tokio::test]
+async fn finalize_commits_the_dataset_once_every_shard_has() {
+    use sha2::Digest;
+    let (store, kind) = memory();
+    let prefix = Path::from("ds");
+    let status = dataset_status(store.as_ref(), &prefix).await.unwrap();
+    assert_eq!(status.shard_count, None);
+    assert!(!status.complete);
+
+    let mut w = open(&store, &prefix, &kind, stamped(0, 3, "a", "m@1")).await;
+    w.write_input(&input("s0/x", 2, "a")).await.unwrap();
+    let mut failed = input("s0/bad", 1, "a");
+    failed[0].caption = None;
+    failed[0].error = Some("decode: not audio".into());
+    w.write_input(&failed).await.unwrap();
+    w.finish(serde_json::json!({})).await.unwrap();
+    // Shard 1: killed after committing one part.
+    let mut w = open(&store, &prefix, &kind, stamped(1, 3, "k", "m@1")).await;
+    w.write_input(&input("s1/x", 3, "k")).await.unwrap();
+    w.flush().await.unwrap().unwrap();
+    drop(w);
+
+    let status = dataset_status(store.as_ref(), &prefix).await.unwrap();
+    assert_eq!(status.shard_count, Some(3));
+    use ShardState::*;
+    assert_eq!(states(&status), vec![Committed, InProgress, Missing]);
+    assert_eq!((status.rows, status.error_rows), (6, 1));
+    assert!(status.problems.is_empty(), "{:?}", status.problems);
+    let outcome = finalize(store.as_ref(), &prefix).await.unwrap();
+    assert!(
+        matches!(outcome, FinalizeOutcome::Incomplete(_)),
+        "{outcome:?}"
+    );
+    assert!(
+        store
+            .head(&prefix.clone().join(MANIFEST_FILE))
+            .await
+            .is_err()
+    );
+
+    // Shard 1 resumed by a new run (its record names the killed run's part too).
+    let mut w = open(&store, &prefix, &kind, stamped(1, 3, "k2", "m@1")).await;
+    w.write_input(&input("s1/y", 1, "k2")).await.unwrap();
+    let record = w.finish(serde_json::json!({})).await.unwrap();
+    assert_eq!(record.shard_parts.len(), 2);
+    let mut w = open(&store, &prefix, &kind, stamped(2, 3, "c", "m@1")).await;
+    w.write_input(&input("s2/x", 1, "c")).await.unwrap();
+    w.finish(serde_json::json!({})).await.unwrap();
+
+    let status = dataset_status(store.as_ref(), &prefix).await.unwrap();
+    assert_eq!(states(&status), vec![Committed; 3]);
+    assert!(status.complete && !status.finalized);
+    assert_eq!(status.shards[1].committed_runs, vec!["k2".to_string()]);
+    let FinalizeOutcome::Finalized(manifest) = finalize(store.as_ref(), &prefix).await.unwrap()
+    else {
+        panic!("not finalized");
+    };
+    assert_eq!(
+        (manifest.rows, manifest.error_rows, manifest.shard_count),
+        (8, 1, 3)
+    );
+    assert_eq!(manifest.model, "m@1");
+    assert_eq!(manifest.config_digest, "digest-1");
+    let visible = listed(store.as_ref(), &prefix).await;
+    let names: Vec<String> = manifest.parts.iter().map(|p| p.name.clone()).collect();
+    assert_eq!(names, visible);
+    for part in &manifest.parts {
+        let bytes = store
+            .get(&prefix.clone().join(part.name.as_str()))
+            .await
+            .unwrap()
+            .bytes()
+            .await
+            .unwrap();
+        assert_eq!(part.sha256, hex::encode(sha2::Sha256::digest(&bytes)));
+        assert_eq!(part.bytes, bytes.len() as u64);
+    }
+    let read = |name: &'static str| {
+        let store = store.clone();
+        let path = prefix.clone().join(name);
+        async move { store.get(&path).await.unwrap().bytes().await.unwrap() }
+    };
+    let manifest_bytes = read(MANIFEST_FILE).await;
+    let success: serde_json::Value = serde_json::from_slice(&read(SUCCESS_FILE).await).unwrap();
+    assert_eq!(
+        success["sha256"],
+        hex::encode(sha2::Sha256::digest(&manifest_bytes))
+    );
+    let back: DatasetManifest = serde_json::from_slice(&manifest_bytes).unwrap();
+    assert_eq!(back, manifest);
+
+    // Again, and twice at once: the same bytes, nothing rewritten.
+    let (a, b) = tokio::join!(
+        finalize(store.as_ref(), &prefix),
+        finalize(store.as_ref(), &prefix)
+    );
+    for outcome in [a.unwrap(), b.unwrap()] {
+        assert!(matches!(outcome, FinalizeOutcome::AlreadyFinalized(ref m) if *m == manifest));
+    }
+    assert_eq!(read(MANIFEST_FILE).await, manifest_bytes);
+    assert!(
+        dataset_status(store.as_ref(), &prefix)
+            .await
+            .unwrap()
+            .finalized
+    );
+
+    // A run of shard 0 that commits a part but not its record (a zombie, or a
+    // re-run still going): the shard is in progress and finalize refuses.
+    let mut w = open(&store, &prefix, &kind, stamped(0, 3, "z", "m@1")).await;
+    w.write_input(&input("s0/late", 1, "z")).await.unwrap();
+    w.flush().await.unwrap().unwrap();
+    drop(w);
+    let status = dataset_status(store.as_ref(), &prefix).await.unwrap();
+    assert_eq!(status.shards[0].state, InProgress);
+    assert_eq!(status.shards[0].uncommitted_parts.len(), 1);
+    let outcome = finalize(store.as_ref(), &prefix).await.unwrap();
+    assert!(
+        matches!(outcome, FinalizeOutcome::Incomplete(_)),
+        "{outcome:?}"
+    );
+}
+
+/// Shards that do not make one dataset: another model, another pipeline, another
+/// shard count, or a committed part gone. Finalize says so and writes nothing.
+#[tokio::test]
+async fn finalize_refuses_shards_that_are_not_one_dataset() {
+    type Change = fn(&mut DatasetWriterOptions);
+    let cases: [(&str, Change); 3] = [
+        ("model", |o| {
+            o.metadata.retain(|(k, _)| k != "audiocap.model");
+            o.metadata.push(("audiocap.model".into(), "other@2".into()));
+        }),
+        ("pipeline", |o| o.config_digest = "digest-2".into()),
+        ("shard count", |o| {
+            *o = stamped(0, 4, "b", "m@1");
+        }),
+    ];
+    for (what, change) in cases {
+        let (store, kind) = memory();
+        let prefix = Path::from("ds");
+        let mut w = open(&store, &prefix, &kind, stamped(0, 2, "a", "m@1")).await;
+        w.write_input(&input("x", 1, "a")).await.unwrap();
+        w.finish(serde_json::json!({})).await.unwrap();
+        let mut o = stamped(1, 2, "b", "m@1");
+        change(&mut o);
+        let mut w = open(&store, &prefix, &kind, o).await;
+        w.write_input(&input("y", 1, "b")).await.unwrap();
+        w.finish(serde_json::json!({})).await.unwrap();
+        let outcome = finalize(store.as_ref(), &prefix).await.unwrap();
+        let FinalizeOutcome::Inconsistent(status) = outcome else {
+            panic!("{what}: {outcome:?}");
+        };
+        assert_eq!(status.problems.len(), 1, "{what}: {:?}", status.problems);
+        assert!(
+            store
+                .head(&prefix.clone().join(SUCCESS_FILE))
+                .await
+                .is_err()
+        );
+    }
+
+    // A part named by a commit record deleted: the shard is damaged.
+    let (store, kind) = memory();
+    let prefix = Path::from("ds");
+    let mut w = open(&store, &prefix, &kind, stamped(0, 1, "a", "m@1")).await;
+    w.write_input(&input("x", 1, "a")).await.unwrap();
+    let record = w.finish(serde_json::json!({})).await.unwrap();
+    store
+        .delete(&prefix.clone().join(record.parts[0].name.as_str()))
+        .await
+        .unwrap();
+    let outcome = finalize(store.as_ref(), &prefix).await.unwrap();
+    let FinalizeOutcome::Inconsistent(status) = outcome else {
+        panic!("{outcome:?}");
+    };
+    assert_eq!(status.shards[0].state, ShardState::Damaged);
+    assert_eq!(
+        status.shards[0].missing_parts,
+        vec![record.parts[0].name.clone()]
+    );
 }

@@ -469,6 +469,19 @@ fn shards_partition_the_inputs() {
     let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
     let mut per_shard = Vec::new();
     for index in 0..3 {
+        if index == 2 {
+            // Two of three shards committed: not complete, nothing finalized.
+            let status = dataset_cli("status", &pipeline, &[]);
+            assert_eq!(status.status.code(), Some(4), "{}", text(&status));
+            assert!(
+                text(&status).contains("3 shards: 2 committed, 0 in progress, 1 missing"),
+                "{}",
+                text(&status)
+            );
+            let finalize = dataset_cli("finalize", &pipeline, &[]);
+            assert_eq!(finalize.status.code(), Some(4), "{}", text(&finalize));
+            assert!(!out_dir.join("_SUCCESS").exists());
+        }
         let out = Command::new(env!("CARGO_BIN_EXE_audiocap"))
             .args(["run", pipeline.to_str().unwrap(), "--shard-count", "3"])
             // Kubernetes Indexed Job style: the index comes from the environment.
@@ -493,6 +506,67 @@ fn shards_partition_the_inputs() {
         per_shard[0] > 0 && per_shard[1] > per_shard[0] && per_shard[2] > per_shard[1],
         "{per_shard:?}"
     );
+
+    // All committed: status exit 0, finalize writes the manifest then _SUCCESS, and a
+    // second finalize (by URI this time) changes nothing.
+    let status = dataset_cli("status", &pipeline, &["--json"]);
+    assert_eq!(status.status.code(), Some(0), "{}", text(&status));
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    assert_eq!(json["complete"], true);
+    assert_eq!(json["rows"], 24);
+    let finalize = dataset_cli("finalize", &pipeline, &[]);
+    assert_eq!(finalize.status.code(), Some(0), "{}", text(&finalize));
+    assert!(
+        text(&finalize).contains("finalized: 3 shards"),
+        "{}",
+        text(&finalize)
+    );
+    let manifest = std::fs::read(out_dir.join("_manifest.json")).unwrap();
+    let parsed: serde_json::Value = serde_json::from_slice(&manifest).unwrap();
+    assert_eq!(parsed["rows"], 24);
+    let mut listed: Vec<String> = std::fs::read_dir(&out_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".parquet"))
+        .collect();
+    listed.sort();
+    let named: Vec<String> = parsed["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(named, listed);
+    let again = dataset_cli("finalize", out_dir.as_path(), &[]);
+    assert_eq!(again.status.code(), Some(0), "{}", text(&again));
+    assert!(
+        text(&again).contains("already finalized"),
+        "{}",
+        text(&again)
+    );
+    assert_eq!(
+        std::fs::read(out_dir.join("_manifest.json")).unwrap(),
+        manifest
+    );
+}
+
+/// `audiocap status|finalize TARGET ARGS...`.
+fn dataset_cli(command: &str, target: &Path, args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_audiocap"))
+        .arg(command)
+        .arg(target)
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap()
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// (uri, caption, error) of every row of the dataset under `prefix` in `store`.
@@ -546,7 +620,10 @@ async fn read_remote_dataset(
     for meta in all {
         let key = meta.location.as_ref().to_string();
         assert!(
-            key.ends_with(".parquet") || key.contains("/_commits/"),
+            key.ends_with(".parquet")
+                || key.contains("/_commits/")
+                || key.ends_with("/_manifest.json")
+                || key.ends_with("/_SUCCESS"),
             "unexpected object {key}"
         );
     }
@@ -633,6 +710,148 @@ fn s3_in_and_out_with_resume() {
     assert!(stdout.contains("4 already in the dataset"), "{stdout}");
     let again = runtime.block_on(read_remote_dataset(store.as_ref(), "captions"));
     assert_eq!(again.len(), rows.len());
+}
+
+/// Issue #9's scale-out check on a local S3 server: three shard processes at once
+/// (Kubernetes Indexed Job style, `JOB_COMPLETION_INDEX`), one killed with SIGKILL
+/// after its first committed part, then restarted; `status` and `finalize` by URI
+/// see every input exactly once in one consistent dataset.
+#[test]
+fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
+    use object_store::{ObjectStoreExt, PutPayload};
+    let server = crate::common::s3::MotoServer::start("archive");
+    let store = server.store();
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let local_audio = dir.path().join("audio");
+    let names = clips(&local_audio, 36);
+    let expected: HashSet<String> = runtime.block_on(async {
+        let mut uris = HashSet::new();
+        for path in &names {
+            let name = Path::new(path).file_name().unwrap().to_str().unwrap();
+            let key = format!("audio/{name}");
+            let bytes = std::fs::read(path).unwrap();
+            store
+                .put(&key.as_str().into(), PutPayload::from(bytes))
+                .await
+                .unwrap();
+            uris.insert(format!("s3://archive/{key}"));
+        }
+        uris
+    });
+    let pipeline = write_pipeline(
+        dir.path(),
+        Path::new("s3://archive/audio/"),
+        "s3://archive/captions/",
+    );
+    let shard = |index: u32| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiocap"));
+        cmd.args([
+            "run",
+            pipeline.to_str().unwrap(),
+            "--shard-count",
+            "3",
+            "--set",
+            "batching.batch_size=1",
+        ])
+        .env("JOB_COMPLETION_INDEX", index.to_string())
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped());
+        for (k, v) in server.env() {
+            cmd.env(k, v);
+        }
+        cmd.spawn().unwrap()
+    };
+    let objects = |prefix: &str| {
+        use futures::TryStreamExt;
+        runtime.block_on(async {
+            let listed: Vec<_> = store
+                .list(Some(&prefix.into()))
+                .try_collect()
+                .await
+                .unwrap();
+            listed
+                .into_iter()
+                .map(|m| m.location.to_string())
+                .collect::<Vec<String>>()
+        })
+    };
+    let mut children: Vec<Option<std::process::Child>> = (0..3).map(|i| Some(shard(i))).collect();
+    // Kill shard 1 once it has committed a part (and before its commit record).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while !objects("captions")
+        .iter()
+        .any(|k| k.contains("/part-00001-of-00003-"))
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "shard 1 never committed a part"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let mut killed = children[1].take().unwrap();
+    killed.kill().unwrap();
+    killed.wait().unwrap();
+    assert!(
+        !objects("captions/_commits/shard-00001-of-00003")
+            .iter()
+            .any(|k| k.ends_with(".json")),
+        "shard 1 finished before the kill: the test did not kill it mid-run"
+    );
+    for i in [0, 2] {
+        let out = children[i].take().unwrap().wait_with_output().unwrap();
+        assert_eq!(out.status.code(), Some(0), "shard {i}: {}", text(&out));
+    }
+
+    let dataset = |command: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiocap"));
+        cmd.args([command, "s3://archive/captions/", "--json"])
+            .env("RUST_LOG", "warn");
+        for (k, v) in server.env() {
+            cmd.env(k, v);
+        }
+        cmd.output().unwrap()
+    };
+    let status = dataset("status");
+    assert_eq!(status.status.code(), Some(4), "{}", text(&status));
+    let json: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let shard_states: Vec<&str> = json["shards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(shard_states, ["committed", "in_progress", "committed"]);
+
+    // The restarted shard resumes its own parts and commits.
+    let out = shard(1).wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let finalize = dataset("finalize");
+    assert_eq!(finalize.status.code(), Some(0), "{}", text(&finalize));
+    let manifest: serde_json::Value = serde_json::from_slice(&finalize.stdout).unwrap();
+    assert_eq!(manifest["outcome"], "finalized");
+
+    let rows = runtime.block_on(read_remote_dataset(store.as_ref(), "captions"));
+    let uris: Vec<&String> = rows.iter().map(|r| &r.0).collect();
+    let unique: HashSet<String> = uris.iter().map(|u| u.to_string()).collect();
+    assert_eq!(uris.len(), unique.len(), "an input written twice");
+    assert_eq!(unique, expected, "every input exactly once");
+    assert_eq!(manifest["rows"], rows.len());
+    let mut parts: Vec<String> = objects("captions")
+        .into_iter()
+        .filter(|k| k.ends_with(".parquet"))
+        .map(|k| k.trim_start_matches("captions/").to_string())
+        .collect();
+    parts.sort();
+    let named: Vec<&str> = manifest["parts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(named, parts);
+    assert!(objects("captions").iter().any(|k| k == "captions/_SUCCESS"));
 }
 
 #[test]

@@ -32,6 +32,18 @@ pub struct ShardCommitRecord {
     pub committed_at_us: i64,
     /// The caller's JSON (run summary, config digest).
     pub run: serde_json::Value,
+    /// Every part of this shard when the record was written: the parts of earlier
+    /// (killed, resumed) runs and this run's. `audiocap finalize` checks that the
+    /// shard's visible parts are exactly these.
+    #[serde(default)]
+    pub shard_parts: Vec<String>,
+    /// The model's identity (content hash) that wrote the rows.
+    #[serde(default)]
+    pub model: String,
+    /// Digest of the pipeline settings that shape the rows (the same for every shard
+    /// of one dataset).
+    #[serde(default)]
+    pub config_digest: String,
 }
 
 impl ShardCommitRecord {
@@ -51,6 +63,9 @@ impl ShardCommitRecord {
             bytes: parts.iter().map(|p| p.bytes).sum(),
             parts,
             committed_at_us: crate::output::now_us(),
+            shard_parts: Vec::new(),
+            model: String::new(),
+            config_digest: String::new(),
             run,
         }
     }

@@ -12,7 +12,9 @@
 //! committed parts are ever read. See [`DatasetWriter`] for writing and
 //! [`committed_inputs`] for resuming.
 
+pub mod command;
 mod commit;
+mod finalize;
 mod resume;
 mod writer;
 
@@ -23,6 +25,10 @@ use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore};
 
 pub use commit::{CommittedPart, ShardCommitRecord, commit_record_path};
+pub use finalize::{
+    DatasetManifest, DatasetStatus, FinalizeOutcome, MANIFEST_FILE, SUCCESS_FILE, ShardState,
+    ShardStatus, dataset_status, finalize,
+};
 pub use resume::committed_inputs;
 pub use writer::DatasetWriter;
 
@@ -70,6 +76,10 @@ pub struct DatasetWriterOptions {
     pub upload_concurrency: usize,
     /// Key/value pairs for every part's footer (model manifest, pipeline config).
     pub metadata: Vec<(String, String)>,
+    /// The model identity and the settings digest the commit record carries, for
+    /// `audiocap finalize` to check that every shard wrote the same dataset.
+    pub model: String,
+    pub config_digest: String,
 }
 
 impl DatasetWriterOptions {
@@ -87,6 +97,8 @@ impl DatasetWriterOptions {
             upload_chunk_bytes: 10 << 20,
             upload_concurrency: 4,
             metadata: Vec::new(),
+            model: String::new(),
+            config_digest: String::new(),
         }
     }
 

@@ -109,23 +109,26 @@ fn parent_of(files: &[PathBuf]) -> String {
         .map_or_else(String::new, |p| p.display().to_string())
 }
 
-/// The URIs of one part on an object store, from its footer and `uri` column chunks.
-async fn part_uris(store: &dyn ObjectStore, part: ObjectMeta) -> Result<Vec<String>, DatasetError> {
+/// The footer (metadata) of one part, with one ranged read when it fits the first
+/// guess, two otherwise.
+pub(super) async fn read_footer(
+    store: &dyn ObjectStore,
+    part: &ObjectMeta,
+) -> Result<ParquetMetaData, DatasetError> {
     let path = part.location.to_string();
     let (location, size) = (&part.location, part.size);
-    let path_ref = path.as_str();
-    let get = move |range: Range<u64>| async move {
+    let get = |range: Range<u64>| async {
         store
             .get_range(location, range)
             .await
             .map_err(|source| DatasetError::Store {
                 op: "reading part",
-                path: path_ref.to_string(),
+                path: path.clone(),
                 source,
             })
     };
-    let parquet_err = |op, source| DatasetError::Parquet {
-        op,
+    let parquet_err = |source| DatasetError::Parquet {
+        op: "reading footer",
         path: path.clone(),
         source,
     };
@@ -135,15 +138,23 @@ async fn part_uris(store: &dyn ObjectStore, part: ObjectMeta) -> Result<Vec<Stri
         Ok(()) => {}
         Err(ParquetError::NeedMoreData(needed)) => {
             let tail = get(size.saturating_sub(needed as u64)..size).await?;
-            reader
-                .try_parse_sized(&tail, size)
-                .map_err(|e| parquet_err("reading footer", e))?;
+            reader.try_parse_sized(&tail, size).map_err(parquet_err)?;
         }
-        Err(e) => return Err(parquet_err("reading footer", e)),
+        Err(e) => return Err(parquet_err(e)),
     }
-    let metadata = reader
-        .finish()
-        .map_err(|e| parquet_err("reading footer", e))?;
+    reader.finish().map_err(parquet_err)
+}
+
+/// The URIs of one part on an object store, from its footer and `uri` column chunks.
+async fn part_uris(store: &dyn ObjectStore, part: ObjectMeta) -> Result<Vec<String>, DatasetError> {
+    let path = part.location.to_string();
+    let size = part.size;
+    let parquet_err = |op, source| DatasetError::Parquet {
+        op,
+        path: path.clone(),
+        source,
+    };
+    let metadata = read_footer(store, &part).await?;
     let column = uri_leaf(&metadata).ok_or_else(|| DatasetError::BadPart {
         path: path.clone(),
         what: format!("no {URI:?} column"),

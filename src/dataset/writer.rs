@@ -16,7 +16,8 @@ use parquet::file::properties::WriterProperties;
 use super::commit::{ensure_uncommitted, write_record};
 use super::{
     CommittedPart, DatasetError, DatasetWriterOptions, STAGING_DIR, ShardCommitRecord, StoreKind,
-    commit_record_path, list_objects, local_path, part_name, part_seq, shard_part_prefix,
+    commit_record_path, is_committed_part, list_objects, local_path, part_name, part_seq,
+    shard_part_prefix,
 };
 use crate::output::{CaptionRow, schema, to_record_batch, writer_properties};
 
@@ -41,6 +42,8 @@ pub struct DatasetWriter {
     next_seq: u32,
     open: Option<OpenPart>,
     committed: Vec<CommittedPart>,
+    /// This shard's parts (any run) that were already committed when it opened.
+    inherited: Vec<String>,
 }
 
 impl DatasetWriter {
@@ -60,10 +63,15 @@ impl DatasetWriter {
         if let StoreKind::Local { root } = &kind {
             prepare_local(&local_path(root, &prefix), shard, shards)?;
         }
-        let next_seq = list_objects(store.as_ref(), &prefix)
-            .await?
-            .iter()
-            .filter_map(|o| o.location.filename())
+        let listed = list_objects(store.as_ref(), &prefix).await?;
+        let names = listed.iter().filter_map(|o| o.location.filename());
+        let mine = shard_part_prefix(shard, shards);
+        let inherited: Vec<String> = names
+            .clone()
+            .filter(|name| name.starts_with(&mine) && is_committed_part(name))
+            .map(str::to_owned)
+            .collect();
+        let next_seq = names
             .filter_map(|name| part_seq(name, shard, shards, run_id))
             .max()
             .map_or(0, |seq| seq + 1);
@@ -77,6 +85,7 @@ impl DatasetWriter {
             next_seq,
             open: None,
             committed: Vec::new(),
+            inherited,
         })
     }
 
@@ -141,13 +150,16 @@ impl DatasetWriter {
         self.commit_open().await?;
         let o = &self.options;
         let path = commit_record_path(&self.prefix, o.shard_index, o.shard_count, &o.run_id);
-        let record = ShardCommitRecord::new(
-            o.shard_index,
-            o.shard_count,
-            o.run_id.clone(),
-            std::mem::take(&mut self.committed),
-            run,
-        );
+        let parts = std::mem::take(&mut self.committed);
+        let mut shard_parts: Vec<String> = self.inherited.clone();
+        shard_parts.extend(parts.iter().map(|p| p.name.clone()));
+        shard_parts.sort();
+        shard_parts.dedup();
+        let mut record =
+            ShardCommitRecord::new(o.shard_index, o.shard_count, o.run_id.clone(), parts, run);
+        record.shard_parts = shard_parts;
+        record.model = o.model.clone();
+        record.config_digest = o.config_digest.clone();
         write_record(self.store.as_ref(), &path, &record).await?;
         tracing::info!(
             path = %path,

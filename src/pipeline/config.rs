@@ -538,6 +538,31 @@ impl PipelineConfig {
     pub fn to_toml(&self) -> String {
         toml::to_string(self).unwrap_or_else(|e| format!("# not serialisable: {e}"))
     }
+
+    /// SHA-256 (hex) of the settings that decide which rows a dataset holds and what
+    /// they say: the inputs, segmentation, generation, the output and the shard count.
+    /// Every shard of one dataset has the same digest; where a shard runs (model path,
+    /// device, workers, storage client, logging, its index) does not enter it.
+    pub fn dataset_digest(&self, shard_count: u32) -> String {
+        use sha2::{Digest, Sha256};
+        #[derive(Serialize)]
+        struct Shaping<'a> {
+            input: &'a InputSection,
+            segments: &'a SegmentConfig,
+            generation: &'a GenerationSection,
+            output_uri: &'a str,
+            shard_count: u32,
+        }
+        let text = toml::to_string(&Shaping {
+            input: &self.input,
+            segments: &self.segments,
+            generation: &self.generation,
+            output_uri: &self.output.uri,
+            shard_count,
+        })
+        .unwrap_or_default();
+        hex::encode(Sha256::digest(text.as_bytes()))
+    }
 }
 
 /// URL schemes a location may have (see `storage::Location::parse`).

@@ -113,6 +113,8 @@ async fn run_async(
     };
 
     let mut options = DatasetWriterOptions::new(shard.index, shard.count, &run_id);
+    options.model = model.identity.clone();
+    options.config_digest = config.dataset_digest(shard.count);
     options.target_part_bytes = config.output.target_part_mb << 20;
     options.max_rows_per_part = config.output.max_rows_per_part as u64;
     options.max_part_age =
