@@ -10,6 +10,7 @@ mod cli;
 mod corpus_build;
 mod dataset_sink;
 mod default_model;
+mod deploy_recipes;
 mod eval_cli;
 mod fbank_parity;
 mod large_export;

@@ -1,0 +1,216 @@
+//! The scale-out recipes in deploy/ (issue #9): the Kubernetes manifests validate
+//! against the Kubernetes API schemas (`kubernetes-validate`, strict) and say what the
+//! README promises (indexed shards, per-index retries, no retry of configuration
+//! errors, finalize after); the AWS Batch definitions, the Slurm scripts and the
+//! Airflow DAG parse and map audiocap's exit codes the same way.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde_json::Value;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy")
+}
+
+/// The YAML documents of a file, as JSON (PyYAML, which `kubernetes-validate`
+/// installs).
+fn yaml_documents(path: &Path) -> Vec<Value> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
+        ])
+        .arg(path)
+        .output()
+        .expect("python3");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn kubernetes_validate(files: &[&Path]) -> std::process::Output {
+    Command::new("kubernetes-validate")
+        .args(["--strict", "--quiet", "--kubernetes-version", "1.33"])
+        .args(files)
+        .output()
+        .expect("kubernetes-validate (pip install kubernetes-validate, as the README's test command does)")
+}
+
+fn exit_codes(rule: &Value) -> Vec<i64> {
+    rule["onExitCodes"]["values"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect()
+}
+
+#[test]
+fn kubernetes_manifests_validate_and_shard_by_index() {
+    let captions = deploy().join("kubernetes/captions-job.yaml");
+    let finalize = deploy().join("kubernetes/finalize-job.yaml");
+    let out = kubernetes_validate(&[&captions, &finalize]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The validator does reject a broken manifest (so passing means something).
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken.yaml");
+    let text = std::fs::read_to_string(&captions).unwrap();
+    std::fs::write(
+        &broken,
+        text.replace("completionMode: Indexed", "completionMode: 3"),
+    )
+    .unwrap();
+    assert!(!kubernetes_validate(&[&broken]).status.success());
+
+    let job = &yaml_documents(&captions)[0];
+    let spec = &job["spec"];
+    assert_eq!(spec["completionMode"], "Indexed");
+    assert!(spec["backoffLimitPerIndex"].as_i64().unwrap() >= 1);
+    let pod = &spec["template"]["spec"];
+    assert_eq!(pod["restartPolicy"], "Never", "podFailurePolicy needs it");
+    let container = &pod["containers"][0];
+    let args: Vec<&str> = container["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(args[0], "run");
+    // The shard count given to audiocap is the Job's number of indexes.
+    let count = args.iter().position(|a| *a == "--shard-count").unwrap();
+    assert_eq!(
+        args[count + 1],
+        spec["completions"].as_i64().unwrap().to_string()
+    );
+    assert!(
+        !args.contains(&"--shard-index"),
+        "the index comes from JOB_COMPLETION_INDEX"
+    );
+    assert_eq!(container["resources"]["limits"]["nvidia.com/gpu"], 1);
+    assert!(container["envFrom"][0]["secretRef"]["name"].is_string());
+    let rules = spec["podFailurePolicy"]["rules"].as_array().unwrap();
+    let fail_index = rules.iter().find(|r| r["action"] == "FailIndex").unwrap();
+    assert_eq!(
+        fail_index["onExitCodes"]["containerName"],
+        container["name"]
+    );
+    assert_eq!(
+        exit_codes(fail_index),
+        [2, 3],
+        "configuration errors are not retried"
+    );
+    assert!(
+        rules
+            .iter()
+            .any(|r| r["action"] == "Ignore"
+                && r["onPodConditions"][0]["type"] == "DisruptionTarget")
+    );
+
+    let job = &yaml_documents(&finalize)[0];
+    let container = &job["spec"]["template"]["spec"]["containers"][0];
+    assert_eq!(container["args"][0], "finalize");
+    let rules = job["spec"]["podFailurePolicy"]["rules"].as_array().unwrap();
+    assert_eq!(rules[0]["action"], "FailJob");
+    assert_eq!(exit_codes(&rules[0]), [2]);
+}
+
+#[test]
+fn aws_batch_definitions_pass_the_shard_count_and_do_not_retry_final_exit_codes() {
+    let read = |name: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(deploy().join("aws-batch").join(name)).unwrap())
+            .unwrap()
+    };
+    let captions = read("job-definition.json");
+    let command: Vec<&str> = captions["containerProperties"]["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(command[0], "run");
+    let count = command.iter().position(|a| *a == "--shard-count").unwrap();
+    assert_eq!(command[count + 1], "Ref::shards");
+    // Every Ref:: has a default parameter, and every parameter is used.
+    let params = captions["parameters"].as_object().unwrap();
+    for arg in command.iter().filter_map(|a| a.strip_prefix("Ref::")) {
+        assert!(params.contains_key(arg), "Ref::{arg} has no default");
+    }
+    assert_eq!(
+        params.len(),
+        command.iter().filter(|a| a.starts_with("Ref::")).count()
+    );
+    // The first matching rule wins: 2 and 3 exit before the catch-all retry.
+    let on_exit = captions["retryStrategy"]["evaluateOnExit"]
+        .as_array()
+        .unwrap();
+    let first_retry = on_exit.iter().position(|r| r["action"] == "RETRY").unwrap();
+    let exits: Vec<&str> = on_exit[..first_retry]
+        .iter()
+        .map(|r| r["onExitCode"].as_str().unwrap())
+        .collect();
+    assert_eq!(exits, ["2", "3"]);
+
+    let finalize = read("finalize-job-definition.json");
+    assert_eq!(finalize["containerProperties"]["command"][0], "finalize");
+    let on_exit = finalize["retryStrategy"]["evaluateOnExit"]
+        .as_array()
+        .unwrap();
+    let exits: Vec<&str> = on_exit
+        .iter()
+        .filter(|r| r["action"] == "EXIT")
+        .map(|r| r["onExitCode"].as_str().unwrap())
+        .collect();
+    assert_eq!(exits, ["2", "4"]);
+    let submit = std::fs::read_to_string(deploy().join("aws-batch/submit.sh")).unwrap();
+    assert!(submit.contains("--array-properties") && submit.contains("--depends-on"));
+}
+
+#[test]
+fn slurm_scripts_parse_and_retry_only_transient_failures() {
+    for name in ["captions.sbatch", "finalize.sbatch", "submit.sh"] {
+        let path = deploy().join("slurm").join(name);
+        let out = Command::new("bash").arg("-n").arg(&path).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let captions = std::fs::read_to_string(deploy().join("slurm/captions.sbatch")).unwrap();
+    assert!(captions.contains("#SBATCH --array="));
+    assert!(captions.contains("#SBATCH --signal=TERM@"));
+    assert!(captions.contains("0 | 2 | 3) exit"));
+    let submit = std::fs::read_to_string(deploy().join("slurm/submit.sh")).unwrap();
+    assert!(submit.contains("--dependency=\"afterany:$array\""));
+}
+
+/// The DAG compiles and maps one task per shard; with Airflow installed
+/// (`AUDIOCAP_AIRFLOW=/path/to/venv/bin/airflow`), `airflow dags test` runs it over
+/// the sample audio (see README "Running at scale").
+#[test]
+fn airflow_dag_compiles_and_maps_exit_codes() {
+    let dag = deploy().join("airflow/audiocap_dag.py");
+    let out = Command::new("python3")
+        .args(["-m", "py_compile"])
+        .arg(&dag)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(&dag).unwrap();
+    assert!(text.contains("caption_shard.expand(index=list(range(SHARDS)))"));
+    assert!(text.contains("trigger_rule=\"none_failed\""));
+    assert!(text.contains("if code == 2:\n            raise AirflowFailException"));
+}
