@@ -33,11 +33,19 @@ fn yaml_documents(path: &Path) -> Vec<Value> {
 }
 
 fn kubernetes_validate(files: &[&Path]) -> std::process::Output {
-    Command::new("kubernetes-validate")
-        .args(["--strict", "--quiet", "--kubernetes-version", "1.33"])
+    // As a module: pip's console scripts are not always on PATH (pyenv, --user).
+    Command::new("python3")
+        .args([
+            "-m",
+            "kubernetes_validate",
+            "--strict",
+            "--quiet",
+            "--kubernetes-version",
+            "1.33",
+        ])
         .args(files)
         .output()
-        .expect("kubernetes-validate (pip install kubernetes-validate, as the README's test command does)")
+        .expect("python3")
 }
 
 fn exit_codes(rule: &Value) -> Vec<i64> {
@@ -56,7 +64,7 @@ fn kubernetes_manifests_validate_and_shard_by_index() {
     let out = kubernetes_validate(&[&captions, &finalize]);
     assert!(
         out.status.success(),
-        "{}{}",
+        "kubernetes-validate (pip install kubernetes-validate, as the README's test command does): {}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
