@@ -550,6 +550,52 @@ fn shards_partition_the_inputs() {
     );
 }
 
+/// A manifest listing the same files in another order shards them exactly as the
+/// folder listing does: the shard of an input is a function of its URI alone
+/// (`audiocap::storage::shard_of`), whatever lists it and in which order.
+#[test]
+fn shards_of_a_manifest_match_the_folder_listing_and_the_documented_hash() {
+    let dir = tempfile::tempdir().unwrap();
+    let audio = dir.path().join("audio");
+    let mut files = clips(&audio, 16);
+    files.reverse();
+    let manifest = dir.path().join("inputs.csv");
+    std::fs::write(&manifest, format!("path\n{}\n", files.join("\n"))).unwrap();
+    let per_shard = |out: &str, sets: &[String]| -> Vec<HashSet<String>> {
+        let out_dir = dir.path().join(out);
+        let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut shards = Vec::new();
+        for index in 0..2 {
+            let mut args = sets.to_vec();
+            args.push(format!("run.shard_index={index}"));
+            args.push("run.shard_count=2".into());
+            let result = run(&pipeline, &args);
+            assert_eq!(result.status.code(), Some(0), "{}", text(&result));
+            let now: HashSet<String> = read_dataset(&out_dir).into_iter().map(|r| r.0).collect();
+            shards.push(now.difference(&seen).cloned().collect::<HashSet<_>>());
+            seen = now;
+        }
+        shards
+    };
+    let by_folder = per_shard("by-folder", &[]);
+    let by_manifest = per_shard(
+        "by-manifest",
+        &[
+            "input.sources=[]".into(),
+            format!("input.manifests=[{:?}]", manifest.display().to_string()),
+        ],
+    );
+    assert_eq!(by_folder, by_manifest);
+    for (index, shard) in by_folder.iter().enumerate() {
+        assert!(!shard.is_empty());
+        for uri in shard {
+            assert_eq!(audiocap::storage::shard_of(uri, 2), index as u32, "{uri}");
+        }
+    }
+    assert_eq!(by_folder[0].len() + by_folder[1].len(), 16);
+}
+
 /// `audiocap status|finalize TARGET ARGS...`.
 fn dataset_cli(command: &str, target: &Path, args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_audiocap"))
