@@ -53,6 +53,11 @@ pub struct ModelSection {
     pub projector_hidden: usize,
     /// Start the first stage from this projector instead of a fresh one.
     pub init_projector: Option<String>,
+    /// A fresh projector's last layer is scaled before the first step so its audio
+    /// embeddings have the RMS of the decoder's token embeddings (PyTorch's default
+    /// initialisation gives ~10x more on a small decoder, which the decoder's RMS
+    /// norms hide from the gradient while it swamps the residual stream).
+    pub projector_embedding_scale: bool,
     /// Start the first stage from this PEFT adapter instead of a fresh one.
     pub init_adapter: Option<String>,
     /// Where the run writes checkpoints, metrics and its result.
@@ -69,6 +74,7 @@ impl Default for ModelSection {
             device: "cpu".to_string(),
             projector_hidden: 0,
             init_projector: None,
+            projector_embedding_scale: true,
             init_adapter: None,
             output: String::new(),
         }

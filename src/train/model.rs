@@ -209,6 +209,16 @@ impl TrainableParams {
         out
     }
 
+    /// Multiplies the projector's last layer (weight and bias) by `factor`: its
+    /// outputs scale by it.
+    pub fn scale_projector_output(&self, factor: f64) -> candle_core::Result<()> {
+        for name in ["2.weight", "2.bias"] {
+            let var = &self.projector[name];
+            var.set(&(var.as_tensor() * factor)?)?;
+        }
+        Ok(())
+    }
+
     /// The projector as a model part, sharing this struct's variables.
     pub fn projector_model(&self) -> Result<Projector, LoadError> {
         let tensors: HashMap<String, Tensor> = self
@@ -525,6 +535,29 @@ impl TrainableCaptioner {
         Ok(super::loss::cross_entropy_sum(&logits, &batch.labels)?)
     }
 
+    /// Root mean square of the audio embeddings of `batch` and of (up to 4,096 evenly
+    /// spaced rows of) the decoder's token-embedding table.
+    pub fn embedding_scales(&self, batch: &Batch) -> ModelResult<(f64, f64)> {
+        let rms = |t: &Tensor| -> ModelResult<f64> {
+            Ok(t.to_dtype(DType::F32)?
+                .sqr()?
+                .mean_all()?
+                .sqrt()?
+                .to_scalar::<f32>()? as f64)
+        };
+        let audio = self
+            .projector
+            .forward(&batch.features, batch.padding_mask.as_ref())?;
+        let vocab = self.llm.config().vocab_size;
+        let step = vocab.div_ceil(4096).max(1);
+        let ids: Vec<u32> = (0..vocab).step_by(step).map(|i| i as u32).collect();
+        let n = ids.len();
+        let rows = self
+            .llm
+            .embed(&Tensor::from_vec(ids, (1, n), &self.device)?)?;
+        Ok((rms(&audio)?, rms(&rows)?))
+    }
+
     /// The audio embedding(s) [1, n, H] of one clip's features [P, D].
     pub fn audio_embedding(&self, features: &Tensor) -> ModelResult<Tensor> {
         let f = features
@@ -801,6 +834,24 @@ mod tests {
             .to_scalar::<f32>()
             .unwrap();
         assert!(loss.is_finite() && loss > 0.0, "{loss}");
+    }
+
+    /// Scaling the projector's last layer by the ratio of the scales brings the audio
+    /// embeddings to the decoder's token-embedding RMS.
+    #[test]
+    fn the_projector_scales_to_the_embedding_rms() {
+        let (params, model) = setup(DType::F32, &["q_proj"]);
+        let data = examples();
+        let batch = model.collate(&data.iter().collect::<Vec<_>>()).unwrap();
+        let (audio, tokens) = model.embedding_scales(&batch).unwrap();
+        assert!(audio > 0.0 && tokens > 0.0);
+        params.scale_projector_output(tokens / audio).unwrap();
+        let (scaled, same) = model.embedding_scales(&batch).unwrap();
+        assert!(
+            (scaled - tokens).abs() < 1e-4 * tokens,
+            "{scaled} vs {tokens}"
+        );
+        assert_eq!(same, tokens);
     }
 
     #[test]

@@ -432,6 +432,30 @@ fn run_one(
         ctx.dtype,
         &ctx.device,
     )?;
+    if from.projector.is_none() && cfg.model.projector_embedding_scale && stage.train_projector {
+        // Clips spread over the training set (captions of one clip are adjacent).
+        let n = t.batch_size.clamp(8, 32).min(train.len());
+        let sample = (0..n)
+            .map(|k| {
+                let (clip, caption) = &train[k * train.len() / n];
+                Ok(Example {
+                    features: encoder.load(&train_clips[*clip])?,
+                    caption: caption.clone(),
+                })
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?;
+        let batch = model.collate(&sample.iter().collect::<Vec<_>>())?;
+        let (audio_rms, token_rms) = model.embedding_scales(&batch)?;
+        if audio_rms > 0.0 && token_rms > 0.0 {
+            let factor = token_rms / audio_rms;
+            params.scale_projector_output(factor)?;
+            eprintln!(
+                "stage {} seed {seed}: fresh projector scaled x{factor:.3} to the decoder's \
+                 embedding scale (audio embedding RMS {audio_rms:.4} -> {token_rms:.4})",
+                stage.name
+            );
+        }
+    }
     let vars = params.trainable(stage.train_projector);
     let mut optimizer = AdamW::new(
         vars,
