@@ -4,12 +4,12 @@
 #   1. the corpus (corpus/: pinned sound packages, espeak-ng speech, synthetic
 #      signals, mixtures; fixed test split)                      ~1 min
 #   2. the encoder: a BEATs-architecture tagger on the corpus labels
-#      (pipelines/pretrain-encoder-default.toml)                 ~1 h on 2 cores
+#      (pipelines/pretrain-encoder-default.toml)                 ~30 min on 2 cores
 #   3. the decoder: a small Llama-architecture language model with its own BPE
 #      tokenizer on the corpus captions
-#      (pipelines/pretrain-decoder-default.toml)                 ~25 min
+#      (pipelines/pretrain-decoder-default.toml)                 ~20 min
 #   4. the captioner: projector + LoRA, then two more LoRA runs merged by `cat`
-#      (pipelines/train-default-model.toml)
+#      (pipelines/train-default-model.toml)                      ~50 min
 #   5. the ONNX export into exported_models/$NAME
 #   6. captions of the fixed test split and their DCASE metrics
 #

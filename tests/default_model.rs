@@ -271,3 +271,97 @@ fn bad_pretraining_settings_are_all_listed_with_exit_code_2() {
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("layers"));
 }
+
+/// The bundled default model (exported_models/audiocap-sounds-small) on the bundled
+/// samples (exported_models/samples: test-split clips the model never trained on):
+/// every sample gets a caption of plain English words without chat special tokens or
+/// repetition loops, and most captions name their clip's sound.
+#[test]
+fn the_bundled_model_captions_the_samples_fluently() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let model = repo.join("exported_models/audiocap-sounds-small");
+    let samples = repo.join("exported_models/samples");
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(model.join("model.json")).unwrap()).unwrap();
+    assert_eq!(manifest["name"], "audiocap-sounds-small");
+    let dir = tempfile::tempdir().unwrap();
+    let parquet = dir.path().join("captions.parquet");
+    ok(&audiocap(&[
+        "caption",
+        "--model",
+        model.to_str().unwrap(),
+        "--out",
+        parquet.to_str().unwrap(),
+        samples.to_str().unwrap(),
+    ]));
+
+    let labels: std::collections::HashMap<String, Vec<String>> =
+        csv::Reader::from_path(samples.join("samples.csv"))
+            .unwrap()
+            .deserialize::<std::collections::HashMap<String, String>>()
+            .map(|row| {
+                let row = row.unwrap();
+                let labels = row["labels"].split(';').map(str::to_string).collect();
+                (row["file_name"].clone(), labels)
+            })
+            .collect();
+    let file = std::fs::File::open(&parquet).unwrap();
+    let reader = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap();
+    let mut seen = 0;
+    let mut named = 0;
+    for batch in reader {
+        let batch = batch.unwrap();
+        let column = |name: &str| {
+            batch
+                .column_by_name(name)
+                .unwrap()
+                .as_any()
+                .downcast_ref::<arrow_array::StringArray>()
+                .unwrap()
+                .clone()
+        };
+        let (uris, captions, errors) = (column("uri"), column("caption"), column("error"));
+        for i in 0..batch.num_rows() {
+            use arrow_array::Array;
+            let name = Path::new(uris.value(i))
+                .file_name()
+                .unwrap()
+                .to_string_lossy();
+            assert!(errors.is_null(i), "{name}: {}", errors.value(i));
+            let caption = captions.value(i);
+            let words = audiocap::eval::baselines::words(caption);
+            assert!(
+                (2..=30).contains(&words.len()),
+                "{name}: {caption:?} is not a caption"
+            );
+            assert!(
+                !caption.contains("<|") && caption.chars().all(|c| !c.is_control()),
+                "{name}: special tokens or control characters in {caption:?}"
+            );
+            // No loops: no word three times in a row, no word pair three times over.
+            assert!(
+                !words.windows(3).any(|w| w[0] == w[1] && w[1] == w[2]),
+                "{name}: {caption:?} repeats a word"
+            );
+            let pairs: Vec<&[String]> = words.windows(2).collect();
+            assert!(
+                !pairs
+                    .iter()
+                    .any(|p| pairs.iter().filter(|q| q == &p).count() >= 3),
+                "{name}: {caption:?} loops"
+            );
+            if audiocap::eval::baselines::mentions_label(caption, &labels[name.as_ref()]) {
+                named += 1;
+            }
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, labels.len());
+    assert!(
+        named * 2 >= seen,
+        "only {named} of {seen} sample captions name their clip's sound"
+    );
+}
