@@ -68,13 +68,14 @@ fn the_default_model_recipe_runs_end_to_end_at_toy_size() {
         assert!(labels.contains(&l.to_string()), "{labels:?}");
     }
 
-    // Decoder: a two-layer Llama with a 300-token tokenizer.
+    // Decoder: a two-layer Llama with a 300-token tokenizer, the label words in the
+    // audio slot (the recipe's setting: the CLI reads the manifests' labels column).
     let dec_settings = d.join("decoder.toml");
     write(
         &dec_settings,
         "vocab_size = 300\nhidden_size = 32\nintermediate_size = 64\nnum_hidden_layers = 2\n\
          num_attention_heads = 4\nnum_key_value_heads = 2\nmax_position_embeddings = 128\n\
-         epochs = 3\nbatch_size = 8\npeak_lr = 3e-3\n",
+         epochs = 3\nbatch_size = 8\npeak_lr = 3e-3\naudio_slot = \"labels\"\n",
     );
     let decoder = d.join("decoder");
     ok(&audiocap(&[
@@ -89,6 +90,9 @@ fn the_default_model_recipe_runs_end_to_end_at_toy_size() {
         "--out",
         &s(&decoder),
     ]));
+    let pretrain: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(decoder.join("pretrain.json")).unwrap()).unwrap();
+    assert_eq!(pretrain["settings"]["audio_slot"], "labels");
 
     // The captioner: the recipe's two stages, at a few epochs.
     let run = d.join("captioner");
