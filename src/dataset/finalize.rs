@@ -233,11 +233,13 @@ async fn commit_records(
             path: dir.to_string(),
             source,
         })?;
-    let mut records = Vec::new();
-    for meta in listed {
-        if !meta.location.as_ref().ends_with(".json") {
-            continue;
-        }
+    // Records are small; fetch them concurrently (one per shard run).
+    let mut records: Vec<ShardCommitRecord> = futures::stream::iter(
+        listed
+            .into_iter()
+            .filter(|meta| meta.location.as_ref().ends_with(".json")),
+    )
+    .map(|meta| async move {
         let path = meta.location.to_string();
         let store_err = |source| DatasetError::Store {
             op: "reading commit record",
@@ -251,10 +253,11 @@ async fn commit_records(
             .bytes()
             .await
             .map_err(store_err)?;
-        let record: ShardCommitRecord =
-            serde_json::from_slice(&bytes).map_err(|source| DatasetError::Json { path, source })?;
-        records.push(record);
-    }
+        serde_json::from_slice(&bytes).map_err(|source| DatasetError::Json { path, source })
+    })
+    .buffer_unordered(PARALLEL_PARTS)
+    .try_collect()
+    .await?;
     records.sort_by(|a, b| (a.committed_at_us, &a.run_id).cmp(&(b.committed_at_us, &b.run_id)));
     Ok(records)
 }
