@@ -222,7 +222,8 @@ fn airflow_dag_compiles_and_maps_exit_codes() {
     assert!(text.contains("if code == 3:\n            raise AirflowSkipException"));
 }
 
-/// The DAG run by a real Airflow (`airflow dags test`, SQLite) over the fixture clips:
+/// The DAG run by a real Airflow (`airflow dags test`, SQLite) with the bundled model
+/// over the bundled samples:
 /// two mapped shard tasks, then finalize, and the dataset is finalized with every
 /// clip once. Opt-in: `scripts/test-airflow-dag.sh` installs Airflow into a
 /// virtualenv and runs this with `AUDIOCAP_AIRFLOW` set (~40 s, plus ~2 min for the
@@ -236,7 +237,8 @@ fn airflow_runs_the_dag_end_to_end_when_installed() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let audio = crate::common::fixtures().join("e2e-tiny/audio");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let audio = repo.join("exported_models/samples");
     let out = dir.path().join("captions");
     let pipeline = dir.path().join("pipeline.toml");
     std::fs::write(
@@ -244,7 +246,7 @@ fn airflow_runs_the_dag_end_to_end_when_installed() {
         format!(
             "[model]\npath = {:?}\n[input]\nsources = [{:?}]\n[generation]\nmax_new_tokens = 6\n\
              [output]\nuri = {:?}\n[logging]\nprogress = \"off\"\n",
-            crate::pipeline_run::tiny_model(),
+            repo.join("exported_models/audiocap-sounds-small"),
             audio,
             out
         ),
@@ -276,6 +278,16 @@ fn airflow_runs_the_dag_end_to_end_when_installed() {
     let manifest: Value =
         serde_json::from_slice(&std::fs::read(out.join("_manifest.json")).unwrap()).unwrap();
     assert_eq!(manifest["shard_count"], 2);
-    let clips = std::fs::read_dir(&audio).unwrap().count();
+    let clips = std::fs::read_dir(&audio)
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "wav")
+        })
+        .count();
+    assert_eq!(manifest["error_rows"], 0);
     assert_eq!(manifest["rows"].as_u64().unwrap() as usize, clips);
 }
