@@ -2,8 +2,7 @@
 # Runs deploy/airflow/audiocap_dag.py in a real Airflow (issue #9): installs
 # apache-airflow into a virtualenv (target/airflow-venv, once: ~2 min), then the
 # opt-in test that runs `airflow dags test` (SQLite) with the bundled model over the
-# bundled samples: two
-# mapped shard tasks and finalize (~40 s).
+# bundled samples: two mapped shard tasks and finalize (~30 s).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 venv=${AIRFLOW_VENV:-target/airflow-venv}
