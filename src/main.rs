@@ -12,7 +12,7 @@ use audiocap::engine::generate::GenerationParams;
 use audiocap::engine::model::{EngineOptions, OnnxModel};
 use audiocap::engine::runtime::DeviceSpec;
 use audiocap::export::{ExportOptions, export_model};
-use audiocap::manifest::ExportDtype;
+use audiocap::manifest::{Attention, ExportDtype};
 use audiocap::model::projector::Pooling;
 use audiocap::model::sources::ModelSources;
 use audiocap::output::CaptionFileWriter;
@@ -335,6 +335,11 @@ struct ExportArgs {
     /// Precision of the exported weights: f32, or f16 for GPUs.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: ExportDtype,
+    /// The decoder's attention: `fused` (ONNX Runtime's GroupQueryAttention, cache
+    /// updated in place, rows of different lengths: continuous batching; CUDA needs
+    /// f16) or `eager` (plain ONNX operators). Default: fused for f16, eager for f32.
+    #[arg(long, value_enum)]
+    attention: Option<Attention>,
     /// Model name recorded in the manifest and in every output row.
     #[arg(long)]
     name: String,
@@ -567,16 +572,18 @@ fn export(args: ExportArgs) -> anyhow::Result<u8> {
     let options = ExportOptions {
         sources: args.model.into_sources()?,
         dtype: args.dtype,
+        attention: args.attention.unwrap_or(Attention::default_for(args.dtype)),
         name: args.name,
         out: args.out,
         overwrite: args.overwrite,
     };
     let manifest = export_model(&options).context("exporting the model")?;
     eprintln!(
-        "exported {} to {} ({:?}; encoder {} bytes, decoder {} bytes{})",
+        "exported {} to {} ({:?}, {:?} attention; encoder {} bytes, decoder {} bytes{})",
         manifest.name,
         options.out.display(),
         manifest.onnx.dtype,
+        manifest.onnx.attention,
         manifest.onnx.audio_encoder.file.bytes,
         manifest.onnx.decoder.file.bytes,
         if manifest.onnx.decoder.external_data.is_empty() {

@@ -46,6 +46,37 @@ pub enum ExportDtype {
     F16,
 }
 
+/// How the decoder graph computes attention and keeps its KV cache.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum Attention {
+    /// Plain ONNX operators, as transformers' eager attention: the cache grows by
+    /// concatenation and every row of a batch has the same length. Runs on every
+    /// provider in f32 and f16.
+    #[default]
+    Eager,
+    /// ONNX Runtime's `GroupQueryAttention` (com.microsoft): fused, GQA-native, the
+    /// cache a preallocated buffer [batch, kv_heads, capacity, head_dim] updated in
+    /// place, each row with its own length (`seqlens_k`), which is what lets new clips
+    /// join a batch as others finish. CPU: f32 and f16; CUDA: f16 only.
+    Fused,
+}
+
+impl Attention {
+    pub fn is_eager(&self) -> bool {
+        *self == Attention::Eager
+    }
+
+    /// What an export gets unless told: fused for f16 (the GPU precision, where the
+    /// fused kernel matters), eager for f32 (CUDA's fused kernel has no f32).
+    pub fn default_for(dtype: ExportDtype) -> Self {
+        match dtype {
+            ExportDtype::F16 => Attention::Fused,
+            ExportDtype::F32 => Attention::Eager,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ModelManifest {
@@ -122,6 +153,9 @@ pub struct OnnxInfo {
     pub opset: i64,
     pub ir_version: i64,
     pub dtype: ExportDtype,
+    /// Absent in exports from before fused attention existed (they are eager).
+    #[serde(default, skip_serializing_if = "Attention::is_eager")]
+    pub attention: Attention,
     pub audio_encoder: GraphFile,
     pub embedding: GraphFile,
     pub decoder: GraphFile,

@@ -40,6 +40,7 @@ fn decoder_past_two_gigabytes_exports_with_external_data_and_runs() {
     let manifest = export_model(&ExportOptions {
         sources,
         dtype: ExportDtype::F32,
+        attention: audiocap::manifest::Attention::Eager,
         name: "large".into(),
         out: out.clone(),
         overwrite: false,
@@ -75,7 +76,7 @@ fn decoder_past_two_gigabytes_exports_with_external_data_and_runs() {
     let prompt = model.prompt_embeds(&audio);
     let prompt_len = prompt.dim().1;
     let embeds = model.embeds_value(prompt).unwrap();
-    let past = model.empty_past(1).unwrap();
+    let past = model.empty_past(1, 0).unwrap();
     let (logits, cache) = model.decode(embeds, past, 0).unwrap();
     assert_eq!(logits.dim(), (1, 128_256));
     assert!(logits.iter().all(|v| v.is_finite()));

@@ -6,10 +6,11 @@ use std::path::{Path, PathBuf};
 use audiocap::audio::decode::decode_file;
 use audiocap::audio::fbank::{Fbank, FbankConfig};
 use audiocap::caption::Captioner;
-use audiocap::engine::generate::{GenerationParams, generate};
+use audiocap::engine::continuous::generate_continuous;
+use audiocap::engine::generate::{Generated, GenerationParams, generate};
 use audiocap::engine::model::{EngineOptions, OnnxModel};
 use audiocap::export::{ExportOptions, export_model};
-use audiocap::manifest::{ExportDtype, ModelManifest};
+use audiocap::manifest::{Attention, ExportDtype, ModelManifest};
 use audiocap::model::sources::ModelSources;
 use candle_core::{Device, Tensor};
 
@@ -30,10 +31,21 @@ fn decoders() -> Vec<(&'static str, ModelSources)> {
 }
 
 fn export_to(dir: &Path, name: &str, src: ModelSources) -> PathBuf {
+    export_with(dir, name, src, ExportDtype::F32, Attention::Eager)
+}
+
+fn export_with(
+    dir: &Path,
+    name: &str,
+    src: ModelSources,
+    dtype: ExportDtype,
+    attention: Attention,
+) -> PathBuf {
     let out = dir.join(name);
     export_model(&ExportOptions {
         sources: src,
-        dtype: ExportDtype::F32,
+        dtype,
+        attention,
         name: name.to_string(),
         out: out.clone(),
         overwrite: false,
@@ -96,6 +108,7 @@ fn export_layout_manifest_and_onnx_checker() {
     let err = export_model(&ExportOptions {
         sources: sources(&[], None),
         dtype: ExportDtype::F32,
+        attention: Attention::Eager,
         name: "again".into(),
         out: out.clone(),
         overwrite: false,
@@ -146,7 +159,7 @@ fn onnx_runtime_matches_candle() {
     let prompt = engine.prompt_embeds(&clip0);
     let (len, hidden) = (prompt.dim().1, prompt.dim().2);
     let embeds = engine.embeds_value(prompt.clone()).unwrap();
-    let past = engine.empty_past(1).unwrap();
+    let past = engine.empty_past(1, len).unwrap();
     let (ort_logits, _) = engine.decode(embeds, past, 0).unwrap();
     let candle_logits = candle
         .prompt_logits(
@@ -169,7 +182,8 @@ fn onnx_runtime_matches_candle() {
 }
 
 /// `audiocap export` then ONNX Runtime greedy decoding reproduces the reference
-/// tokens for every clip and decoder, at batch size 1 and 4.
+/// tokens for every clip and decoder, at batch size 1 and 4, with eager and with
+/// fused attention.
 #[test]
 fn onnx_captions_match_reference_at_batch_1_and_4() {
     let reference = reference();
@@ -180,8 +194,17 @@ fn onnx_captions_match_reference_at_batch_1_and_4() {
         beams: 1,
         min_new_tokens: 0,
     };
-    for (name, src) in decoders() {
-        let out = export_to(dir.path(), name, src);
+    let exports = decoders().into_iter().flat_map(|(name, src)| {
+        [Attention::Eager, Attention::Fused].map(|a| (name, src.clone(), a))
+    });
+    for (name, src, attention) in exports {
+        let out = export_with(
+            dir.path(),
+            &format!("{name}-{attention:?}"),
+            src,
+            ExportDtype::F32,
+            attention,
+        );
         let mut engine = OnnxModel::load(&out, &EngineOptions::default()).unwrap();
         let batch: Vec<(&[f32], usize)> =
             clips.iter().map(|(_, d, n)| (d.as_slice(), *n)).collect();
@@ -282,23 +305,22 @@ fn beam_search_scores_at_least_greedy() {
     }
 }
 
-/// `--dtype f16` runs on ONNX Runtime (CPU here) and stays with the f32 export:
-/// prompt logits within f16 tolerance, and the reference tokens wherever the
-/// reference's top-2 margin leaves room for half-precision rounding.
+/// `--dtype f16` (with fused attention, its default and what GPUs run) runs on ONNX
+/// Runtime (CPU here) and stays with the f32 eager export: prompt logits within f16
+/// tolerance, and the reference tokens wherever the reference's top-2 margin leaves
+/// room for half-precision rounding.
 #[test]
 fn f16_export_matches_f32_within_half_precision() {
     let reference = reference();
     let dir = tempfile::tempdir().unwrap();
     let f32_dir = export_to(dir.path(), "a0", sources(&["a0"], None));
-    let f16_dir = dir.path().join("a0-f16");
-    export_model(&ExportOptions {
-        sources: sources(&["a0"], None),
-        dtype: ExportDtype::F16,
-        name: "a0-f16".into(),
-        out: f16_dir.clone(),
-        overwrite: false,
-    })
-    .unwrap();
+    let f16_dir = export_with(
+        dir.path(),
+        "a0-f16",
+        sources(&["a0"], None),
+        ExportDtype::F16,
+        Attention::default_for(ExportDtype::F16),
+    );
     let f32_bytes = ModelManifest::read(&f32_dir)
         .unwrap()
         .onnx
@@ -307,6 +329,7 @@ fn f16_export_matches_f32_within_half_precision() {
         .bytes;
     let manifest = ModelManifest::read(&f16_dir).unwrap();
     assert_eq!(manifest.onnx.dtype, ExportDtype::F16);
+    assert_eq!(manifest.onnx.attention, Attention::Fused);
     assert!(
         manifest.onnx.decoder.file.bytes < f32_bytes * 6 / 10,
         "f16 weights should halve the file"
@@ -327,19 +350,13 @@ fn f16_export_matches_f32_within_half_precision() {
     eprintln!("f16 vs f32: audio embeddings max relative error {err:.2e}");
     assert!(err < 1e-2, "audio embeddings: {err}");
 
+    let past = e32.empty_past(4, 64).unwrap();
     let (l32, _) = e32
-        .decode(
-            e32.embeds_value(e32.prompt_embeds(&a32)).unwrap(),
-            e32.empty_past(4).unwrap(),
-            0,
-        )
+        .decode(e32.embeds_value(e32.prompt_embeds(&a32)).unwrap(), past, 0)
         .unwrap();
+    let past = e16.empty_past(4, 64).unwrap();
     let (l16, _) = e16
-        .decode(
-            e16.embeds_value(e16.prompt_embeds(&a32)).unwrap(),
-            e16.empty_past(4).unwrap(),
-            0,
-        )
+        .decode(e16.embeds_value(e16.prompt_embeds(&a32)).unwrap(), past, 0)
         .unwrap();
     let scale = l32.iter().fold(0f32, |m, v| m.max(v.abs()));
     let err = l32
@@ -373,4 +390,159 @@ fn f16_export_matches_f32_within_half_precision() {
             "{clip}: f16 tokens"
         );
     }
+}
+
+/// Fused attention (`GroupQueryAttention`, cache updated in place) computes what the
+/// eager graph does: prompt and step logits within f32 rounding, the same greedy
+/// and beam-search captions; and continuous batching (clips joining free rows of a
+/// running cache, rows at different lengths) gives every clip the caption it gets in
+/// a fixed batch.
+#[test]
+fn fused_attention_and_continuous_batching_match_eager() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = || sources(&["a0", "a1"], Some(vec![0.5, 0.5]));
+    let eager_dir = export_with(
+        dir.path(),
+        "eager",
+        src(),
+        ExportDtype::F32,
+        Attention::Eager,
+    );
+    let fused_dir = export_with(
+        dir.path(),
+        "fused",
+        src(),
+        ExportDtype::F32,
+        Attention::Fused,
+    );
+    let manifest = ModelManifest::read(&fused_dir).unwrap();
+    assert_eq!(manifest.onnx.attention, Attention::Fused);
+    onnx_check(&fused_dir.join("decoder.onnx"));
+    let mut eager = OnnxModel::load(&eager_dir, &EngineOptions::default()).unwrap();
+    let mut fused = OnnxModel::load(&fused_dir, &EngineOptions::default()).unwrap();
+    let clips = clips();
+    let batch: Vec<(&[f32], usize)> = clips.iter().map(|(_, d, n)| (d.as_slice(), *n)).collect();
+    let audio = eager.encode(&batch).unwrap();
+
+    // Prefill, then three steps with the same tokens: logits agree at every step.
+    let rows = audio.dim().0;
+    let prompt_len = eager.prompt_len();
+    let mut e_cache = eager.empty_past(rows, 0).unwrap();
+    let mut f_cache = fused.empty_past(rows, prompt_len + 4).unwrap();
+    let mut e_embeds = eager.embeds_value(eager.prompt_embeds(&audio)).unwrap();
+    let mut f_embeds = fused.embeds_value(fused.prompt_embeds(&audio)).unwrap();
+    for step in 0..4 {
+        let past_len = if step == 0 { 0 } else { prompt_len + step - 1 };
+        let (el, ec) = eager.decode(e_embeds, e_cache, past_len).unwrap();
+        let (fl, fc) = fused.decode(f_embeds, f_cache, past_len).unwrap();
+        let scale = el.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let err = el
+            .iter()
+            .zip(fl.iter())
+            .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+            / scale;
+        eprintln!("fused vs eager: step {step} logits max relative error {err:.2e}");
+        assert!(err < 1e-5, "step {step}: {err}");
+        let next: Vec<u32> = el
+            .rows()
+            .into_iter()
+            .map(|r| {
+                r.iter()
+                    .enumerate()
+                    .fold((0, f32::MIN), |b, (i, &v)| if v > b.1 { (i, v) } else { b })
+                    .0 as u32
+            })
+            .collect();
+        e_embeds = eager.embed_step(&next).unwrap();
+        f_embeds = fused.embed_step(&next).unwrap();
+        e_cache = ec;
+        f_cache = fc;
+    }
+    // Rows of different lengths are refused by an eager export.
+    let step = eager.embed_step(&[1, 2, 3, 4]).unwrap();
+    let ragged = eager.decode_greedy_rows(
+        step,
+        e_cache,
+        &[
+            prompt_len + 3,
+            prompt_len + 3,
+            prompt_len + 2,
+            prompt_len + 3,
+        ],
+        &[false; 4],
+    );
+    assert!(ragged.is_err());
+
+    let greedy = GenerationParams {
+        max_new_tokens: 12,
+        beams: 1,
+        min_new_tokens: 0,
+    };
+    let same = |what: &str, got: &[Generated], want: &[Generated]| {
+        assert_eq!(got.len(), want.len(), "{what}");
+        for (i, (g, w)) in got.iter().zip(want).enumerate() {
+            assert_eq!(g.token_ids, w.token_ids, "{what}: clip {i}");
+            assert!((g.score - w.score).abs() < 1e-4, "{what}: clip {i}");
+        }
+    };
+    // Fixed-length captions (benchmarks) through continuous batching (the stop ids
+    // the graph suppresses are the export's).
+    let fixed = GenerationParams {
+        min_new_tokens: 12,
+        ..greedy.clone()
+    };
+    let want_fixed = generate(&mut eager, &audio, &fixed).unwrap();
+    let got_fixed = generate_continuous(&mut fused, &audio, 3, 1, &fixed).unwrap();
+    same("fixed length", &got_fixed, &want_fixed);
+    assert!(got_fixed.iter().all(|g| g.token_ids.len() == 12));
+    // The random tiny decoder never says a stop id: a few of the tokens it says
+    // serve as extra stops, so captions end at different lengths.
+    let full = generate(&mut eager, &audio, &greedy).unwrap();
+    let extra_stops = [
+        full[0].token_ids[2],
+        full[1].token_ids[6],
+        full[2].token_ids[4],
+    ];
+    for model in [&mut eager, &mut fused] {
+        model.manifest.generation.stop_ids.extend(extra_stops);
+    }
+    let want = generate(&mut eager, &audio, &greedy).unwrap();
+    same(
+        "greedy",
+        &generate(&mut fused, &audio, &greedy).unwrap(),
+        &want,
+    );
+    fused.set_keep_finished_rows(true);
+    same(
+        "kept rows",
+        &generate(&mut fused, &audio, &greedy).unwrap(),
+        &want,
+    );
+    let beams = GenerationParams {
+        beams: 3,
+        ..greedy.clone()
+    };
+    let want_beams = generate(&mut eager, &audio, &beams).unwrap();
+    let got_beams = generate(&mut fused, &audio, &beams).unwrap();
+    for (g, w) in got_beams.iter().zip(&want_beams) {
+        assert_eq!(g.token_ids, w.token_ids, "beams");
+    }
+
+    // Continuous batching: the four clips, twice over, through 3 rows that refill one
+    // at a time (joins land in scattered rows while others are mid-caption), and
+    // through 8 rows at once (a single prefill into the running cache).
+    let twice = ndarray::concatenate(ndarray::Axis(0), &[audio.view(), audio.view()]).unwrap();
+    let want_twice: Vec<_> = want.iter().chain(&want).cloned().collect();
+    let lengths: Vec<usize> = want.iter().map(|g| g.token_ids.len()).collect();
+    assert!(
+        lengths.iter().any(|&l| l != lengths[0]),
+        "the fixture's captions should differ in length for this test to mean anything: {lengths:?}"
+    );
+    for (rows, refill) in [(3, 1), (8, 8), (2, 2)] {
+        let got = generate_continuous(&mut fused, &twice, rows, refill, &greedy).unwrap();
+        same(&format!("{rows} rows"), &got, &want_twice);
+    }
+    // Eager exports are refused, as is beam search.
+    assert!(generate_continuous(&mut eager, &audio, 2, 1, &greedy).is_err());
+    assert!(generate_continuous(&mut fused, &audio, 2, 1, &beams).is_err());
 }

@@ -31,7 +31,7 @@ use crate::engine::generate::{GenerationParams, generate};
 use crate::engine::model::{EngineOptions, OnnxModel};
 use crate::engine::runtime::{DeviceSpec, init_runtime};
 use crate::export::{ExportOptions, export_model};
-use crate::manifest::{ExportDtype, ModelManifest};
+use crate::manifest::{Attention, ExportDtype, ModelManifest};
 use crate::model::projector::Pooling;
 use crate::model::sources::ModelSources;
 
@@ -191,6 +191,10 @@ pub struct BenchOptions {
     /// Seed of the synthetic weights.
     #[arg(long, default_value_t = DEFAULT_SEED)]
     pub seed: u64,
+    /// The exported decoder's attention (default: fused for f16, eager for f32; see
+    /// `audiocap export --attention`).
+    #[arg(long, value_enum)]
+    pub attention: Option<Attention>,
     /// Rebuild the synthetic checkpoints and the export even if cached ones match.
     #[arg(long)]
     pub rebuild: bool,
@@ -222,6 +226,7 @@ impl Default for BenchOptions {
             fixtures: None,
             tokenizer: None,
             seed: DEFAULT_SEED,
+            attention: None,
             rebuild: false,
             json: None,
             quiet: false,
@@ -233,6 +238,7 @@ impl Default for BenchOptions {
 struct Plan {
     preset: BenchPreset,
     dtype: ExportDtype,
+    attention: Attention,
     batch_sizes: Vec<usize>,
     encoder_batch: usize,
     e2e_batch: usize,
@@ -244,9 +250,11 @@ struct Plan {
 impl BenchOptions {
     fn plan(&self) -> anyhow::Result<Plan> {
         let d = self.preset.defaults();
+        let dtype = self.dtype.unwrap_or(d.dtype);
         let plan = Plan {
             preset: self.preset,
-            dtype: self.dtype.unwrap_or(d.dtype),
+            dtype,
+            attention: self.attention.unwrap_or(Attention::default_for(dtype)),
             batch_sizes: self
                 .batch_sizes
                 .clone()
@@ -382,6 +390,7 @@ pub struct BenchReport {
     pub model_dir: Option<PathBuf>,
     pub device: String,
     pub dtype: ExportDtype,
+    pub attention: Attention,
     /// `release` or `debug` (how this binary was built).
     pub build_profile: &'static str,
     /// ONNX Runtime version and library file.
@@ -425,9 +434,10 @@ impl fmt::Display for BenchReport {
         };
         writeln!(
             f,
-            "audiocap bench: {what} ({}), {} on {}, {} build, ONNX Runtime {}",
+            "audiocap bench: {what} ({}), {} {} attention on {}, {} build, ONNX Runtime {}",
             m.name,
             fmt_dtype(self.dtype),
+            fmt_attention(self.attention),
             self.device,
             self.build_profile,
             self.onnxruntime
@@ -500,6 +510,13 @@ fn fmt_dtype(dtype: ExportDtype) -> &'static str {
     match dtype {
         ExportDtype::F32 => "f32",
         ExportDtype::F16 => "f16",
+    }
+}
+
+fn fmt_attention(attention: Attention) -> &'static str {
+    match attention {
+        Attention::Eager => "eager",
+        Attention::Fused => "fused",
     }
 }
 
@@ -602,6 +619,7 @@ pub fn run_bench(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         model_dir: options.model.clone(),
         device: options.device.to_string(),
         dtype: manifest.onnx.dtype,
+        attention: manifest.onnx.attention,
         build_profile: if cfg!(debug_assertions) {
             "debug"
         } else {
@@ -773,9 +791,11 @@ fn measure_decoder(
     let prompt_tokens = model.prompt_embeds(audio).dim().1;
     let prefill = r.time(|| {
         let embeds = model.embeds_value(model.prompt_embeds(audio))?;
-        let past = model.empty_past(b)?;
+        let past = model.empty_past(b, model.cache_capacity(n))?;
         // As generation runs it: the greedy choice where the model runs.
-        model.decode_greedy(embeds, past, 0, &vec![false; b])?;
+        let (_, cache) = model.decode_greedy(embeds, past, 0, &vec![false; b])?;
+        // Fused attention reuses the buffers (warm-up runs allocate them).
+        model.recycle_cache(cache);
         Ok(())
     })?;
     let prefill_mean = prefill.iter().sum::<f64>() / prefill.len().max(1) as f64;
@@ -983,9 +1003,10 @@ fn prepare_export(
     };
 
     let name = format!(
-        "bench-{}-{}-seed{}",
+        "bench-{}-{}-{}-seed{}",
         plan.preset,
         fmt_dtype(plan.dtype),
+        fmt_attention(plan.attention),
         options.seed
     );
     let exports = plan.work_dir.join("exports");
@@ -994,6 +1015,7 @@ fn prepare_export(
     let export_key = serde_json::json!({
         "sources": source_key,
         "dtype": plan.dtype,
+        "attention": plan.attention,
         "audiocap_version": env!("CARGO_PKG_VERSION"),
     });
     let cached = !options.rebuild
@@ -1022,6 +1044,7 @@ fn prepare_export(
     export_model(&ExportOptions {
         sources,
         dtype: plan.dtype,
+        attention: plan.attention,
         name,
         out: out.clone(),
         overwrite: true,

@@ -89,7 +89,8 @@ fn greedy(
     let prompt = model.prompt_embeds(audio);
     let prompt_len = prompt.dim().1;
     let embeds = model.embeds_value(prompt)?;
-    let past = model.empty_past(batch)?;
+    let capacity = model.cache_capacity(params.max_new_tokens);
+    let past = model.empty_past(batch, capacity)?;
     // Stop ids may not be chosen before `min_new_tokens` (all rows advance together).
     let suppress = |generated: usize, rows: usize| vec![generated < params.min_new_tokens; rows];
     let (mut choice, mut cache) = model.decode_greedy(embeds, past, 0, &suppress(0, batch))?;
@@ -149,6 +150,7 @@ fn greedy(
         cache = k;
         position += 1;
     }
+    model.recycle_cache(cache);
     Ok(results
         .into_iter()
         .map(|r| {
@@ -181,7 +183,7 @@ fn beam_search(
     let prompt = model.prompt_embeds(audio);
     let prompt_len = prompt.dim().1;
     let embeds = model.embeds_value(prompt)?;
-    let past = model.empty_past(batch)?;
+    let past = model.empty_past(batch, model.cache_capacity(params.max_new_tokens))?;
     let (first_logits, cache) = model.decode(embeds, past, 0)?;
     let mut position = prompt_len;
 
@@ -298,6 +300,7 @@ fn beam_search(
         cache = c;
         position += 1;
     }
+    model.recycle_cache(cache);
     Ok(finished
         .into_iter()
         .map(|mut hyps| {

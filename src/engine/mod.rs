@@ -2,6 +2,8 @@
 //! there is a GPU and the CPU elsewhere.
 
 pub mod captioner;
+pub mod continuous;
 pub mod generate;
+pub mod kv_cache;
 pub mod model;
 pub mod runtime;

@@ -6,13 +6,14 @@ use std::path::{Path, PathBuf};
 use ndarray::{Array2, Array3, ArrayD, Axis, IxDyn};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{Session, SessionOutputs};
-use ort::value::{DynTensorValueType, DynValue, Tensor, TensorElementType, ValueType};
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use tokenizers::Tokenizer;
 
+use super::kv_cache::{self, RowInserter};
 use super::runtime::{DeviceSpec, RuntimeError, session_builder};
 use crate::export::decoder::io as dec_io;
 use crate::export::encoder::io as enc_io;
-use crate::manifest::{ExportDtype, ManifestError, ModelManifest};
+use crate::manifest::{Attention, ExportDtype, ManifestError, ModelManifest};
 use crate::model::prompt::{PromptError, load_tokenizer};
 
 #[derive(Debug, thiserror::Error)]
@@ -74,6 +75,11 @@ pub struct OnnxModel {
     device_greedy: bool,
     /// See [`OnnxModel::keeps_finished_rows`].
     keep_finished_rows: bool,
+    /// Fused attention: caches handed back by finished batches, for the next batch
+    /// of the same shape (allocating one on a GPU costs a host-to-device copy).
+    spare_caches: Vec<Vec<DynValue>>,
+    /// Fused attention: writes prefilled rows into a running cache (built on first use).
+    inserter: Option<RowInserter>,
 }
 
 /// What a decoder step hands back: the last position's logits [B, vocab] when they
@@ -134,7 +140,26 @@ impl OnnxModel {
             device: options.device,
             device_greedy,
             keep_finished_rows: matches!(options.device, DeviceSpec::Cuda(_)),
+            spare_caches: Vec::new(),
+            inserter: None,
         })
+    }
+
+    /// How the decoder attends and keeps its cache (see [`Attention`]).
+    pub fn attention(&self) -> Attention {
+        self.manifest.onnx.attention
+    }
+
+    /// Positions of the prompt: text before the audio, the audio embeddings, text after.
+    pub fn prompt_len(&self) -> usize {
+        self.prefix_embeds.nrows()
+            + self.manifest.projector.audio_tokens
+            + self.suffix_embeds.nrows()
+    }
+
+    /// Cache positions a caption of up to `max_new_tokens` tokens needs.
+    pub fn cache_capacity(&self, max_new_tokens: usize) -> usize {
+        self.prompt_len() + max_new_tokens
     }
 
     /// Whether finished rows should stay in the batch rather than leave it. On a GPU a
@@ -261,25 +286,43 @@ impl OnnxModel {
         rows: &[usize],
     ) -> Result<Vec<DynValue>> {
         match self.device {
-            DeviceSpec::Cpu => select_rows(values, rows),
-            DeviceSpec::Cuda(id) => {
+            DeviceSpec::Cpu => kv_cache::select_rows(values, rows),
+            DeviceSpec::Cuda(_) => {
                 // Rows change only when sequences finish or beams reorder: a round
                 // trip through the host, then back to the device.
                 let host = values
-                    .into_iter()
-                    .map(|v| to_device(v, AllocationDevice::CPU, 0))
+                    .iter()
+                    .map(|v| kv_cache::to_device(v, DeviceSpec::Cpu))
                     .collect::<Result<Vec<_>>>()?;
-                select_rows(host, rows)?
-                    .into_iter()
-                    .map(|v| to_device(v, AllocationDevice::CUDA, id as i32))
+                kv_cache::select_rows(host, rows)?
+                    .iter()
+                    .map(|v| kv_cache::to_device(v, self.device))
                     .collect()
             }
         }
     }
 
-    /// Empty KV cache values for `batch` rows.
-    pub fn empty_past(&self, batch: usize) -> Result<Vec<DynValue>> {
+    /// KV cache values for `batch` rows that may grow to `capacity` positions: empty
+    /// values for eager attention, zeroed (or recycled) buffers of `capacity`
+    /// positions for fused attention.
+    pub fn empty_past(&mut self, batch: usize, capacity: usize) -> Result<Vec<DynValue>> {
         let d = &self.manifest.decoder;
+        if self.attention() == Attention::Fused {
+            let shape = [batch, d.num_key_value_heads, capacity, d.head_dim];
+            if let Some(i) = self
+                .spare_caches
+                .iter()
+                .position(|c| c.first().is_some_and(|v| cache_shape(v) == shape))
+            {
+                return Ok(self.spare_caches.swap_remove(i));
+            }
+            return kv_cache::zeroed_buffers(
+                self.device,
+                self.manifest.onnx.dtype,
+                d.num_layers,
+                shape,
+            );
+        }
         let shape = vec![batch, d.num_key_value_heads, 0, d.head_dim];
         (0..2 * d.num_layers)
             .map(|_| match self.manifest.onnx.dtype {
@@ -294,6 +337,43 @@ impl OnnxModel {
             .map_err(run_error("decoder"))
     }
 
+    /// Hands a finished batch's cache back for reuse (fused attention; the last two
+    /// shapes are kept).
+    pub fn recycle_cache(&mut self, cache: Vec<DynValue>) {
+        if self.attention() == Attention::Fused
+            && cache.len() == 2 * self.manifest.decoder.num_layers
+        {
+            self.spare_caches.push(cache);
+            if self.spare_caches.len() > 2 {
+                self.spare_caches.remove(0);
+            }
+        }
+    }
+
+    /// Fused attention: copies row `i` of every `update` value (a prefill's cache)
+    /// into row `rows[i]` of `cache`, in place where the model runs.
+    pub fn insert_cache_rows(
+        &mut self,
+        cache: Vec<DynValue>,
+        update: &[DynValue],
+        rows: &[usize],
+    ) -> Result<Vec<DynValue>> {
+        if self.inserter.is_none() {
+            let d = &self.manifest.decoder;
+            self.inserter = Some(RowInserter::new(
+                self.device,
+                self.manifest.onnx.dtype,
+                2 * d.num_layers,
+                d.num_key_value_heads,
+                d.head_dim,
+            )?);
+        }
+        self.inserter
+            .as_mut()
+            .expect("built above")
+            .insert(cache, update, rows)
+    }
+
     /// One decoder call over `embeds` [B, S, H] with `past` (2 values per layer, key
     /// then value) holding `past_len` positions. Returns the last position's logits
     /// [B, vocab] and the new cache.
@@ -304,8 +384,13 @@ impl OnnxModel {
         past_len: usize,
     ) -> Result<(Array2<f32>, Vec<DynValue>)> {
         let batch = embeds_shape(&embeds)?[0];
-        let (output, cache) =
-            self.run_decoder(embeds, past, past_len, &vec![false; batch], true)?;
+        let (output, cache) = self.run_decoder(
+            embeds,
+            past,
+            &vec![past_len; batch],
+            &vec![false; batch],
+            true,
+        )?;
         match output {
             StepOutput::Logits(logits) => Ok((logits, cache)),
             StepOutput::Greedy(_) => Err(EngineError::Input("decoder returned no logits".into())),
@@ -323,7 +408,21 @@ impl OnnxModel {
         past_len: usize,
         suppress_stops: &[bool],
     ) -> Result<(GreedyChoice, Vec<DynValue>)> {
-        let (output, cache) = self.run_decoder(embeds, past, past_len, suppress_stops, false)?;
+        let batch = embeds_shape(&embeds)?[0];
+        self.decode_greedy_rows(embeds, past, &vec![past_len; batch], suppress_stops)
+    }
+
+    /// [`OnnxModel::decode_greedy`] with each row at its own length: `lengths[row]`
+    /// positions of that row are in the cache. Rows of different lengths need fused
+    /// attention.
+    pub fn decode_greedy_rows(
+        &mut self,
+        embeds: DynValue,
+        past: Vec<DynValue>,
+        lengths: &[usize],
+        suppress_stops: &[bool],
+    ) -> Result<(GreedyChoice, Vec<DynValue>)> {
+        let (output, cache) = self.run_decoder(embeds, past, lengths, suppress_stops, false)?;
         let choice = match output {
             StepOutput::Greedy(choice) => choice,
             StepOutput::Logits(logits) => {
@@ -336,33 +435,73 @@ impl OnnxModel {
     fn run_decoder(
         &mut self,
         embeds: DynValue,
-        past: Vec<DynValue>,
-        past_len: usize,
+        mut past: Vec<DynValue>,
+        lengths: &[usize],
         suppress_stops: &[bool],
         logits_on_host: bool,
     ) -> Result<(StepOutput, Vec<DynValue>)> {
         let shape = embeds_shape(&embeds)?;
         let (batch, seq) = (shape[0], shape[1]);
-        if suppress_stops.len() != batch {
+        if suppress_stops.len() != batch || lengths.len() != batch {
             return Err(EngineError::Input(format!(
-                "{} stop-suppression flags for {batch} rows",
-                suppress_stops.len()
+                "{} stop-suppression flags and {} lengths for {batch} rows",
+                suppress_stops.len(),
+                lengths.len()
             )));
         }
-        let total = past_len + seq;
-        let mask = Tensor::from_array((vec![batch, total], vec![1i64; batch * total]))
-            .map_err(run_error("decoder"))?;
-        let positions: Vec<i64> = (0..batch)
-            .flat_map(|_| (past_len..total).map(|p| p as i64))
-            .collect();
-        let positions =
-            Tensor::from_array((vec![batch, seq], positions)).map_err(run_error("decoder"))?;
         let layers = self.manifest.decoder.num_layers;
         if past.len() != 2 * layers {
             return Err(EngineError::Input(format!(
                 "{} cache values for {layers} layers",
                 past.len()
             )));
+        }
+        let fused = self.attention() == Attention::Fused;
+        let positions: Vec<i64> = lengths
+            .iter()
+            .flat_map(|&len| (len..len + seq).map(|p| p as i64))
+            .collect();
+        let positions = Tensor::from_array((vec![batch, seq], positions))
+            .map_err(run_error("decoder"))?
+            .into_dyn();
+        // Eager: one length for the batch, told by a 0/1 mask; fused: each row's own
+        // length, checked against the buffers' capacity.
+        let mut lengths_inputs: Vec<(String, DynValue)> = Vec::new();
+        if fused {
+            let capacity = past.first().map(|v| cache_shape(v)[2]).unwrap_or(0);
+            if let Some(&longest) = lengths.iter().max().filter(|&&l| l + seq > capacity) {
+                return Err(EngineError::Input(format!(
+                    "a row of {longest} positions plus {seq} new ones does not fit a cache of {capacity}"
+                )));
+            }
+            let seqlens: Vec<i32> = lengths.iter().map(|&l| (l + seq - 1) as i32).collect();
+            let total = lengths.iter().max().map_or(seq, |&l| l + seq) as i32;
+            lengths_inputs.push((
+                dec_io::SEQLENS_K.to_string(),
+                Tensor::from_array((vec![batch], seqlens))
+                    .map_err(run_error("decoder"))?
+                    .into_dyn(),
+            ));
+            lengths_inputs.push((
+                dec_io::TOTAL_SEQUENCE_LENGTH.to_string(),
+                Tensor::from_array((Vec::<usize>::new(), vec![total]))
+                    .map_err(run_error("decoder"))?
+                    .into_dyn(),
+            ));
+        } else {
+            let past_len = lengths.first().copied().unwrap_or(0);
+            if lengths.iter().any(|&l| l != past_len) {
+                return Err(EngineError::Input(
+                    "rows of different lengths need an export with fused attention".into(),
+                ));
+            }
+            let total = past_len + seq;
+            lengths_inputs.push((
+                dec_io::ATTENTION_MASK.to_string(),
+                Tensor::from_array((vec![batch, total], vec![1i64; batch * total]))
+                    .map_err(run_error("decoder"))?
+                    .into_dyn(),
+            ));
         }
         // The cache stays where the model runs (device memory on CUDA) from one step
         // to the next through an I/O binding; only what the host reads comes back.
@@ -372,26 +511,21 @@ impl OnnxModel {
             .decoder
             .create_binding()
             .map_err(run_error("decoder"))?;
-        let mask = mask.into_dyn();
-        let positions = positions.into_dyn();
         let suppress = Tensor::from_array((vec![batch], suppress_stops.to_vec()))
             .map_err(run_error("decoder"))?
             .into_dyn();
         let mut bound = vec![
             (dec_io::INPUTS_EMBEDS.to_string(), &embeds),
-            (dec_io::ATTENTION_MASK.to_string(), &mask),
             (dec_io::POSITION_IDS.to_string(), &positions),
         ];
+        for (name, value) in &lengths_inputs {
+            bound.push((name.clone(), value));
+        }
         if self.device_greedy {
             bound.push((dec_io::SUPPRESS_STOPS.to_string(), &suppress));
         }
         for (i, value) in past.iter().enumerate() {
-            let name = if i % 2 == 0 {
-                dec_io::past_key(i / 2)
-            } else {
-                dec_io::past_value(i / 2)
-            };
-            bound.push((name, value));
+            bound.push((cache_name(i), value));
         }
         for (name, value) in bound {
             binding
@@ -414,10 +548,17 @@ impl OnnxModel {
                     .map_err(run_error("decoder"))?;
             }
         }
-        for layer in 0..layers {
-            for name in [dec_io::present_key(layer), dec_io::present_value(layer)] {
+        if fused {
+            // Past and present are one buffer: GroupQueryAttention writes in place.
+            for (i, value) in past.iter_mut().enumerate() {
                 binding
-                    .bind_output_to_device(name, &cache_memory)
+                    .bind_output(present_name(i), value)
+                    .map_err(run_error("decoder"))?;
+            }
+        } else {
+            for i in 0..2 * layers {
+                binding
+                    .bind_output_to_device(present_name(i), &cache_memory)
                     .map_err(run_error("decoder"))?;
             }
         }
@@ -442,18 +583,17 @@ impl OnnxModel {
         } else {
             None
         };
-        let mut present = Vec::with_capacity(2 * layers);
-        for layer in 0..layers {
-            present.push(take(&mut outputs, "decoder", &dec_io::present_key(layer))?);
-            present.push(take(
-                &mut outputs,
-                "decoder",
-                &dec_io::present_value(layer),
-            )?);
-        }
+        let present = if fused {
+            past
+        } else {
+            let present = (0..2 * layers)
+                .map(|i| take(&mut outputs, "decoder", &present_name(i)))
+                .collect::<Result<Vec<_>>>()?;
+            drop(past);
+            present
+        };
         drop(outputs);
         drop(binding);
-        drop(past);
         if let Some(choice) = greedy {
             return Ok((StepOutput::Greedy(choice), present));
         }
@@ -469,6 +609,34 @@ impl OnnxModel {
                 .assign(&ndarray::ArrayView1::from(&data[start..start + vocab]));
         }
         Ok((StepOutput::Logits(last), present))
+    }
+}
+
+/// Cache value `i` (key then value, layer by layer) as a decoder input and output.
+fn cache_name(i: usize) -> String {
+    if i.is_multiple_of(2) {
+        dec_io::past_key(i / 2)
+    } else {
+        dec_io::past_value(i / 2)
+    }
+}
+
+fn present_name(i: usize) -> String {
+    if i.is_multiple_of(2) {
+        dec_io::present_key(i / 2)
+    } else {
+        dec_io::present_value(i / 2)
+    }
+}
+
+/// The shape of a cache value ([rows, kv_heads, positions, head_dim]).
+fn cache_shape(value: &DynValue) -> [usize; 4] {
+    match value.dtype() {
+        ValueType::Tensor { shape, .. } if shape.len() == 4 => {
+            let d = |i: usize| shape[i].max(0) as usize;
+            [d(0), d(1), d(2), d(3)]
+        }
+        _ => [0; 4],
     }
 }
 
@@ -504,17 +672,6 @@ pub fn host_greedy(
 fn memory_info(device: AllocationDevice<'static>, id: i32) -> Result<MemoryInfo<'static>> {
     MemoryInfo::new(device, id, AllocatorType::Device, MemoryType::Default)
         .map_err(run_error("decoder"))
-}
-
-/// A tensor copied to `device`.
-fn to_device(value: DynValue, device: AllocationDevice<'static>, id: i32) -> Result<DynValue> {
-    let tensor = value
-        .downcast::<DynTensorValueType>()
-        .map_err(|e| EngineError::Input(format!("cache value is not a tensor: {e}")))?;
-    Ok(tensor
-        .to(device, id)
-        .map_err(run_error("decoder"))?
-        .into_dyn())
 }
 
 fn embeds_shape(value: &DynValue) -> Result<Vec<usize>> {
@@ -570,33 +727,4 @@ fn embed_ids(session: &mut Session, ids: &[u32]) -> Result<Array2<f32>> {
         .into_shape_with_order(IxDyn(&[n, hidden]))
         .and_then(|a| a.into_dimensionality::<ndarray::Ix2>())
         .map_err(|e| EngineError::Input(format!("embedding output: {e}")))
-}
-
-/// Keeps rows `rows` (in that order, repeats allowed) of every cache value along the
-/// batch axis: finished sequences leave the batch, beams follow their parents.
-pub fn select_rows(values: Vec<DynValue>, rows: &[usize]) -> Result<Vec<DynValue>> {
-    values
-        .into_iter()
-        .map(|v| match v.dtype() {
-            ValueType::Tensor {
-                ty: TensorElementType::Float16,
-                ..
-            } => {
-                let a = v
-                    .try_extract_array::<half::f16>()
-                    .map_err(run_error("decoder"))?;
-                let picked = a.select(Axis(0), rows);
-                Ok(Tensor::from_array(picked)
-                    .map_err(run_error("decoder"))?
-                    .into_dyn())
-            }
-            _ => {
-                let a = v.try_extract_array::<f32>().map_err(run_error("decoder"))?;
-                let picked = a.select(Axis(0), rows);
-                Ok(Tensor::from_array(picked)
-                    .map_err(run_error("decoder"))?
-                    .into_dyn())
-            }
-        })
-        .collect()
 }

@@ -13,6 +13,13 @@
 //! of the logits; stop ids are excluded from it in rows whose `suppress_stops` is
 //! set), `present.{i}.key/.value` [batch, kv_heads, total_sequence, head_dim].
 //!
+//! With fused attention ([`Attention::Fused`]) the decoder takes `seqlens_k` [batch]
+//! int32 (each row's length after this call, minus one) and `total_sequence_length`
+//! [] int32 (the longest row's) in place of `attention_mask`; the cache inputs and
+//! outputs are one preallocated buffer per layer, [batch, kv_heads, capacity,
+//! head_dim], bound as both past and present so ONNX Runtime's `GroupQueryAttention`
+//! writes each row's new keys at that row's length, in place.
+//!
 //! Weights are read one tensor at a time from the memory-mapped checkpoint and
 //! written straight into the graph (or its external-data file), so exporting an 8B
 //! model needs little more memory than its largest tensor.
@@ -21,6 +28,7 @@ use candle_core::Tensor;
 
 use super::encoder::ExportError;
 use super::onnx::{DataType, Dim, Graph, Value};
+use crate::manifest::Attention;
 use crate::model::llama::LlamaConfig;
 use crate::model::lora::Adaptation;
 use crate::model::weights::{LoadError, Weights};
@@ -37,6 +45,10 @@ pub mod io {
     pub const SUPPRESS_STOPS: &str = "suppress_stops";
     pub const NEXT_TOKEN: &str = "next_token";
     pub const NEXT_TOKEN_LOGPROB: &str = "next_token_logprob";
+    /// Fused attention: per row, its length after the call minus one (int32).
+    pub const SEQLENS_K: &str = "seqlens_k";
+    /// Fused attention: the longest row's length after the call (int32 scalar).
+    pub const TOTAL_SEQUENCE_LENGTH: &str = "total_sequence_length";
 
     pub fn past_key(layer: usize) -> String {
         format!("past_key_values.{layer}.key")
@@ -87,8 +99,10 @@ pub fn build_decoder(
     w: &Weights,
     adaptation: &Adaptation,
     stop_ids: &[u32],
+    attention: Attention,
 ) -> Result<Vec<String>> {
     let float = g.float();
+    let fused = attention == Attention::Fused;
     let hidden = cfg.hidden_size;
     let heads = cfg.num_attention_heads;
     let kv_heads = cfg.num_key_value_heads();
@@ -97,7 +111,7 @@ pub fn build_decoder(
         vec![
             Dim::named("batch"),
             Dim::Fixed(kv_heads),
-            Dim::named("past_sequence"),
+            Dim::named(if fused { "capacity" } else { "past_sequence" }),
             Dim::Fixed(head_dim),
         ]
     };
@@ -111,11 +125,18 @@ pub fn build_decoder(
             Dim::Fixed(hidden),
         ],
     );
-    let attention_mask = g.input(
-        io::ATTENTION_MASK,
-        DataType::Int64,
-        &[Dim::named("batch"), Dim::named("total_sequence")],
-    );
+    // Eager: a 0/1 mask over every position; fused: each row's length.
+    let lengths = if fused {
+        let seqlens = g.input(io::SEQLENS_K, DataType::Int32, &[Dim::named("batch")]);
+        let total = g.input(io::TOTAL_SEQUENCE_LENGTH, DataType::Int32, &[]);
+        Lengths::Fused { seqlens, total }
+    } else {
+        Lengths::Eager(g.input(
+            io::ATTENTION_MASK,
+            DataType::Int64,
+            &[Dim::named("batch"), Dim::named("total_sequence")],
+        ))
+    };
     let position_ids = g.input(
         io::POSITION_IDS,
         DataType::Int64,
@@ -132,9 +153,16 @@ pub fn build_decoder(
     let rope = cfg
         .rope()
         .map_err(|m| ExportError::Load(LoadError::config(w.origin().join("config.json"), m)))?;
-    let (cos, sin) = rotary_tables(g, &position_ids, &rope.inv_freq(head_dim));
-    g.set_scope("mask");
-    let mask = attention_bias(g, &embeds, &attention_mask);
+    // Eager attention rotates [B, heads, S, D], fused [B, S, heads, D].
+    let heads_axis = if fused { 2 } else { 1 };
+    let (cos, sin) = rotary_tables(g, &position_ids, &rope.inv_freq(head_dim), heads_axis);
+    let mask = match &lengths {
+        Lengths::Eager(attention_mask) => {
+            g.set_scope("mask");
+            Some(attention_bias(g, &embeds, attention_mask))
+        }
+        Lengths::Fused { .. } => None,
+    };
 
     let mut x = embeds;
     let mut linear_paths = Vec::new();
@@ -190,45 +218,65 @@ pub fn build_decoder(
             kv_heads * head_dim,
             cfg.attention_bias,
         )?;
-        let split = |g: &mut Graph, t: &Value, n: usize| {
-            let r = g.reshape_to(t, &[0, 0, n as i64, head_dim as i64]);
-            g.transpose(&r, &[0, 2, 1, 3])
-        };
-        let q = split(g, &q, heads);
-        let k = split(g, &k, kv_heads);
-        let v = split(g, &v, kv_heads);
-        let q = apply_rotary(g, &q, &cos, &sin, head_dim);
-        let k = apply_rotary(g, &k, &cos, &sin, head_dim);
-        let k_all = g.concat(&[past_k, &k], 2);
-        let v_all = g.concat(&[past_v, &v], 2);
-        g.output(
-            &k_all,
-            &io::present_key(i),
-            float,
-            &present_dims(kv_heads, head_dim),
-        );
-        g.output(
-            &v_all,
-            &io::present_value(i),
-            float,
-            &present_dims(kv_heads, head_dim),
-        );
-        let k_rep = repeat_kv(g, &k_all, kv_heads, heads / kv_heads, head_dim);
-        let v_rep = repeat_kv(g, &v_all, kv_heads, heads / kv_heads, head_dim);
+        let out = match (&lengths, &mask) {
+            (Lengths::Fused { seqlens, total }, _) => {
+                let rotate = |g: &mut Graph, t: &Value, n: usize| {
+                    let r = g.reshape_to(t, &[0, 0, n as i64, head_dim as i64]);
+                    let r = apply_rotary(g, &r, &cos, &sin, head_dim);
+                    g.reshape_to(&r, &[0, 0, (n * head_dim) as i64])
+                };
+                let q = rotate(g, &q, heads);
+                let k = rotate(g, &k, kv_heads);
+                let mut outs = g.contrib_op(
+                    "GroupQueryAttention",
+                    &[&q, &k, &v, past_k, past_v, seqlens, total],
+                    vec![
+                        super::onnx::attr_int("num_heads", heads as i64),
+                        super::onnx::attr_int("kv_num_heads", kv_heads as i64),
+                    ],
+                    3,
+                );
+                let present_v = outs.pop().expect("three outputs");
+                let present_k = outs.pop().expect("three outputs");
+                let dims = cache_dims(kv_heads, head_dim, "capacity");
+                g.output(&present_k, &io::present_key(i), float, &dims);
+                g.output(&present_v, &io::present_value(i), float, &dims);
+                outs.pop().expect("three outputs")
+            }
+            (Lengths::Eager(_), Some(mask)) => {
+                let split = |g: &mut Graph, t: &Value, n: usize| {
+                    let r = g.reshape_to(t, &[0, 0, n as i64, head_dim as i64]);
+                    g.transpose(&r, &[0, 2, 1, 3])
+                };
+                let q = split(g, &q, heads);
+                let k = split(g, &k, kv_heads);
+                let v = split(g, &v, kv_heads);
+                let q = apply_rotary(g, &q, &cos, &sin, head_dim);
+                let k = apply_rotary(g, &k, &cos, &sin, head_dim);
+                let k_all = g.concat(&[past_k, &k], 2);
+                let v_all = g.concat(&[past_v, &v], 2);
+                let dims = cache_dims(kv_heads, head_dim, "total_sequence");
+                g.output(&k_all, &io::present_key(i), float, &dims);
+                g.output(&v_all, &io::present_value(i), float, &dims);
+                let k_rep = repeat_kv(g, &k_all, kv_heads, heads / kv_heads, head_dim);
+                let v_rep = repeat_kv(g, &v_all, kv_heads, heads / kv_heads, head_dim);
 
-        // Scores and softmax in f32, as transformers' eager attention does.
-        let q32 = g.to_f32(&q);
-        let k32 = g.to_f32(&k_rep);
-        let kt = g.transpose(&k32, &[0, 1, 3, 2]);
-        let scores = g.matmul(&q32, &kt);
-        let scale = g.scalar_f32((head_dim as f32).powf(-0.5));
-        let scores = g.mul(&scores, &scale);
-        let scores = g.add(&scores, &mask);
-        let probs = g.softmax(&scores, -1);
-        let probs = g.from_f32(&probs);
-        let out = g.matmul(&probs, &v_rep);
-        let out = g.transpose(&out, &[0, 2, 1, 3]);
-        let out = g.reshape_to(&out, &[0, 0, (heads * head_dim) as i64]);
+                // Scores and softmax in f32, as transformers' eager attention does.
+                let q32 = g.to_f32(&q);
+                let k32 = g.to_f32(&k_rep);
+                let kt = g.transpose(&k32, &[0, 1, 3, 2]);
+                let scores = g.matmul(&q32, &kt);
+                let scale = g.scalar_f32((head_dim as f32).powf(-0.5));
+                let scores = g.mul(&scores, &scale);
+                let scores = g.add(&scores, mask);
+                let probs = g.softmax(&scores, -1);
+                let probs = g.from_f32(&probs);
+                let out = g.matmul(&probs, &v_rep);
+                let out = g.transpose(&out, &[0, 2, 1, 3]);
+                g.reshape_to(&out, &[0, 0, (heads * head_dim) as i64])
+            }
+            (Lengths::Eager(_), None) => unreachable!("eager attention has a mask"),
+        };
         let out = lin(
             g,
             &out,
@@ -363,11 +411,17 @@ fn greedy_choice(g: &mut Graph, logits: &Value, vocab: usize, stop_ids: &[u32]) 
     Ok(())
 }
 
-fn present_dims(kv_heads: usize, head_dim: usize) -> Vec<Dim> {
+/// How a decoder call learns its rows' lengths.
+enum Lengths {
+    Eager(Value),
+    Fused { seqlens: Value, total: Value },
+}
+
+fn cache_dims(kv_heads: usize, head_dim: usize, sequence: &str) -> Vec<Dim> {
     vec![
         Dim::named("batch"),
         Dim::Fixed(kv_heads),
-        Dim::named("total_sequence"),
+        Dim::named(sequence),
         Dim::Fixed(head_dim),
     ]
 }
@@ -409,8 +463,14 @@ fn rms_norm(g: &mut Graph, x: &Value, w: &Weights, dim: usize, eps: f64) -> Resu
     Ok(g.mul(&normed, &weight))
 }
 
-/// cos and sin tables [batch, 1, sequence, head_dim] for the given positions.
-fn rotary_tables(g: &mut Graph, position_ids: &Value, inv_freq: &[f32]) -> (Value, Value) {
+/// cos and sin tables for the given positions, [batch, 1, sequence, head_dim] with
+/// `heads_axis` 1, [batch, sequence, 1, head_dim] with 2.
+fn rotary_tables(
+    g: &mut Graph,
+    position_ids: &Value,
+    inv_freq: &[f32],
+    heads_axis: i64,
+) -> (Value, Value) {
     let inv = g.const_float(inv_freq, &[inv_freq.len()], DataType::Float);
     let pos = g.cast(position_ids, DataType::Float);
     let pos = g.unsqueeze(&pos, &[-1]); // [B, S, 1]
@@ -418,8 +478,8 @@ fn rotary_tables(g: &mut Graph, position_ids: &Value, inv_freq: &[f32]) -> (Valu
     let emb = g.concat(&[&freqs, &freqs], -1);
     let cos = g.op("Cos", &[&emb], vec![]);
     let sin = g.op("Sin", &[&emb], vec![]);
-    let cos = g.unsqueeze(&cos, &[1]);
-    let sin = g.unsqueeze(&sin, &[1]);
+    let cos = g.unsqueeze(&cos, &[heads_axis]);
+    let sin = g.unsqueeze(&sin, &[heads_axis]);
     (g.from_f32(&cos), g.from_f32(&sin))
 }
 
@@ -485,6 +545,7 @@ pub fn export_decoder_files(
     adaptation: &Adaptation,
     stop_ids: &[u32],
     float: DataType,
+    attention: Attention,
     out_dir: &std::path::Path,
 ) -> Result<Vec<std::path::PathBuf>> {
     let bytes_per = float.size() as u64;
@@ -512,7 +573,7 @@ pub fn export_decoder_files(
     } else {
         Graph::new("decoder", float)
     };
-    build_decoder(&mut g, cfg, w, adaptation, stop_ids)?;
+    build_decoder(&mut g, cfg, w, adaptation, stop_ids, attention)?;
     files.extend(g.save(&path, env!("CARGO_PKG_VERSION"), &[])?);
     Ok(files)
 }

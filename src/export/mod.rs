@@ -16,9 +16,9 @@ use candle_core::{DType, Device};
 
 use crate::audio::fbank::FbankConfig;
 use crate::manifest::{
-    AdapterProvenance, DecoderInfo, EncoderInfo, ExportDtype, FileDigest, GenerationInfo,
-    GraphFile, ManifestError, ModelManifest, OnnxInfo, ProjectorInfo, PromptInfo, Provenance,
-    digest_file, now_rfc3339,
+    AdapterProvenance, Attention, DecoderInfo, EncoderInfo, ExportDtype, FileDigest,
+    GenerationInfo, GraphFile, ManifestError, ModelManifest, OnnxInfo, ProjectorInfo, PromptInfo,
+    Provenance, digest_file, now_rfc3339,
 };
 use crate::model::lora::{Adaptation, TargetModules};
 use crate::model::prompt::{DEFAULT_PROMPT_TEMPLATE, PromptError, PromptTemplate, load_tokenizer};
@@ -57,6 +57,8 @@ pub enum ExportError {
 pub struct ExportOptions {
     pub sources: ModelSources,
     pub dtype: ExportDtype,
+    /// The decoder's attention (see [`Attention`]).
+    pub attention: Attention,
     pub name: String,
     pub out: PathBuf,
     /// Replace an existing, non-empty output directory.
@@ -187,8 +189,15 @@ fn write_model_dir(options: &ExportOptions, dir: &Path) -> Result<ModelManifest,
     let encoder_files = graph
         .save(&encoder_path, env!("CARGO_PKG_VERSION"), &[])
         .map_err(GraphError::from)?;
-    let decoder_files =
-        decoder::export_decoder_files(&llm_cfg, &llm, &adaptation, &stop_ids, float, dir)?;
+    let decoder_files = decoder::export_decoder_files(
+        &llm_cfg,
+        &llm,
+        &adaptation,
+        &stop_ids,
+        float,
+        options.attention,
+        dir,
+    )?;
 
     let digest = |path: &Path| -> Result<FileDigest, ManifestError> {
         let name = path
@@ -301,6 +310,7 @@ fn write_model_dir(options: &ExportOptions, dir: &Path) -> Result<ModelManifest,
             opset: onnx::OPSET,
             ir_version: onnx::IR_VERSION,
             dtype: options.dtype,
+            attention: options.attention,
             audio_encoder: graph_file(&encoder_files, "audio_encoder.onnx")?,
             embedding: graph_file(&decoder_files, "embedding.onnx")?,
             decoder: graph_file(&decoder_files, "decoder.onnx")?,

@@ -22,6 +22,8 @@ use proto::*;
 pub const OPSET: i64 = 18;
 /// IR version that goes with opset 18 (ONNX 1.13).
 pub const IR_VERSION: i64 = 8;
+/// ONNX Runtime's contrib operators (version 1 of the domain).
+pub const CONTRIB_DOMAIN: &str = "com.microsoft";
 /// Protobuf cannot serialise messages past 2 GiB; models near that go external.
 pub const INLINE_LIMIT_BYTES: u64 = 1_800_000_000;
 /// Tensors smaller than this stay inline even in an external-data model.
@@ -320,6 +322,30 @@ impl Graph {
         attributes: Vec<AttributeProto>,
         outputs: usize,
     ) -> Vec<Value> {
+        self.op_in_domain("", op_type, inputs, attributes, outputs)
+    }
+
+    /// A node of ONNX Runtime's contrib domain (`com.microsoft`, e.g.
+    /// `GroupQueryAttention`) with `outputs` outputs. The model then imports that
+    /// domain too.
+    pub fn contrib_op(
+        &mut self,
+        op_type: &str,
+        inputs: &[&Value],
+        attributes: Vec<AttributeProto>,
+        outputs: usize,
+    ) -> Vec<Value> {
+        self.op_in_domain(CONTRIB_DOMAIN, op_type, inputs, attributes, outputs)
+    }
+
+    fn op_in_domain(
+        &mut self,
+        domain: &str,
+        op_type: &str,
+        inputs: &[&Value],
+        attributes: Vec<AttributeProto>,
+        outputs: usize,
+    ) -> Vec<Value> {
         let node_name = self.fresh(op_type);
         let outs: Vec<String> = (0..outputs).map(|i| format!("{node_name}:{i}")).collect();
         self.nodes.push(NodeProto {
@@ -327,6 +353,7 @@ impl Graph {
             output: outs.clone(),
             name: node_name,
             op_type: op_type.to_string(),
+            domain: domain.to_string(),
             attribute: attributes,
             ..Default::default()
         });
@@ -521,30 +548,53 @@ impl Graph {
     /// Finishes the graph as a model and writes it to `path` (with its external
     /// data file, if any, flushed). Returns the files written.
     pub fn save(
-        self,
+        mut self,
         path: &Path,
         producer_version: &str,
         metadata: &[(String, String)],
     ) -> Result<Vec<PathBuf>> {
         let mut files = Vec::new();
-        if self.inline_bytes > INLINE_LIMIT_BYTES {
-            return Err(OnnxError::TooLarge {
-                bytes: self.inline_bytes,
-            });
-        }
-        if let Some(mut ext) = self.external {
+        if let Some(mut ext) = self.external.take() {
             ext.writer.flush().map_err(|source| OnnxError::Io {
                 path: ext.path.clone(),
                 source,
             })?;
             files.push(ext.path);
         }
+        let bytes = self.encode(producer_version, metadata)?;
+        std::fs::write(path, bytes).map_err(|source| OnnxError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        files.insert(0, path.to_path_buf());
+        Ok(files)
+    }
+
+    /// The model's bytes, for a graph whose weights are all inline (a small helper
+    /// graph built at run time, loaded from memory).
+    pub fn into_bytes(self, producer_version: &str) -> Result<Vec<u8>> {
+        self.encode(producer_version, &[])
+    }
+
+    fn encode(self, producer_version: &str, metadata: &[(String, String)]) -> Result<Vec<u8>> {
+        if self.inline_bytes > INLINE_LIMIT_BYTES {
+            return Err(OnnxError::TooLarge {
+                bytes: self.inline_bytes,
+            });
+        }
+        let mut opset_import = vec![OperatorSetIdProto {
+            domain: String::new(),
+            version: OPSET,
+        }];
+        if self.nodes.iter().any(|n| n.domain == CONTRIB_DOMAIN) {
+            opset_import.push(OperatorSetIdProto {
+                domain: CONTRIB_DOMAIN.into(),
+                version: 1,
+            });
+        }
         let model = ModelProto {
             ir_version: IR_VERSION,
-            opset_import: vec![OperatorSetIdProto {
-                domain: String::new(),
-                version: OPSET,
-            }],
+            opset_import,
             producer_name: "audiocap".into(),
             producer_version: producer_version.into(),
             graph: Some(GraphProto {
@@ -558,13 +608,7 @@ impl Graph {
             metadata_props: metadata.iter().map(|(k, v)| entry(k, v)).collect(),
             ..Default::default()
         };
-        let bytes = model.encode_to_vec();
-        std::fs::write(path, bytes).map_err(|source| OnnxError::Io {
-            path: path.to_path_buf(),
-            source,
-        })?;
-        files.insert(0, path.to_path_buf());
-        Ok(files)
+        Ok(model.encode_to_vec())
     }
 }
 
