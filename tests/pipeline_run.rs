@@ -220,6 +220,54 @@ fn a_bad_pipeline_lists_every_problem_with_exit_code_2() {
     assert!(stderr.contains("batching.batch_size"), "{stderr}");
 }
 
+/// A model exported with fused attention runs the pipeline with continuous
+/// batching (clips joining decoder rows as others finish, out of batch order) and
+/// writes the captions the eager export writes, one row per segment, resuming
+/// nothing twice.
+#[test]
+fn continuous_batching_writes_the_captions_of_fixed_batches() {
+    let dir = tempfile::tempdir().unwrap();
+    let audio = dir.path().join("audio");
+    clips(&audio, 9);
+    let f = fixtures();
+    std::fs::write(
+        audio.join("long.wav"),
+        wav(16_000, 1, &tone(16_000, 7.0, 300.0)),
+    )
+    .unwrap();
+    std::fs::write(audio.join("not_audio.wav"), b"not a wav").unwrap();
+    let fused = dir.path().join("fused-model");
+    crate::common::export_tiny_with(
+        &fused,
+        &f.join("e2e-tiny/projector.safetensors"),
+        &f.join("e2e-tiny/adapters/a0"),
+        "tiny-a0-fused",
+        &["--attention", "fused"],
+    );
+    let captions = |model: &Path, out: &str, sets: &[&str]| {
+        let out_dir = dir.path().join(out);
+        let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
+        let mut all = vec![format!("model.path=\"{}\"", model.display())];
+        all.extend(sets.iter().map(|s| s.to_string()));
+        let result = run(&pipeline, &all);
+        assert_eq!(
+            result.status.code(),
+            Some(3),
+            "one input is not audio: {}",
+            String::from_utf8_lossy(&result.stderr)
+        );
+        let mut rows = read_dataset(&out_dir);
+        rows.sort();
+        rows
+    };
+    let eager = captions(tiny_model(), "eager", &[]);
+    // 3 decoder rows fed by batches of 2: joins land in whichever rows are free.
+    let continuous = captions(&fused, "continuous", &["batching.decoder_rows=3"]);
+    assert_eq!(eager.len(), 9 + 3 + 1, "{eager:?}");
+    assert_eq!(continuous, eager);
+    assert!(continuous.iter().filter(|r| r.2.is_some()).count() == 12);
+}
+
 #[test]
 fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
     let dir = tempfile::tempdir().unwrap();

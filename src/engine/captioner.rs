@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use super::generate::{GenerationParams, generate};
+use super::generate::{Generated, GenerationParams, generate};
 use super::model::OnnxModel;
 use crate::audio::AUDIO_EXTENSIONS;
 use crate::audio::decode::AudioInfo;
@@ -273,35 +273,40 @@ pub fn caption_segments(
         Ok(generated) => segments
             .iter()
             .zip(generated)
-            .map(|(&(row, _, _), g)| {
-                let text = model
-                    .tokenizer
-                    .decode(&g.token_ids, true)
-                    .map(|t| t.trim().to_string());
-                match text {
-                    Ok(text) => CaptionRow {
-                        caption: Some(text),
-                        score: Some(g.score),
-                        num_tokens: Some(g.token_ids.len() as u32),
-                        processed_at_us: stamp,
-                        ..row.clone()
-                    },
-                    Err(e) => CaptionRow {
-                        error: Some(format!("decoding tokens to text: {e}")),
-                        processed_at_us: stamp,
-                        ..row.clone()
-                    },
-                }
-            })
+            .map(|(&(row, _, _), g)| captioned_row(model, row, &g, stamp))
             .collect(),
         Err(e) => segments
             .iter()
-            .map(|&(row, _, _)| CaptionRow {
-                error: Some(format!("model: {e}")),
-                processed_at_us: stamp,
-                ..row.clone()
-            })
+            .map(|&(row, _, _)| failed_row(row, &format!("model: {e}"), stamp))
             .collect(),
+    }
+}
+
+/// `row` completed with a generated caption (or the error of turning its tokens
+/// into text).
+pub fn captioned_row(model: &OnnxModel, row: &CaptionRow, g: &Generated, stamp: i64) -> CaptionRow {
+    let text = model
+        .tokenizer
+        .decode(&g.token_ids, true)
+        .map(|t| t.trim().to_string());
+    match text {
+        Ok(text) => CaptionRow {
+            caption: Some(text),
+            score: Some(g.score),
+            num_tokens: Some(g.token_ids.len() as u32),
+            processed_at_us: stamp,
+            ..row.clone()
+        },
+        Err(e) => failed_row(row, &format!("decoding tokens to text: {e}"), stamp),
+    }
+}
+
+/// `row` with the error that stopped it.
+pub fn failed_row(row: &CaptionRow, error: &str, stamp: i64) -> CaptionRow {
+    CaptionRow {
+        error: Some(error.to_string()),
+        processed_at_us: stamp,
+        ..row.clone()
     }
 }
 

@@ -84,7 +84,8 @@ impl<T> ContinuousBatcher<T> {
 
     /// Prefills the clips of `audio` [n, audio_tokens, hidden] (n at most
     /// [`free`](Self::free)) into free slots. Returns the clips whose caption ended
-    /// with its first token.
+    /// with its first token. On an engine error the clips stay in their slots:
+    /// [`abandon`](Self::abandon) returns them with the others.
     pub fn admit(
         &mut self,
         model: &mut OnnxModel,
@@ -104,14 +105,25 @@ impl<T> ContinuousBatcher<T> {
         }
         let prompt = model.prompt_embeds(audio);
         let prompt_len = prompt.dim().1;
-        let embeds = model.embeds_value(prompt)?;
-        let suppress = vec![self.params.min_new_tokens > 0; n];
+        // The clips take their slots first: if the model fails below, `abandon`
+        // hands their tags back with the others'.
         let free: Vec<usize> = (0..self.rows)
             .filter(|&r| self.slots[r].is_none())
             .take(n)
             .collect();
+        for (tag, &row) in tags.into_iter().zip(&free) {
+            self.slots[row] = Some(Slot {
+                tag,
+                tokens: Vec::new(),
+                logprob_sum: 0.0,
+                length: prompt_len,
+                next: self.filler,
+            });
+        }
+        let embeds = model.embeds_value(prompt)?;
+        let suppress = vec![self.params.min_new_tokens > 0; n];
         let choice = if n == self.rows {
-            // Every slot is free: prefill straight into the running cache.
+            // Every slot was free: prefill straight into the running cache.
             let cache = match self.cache.take() {
                 Some(cache) => cache,
                 None => model.empty_past(self.rows, self.capacity)?,
@@ -134,19 +146,12 @@ impl<T> ContinuousBatcher<T> {
             choice
         };
         let mut finished = Vec::new();
-        for ((tag, row), (&token, &logprob)) in tags
-            .into_iter()
-            .zip(free)
-            .zip(choice.tokens.iter().zip(&choice.logprobs))
+        for (&row, (&token, &logprob)) in
+            free.iter().zip(choice.tokens.iter().zip(&choice.logprobs))
         {
-            let slot = Slot {
-                tag,
-                tokens: Vec::new(),
-                logprob_sum: 0.0,
-                length: prompt_len,
-                next: token,
-            };
-            self.slots[row] = Some(slot);
+            if let Some(slot) = self.slots[row].as_mut() {
+                slot.next = token;
+            }
             if let Some(done) = self.record(row, token, logprob) {
                 finished.push(done);
             }

@@ -101,6 +101,10 @@ pub struct BatchingSection {
     /// Segments are sorted by length within a pool of this many batches, so a batch
     /// holds similar lengths and little padding.
     pub sort_pool_batches: usize,
+    /// Decoder rows kept busy by continuous batching (models exported with fused
+    /// attention, greedy decoding): as captions finish, waiting clips take their
+    /// rows. Unset: `batch_size`. Other models caption each batch to its end.
+    pub decoder_rows: Option<usize>,
 }
 
 impl Default for BatchingSection {
@@ -109,6 +113,7 @@ impl Default for BatchingSection {
             batch_size: 16,
             max_inflight_batches: 2,
             sort_pool_batches: 4,
+            decoder_rows: None,
         }
     }
 }
@@ -444,6 +449,9 @@ impl PipelineConfig {
         }
         if self.batching.sort_pool_batches == 0 {
             p.push(problem("batching.sort_pool_batches", "must be >= 1"));
+        }
+        if self.batching.decoder_rows == Some(0) {
+            p.push(problem("batching.decoder_rows", "must be >= 1"));
         }
         if self.generation.beams == 0 {
             p.push(problem("generation.beams", "must be >= 1 (1 is greedy)"));

@@ -189,9 +189,16 @@ async fn run_async(
     // state is not `Sync`, and one task is all it needs.
     let sink = stages::sink::run(sink_rx, writer, counters.clone(), busy_sink.clone());
     let model_idle = Arc::new(AtomicBool::new(true));
+    let mode = stages::model::DecoderMode::for_model(
+        &model,
+        &params,
+        config.batching.decoder_rows.unwrap_or(batch_size),
+    );
+    tracing::info!(?mode, attention = ?model.attention(), "decoder");
     let model_thread = stages::model::spawn(
         model,
         params,
+        mode,
         batch_rx,
         sink_tx.clone(),
         model_idle.clone(),

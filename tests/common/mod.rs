@@ -170,6 +170,11 @@ pub fn export_tiny_a0(out: &Path) {
 /// `audiocap export` of BEATs-tiny + Llama-tiny with `projector` and `adapter`
 /// (fixture ones or trained ones) into `out` as `name`.
 pub fn export_tiny(out: &Path, projector: &Path, adapter: &Path, name: &str) {
+    export_tiny_with(out, projector, adapter, name, &[]);
+}
+
+/// [`export_tiny`] with more `audiocap export` arguments.
+pub fn export_tiny_with(out: &Path, projector: &Path, adapter: &Path, name: &str, args: &[&str]) {
     let f = fixtures();
     let result = std::process::Command::new(env!("CARGO_BIN_EXE_audiocap"))
         .arg("export")
@@ -181,6 +186,7 @@ pub fn export_tiny(out: &Path, projector: &Path, adapter: &Path, name: &str) {
         .arg(projector)
         .arg("--adapter")
         .arg(adapter)
+        .args(args)
         .args(["--name", name, "--overwrite", "--out"])
         .arg(out)
         .output()
