@@ -12,7 +12,7 @@
 # CUDA build into parts that travel one per device call.
 #
 # `run` writes into $OUT (or ./gpu-out): bench.txt (`audiocap doctor`, then the bench's
-# log) + bench-real.json (front end, encoder, prefill, decode at several batch sizes,
+# log) + bench-real-ATTENTION.json (front end, encoder, prefill, decode at several batch sizes,
 # end to end), pytorch.txt + pytorch.json (benchmarks/pytorch_captioner.py on the same
 # checkpoint), run.txt (the streaming pipeline on 10 s clips, 20 tokens each, then the
 # recipe's LoRA training step on the same 8B-shaped checkpoint) and smi.csv (GPU
@@ -26,8 +26,10 @@ pack() {
     cp target/release/audiocap .gpu/perf/stage/audiocap
     strip .gpu/perf/stage/audiocap
     cp ../shared/fixtures/e2e-tiny/llm/tokenizer.json .gpu/perf/stage/
-    local bench
-    bench=$(ls -t target/release/deps/training-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+    local bench=""
+    if [ -z "${NO_TRAIN:-}" ]; then
+        bench=$(ls -t target/release/deps/training-* 2>/dev/null | grep -v '\.d$' | head -1 || true)
+    fi
     if [ -n "$bench" ]; then
         cp "$bench" .gpu/perf/stage/training
         strip .gpu/perf/stage/training
@@ -67,20 +69,39 @@ run() {
     local sampler=$!
     "$bin/audiocap" doctor >"$out/bench.txt" 2>&1 || true
     # Clips for the pipeline run, written while the GPU works on the bench.
-    write_clips /tmp/clips "${CLIPS:-2048}" &
+    write_clips /tmp/clips "${CLIPS:-10240}" &
     local clips=$!
 
-    "$bin/audiocap" bench --preset real --device cuda --work-dir "$work" \
-        --tokenizer "$bin/tokenizer.json" --batch-sizes "${BATCHES:-1,64,256}" \
-        --encoder-batch 64 --e2e-batch "${E2E_BATCH:-128}" --repetitions 3 \
-        --json "$out/bench-real.json" 2>&1 | tee -a "$out/bench.txt"
+    # f16 exports default to fused attention (GroupQueryAttention); ATTENTION=eager
+    # measures the plain-operator graph instead.
+    local attention=${ATTENTION:-fused}
+    # A minute-cheap check that the fused graph runs on this GPU before the 8B export.
+    if [ "$attention" = fused ] && ! "$bin/audiocap" bench --preset tiny --device cuda \
+        --work-dir "$work" --tokenizer "$bin/tokenizer.json" --dtype f16 --attention fused \
+        --repetitions 1 2>&1 | tee -a "$out/bench.txt"; then
+        echo "fused attention failed on the tiny model; eager attention" | tee -a "$out/bench.txt"
+        attention=eager
+    fi
+    bench() {
+        "$bin/audiocap" bench --preset real --device cuda --work-dir "$work" \
+            --tokenizer "$bin/tokenizer.json" --batch-sizes "${BATCHES:-1,64,256}" \
+            --attention "$1" \
+            --encoder-batch 64 --e2e-batch "${E2E_BATCH:-128}" --repetitions 3 \
+            --json "$out/bench-real-$1.json" 2>&1 | tee -a "$out/bench.txt"
+    }
+    if ! bench "$attention"; then
+        # The device time is spent either way: measure the eager graph instead.
+        echo "bench with $attention attention failed; eager attention" | tee -a "$out/bench.txt"
+        attention=eager
+        bench eager || true
+    fi
 
     PYTHONUNBUFFERED=1 python3 benchmarks/pytorch_captioner.py --llm "$work/sources/real-seed1/llm" \
         --batch-sizes "${BATCHES:-1,64,256}" --new-tokens 20 --repetitions 3 --peak-memory \
         --json "$out/pytorch.json" 2>&1 | tee "$out/pytorch.txt" || true
 
     local export
-    export=$(ls -d "$work"/exports/bench-real-f16-seed* | grep -v '\.json$' | head -1)
+    export=$(ls -d "$work"/exports/bench-real-f16-"$attention"-seed* | grep -v '\.json$' | head -1)
     wait "$clips"
     cat >/tmp/run.toml <<TOML
 [model]
@@ -89,8 +110,10 @@ device = "cuda"
 [input]
 sources = ["/tmp/clips"]
 [batching]
-batch_size = ${RUN_BATCH:-128}
-max_inflight_batches = 2
+batch_size = ${RUN_BATCH:-64}
+max_inflight_batches = 4
+# Continuous batching (fused attention): rows kept busy in the decoder.
+decoder_rows = ${RUN_ROWS:-256}
 [generation]
 max_new_tokens = 20
 min_new_tokens = 20
