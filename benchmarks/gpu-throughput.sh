@@ -96,10 +96,6 @@ run() {
         bench eager || true
     fi
 
-    PYTHONUNBUFFERED=1 python3 benchmarks/pytorch_captioner.py --llm "$work/sources/real-seed1/llm" \
-        --batch-sizes "${BATCHES:-1,64,256}" --new-tokens 20 --repetitions 3 --peak-memory \
-        --json "$out/pytorch.json" 2>&1 | tee "$out/pytorch.txt" || true
-
     local export
     export=$(ls -d "$work"/exports/bench-real-f16-"$attention"-seed* | grep -v '\.json$' | head -1)
     wait "$clips"
@@ -127,6 +123,11 @@ TOML
         "$bin/audiocap" run /tmp/run.toml 2>&1 | tail -25
         echo "run window end $(date -u +%Y/%m/%d\ %H:%M:%S.%3N)"
     } | tee "$out/run.txt"
+
+    # The same decoder in PyTorch on the same GPU (last: the longest to load).
+    PYTHONUNBUFFERED=1 python3 benchmarks/pytorch_captioner.py --llm "$work/sources/real-seed1/llm" \
+        --batch-sizes "${BATCHES:-1,64,256}" --new-tokens 20 --repetitions 3 --peak-memory \
+        --json "$out/pytorch.json" 2>&1 | tee "$out/pytorch.txt" || true
 
     if [ -x "$bin/training" ]; then
         # The recipe's LoRA step on the same 8B-shaped checkpoint (bf16 frozen weights).
