@@ -11,7 +11,7 @@ use tokenizers::Tokenizer;
 
 use super::kv_cache::{self, RowInserter};
 use super::runtime::{DeviceSpec, RuntimeError, session_builder};
-use crate::export::decoder::io as dec_io;
+use crate::export::decoder::{FUSED_MAX_POSITIONS, io as dec_io};
 use crate::export::encoder::io as enc_io;
 use crate::manifest::{Attention, ExportDtype, ManifestError, ModelManifest};
 use crate::model::prompt::{PromptError, load_tokenizer};
@@ -75,6 +75,9 @@ pub struct OnnxModel {
     device_greedy: bool,
     /// See [`OnnxModel::keeps_finished_rows`].
     keep_finished_rows: bool,
+    /// The decoder takes `position_ids` (eager graphs; fused ones rotate inside the
+    /// attention operator at the positions the rows' lengths imply).
+    takes_positions: bool,
     /// Fused attention: caches handed back by finished batches, for the next batch
     /// of the same shape (allocating one on a GPU costs a host-to-device copy).
     spare_caches: Vec<Vec<DynValue>>,
@@ -127,6 +130,10 @@ impl OnnxModel {
             .outputs()
             .iter()
             .any(|o| o.name() == dec_io::NEXT_TOKEN);
+        let takes_positions = decoder
+            .inputs()
+            .iter()
+            .any(|i| i.name() == dec_io::POSITION_IDS);
         Ok(Self {
             dir: dir.to_path_buf(),
             manifest,
@@ -140,6 +147,7 @@ impl OnnxModel {
             device: options.device,
             device_greedy,
             keep_finished_rows: matches!(options.device, DeviceSpec::Cuda(_)),
+            takes_positions,
             spare_caches: Vec::new(),
             inserter: None,
         })
@@ -308,6 +316,12 @@ impl OnnxModel {
     pub fn empty_past(&mut self, batch: usize, capacity: usize) -> Result<Vec<DynValue>> {
         let d = &self.manifest.decoder;
         if self.attention() == Attention::Fused {
+            let limit = d.max_position_embeddings.min(FUSED_MAX_POSITIONS);
+            if capacity > limit {
+                return Err(EngineError::Input(format!(
+                    "a cache of {capacity} positions is past this export's {limit} (prompt plus max_new_tokens)"
+                )));
+            }
             let shape = [batch, d.num_key_value_heads, capacity, d.head_dim];
             if let Some(i) = self
                 .spare_caches
@@ -514,10 +528,10 @@ impl OnnxModel {
         let suppress = Tensor::from_array((vec![batch], suppress_stops.to_vec()))
             .map_err(run_error("decoder"))?
             .into_dyn();
-        let mut bound = vec![
-            (dec_io::INPUTS_EMBEDS.to_string(), &embeds),
-            (dec_io::POSITION_IDS.to_string(), &positions),
-        ];
+        let mut bound = vec![(dec_io::INPUTS_EMBEDS.to_string(), &embeds)];
+        if self.takes_positions {
+            bound.push((dec_io::POSITION_IDS.to_string(), &positions));
+        }
         for (name, value) in &lengths_inputs {
             bound.push((name.clone(), value));
         }

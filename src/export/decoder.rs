@@ -137,11 +137,16 @@ pub fn build_decoder(
             &[Dim::named("batch"), Dim::named("total_sequence")],
         ))
     };
-    let position_ids = g.input(
-        io::POSITION_IDS,
-        DataType::Int64,
-        &[Dim::named("batch"), Dim::named("sequence")],
-    );
+    // Eager graphs rotate queries and keys themselves, at `position_ids`; the fused
+    // operator rotates them inside, at the positions the rows' lengths imply
+    // (`seqlens_k`), from cos/sin tables written into the graph.
+    let position_ids = (!fused).then(|| {
+        g.input(
+            io::POSITION_IDS,
+            DataType::Int64,
+            &[Dim::named("batch"), Dim::named("sequence")],
+        )
+    });
     let mut past = Vec::with_capacity(cfg.num_hidden_layers);
     for i in 0..cfg.num_hidden_layers {
         let k = g.input(&io::past_key(i), float, &kv_dims());
@@ -153,15 +158,19 @@ pub fn build_decoder(
     let rope = cfg
         .rope()
         .map_err(|m| ExportError::Load(LoadError::config(w.origin().join("config.json"), m)))?;
-    // Eager attention rotates [B, heads, S, D], fused [B, S, heads, D].
-    let heads_axis = if fused { 2 } else { 1 };
-    let (cos, sin) = rotary_tables(g, &position_ids, &rope.inv_freq(head_dim), heads_axis);
-    let mask = match &lengths {
-        Lengths::Eager(attention_mask) => {
+    let inv_freq = rope.inv_freq(head_dim);
+    let rotary = match (&position_ids, &lengths) {
+        (Some(position_ids), Lengths::Eager(attention_mask)) => {
+            let (cos, sin) = rotary_tables(g, position_ids, &inv_freq);
             g.set_scope("mask");
-            Some(attention_bias(g, &embeds, attention_mask))
+            let mask = attention_bias(g, &embeds, attention_mask);
+            Rotary::Eager { cos, sin, mask }
         }
-        Lengths::Fused { .. } => None,
+        _ => {
+            let positions = cfg.max_position_embeddings.min(FUSED_MAX_POSITIONS);
+            let (cos, sin) = rotary_caches(g, &inv_freq, positions);
+            Rotary::Fused { cos, sin }
+        }
     };
 
     let mut x = embeds;
@@ -171,19 +180,6 @@ pub fn build_decoder(
         g.set_scope(&format!("model.layers.{i}"));
         let layer = model.pp("layers").pp(i);
         let attn = layer.pp("self_attn");
-        let mut lin = |g: &mut Graph, x: &Value, m: &Weights, name: &str, in_dim, out_dim, bias| {
-            linear(
-                g,
-                x,
-                &m.pp(name),
-                in_dim,
-                out_dim,
-                bias,
-                adaptation,
-                &mut linear_paths,
-            )
-        };
-
         let h = rms_norm(
             g,
             &x,
@@ -191,48 +187,34 @@ pub fn build_decoder(
             hidden,
             cfg.rms_norm_eps,
         )?;
-        let q = lin(
-            g,
-            &h,
-            &attn,
-            "q_proj",
-            hidden,
-            heads * head_dim,
-            cfg.attention_bias,
-        )?;
-        let k = lin(
-            g,
-            &h,
-            &attn,
-            "k_proj",
-            hidden,
-            kv_heads * head_dim,
-            cfg.attention_bias,
-        )?;
-        let v = lin(
-            g,
-            &h,
-            &attn,
-            "v_proj",
-            hidden,
-            kv_heads * head_dim,
-            cfg.attention_bias,
-        )?;
-        let out = match (&lengths, &mask) {
-            (Lengths::Fused { seqlens, total }, _) => {
-                let rotate = |g: &mut Graph, t: &Value, n: usize| {
-                    let r = g.reshape_to(t, &[0, 0, n as i64, head_dim as i64]);
-                    let r = apply_rotary(g, &r, &cos, &sin, head_dim);
-                    g.reshape_to(&r, &[0, 0, (n * head_dim) as i64])
-                };
-                let q = rotate(g, &q, heads);
-                let k = rotate(g, &k, kv_heads);
+        let q_k_v = [
+            ("q_proj", heads * head_dim),
+            ("k_proj", kv_heads * head_dim),
+            ("v_proj", kv_heads * head_dim),
+        ];
+        let out = match (&lengths, &rotary) {
+            (Lengths::Fused { seqlens, total }, Rotary::Fused { cos, sin }) => {
+                // One MatMul for q, k and v; the operator takes them packed.
+                let qkv = fused_linear(
+                    g,
+                    &h,
+                    &attn,
+                    &q_k_v,
+                    "qkv_proj",
+                    hidden,
+                    cfg.attention_bias,
+                    adaptation,
+                    &mut linear_paths,
+                )?;
+                let none = Value(String::new());
                 let mut outs = g.contrib_op(
                     "GroupQueryAttention",
-                    &[&q, &k, &v, past_k, past_v, seqlens, total],
+                    &[&qkv, &none, &none, past_k, past_v, seqlens, total, cos, sin],
                     vec![
                         super::onnx::attr_int("num_heads", heads as i64),
                         super::onnx::attr_int("kv_num_heads", kv_heads as i64),
+                        super::onnx::attr_int("do_rotary", 1),
+                        super::onnx::attr_int("rotary_interleaved", 0),
                     ],
                     3,
                 );
@@ -243,7 +225,22 @@ pub fn build_decoder(
                 g.output(&present_v, &io::present_value(i), float, &dims);
                 outs.pop().expect("three outputs")
             }
-            (Lengths::Eager(_), Some(mask)) => {
+            (Lengths::Eager(_), Rotary::Eager { cos, sin, mask }) => {
+                let mut proj = |g: &mut Graph, (name, out_dim): (&str, usize)| {
+                    linear(
+                        g,
+                        &h,
+                        &attn.pp(name),
+                        hidden,
+                        out_dim,
+                        cfg.attention_bias,
+                        adaptation,
+                        &mut linear_paths,
+                    )
+                };
+                let q = proj(g, q_k_v[0])?;
+                let k = proj(g, q_k_v[1])?;
+                let v = proj(g, q_k_v[2])?;
                 let split = |g: &mut Graph, t: &Value, n: usize| {
                     let r = g.reshape_to(t, &[0, 0, n as i64, head_dim as i64]);
                     g.transpose(&r, &[0, 2, 1, 3])
@@ -251,8 +248,8 @@ pub fn build_decoder(
                 let q = split(g, &q, heads);
                 let k = split(g, &k, kv_heads);
                 let v = split(g, &v, kv_heads);
-                let q = apply_rotary(g, &q, &cos, &sin, head_dim);
-                let k = apply_rotary(g, &k, &cos, &sin, head_dim);
+                let q = apply_rotary(g, &q, cos, sin, head_dim);
+                let k = apply_rotary(g, &k, cos, sin, head_dim);
                 let k_all = g.concat(&[past_k, &k], 2);
                 let v_all = g.concat(&[past_v, &v], 2);
                 let dims = cache_dims(kv_heads, head_dim, "total_sequence");
@@ -275,16 +272,17 @@ pub fn build_decoder(
                 let out = g.transpose(&out, &[0, 2, 1, 3]);
                 g.reshape_to(&out, &[0, 0, (heads * head_dim) as i64])
             }
-            (Lengths::Eager(_), None) => unreachable!("eager attention has a mask"),
+            _ => unreachable!("the lengths and the rotary tables come from the same choice"),
         };
-        let out = lin(
+        let out = linear(
             g,
             &out,
-            &attn,
-            "o_proj",
+            &attn.pp("o_proj"),
             heads * head_dim,
             hidden,
             cfg.attention_bias,
+            adaptation,
+            &mut linear_paths,
         )?;
         x = g.add(&x, &out);
 
@@ -296,35 +294,40 @@ pub fn build_decoder(
             cfg.rms_norm_eps,
         )?;
         let mlp = layer.pp("mlp");
-        let gate = lin(
+        // gate and up as one MatMul, split after.
+        let inter = cfg.intermediate_size;
+        let gate_up = fused_linear(
             g,
             &h,
             &mlp,
-            "gate_proj",
+            &[("gate_proj", inter), ("up_proj", inter)],
+            "gate_up_proj",
             hidden,
-            cfg.intermediate_size,
             cfg.mlp_bias,
+            adaptation,
+            &mut linear_paths,
         )?;
-        let up = lin(
-            g,
-            &h,
-            &mlp,
-            "up_proj",
-            hidden,
-            cfg.intermediate_size,
-            cfg.mlp_bias,
-        )?;
+        let sizes = g.const_i64(&[inter as i64, inter as i64]);
+        let mut halves = g.op_n(
+            "Split",
+            &[&gate_up, &sizes],
+            vec![super::onnx::attr_int("axis", -1)],
+            2,
+        );
+        let up = halves.pop().expect("two halves");
+        let gate = halves.pop().expect("two halves");
         let sig = g.sigmoid(&gate);
         let act = g.mul(&gate, &sig);
         let act = g.mul(&act, &up);
-        let down = lin(
+        let down = linear(
             g,
             &act,
-            &mlp,
-            "down_proj",
-            cfg.intermediate_size,
+            &mlp.pp("down_proj"),
+            inter,
             hidden,
             cfg.mlp_bias,
+            adaptation,
+            &mut linear_paths,
         )?;
         x = g.add(&x, &down);
     }
@@ -411,6 +414,17 @@ fn greedy_choice(g: &mut Graph, logits: &Value, vocab: usize, stop_ids: &[u32]) 
     Ok(())
 }
 
+/// Positions the fused graph's cos/sin tables cover (a caption's prompt and tokens
+/// stay far below; the engine refuses caches longer than this).
+pub const FUSED_MAX_POSITIONS: usize = 4096;
+
+/// How queries and keys are rotated: by the graph's own ops from per-call tables
+/// (eager), or inside `GroupQueryAttention` from tables of every position (fused).
+enum Rotary {
+    Eager { cos: Value, sin: Value, mask: Value },
+    Fused { cos: Value, sin: Value },
+}
+
 /// How a decoder call learns its rows' lengths.
 enum Lengths {
     Eager(Value),
@@ -448,11 +462,60 @@ fn linear(
     Ok(g.linear(x, w.prefix(), layer.base.weight(), layer.base.bias())?)
 }
 
+/// Several linear layers over the same input as one MatMul: their folded weights
+/// concatenated along the output axis (`parts`: module name and output size), in
+/// that order. Written as `{prefix}.{name}`.
+#[allow(clippy::too_many_arguments)]
+fn fused_linear(
+    g: &mut Graph,
+    x: &Value,
+    w: &Weights,
+    parts: &[(&str, usize)],
+    name: &str,
+    in_dim: usize,
+    bias: bool,
+    adaptation: &Adaptation,
+    paths: &mut Vec<String>,
+) -> Result<Value> {
+    let mut weights = Vec::with_capacity(parts.len());
+    let mut biases = Vec::with_capacity(parts.len());
+    for &(part, out_dim) in parts {
+        let m = w.pp(part);
+        let layer = adaptation.linear(&m, in_dim, out_dim, bias)?;
+        if !layer.adapters.is_empty() {
+            return Err(ExportError::Unsupported(
+                "live LoRA paths cannot be exported; fold the adapters first".into(),
+            ));
+        }
+        paths.push(m.prefix().to_string());
+        weights.push(layer.base.weight().clone());
+        if let Some(b) = layer.base.bias() {
+            biases.push(b.clone());
+        }
+    }
+    let tensor_error = |source| {
+        ExportError::Onnx(super::onnx::OnnxError::Tensor {
+            name: format!("{}.{name}", w.prefix()),
+            source: Box::new(source),
+        })
+    };
+    let weight = Tensor::cat(&weights, 0).map_err(tensor_error)?;
+    let bias = if biases.is_empty() {
+        None
+    } else {
+        Some(Tensor::cat(&biases, 0).map_err(tensor_error)?)
+    };
+    Ok(g.linear(x, &format!("{}.{name}", w.prefix()), &weight, bias.as_ref())?)
+}
+
 /// `x / sqrt(mean(x²) + eps) · weight`, in f32.
 fn rms_norm(g: &mut Graph, x: &Value, w: &Weights, dim: usize, eps: f64) -> Result<Value> {
     let weight = w.get("weight", dim)?;
     let x32 = g.to_f32(x);
-    let sq = g.mul(&x32, &x32);
+    // Pow rather than x·x: ONNX Runtime fuses this pattern into one
+    // SimplifiedLayerNormalization kernel.
+    let two = g.scalar_f32(2.0);
+    let sq = g.op("Pow", &[&x32, &two], vec![]);
     let mean = g.reduce_mean(&sq, &[-1], true);
     let eps = g.scalar_f32(eps as f32);
     let var = g.add(&mean, &eps);
@@ -463,14 +526,8 @@ fn rms_norm(g: &mut Graph, x: &Value, w: &Weights, dim: usize, eps: f64) -> Resu
     Ok(g.mul(&normed, &weight))
 }
 
-/// cos and sin tables for the given positions, [batch, 1, sequence, head_dim] with
-/// `heads_axis` 1, [batch, sequence, 1, head_dim] with 2.
-fn rotary_tables(
-    g: &mut Graph,
-    position_ids: &Value,
-    inv_freq: &[f32],
-    heads_axis: i64,
-) -> (Value, Value) {
+/// cos and sin tables [batch, 1, sequence, head_dim] for the given positions.
+fn rotary_tables(g: &mut Graph, position_ids: &Value, inv_freq: &[f32]) -> (Value, Value) {
     let inv = g.const_float(inv_freq, &[inv_freq.len()], DataType::Float);
     let pos = g.cast(position_ids, DataType::Float);
     let pos = g.unsqueeze(&pos, &[-1]); // [B, S, 1]
@@ -478,9 +535,30 @@ fn rotary_tables(
     let emb = g.concat(&[&freqs, &freqs], -1);
     let cos = g.op("Cos", &[&emb], vec![]);
     let sin = g.op("Sin", &[&emb], vec![]);
-    let cos = g.unsqueeze(&cos, &[heads_axis]);
-    let sin = g.unsqueeze(&sin, &[heads_axis]);
+    let cos = g.unsqueeze(&cos, &[1]);
+    let sin = g.unsqueeze(&sin, &[1]);
     (g.from_f32(&cos), g.from_f32(&sin))
+}
+
+/// `GroupQueryAttention`'s cos and sin caches [positions, head_dim / 2] (rotate-half
+/// layout), computed as the eager graph computes its tables: angle = position ·
+/// inv_freq in f32.
+fn rotary_caches(g: &mut Graph, inv_freq: &[f32], positions: usize) -> (Value, Value) {
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(positions * half);
+    let mut sin = Vec::with_capacity(positions * half);
+    for p in 0..positions {
+        for &f in inv_freq {
+            let angle = p as f32 * f;
+            cos.push(angle.cos());
+            sin.push(angle.sin());
+        }
+    }
+    let float = g.float();
+    (
+        g.const_float(&cos, &[positions, half], float),
+        g.const_float(&sin, &[positions, half], float),
+    )
 }
 
 /// `x · cos + rotate_half(x) · sin`, rotate_half(x) = [-x₂, x₁].
