@@ -1,4 +1,8 @@
 #!/usr/bin/env bash
+# Environment: BATCHES, E2E_BATCH, REPS, CLIPS, RUN_BATCH, RUN_ROWS, ATTENTION (fused|eager),
+# SKIP_CHECK (no tiny-model check first), SKIP_PYTORCH, NO_TRAIN (pack without the training
+# bench).
+#
 # Issue #8's GPU measurement: the real-size captioner (BEATs iter3+ and a Llama-3-8B-shaped
 # decoder, random weights, f16 export) on ONNX Runtime's CUDA provider, the same decoder in
 # PyTorch on the same GPU, and `audiocap run` end to end with fixed-length captions.
@@ -76,7 +80,7 @@ run() {
     # measures the plain-operator graph instead.
     local attention=${ATTENTION:-fused}
     # A minute-cheap check that the fused graph runs on this GPU before the 8B export.
-    if [ "$attention" = fused ] && ! "$bin/audiocap" bench --preset tiny --device cuda \
+    if [ "$attention" = fused ] && [ -z "${SKIP_CHECK:-}" ] && ! "$bin/audiocap" bench --preset tiny --device cuda \
         --work-dir "$work" --tokenizer "$bin/tokenizer.json" --dtype f16 --attention fused \
         --repetitions 1 2>&1 | tee -a "$out/bench.txt"; then
         echo "fused attention failed on the tiny model; eager attention" | tee -a "$out/bench.txt"
@@ -86,7 +90,7 @@ run() {
         "$bin/audiocap" bench --preset real --device cuda --work-dir "$work" \
             --tokenizer "$bin/tokenizer.json" --batch-sizes "${BATCHES:-1,64,256}" \
             --attention "$1" \
-            --encoder-batch 64 --e2e-batch "${E2E_BATCH:-128}" --repetitions 3 \
+            --encoder-batch 64 --e2e-batch "${E2E_BATCH:-128}" --repetitions "${REPS:-3}" \
             --json "$out/bench-real-$1.json" 2>&1 | tee -a "$out/bench.txt"
     }
     if ! bench "$attention"; then
@@ -125,9 +129,11 @@ TOML
     } | tee "$out/run.txt"
 
     # The same decoder in PyTorch on the same GPU (last: the longest to load).
-    PYTHONUNBUFFERED=1 python3 benchmarks/pytorch_captioner.py --llm "$work/sources/real-seed1/llm" \
-        --batch-sizes "${BATCHES:-1,64,256}" --new-tokens 20 --repetitions 3 --peak-memory \
-        --json "$out/pytorch.json" 2>&1 | tee "$out/pytorch.txt" || true
+    if [ -z "${SKIP_PYTORCH:-}" ]; then
+        PYTHONUNBUFFERED=1 python3 benchmarks/pytorch_captioner.py --llm "$work/sources/real-seed1/llm" \
+            --batch-sizes "${BATCHES:-1,64,256}" --new-tokens 20 --repetitions 3 --peak-memory \
+            --json "$out/pytorch.json" 2>&1 | tee "$out/pytorch.txt" || true
+    fi
 
     if [ -x "$bin/training" ]; then
         # The recipe's LoRA step on the same 8B-shaped checkpoint (bf16 frozen weights).

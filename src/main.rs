@@ -515,6 +515,7 @@ fn caption(args: CaptionArgs) -> anyhow::Result<u8> {
     let options = EngineOptions {
         device: args.device,
         intra_threads: args.intra_threads,
+        profile_prefix: None,
     };
     let mut model = OnnxModel::load(&args.model, &options)
         .with_context(|| format!("loading {}", args.model.display()))?;

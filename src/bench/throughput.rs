@@ -198,6 +198,11 @@ pub struct BenchOptions {
     /// Rebuild the synthetic checkpoints and the export even if cached ones match.
     #[arg(long)]
     pub rebuild: bool,
+    /// After the figures, record ONNX Runtime's per-node profile of one generation at
+    /// the largest batch size into this folder (`benchmarks/ort-profile-summary.py`
+    /// sums it up).
+    #[arg(long)]
+    pub profile: Option<PathBuf>,
     /// Also write the report as JSON to this file.
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -227,6 +232,7 @@ impl Default for BenchOptions {
             tokenizer: None,
             seed: DEFAULT_SEED,
             attention: None,
+            profile: None,
             rebuild: false,
             json: None,
             quiet: false,
@@ -408,6 +414,9 @@ pub struct BenchReport {
     pub model: ModelSummary,
     pub setup: SetupTimes,
     pub figures: Vec<Figure>,
+    /// ONNX Runtime profiles written by `--profile`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub profile_files: Vec<PathBuf>,
 }
 
 impl BenchReport {
@@ -573,6 +582,7 @@ pub fn run_bench(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         &EngineOptions {
             device: options.device,
             intra_threads: options.intra_threads,
+            profile_prefix: None,
         },
     )
     .with_context(|| format!("loading {}", export_dir.display()))?;
@@ -610,6 +620,18 @@ pub fn run_bench(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         .map(|k| clips[k % clips.len()].as_path())
         .collect();
     measure_end_to_end(&mut runner, &mut model, &fbank, &e2e_clips, n)?;
+    let profile_files = match &options.profile {
+        Some(dir) => {
+            drop(model);
+            let largest = plan.batch_sizes.iter().copied().max().unwrap_or(1);
+            runner.progress(&format!(
+                "profiling one generation at batch {largest} into {}",
+                dir.display()
+            ));
+            profile_generation(&export_dir, options, dir, &tile(&one_clip, largest), n)?
+        }
+        None => Vec::new(),
+    };
 
     let file_bytes = |g: &crate::manifest::GraphFile| {
         g.file.bytes + g.external_data.iter().map(|f| f.bytes).sum::<u64>()
@@ -654,6 +676,7 @@ pub fn run_bench(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             load_s,
         },
         figures: runner.figures,
+        profile_files,
     };
     if let Some(path) = &options.json {
         report.write_json(path)?;
@@ -875,6 +898,42 @@ fn measure_end_to_end(
         seconds,
     ));
     Ok(())
+}
+
+/// `--profile`: the model loaded again with ONNX Runtime's profiling on, one
+/// fixed-length generation to warm up and one recorded; the profile files moved into
+/// `dir`.
+fn profile_generation(
+    export_dir: &Path,
+    options: &BenchOptions,
+    dir: &Path,
+    audio: &Array3<f32>,
+    n: usize,
+) -> anyhow::Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let mut model = OnnxModel::load(
+        export_dir,
+        &EngineOptions {
+            device: options.device,
+            intra_threads: options.intra_threads,
+            profile_prefix: Some(dir.join("ort-profile")),
+        },
+    )
+    .with_context(|| format!("loading {} with profiling", export_dir.display()))?;
+    generate_fixed(&mut model, audio, n)?;
+    generate_fixed(&mut model, audio, n)?;
+    let mut files = Vec::new();
+    for written in model.end_profiling()? {
+        // ONNX Runtime may write beside the working directory; keep them together.
+        let target = dir.join(written.file_name().unwrap_or(written.as_os_str()));
+        if written != target {
+            std::fs::rename(&written, &target)
+                .or_else(|_| std::fs::copy(&written, &target).map(|_| ()))
+                .with_context(|| format!("moving {}", written.display()))?;
+        }
+        files.push(target);
+    }
+    Ok(files)
 }
 
 /// `audio` [1, n, h] repeated to [b, n, h].

@@ -45,6 +45,9 @@ pub struct EngineOptions {
     pub device: DeviceSpec,
     /// Threads inside each ONNX operator (`None`: ONNX Runtime's default).
     pub intra_threads: Option<usize>,
+    /// ONNX Runtime's per-node profiling, written as `{prefix}-{graph}_*.json` by
+    /// [`OnnxModel::end_profiling`] (benchmarks only: it records every node run).
+    pub profile_prefix: Option<PathBuf>,
 }
 
 impl Default for EngineOptions {
@@ -52,6 +55,7 @@ impl Default for EngineOptions {
         Self {
             device: DeviceSpec::Cpu,
             intra_threads: None,
+            profile_prefix: None,
         }
     }
 }
@@ -113,6 +117,18 @@ impl OnnxModel {
         let open = |file: &str| -> Result<Session> {
             let path = dir.join(file);
             let mut builder = session_builder(&options.device, options.intra_threads)?;
+            if let Some(prefix) = &options.profile_prefix {
+                let stem = file.trim_end_matches(".onnx");
+                let mut name = prefix.as_os_str().to_owned();
+                name.push(format!("-{stem}"));
+                builder =
+                    builder
+                        .with_profiling(PathBuf::from(name))
+                        .map_err(|e| EngineError::Load {
+                            path: path.clone(),
+                            source: ort::Error::new_with_code(e.code(), e.message()),
+                        })?;
+            }
             builder
                 .commit_from_file(&path)
                 .map_err(|e| EngineError::Load {
@@ -151,6 +167,24 @@ impl OnnxModel {
             spare_caches: Vec::new(),
             inserter: None,
         })
+    }
+
+    /// Ends profiling (see [`EngineOptions::profile_prefix`]) and returns the files
+    /// ONNX Runtime wrote: encoder, embedding, decoder.
+    pub fn end_profiling(&mut self) -> Result<Vec<PathBuf>> {
+        [
+            (&mut self.encoder, "audio_encoder"),
+            (&mut self.embedding, "embedding"),
+            (&mut self.decoder, "decoder"),
+        ]
+        .into_iter()
+        .map(|(session, graph)| {
+            session
+                .end_profiling()
+                .map(PathBuf::from)
+                .map_err(run_error(graph))
+        })
+        .collect()
     }
 
     /// How the decoder attends and keeps its cache (see [`Attention`]).

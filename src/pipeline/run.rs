@@ -93,6 +93,7 @@ async fn run_async(
     let engine_options = EngineOptions {
         device,
         intra_threads: config.model.intra_threads,
+        profile_prefix: None,
     };
     let model = tokio::task::spawn_blocking(move || OnnxModel::load(&model_dir, &engine_options))
         .await

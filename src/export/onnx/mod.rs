@@ -97,6 +97,8 @@ pub struct Graph {
     scope: String,
     /// Initializer names in use (ONNX requires them unique).
     names: std::collections::HashSet<String>,
+    /// Node outputs renamed to graph outputs (see [`Graph::output`]): old → new.
+    aliases: std::collections::HashMap<String, String>,
 }
 
 impl Graph {
@@ -114,6 +116,7 @@ impl Graph {
             inline_bytes: 0,
             scope: String::new(),
             names: std::collections::HashSet::new(),
+            aliases: std::collections::HashMap::new(),
         }
     }
 
@@ -162,11 +165,39 @@ impl Graph {
         Value(name.to_string())
     }
 
-    /// Declares `value` as the graph output `name`.
+    /// The name a value has now (a node output may have been renamed to a graph
+    /// output's name).
+    fn resolve(&self, name: &str) -> String {
+        let mut current = name;
+        while let Some(next) = self.aliases.get(current) {
+            current = next;
+        }
+        current.to_string()
+    }
+
+    /// Declares `value` as the graph output `name`. A node's output is renamed
+    /// rather than copied by an Identity node: a copy of a graph output that other
+    /// nodes also read (the logits, an eager KV cache) would cost a full pass over it
+    /// on every run, since ONNX Runtime cannot remove it.
     pub fn output(&mut self, value: &Value, name: &str, dtype: DataType, dims: &[Dim]) {
-        if value.0 != name {
+        let current = self.resolve(&value.0);
+        let produced = self
+            .nodes
+            .iter()
+            .any(|n| n.output.iter().any(|o| *o == current));
+        let already_output = self.outputs.iter().any(|o| o.name == current);
+        if current != name && produced && !already_output && !self.names.contains(name) {
+            for node in &mut self.nodes {
+                for slot in node.input.iter_mut().chain(node.output.iter_mut()) {
+                    if *slot == current {
+                        *slot = name.to_string();
+                    }
+                }
+            }
+            self.aliases.insert(current, name.to_string());
+        } else if current != name {
             self.nodes.push(NodeProto {
-                input: vec![value.0.clone()],
+                input: vec![current],
                 output: vec![name.to_string()],
                 name: format!("output/{name}"),
                 op_type: "Identity".into(),
@@ -348,8 +379,9 @@ impl Graph {
     ) -> Vec<Value> {
         let node_name = self.fresh(op_type);
         let outs: Vec<String> = (0..outputs).map(|i| format!("{node_name}:{i}")).collect();
+        let inputs = inputs.iter().map(|v| self.resolve(&v.0)).collect();
         self.nodes.push(NodeProto {
-            input: inputs.iter().map(|v| v.0.clone()).collect(),
+            input: inputs,
             output: outs.clone(),
             name: node_name,
             op_type: op_type.to_string(),
