@@ -184,7 +184,7 @@ impl Graph {
         let produced = self
             .nodes
             .iter()
-            .any(|n| n.output.iter().any(|o| *o == current));
+            .any(|n| n.output.contains(&current));
         let already_output = self.outputs.iter().any(|o| o.name == current);
         if current != name && produced && !already_output && !self.names.contains(name) {
             for node in &mut self.nodes {
