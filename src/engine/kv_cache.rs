@@ -9,12 +9,12 @@
 //!
 //! Continuous batching puts newly prefilled rows into free rows of a running cache
 //! with a small graph of `ScatterND` nodes bound in place the same way: only the
-//! new rows are written.
+//! new rows are written. Beam search and finished rows leaving a batch pick rows with
+//! a graph of `Gather` nodes: the cache never leaves the device.
 
-use ndarray::Axis;
 use ort::memory::{AllocationDevice, Allocator};
 use ort::session::Session;
-use ort::value::{DynTensorValueType, DynValue, Tensor, TensorElementType, ValueType};
+use ort::value::{DynTensorValueType, DynValue, Tensor};
 
 use super::model::{EngineError, Result};
 use super::runtime::{DeviceSpec, session_builder};
@@ -77,34 +77,107 @@ pub fn zeroed_buffers(
         .collect()
 }
 
-/// Keeps rows `rows` (in that order, repeats allowed) of every cache value along the
-/// batch axis: finished sequences leave the batch, beams follow their parents. The
-/// result is in host memory that ONNX Runtime allocated, so it can be bound in place.
-pub fn select_rows(values: Vec<DynValue>, rows: &[usize]) -> Result<Vec<DynValue>> {
-    fn pick<T: ort::value::PrimitiveTensorElementType + Copy + std::fmt::Debug + 'static>(
-        v: &DynValue,
-        rows: &[usize],
-    ) -> Result<DynValue> {
-        let a = v.try_extract_array::<T>().map_err(run_error)?;
-        let picked = a.select(Axis(0), rows);
-        let mut out =
-            Tensor::<T>::new(&Allocator::default(), picked.shape().to_vec()).map_err(run_error)?;
-        let (_, data) = out.extract_tensor_mut();
-        for (slot, value) in data.iter_mut().zip(picked.iter()) {
-            *slot = *value;
+/// Keeps rows of every cache value on the device they are on: `cache.{i}` [R, ...],
+/// `rows` [n] int64 → `picked.{i}` [n, ...].
+pub struct RowGatherer {
+    session: Session,
+    values: usize,
+    device: DeviceSpec,
+}
+
+impl RowGatherer {
+    pub fn new(
+        device: DeviceSpec,
+        dtype: ExportDtype,
+        values: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<Self> {
+        let float = match dtype {
+            ExportDtype::F32 => DataType::Float,
+            ExportDtype::F16 => DataType::Float16,
+        };
+        let mut g = Graph::new("gather_rows", float);
+        let rows = g.input(ROWS, DataType::Int64, &[Dim::named("n")]);
+        let dims = |batch: &str| {
+            vec![
+                Dim::named(batch),
+                Dim::Fixed(kv_heads),
+                Dim::named("positions"),
+                Dim::Fixed(head_dim),
+            ]
+        };
+        for i in 0..values {
+            let cache = g.input(&cache_name(i), float, &dims("rows"));
+            let picked = g.gather(&cache, &rows, 0);
+            g.output(&picked, &picked_name(i), float, &dims("n"));
         }
-        Ok(out.into_dyn())
-    }
-    values
-        .into_iter()
-        .map(|v| match v.dtype() {
-            ValueType::Tensor {
-                ty: TensorElementType::Float16,
-                ..
-            } => pick::<half::f16>(&v, rows),
-            _ => pick::<f32>(&v, rows),
+        let bytes = g
+            .into_bytes(env!("CARGO_PKG_VERSION"))
+            .map_err(|e| EngineError::Input(format!("building the row-gather graph: {e}")))?;
+        let session = session_builder(&device, Some(1))?
+            .commit_from_memory(&bytes)
+            .map_err(run_error)?;
+        Ok(Self {
+            session,
+            values,
+            device,
         })
-        .collect()
+    }
+
+    /// Rows `rows` (in that order, repeats allowed) of every value, as new values
+    /// where the model runs.
+    pub fn gather(&mut self, cache: Vec<DynValue>, rows: &[usize]) -> Result<Vec<DynValue>> {
+        if cache.len() != self.values {
+            return Err(EngineError::Input(format!(
+                "gathering rows: {} cache values, expected {}",
+                cache.len(),
+                self.values
+            )));
+        }
+        let indices: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
+        let indices = Tensor::from_array((vec![rows.len()], indices))
+            .map_err(run_error)?
+            .into_dyn();
+        let memory = match self.device {
+            DeviceSpec::Cpu => ort::memory::MemoryInfo::new(
+                AllocationDevice::CPU,
+                0,
+                ort::memory::AllocatorType::Device,
+                ort::memory::MemoryType::Default,
+            ),
+            DeviceSpec::Cuda(id) => ort::memory::MemoryInfo::new(
+                AllocationDevice::CUDA,
+                id as i32,
+                ort::memory::AllocatorType::Device,
+                ort::memory::MemoryType::Default,
+            ),
+        }
+        .map_err(run_error)?;
+        let mut binding = self.session.create_binding().map_err(run_error)?;
+        binding.bind_input(ROWS, &indices).map_err(run_error)?;
+        for (i, c) in cache.iter().enumerate() {
+            binding.bind_input(cache_name(i), c).map_err(run_error)?;
+            binding
+                .bind_output_to_device(picked_name(i), &memory)
+                .map_err(run_error)?;
+        }
+        let mut outputs = self.session.run_binding(&binding).map_err(run_error)?;
+        (0..self.values)
+            .map(|i| {
+                outputs
+                    .remove(picked_name(i))
+                    .ok_or_else(|| EngineError::MissingOutput {
+                        graph: "gather_rows",
+                        name: picked_name(i),
+                    })
+            })
+            .collect()
+    }
+}
+
+fn picked_name(i: usize) -> String {
+    format!("picked.{i}")
 }
 
 /// Names in the row-insertion graph.

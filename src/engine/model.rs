@@ -9,7 +9,7 @@ use ort::session::{Session, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use tokenizers::Tokenizer;
 
-use super::kv_cache::{self, RowInserter};
+use super::kv_cache::{self, RowGatherer, RowInserter};
 use super::runtime::{DeviceSpec, RuntimeError, session_builder};
 use crate::export::decoder::{FUSED_MAX_POSITIONS, io as dec_io};
 use crate::export::encoder::io as enc_io;
@@ -87,6 +87,8 @@ pub struct OnnxModel {
     spare_caches: Vec<Vec<DynValue>>,
     /// Fused attention: writes prefilled rows into a running cache (built on first use).
     inserter: Option<RowInserter>,
+    /// Picks cache rows where the model runs (built on first use).
+    gatherer: Option<RowGatherer>,
 }
 
 /// What a decoder step hands back: the last position's logits [B, vocab] when they
@@ -166,6 +168,7 @@ impl OnnxModel {
             takes_positions,
             spare_caches: Vec::new(),
             inserter: None,
+            gatherer: None,
         })
     }
 
@@ -320,28 +323,28 @@ impl OnnxModel {
         }
     }
 
-    /// Keeps rows `rows` of every cache value (see [`select_rows`]), wherever the
-    /// cache lives.
+    /// Keeps rows `rows` (in that order, repeats allowed) of every cache value along
+    /// the batch axis, where the model runs: finished sequences leave the batch, beams
+    /// follow their parents.
     pub fn select_cache_rows(
-        &self,
+        &mut self,
         values: Vec<DynValue>,
         rows: &[usize],
     ) -> Result<Vec<DynValue>> {
-        match self.device {
-            DeviceSpec::Cpu => kv_cache::select_rows(values, rows),
-            DeviceSpec::Cuda(_) => {
-                // Rows change only when sequences finish or beams reorder: a round
-                // trip through the host, then back to the device.
-                let host = values
-                    .iter()
-                    .map(|v| kv_cache::to_device(v, DeviceSpec::Cpu))
-                    .collect::<Result<Vec<_>>>()?;
-                kv_cache::select_rows(host, rows)?
-                    .iter()
-                    .map(|v| kv_cache::to_device(v, self.device))
-                    .collect()
-            }
+        if self.gatherer.is_none() {
+            let d = &self.manifest.decoder;
+            self.gatherer = Some(RowGatherer::new(
+                self.device,
+                self.manifest.onnx.dtype,
+                2 * d.num_layers,
+                d.num_key_value_heads,
+                d.head_dim,
+            )?);
         }
+        self.gatherer
+            .as_mut()
+            .expect("built above")
+            .gather(values, rows)
     }
 
     /// KV cache values for `batch` rows that may grow to `capacity` positions: empty

@@ -181,10 +181,7 @@ impl Graph {
     /// on every run, since ONNX Runtime cannot remove it.
     pub fn output(&mut self, value: &Value, name: &str, dtype: DataType, dims: &[Dim]) {
         let current = self.resolve(&value.0);
-        let produced = self
-            .nodes
-            .iter()
-            .any(|n| n.output.contains(&current));
+        let produced = self.nodes.iter().any(|n| n.output.contains(&current));
         let already_output = self.outputs.iter().any(|o| o.name == current);
         if current != name && produced && !already_output && !self.names.contains(name) {
             for node in &mut self.nodes {
