@@ -77,6 +77,46 @@ pub fn zeroed_buffers(
         .collect()
 }
 
+/// What the row helpers need to know about a model's cache: where it lives, its
+/// element type, how many values (two per layer) and their fixed dimensions.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheLayout {
+    pub device: DeviceSpec,
+    pub dtype: ExportDtype,
+    pub values: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl CacheLayout {
+    fn float(&self) -> DataType {
+        match self.dtype {
+            ExportDtype::F32 => DataType::Float,
+            ExportDtype::F16 => DataType::Float16,
+        }
+    }
+
+    /// [batch, kv_heads, positions, head_dim] with the two free dimensions named.
+    fn dims(&self, batch: &str, positions: &str) -> Vec<Dim> {
+        vec![
+            Dim::named(batch),
+            Dim::Fixed(self.kv_heads),
+            Dim::named(positions),
+            Dim::Fixed(self.head_dim),
+        ]
+    }
+
+    /// A session for a helper graph built at run time, on the cache's device.
+    fn session(&self, g: Graph, what: &str) -> Result<Session> {
+        let bytes = g
+            .into_bytes(env!("CARGO_PKG_VERSION"))
+            .map_err(|e| EngineError::Input(format!("building the {what} graph: {e}")))?;
+        session_builder(&self.device, Some(1))?
+            .commit_from_memory(&bytes)
+            .map_err(run_error)
+    }
+}
+
 /// Keeps rows of every cache value on the device they are on: `cache.{i}` [R, ...],
 /// `rows` [n] int64 → `picked.{i}` [n, ...].
 pub struct RowGatherer {
@@ -86,42 +126,24 @@ pub struct RowGatherer {
 }
 
 impl RowGatherer {
-    pub fn new(
-        device: DeviceSpec,
-        dtype: ExportDtype,
-        values: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> Result<Self> {
-        let float = match dtype {
-            ExportDtype::F32 => DataType::Float,
-            ExportDtype::F16 => DataType::Float16,
-        };
+    pub fn new(layout: CacheLayout) -> Result<Self> {
+        let float = layout.float();
         let mut g = Graph::new("gather_rows", float);
         let rows = g.input(ROWS, DataType::Int64, &[Dim::named("n")]);
-        let dims = |batch: &str| {
-            vec![
-                Dim::named(batch),
-                Dim::Fixed(kv_heads),
-                Dim::named("positions"),
-                Dim::Fixed(head_dim),
-            ]
-        };
-        for i in 0..values {
-            let cache = g.input(&cache_name(i), float, &dims("rows"));
+        for i in 0..layout.values {
+            let cache = g.input(&cache_name(i), float, &layout.dims("rows", "positions"));
             let picked = g.gather(&cache, &rows, 0);
-            g.output(&picked, &picked_name(i), float, &dims("n"));
+            g.output(
+                &picked,
+                &picked_name(i),
+                float,
+                &layout.dims("n", "positions"),
+            );
         }
-        let bytes = g
-            .into_bytes(env!("CARGO_PKG_VERSION"))
-            .map_err(|e| EngineError::Input(format!("building the row-gather graph: {e}")))?;
-        let session = session_builder(&device, Some(1))?
-            .commit_from_memory(&bytes)
-            .map_err(run_error)?;
         Ok(Self {
-            session,
-            values,
-            device,
+            session: layout.session(g, "row-gather")?,
+            values: layout.values,
+            device: layout.device,
         })
     }
 
@@ -197,46 +219,21 @@ pub struct RowInserter {
 }
 
 impl RowInserter {
-    /// The graph for `values` cache tensors (two per layer) of `float`'s type.
-    pub fn new(
-        device: DeviceSpec,
-        dtype: ExportDtype,
-        values: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> Result<Self> {
-        let float = match dtype {
-            ExportDtype::F32 => DataType::Float,
-            ExportDtype::F16 => DataType::Float16,
-        };
+    pub fn new(layout: CacheLayout) -> Result<Self> {
+        let float = layout.float();
         let mut g = Graph::new("insert_rows", float);
         let rows = g.input(ROWS, DataType::Int64, &[Dim::named("n"), Dim::Fixed(1)]);
-        let dims = |batch: &str| {
-            vec![
-                Dim::named(batch),
-                Dim::Fixed(kv_heads),
-                Dim::named("capacity"),
-                Dim::Fixed(head_dim),
-            ]
-        };
-        for i in 0..values {
-            let cache = g.input(&cache_name(i), float, &dims("rows"));
-            let update = g.input(&update_name(i), float, &dims("n"));
+        for i in 0..layout.values {
+            let cache = g.input(&cache_name(i), float, &layout.dims("rows", "capacity"));
+            let update = g.input(&update_name(i), float, &layout.dims("n", "capacity"));
             let out = g.op("ScatterND", &[&cache, &rows, &update], vec![]);
-            g.output(
-                &out,
-                &format!("{}.out", cache_name(i)),
-                float,
-                &dims("rows"),
-            );
+            let name = format!("{}.out", cache_name(i));
+            g.output(&out, &name, float, &layout.dims("rows", "capacity"));
         }
-        let bytes = g
-            .into_bytes(env!("CARGO_PKG_VERSION"))
-            .map_err(|e| EngineError::Input(format!("building the row-insertion graph: {e}")))?;
-        let session = session_builder(&device, Some(1))?
-            .commit_from_memory(&bytes)
-            .map_err(run_error)?;
-        Ok(Self { session, values })
+        Ok(Self {
+            session: layout.session(g, "row-insertion")?,
+            values: layout.values,
+        })
     }
 
     /// Copies row `i` of every `update` value into row `rows[i]` of the matching

@@ -9,7 +9,7 @@ use ort::session::{Session, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use tokenizers::Tokenizer;
 
-use super::kv_cache::{self, RowGatherer, RowInserter};
+use super::kv_cache::{self, CacheLayout, RowGatherer, RowInserter};
 use super::runtime::{DeviceSpec, RuntimeError, session_builder};
 use crate::export::decoder::{FUSED_MAX_POSITIONS, io as dec_io};
 use crate::export::encoder::io as enc_io;
@@ -323,6 +323,17 @@ impl OnnxModel {
         }
     }
 
+    fn cache_layout(&self) -> CacheLayout {
+        let d = &self.manifest.decoder;
+        CacheLayout {
+            device: self.device,
+            dtype: self.manifest.onnx.dtype,
+            values: 2 * d.num_layers,
+            kv_heads: d.num_key_value_heads,
+            head_dim: d.head_dim,
+        }
+    }
+
     /// Keeps rows `rows` (in that order, repeats allowed) of every cache value along
     /// the batch axis, where the model runs: finished sequences leave the batch, beams
     /// follow their parents.
@@ -332,14 +343,7 @@ impl OnnxModel {
         rows: &[usize],
     ) -> Result<Vec<DynValue>> {
         if self.gatherer.is_none() {
-            let d = &self.manifest.decoder;
-            self.gatherer = Some(RowGatherer::new(
-                self.device,
-                self.manifest.onnx.dtype,
-                2 * d.num_layers,
-                d.num_key_value_heads,
-                d.head_dim,
-            )?);
+            self.gatherer = Some(RowGatherer::new(self.cache_layout())?);
         }
         self.gatherer
             .as_mut()
@@ -410,14 +414,7 @@ impl OnnxModel {
         rows: &[usize],
     ) -> Result<Vec<DynValue>> {
         if self.inserter.is_none() {
-            let d = &self.manifest.decoder;
-            self.inserter = Some(RowInserter::new(
-                self.device,
-                self.manifest.onnx.dtype,
-                2 * d.num_layers,
-                d.num_key_value_heads,
-                d.head_dim,
-            )?);
+            self.inserter = Some(RowInserter::new(self.cache_layout())?);
         }
         self.inserter
             .as_mut()
