@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Environment: BATCHES, E2E_BATCH, REPS, CLIPS, RUN_BATCH, RUN_ROWS, ATTENTION (fused|eager),
 # SKIP_CHECK (no tiny-model check first), SKIP_PYTORCH, NO_TRAIN (pack without the training
-# bench).
+# bench), PROFILE (ONNX Runtime's per-node profile of one generation at the largest batch,
+# summed up in profile-summary.txt).
 #
 # Issue #8's GPU measurement: the real-size captioner (BEATs iter3+ and a Llama-3-8B-shaped
 # decoder, random weights, f16 export) on ONNX Runtime's CUDA provider, the same decoder in
@@ -64,6 +65,36 @@ for i in range(n):
 PY
 }
 
+# GPU utilisation during `audiocap run` (after its model load) from the nvidia-smi samples.
+gpu_busy() {
+    python3 - "$1" "$2" <<'PY'
+import csv, datetime, re, sys
+smi = sys.argv[1]
+log = re.sub(r"\x1b\[[0-9;]*m", "", open(sys.argv[2]).read())  # the log's colours
+def stamp(s):
+    return datetime.datetime.strptime(s.strip()[:23], "%Y/%m/%d %H:%M:%S.%f")
+end = stamp(re.search(r"run window end (\S+ \S+)", log).group(1))
+loaded = re.search(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z .*model loaded", log)
+if loaded:
+    start = datetime.datetime.strptime(loaded.group(1)[:26], "%Y-%m-%dT%H:%M:%S.%f")
+else:
+    start = stamp(re.search(r"run window start (\S+ \S+)", log).group(1))
+samples = []
+for row in csv.reader(open(smi)):
+    try:
+        t, util, mem = stamp(row[0]), int(row[1].split()[0]), int(row[2].split()[0])
+    except (ValueError, IndexError):
+        continue
+    if start <= t <= end:
+        samples.append((util, mem))
+if samples:
+    utils = [u for u, _ in samples]
+    print(f"GPU busy during the run after the model load: mean {sum(utils) / len(utils):.0f}%, "
+          f">= 90% in {100 * sum(u >= 90 for u in utils) / len(utils):.0f}% of {len(utils)} samples; "
+          f"peak memory {max(m for _, m in samples)} MiB")
+PY
+}
+
 run() {
     local out=${OUT:-$PWD/gpu-out} bin=/tmp/perf work=/tmp/bench
     mkdir -p "$out" "$bin"
@@ -89,7 +120,7 @@ run() {
     bench() {
         "$bin/audiocap" bench --preset real --device cuda --work-dir "$work" \
             --tokenizer "$bin/tokenizer.json" --batch-sizes "${BATCHES:-1,64,256}" \
-            --attention "$1" \
+            --attention "$1" ${PROFILE:+--profile "$out/profile"} \
             --encoder-batch 64 --e2e-batch "${E2E_BATCH:-128}" --repetitions "${REPS:-3}" \
             --json "$out/bench-real-$1.json" 2>&1 | tee -a "$out/bench.txt"
     }
@@ -98,6 +129,12 @@ run() {
         echo "bench with $attention attention failed; eager attention" | tee -a "$out/bench.txt"
         attention=eager
         bench eager || true
+    fi
+
+    if [ -d "$out/profile" ]; then
+        python3 benchmarks/ort-profile-summary.py "$out"/profile/ort-profile-decoder_*.json \
+            "$out"/profile/ort-profile-audio_encoder_*.json | tee "$out/profile-summary.txt" || true
+        xz -T0 "$out"/profile/*.json || true
     fi
 
     local export
@@ -127,6 +164,7 @@ TOML
         "$bin/audiocap" run /tmp/run.toml 2>&1 | tail -25
         echo "run window end $(date -u +%Y/%m/%d\ %H:%M:%S.%3N)"
     } | tee "$out/run.txt"
+    gpu_busy "$out/smi.csv" "$out/run.txt" | tee -a "$out/run.txt"
 
     # The same decoder in PyTorch on the same GPU (last: the longest to load).
     if [ -z "${SKIP_PYTORCH:-}" ]; then
