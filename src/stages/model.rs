@@ -47,8 +47,9 @@ impl DecoderMode {
 }
 
 /// Starts the model thread. It ends when the batch channel closes (or the sink
-/// is gone); `idle` is true while it waits for a batch, `busy` counts the time it
-/// spends in the model.
+/// is gone); `idle` is true while it waits for a batch (with continuous batching:
+/// while decoder rows are free and no clip waits for them), `busy` counts the time
+/// it spends in the model.
 pub fn spawn(
     model: OnnxModel,
     params: GenerationParams,
@@ -153,6 +154,12 @@ impl Stage {
                     return;
                 }
             }
+            // The batch stage hands over partial batches while this is set: the
+            // decoder has free rows and no clip waiting for them.
+            self.idle.store(
+                input_open && waiting.len() < batcher.free(),
+                Ordering::Release,
+            );
             let room = waiting.len().min(batcher.free());
             let mut done = Vec::new();
             if room > 0 && (room >= refill || batcher.active() == 0 || !input_open) {
