@@ -2,7 +2,8 @@
 # Environment: BATCHES, E2E_BATCH, REPS, CLIPS, RUN_BATCH, RUN_ROWS, ATTENTION (fused|eager),
 # SKIP_CHECK (no tiny-model check first), SKIP_PYTORCH, NO_TRAIN (pack without the training
 # bench), PROFILE (ONNX Runtime's per-node profile of one generation at the largest batch,
-# summed up in profile-summary.txt).
+# summed up in profile-summary.txt), PARITY (captions of a tiny f16 fused model: continuous vs
+# fixed batches, GPU vs CPU; also `benchmarks/gpu-throughput.sh parity` alone).
 #
 # Issue #8's GPU measurement: the real-size captioner (BEATs iter3+ and a Llama-3-8B-shaped
 # decoder, random weights, f16 export) on ONNX Runtime's CUDA provider, the same decoder in
@@ -95,6 +96,58 @@ if samples:
 PY
 }
 
+# Captions of a tiny random f16 fused-attention model on the GPU: fixed batches of 16
+# (`audiocap caption`) against continuous batching over 24 rows (`audiocap run`), and
+# the GPU's fixed batches against the CPU's. Counts, not assertions: a random model
+# has near-ties that kernel choices can flip. DEVICE=cpu runs it without a GPU.
+parity() {
+    local out=${OUT:-$PWD/gpu-out} bin=${BIN:-/tmp/perf} work=${WORK:-/tmp/bench} d=/tmp/parity
+    local device=${DEVICE:-cuda}
+    rm -rf "$d" && mkdir -p "$d" "$out"
+    "$bin/audiocap" bench --preset tiny --device cpu --work-dir "$work" --tokenizer "$bin/tokenizer.json" \
+        --dtype f16 --attention fused --repetitions 1 --batch-sizes 1 --quiet >/dev/null
+    local model="$work/exports/bench-tiny-f16-fused-seed1"
+    write_clips "$d/clips" 96
+    "$bin/audiocap" caption --model "$model" --device "$device" --batch-size 16 --max-new-tokens 20 \
+        --out "$d/fixed-$device.parquet" "$d/clips" >/dev/null
+    "$bin/audiocap" caption --model "$model" --device cpu --batch-size 16 --max-new-tokens 20 \
+        --out "$d/fixed-cpu-ref.parquet" "$d/clips" >/dev/null
+    cat >"$d/run.toml" <<TOML
+[model]
+path = "$model"
+device = "$device"
+[input]
+sources = ["$d/clips"]
+[batching]
+batch_size = 16
+decoder_rows = 24
+[generation]
+max_new_tokens = 20
+[output]
+uri = "$d/continuous"
+[logging]
+progress = "off"
+TOML
+    "$bin/audiocap" run "$d/run.toml" >/dev/null 2>&1
+    python3 - "$d" "$device" <<'PY' | tee -a "$out/parity.txt"
+import glob, sys
+import pyarrow.parquet as pq
+d, device = sys.argv[1], sys.argv[2]
+def load(paths):
+    rows = {}
+    for p in paths:
+        t = pq.read_table(p, columns=["uri", "caption"]).to_pylist()
+        rows.update({r["uri"].split("/")[-1]: r["caption"] for r in t})
+    return rows
+fixed = load([f"{d}/fixed-{device}.parquet"])
+cpu = load([f"{d}/fixed-cpu-ref.parquet"])
+cont = load(glob.glob(f"{d}/continuous/*.parquet"))
+same = lambda a, b: sum(a[k] == b.get(k) for k in a)
+print(f"parity ({device}, tiny f16 fused, {len(fixed)} clips): continuous vs fixed batches "
+      f"{same(fixed, cont)}/{len(fixed)} identical; {device} vs cpu fixed batches {same(fixed, cpu)}/{len(fixed)}")
+PY
+}
+
 run() {
     local out=${OUT:-$PWD/gpu-out} bin=/tmp/perf work=/tmp/bench
     mkdir -p "$out" "$bin"
@@ -173,6 +226,10 @@ TOML
             --json "$out/pytorch.json" 2>&1 | tee "$out/pytorch.txt" || true
     fi
 
+    if [ -n "${PARITY:-}" ]; then
+        parity || echo "parity check failed" | tee -a "$out/parity.txt"
+    fi
+
     if [ -x "$bin/training" ]; then
         # The recipe's LoRA step on the same 8B-shaped checkpoint (bf16 frozen weights).
         mkdir -p /tmp/train-bench
@@ -186,8 +243,9 @@ TOML
 case "${1:-}" in
 pack) pack ;;
 run) run ;;
+parity) parity ;;
 *)
-    echo "usage: $0 pack|run" >&2
+    echo "usage: $0 pack|run|parity" >&2
     exit 2
     ;;
 esac
