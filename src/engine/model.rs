@@ -505,13 +505,17 @@ impl OnnxModel {
             )));
         }
         let fused = self.attention() == Attention::Fused;
-        let positions: Vec<i64> = lengths
-            .iter()
-            .flat_map(|&len| (len..len + seq).map(|p| p as i64))
-            .collect();
-        let positions = Tensor::from_array((vec![batch, seq], positions))
-            .map_err(run_error("decoder"))?
-            .into_dyn();
+        let positions = if self.takes_positions {
+            let positions: Vec<i64> = lengths
+                .iter()
+                .flat_map(|&len| (len..len + seq).map(|p| p as i64))
+                .collect();
+            let value =
+                Tensor::from_array((vec![batch, seq], positions)).map_err(run_error("decoder"))?;
+            Some(value.into_dyn())
+        } else {
+            None
+        };
         // Eager: one length for the batch, told by a 0/1 mask; fused: each row's own
         // length, checked against the buffers' capacity.
         let mut lengths_inputs: Vec<(String, DynValue)> = Vec::new();
@@ -563,8 +567,8 @@ impl OnnxModel {
             .map_err(run_error("decoder"))?
             .into_dyn();
         let mut bound = vec![(dec_io::INPUTS_EMBEDS.to_string(), &embeds)];
-        if self.takes_positions {
-            bound.push((dec_io::POSITION_IDS.to_string(), &positions));
+        if let Some(positions) = &positions {
+            bound.push((dec_io::POSITION_IDS.to_string(), positions));
         }
         for (name, value) in &lengths_inputs {
             bound.push((name.clone(), value));

@@ -452,6 +452,20 @@ fn linear(
     adaptation: &Adaptation,
     paths: &mut Vec<String>,
 ) -> Result<Value> {
+    let (weight, bias) = folded(w, in_dim, out_dim, bias, adaptation, paths)?;
+    Ok(g.linear(x, w.prefix(), &weight, bias.as_ref())?)
+}
+
+/// A linear module's weight [out, in] and bias with its adapters folded in; its path
+/// joins `paths` (checked against the adapters' modules after the export).
+fn folded(
+    w: &Weights,
+    in_dim: usize,
+    out_dim: usize,
+    bias: bool,
+    adaptation: &Adaptation,
+    paths: &mut Vec<String>,
+) -> Result<(Tensor, Option<Tensor>)> {
     let layer = adaptation.linear(w, in_dim, out_dim, bias)?;
     if !layer.adapters.is_empty() {
         return Err(ExportError::Unsupported(
@@ -459,7 +473,7 @@ fn linear(
         ));
     }
     paths.push(w.prefix().to_string());
-    Ok(g.linear(x, w.prefix(), layer.base.weight(), layer.base.bias())?)
+    Ok((layer.base.weight().clone(), layer.base.bias().cloned()))
 }
 
 /// Several linear layers over the same input as one MatMul: their folded weights
@@ -480,18 +494,9 @@ fn fused_linear(
     let mut weights = Vec::with_capacity(parts.len());
     let mut biases = Vec::with_capacity(parts.len());
     for &(part, out_dim) in parts {
-        let m = w.pp(part);
-        let layer = adaptation.linear(&m, in_dim, out_dim, bias)?;
-        if !layer.adapters.is_empty() {
-            return Err(ExportError::Unsupported(
-                "live LoRA paths cannot be exported; fold the adapters first".into(),
-            ));
-        }
-        paths.push(m.prefix().to_string());
-        weights.push(layer.base.weight().clone());
-        if let Some(b) = layer.base.bias() {
-            biases.push(b.clone());
-        }
+        let (weight, b) = folded(&w.pp(part), in_dim, out_dim, bias, adaptation, paths)?;
+        weights.push(weight);
+        biases.extend(b);
     }
     let tensor_error = |source| {
         ExportError::Onnx(super::onnx::OnnxError::Tensor {
