@@ -6,7 +6,7 @@
 #   there, once per part, back to back:       scripts/gpu-session.sh keep .gpu/session/pNN
 #   there, last:                              scripts/gpu-session.sh run [train|perf|all]
 #
-# `pack` puts ONNX Runtime's CUDA build (.gpu/ort-part-*), the training check's and the
+# `pack` (40 MiB parts: a call carries the tracked tree too, 22 MiB, within 64) puts ONNX Runtime's CUDA build (.gpu/ort-part-*), the training check's and the
 # throughput benchmark's packs into one stream cut into .gpu/session/pNN parts. `keep`
 # moves a carried part to /tmp/gpu-parts (the machine keeps /tmp while warm; a later
 # call's working tree does not keep earlier carried files). `run` joins them, sets up
@@ -25,7 +25,7 @@ pack)
         files=(ort-part-00 ort-part-01 ort-part-02 ort-part-03 ort-part-04 assemble-ort-gpu.sh
             train/bin.tar.xz train/data.tar.xz perf/bin.tar.xz)
     fi
-    tar -C .gpu -cf - "${files[@]}" | split -b "${PART:-58M}" -d - .gpu/session/p
+    tar -C .gpu -cf - "${files[@]}" | split -b "${PART:-40M}" -d - .gpu/session/p
     ls -la .gpu/session
     ;;
 keep)
