@@ -6,8 +6,9 @@
 #   there, once per part, back to back:       scripts/gpu-session.sh keep .gpu/session/pNN
 #   there, last:                              scripts/gpu-session.sh run [train|perf|all]
 #
-# `pack` (40 MiB parts: a call carries the tracked tree too, 22 MiB, within 64) puts ONNX Runtime's CUDA build (.gpu/ort-part-*), the training check's and the
-# throughput benchmark's packs into one stream cut into .gpu/session/pNN parts. `keep`
+# `pack` puts ONNX Runtime's CUDA build (.gpu/ort-part-*), the training check's and the
+# throughput benchmark's packs into one stream cut into .gpu/session/pNN parts of 40 MiB
+# (PART=...; a call carries the tracked tree too, 22 MiB, and may carry 64 in all). `keep`
 # moves a carried part to /tmp/gpu-parts (the machine keeps /tmp while warm; a later
 # call's working tree does not keep earlier carried files). `run` joins them, sets up
 # ONNX Runtime's CUDA build and runs scripts/gpu-training-check.sh then
