@@ -12,7 +12,7 @@
 //! new rows are written. Beam search and finished rows leaving a batch pick rows with
 //! a graph of `Gather` nodes: the cache never leaves the device.
 
-use ort::memory::{AllocationDevice, Allocator};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::{DynTensorValueType, DynValue, Tensor};
 
@@ -51,11 +51,22 @@ pub fn to_device(value: &DynValue, device: DeviceSpec) -> Result<DynValue> {
         .view()
         .downcast::<DynTensorValueType>()
         .map_err(|e| EngineError::Input(format!("cache value is not a tensor: {e}")))?;
-    let (kind, id) = match device {
+    let (kind, id) = location(device);
+    Ok(tensor.to(kind, id).map_err(run_error)?.into_dyn())
+}
+
+/// Where ONNX Runtime allocates for `device`.
+fn location(device: DeviceSpec) -> (AllocationDevice<'static>, i32) {
+    match device {
         DeviceSpec::Cpu => (AllocationDevice::CPU, 0),
         DeviceSpec::Cuda(id) => (AllocationDevice::CUDA, id as i32),
-    };
-    Ok(tensor.to(kind, id).map_err(run_error)?.into_dyn())
+    }
+}
+
+/// Device memory of `device`, for outputs bound where the model runs.
+pub fn device_memory(device: DeviceSpec) -> Result<MemoryInfo<'static>> {
+    let (kind, id) = location(device);
+    MemoryInfo::new(kind, id, AllocatorType::Device, MemoryType::Default).map_err(run_error)
 }
 
 /// Zero-filled fused-attention buffers for `rows` rows of `capacity` positions: two
@@ -161,21 +172,7 @@ impl RowGatherer {
         let indices = Tensor::from_array((vec![rows.len()], indices))
             .map_err(run_error)?
             .into_dyn();
-        let memory = match self.device {
-            DeviceSpec::Cpu => ort::memory::MemoryInfo::new(
-                AllocationDevice::CPU,
-                0,
-                ort::memory::AllocatorType::Device,
-                ort::memory::MemoryType::Default,
-            ),
-            DeviceSpec::Cuda(id) => ort::memory::MemoryInfo::new(
-                AllocationDevice::CUDA,
-                id as i32,
-                ort::memory::AllocatorType::Device,
-                ort::memory::MemoryType::Default,
-            ),
-        }
-        .map_err(run_error)?;
+        let memory = device_memory(self.device)?;
         let mut binding = self.session.create_binding().map_err(run_error)?;
         binding.bind_input(ROWS, &indices).map_err(run_error)?;
         for (i, c) in cache.iter().enumerate() {

@@ -317,10 +317,7 @@ impl OnnxModel {
 
     /// Where the KV cache lives: the device the decoder runs on.
     fn cache_memory(&self) -> Result<MemoryInfo<'static>> {
-        match self.device {
-            DeviceSpec::Cpu => memory_info(AllocationDevice::CPU, 0),
-            DeviceSpec::Cuda(id) => memory_info(AllocationDevice::CUDA, id as i32),
-        }
+        kv_cache::device_memory(self.device)
     }
 
     fn cache_layout(&self) -> CacheLayout {

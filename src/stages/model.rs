@@ -20,7 +20,7 @@ use ndarray::{Array2, Array3, Axis};
 use super::{BusyClock, SegmentJob, SinkMessage};
 use crate::engine::captioner::{caption_segments, captioned_row, failed_row};
 use crate::engine::continuous::ContinuousBatcher;
-use crate::engine::generate::GenerationParams;
+use crate::engine::generate::{Generated, GenerationParams};
 use crate::engine::model::OnnxModel;
 use crate::manifest::Attention;
 use crate::output::{CaptionRow, now_us};
@@ -169,29 +169,16 @@ impl Stage {
                     ndarray::stack(Axis(0), &views).expect("audio rows of one model");
                 let tags = joining.into_iter().map(|(w, _)| w).collect();
                 let model = &mut self.model;
-                match self.busy.time(|| batcher.admit(model, &audio, tags)) {
-                    Ok(finished) => done.extend(finished),
-                    Err(e) => {
-                        // Every clip in flight (the joining ones too) fails with it.
-                        tracing::warn!("decoder prefill failed: {e}");
-                        let tags = batcher.abandon();
-                        if !self.send(self.failures(tags, &format!("model: {e}"))) {
-                            return;
-                        }
-                    }
+                let result = self.busy.time(|| batcher.admit(model, &audio, tags));
+                if !self.collect(result, &mut batcher, &mut done, "prefill") {
+                    return;
                 }
             }
             if batcher.active() > 0 {
                 let model = &mut self.model;
-                match self.busy.time(|| batcher.step(model)) {
-                    Ok(finished) => done.extend(finished),
-                    Err(e) => {
-                        tracing::warn!("decoder step failed: {e}");
-                        let tags = batcher.abandon();
-                        if !self.send(self.failures(tags, &format!("model: {e}"))) {
-                            return;
-                        }
-                    }
+                let result = self.busy.time(|| batcher.step(model));
+                if !self.collect(result, &mut batcher, &mut done, "step") {
+                    return;
                 }
             }
             if !done.is_empty() {
@@ -247,11 +234,33 @@ impl Stage {
         }
     }
 
-    fn failures(&self, tags: Vec<Waiting>, error: &str) -> Vec<(u64, CaptionRow)> {
-        let stamp = now_us();
-        tags.into_iter()
-            .map(|w| (w.input_id, failed_row(&w.row, error, stamp)))
-            .collect()
+    /// Keeps the captions a decoder call finished; when it failed, every clip in
+    /// flight (joining ones too) becomes an error row for the sink. False when the
+    /// sink is gone.
+    fn collect(
+        &self,
+        result: crate::engine::model::Result<Vec<(Waiting, Generated)>>,
+        batcher: &mut ContinuousBatcher<Waiting>,
+        done: &mut Vec<(Waiting, Generated)>,
+        call: &str,
+    ) -> bool {
+        match result {
+            Ok(finished) => {
+                done.extend(finished);
+                true
+            }
+            Err(e) => {
+                tracing::warn!("decoder {call} failed: {e}");
+                let stamp = now_us();
+                let error = format!("model: {e}");
+                let rows = batcher
+                    .abandon()
+                    .into_iter()
+                    .map(|w| (w.input_id, failed_row(&w.row, &error, stamp)))
+                    .collect();
+                self.send(rows)
+            }
+        }
     }
 
     /// Hands finished rows to the sink, grouped by input. False when the sink is gone.
