@@ -171,6 +171,11 @@ impl Captioner {
         )
     }
 
+    /// The prompt's embeddings [1, L, hidden] with `audio` [1, n, hidden] spliced in.
+    pub fn prompt_embeds(&self, audio: &Tensor) -> Result<Tensor> {
+        prompt_embeds(&self.llm, &self.prompt, audio)
+    }
+
     /// Logits [vocab] at the last position of a full prompt's embeddings [1, L, hidden].
     pub fn prompt_logits(&self, embeds: &Tensor) -> Result<Vec<f32>> {
         let hidden = self.llm.forward_embeds(embeds, None)?;
@@ -190,6 +195,27 @@ impl Captioner {
     }
 }
 
+/// `prompt`'s embeddings with `audio` [B, n, hidden] spliced in: [B, L, hidden].
+pub fn prompt_embeds(llm: &Llama, prompt: &PromptIds, audio: &Tensor) -> Result<Tensor> {
+    let batch = audio.dim(0)?;
+    let text = |ids: &[u32]| -> Result<Tensor> {
+        let ids = Tensor::new(ids, llm.device())?.unsqueeze(0)?;
+        let embeds = llm.embed(&ids)?;
+        let (_, n, h) = embeds.dims3()?;
+        Ok(embeds.broadcast_as((batch, n, h))?)
+    };
+    let mut parts = Vec::with_capacity(3);
+    if !prompt.prefix.is_empty() {
+        parts.push(text(&prompt.prefix)?);
+    }
+    // The audio embeddings come from the (f32) projector; the decoder may hold bf16/f16.
+    parts.push(audio.to_dtype(llm.dtype())?);
+    if !prompt.suffix.is_empty() {
+        parts.push(text(&prompt.suffix)?);
+    }
+    Ok(Tensor::cat(&parts, 1)?)
+}
+
 /// Greedy decoding with `llm` after `prompt` with `audio` [1, n, hidden] spliced in:
 /// the candle captioner's and the trainer's validation decoding.
 pub fn greedy_decode(
@@ -201,17 +227,7 @@ pub fn greedy_decode(
     max_new_tokens: usize,
 ) -> Result<Caption> {
     let ids = |ids: &[u32]| Tensor::new(ids, llm.device())?.unsqueeze(0);
-    let mut parts = Vec::with_capacity(3);
-    if !prompt.prefix.is_empty() {
-        parts.push(llm.embed(&ids(&prompt.prefix)?)?);
-    }
-    // The audio embeddings come from the (f32) projector; the decoder may hold bf16/f16.
-    parts.push(audio.to_dtype(llm.dtype())?);
-    if !prompt.suffix.is_empty() {
-        parts.push(llm.embed(&ids(&prompt.suffix)?)?);
-    }
-    let embeds = Tensor::cat(&parts, 1)?;
-
+    let embeds = prompt_embeds(llm, prompt, audio)?;
     let mut cache = KvCache::new(llm.config());
     let mut hidden = llm.forward_embeds(&embeds, Some(&mut cache))?;
     let mut caption = Caption {

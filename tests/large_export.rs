@@ -8,6 +8,7 @@
 use std::time::Instant;
 
 use audiocap::bench::synthetic::{LlamaFiles, LlamaSpec, SyntheticModel, beats_tiny};
+use audiocap::engine::audio::AudioEmbeds;
 use audiocap::engine::model::{EngineOptions, OnnxModel};
 use audiocap::export::{ExportOptions, export_model};
 use audiocap::manifest::ExportDtype;
@@ -73,9 +74,10 @@ fn decoder_past_two_gigabytes_exports_with_external_data_and_runs() {
     assert_eq!(hidden, 2048);
     // One prefill step over the prompt with a small audio embedding, then one decode step.
     let audio = Array3::from_shape_fn((1, 1, hidden), |(_, _, k)| ((k % 7) as f32 - 3.0) * 0.01);
-    let prompt = model.prompt_embeds(&audio);
-    let prompt_len = prompt.dim().1;
-    let embeds = model.embeds_value(prompt).unwrap();
+    let prompt_len = model.prompt_len();
+    let embeds = model
+        .prompt(&AudioEmbeds::from_array(&model, audio).unwrap())
+        .unwrap();
     let past = model.empty_past(1, 0).unwrap();
     let (logits, cache) = model.decode(embeds, past, 0).unwrap();
     assert_eq!(logits.dim(), (1, 128_256));

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use audiocap::audio::decode::decode_file;
 use audiocap::audio::fbank::{Fbank, FbankConfig};
 use audiocap::caption::Captioner;
+use audiocap::engine::audio::AudioEmbeds;
 use audiocap::engine::continuous::generate_continuous;
 use audiocap::engine::generate::{Generated, GenerationParams, generate};
 use audiocap::engine::model::{EngineOptions, OnnxModel};
@@ -127,7 +128,7 @@ fn onnx_runtime_matches_candle() {
 
     // Audio embeddings, batched: relative to the largest magnitude.
     let batch: Vec<(&[f32], usize)> = clips.iter().map(|(_, d, n)| (d.as_slice(), *n)).collect();
-    let ort_audio = engine.encode(&batch).unwrap();
+    let ort_audio = engine.encode(&batch).unwrap().to_array().unwrap();
     let mut worst = 0f32;
     for (i, (name, data, frames)) in clips.iter().enumerate() {
         let fbank = Tensor::from_vec(data.clone(), (1, *frames, 128), &Device::Cpu).unwrap();
@@ -154,23 +155,45 @@ fn onnx_runtime_matches_candle() {
     }
     eprintln!("ORT vs candle: audio embeddings max relative error {worst:.2e}");
 
-    // Decoder logits at the prompt's last position, relative to the largest logit.
+    // The prompt, built where the model runs around one clip's audio, is candle's.
     let clip0 = ort_audio.slice(ndarray::s![0..1, .., ..]).to_owned();
-    let prompt = engine.prompt_embeds(&clip0);
-    let (len, hidden) = (prompt.dim().1, prompt.dim().2);
-    let embeds = engine.embeds_value(prompt.clone()).unwrap();
-    let past = engine.empty_past(1, len).unwrap();
-    let (ort_logits, _) = engine.decode(embeds, past, 0).unwrap();
-    let candle_logits = candle
-        .prompt_logits(
+    let (_, audio_tokens, hidden) = clip0.dim();
+    let candle_prompt = candle
+        .prompt_embeds(
             &Tensor::from_vec(
-                prompt.into_raw_vec_and_offset().0,
-                (1, len, hidden),
+                clip0.iter().copied().collect::<Vec<f32>>(),
+                (1, audio_tokens, hidden),
                 &Device::Cpu,
             )
             .unwrap(),
         )
         .unwrap();
+    let len = engine.prompt_len();
+    assert_eq!(candle_prompt.dims(), &[1, len, hidden]);
+    let embeds = engine
+        .prompt(&AudioEmbeds::from_array(&engine, clip0).unwrap())
+        .unwrap();
+    let ort_prompt = engine.to_host(&embeds).unwrap();
+    assert_eq!(ort_prompt.shape(), &[1, len, hidden]);
+    let expected = candle_prompt
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let differ = ort_prompt
+        .iter()
+        .zip(&expected)
+        .filter(|(a, b)| a != b)
+        .count();
+    assert_eq!(
+        differ, 0,
+        "prompt embeddings: {differ} values differ from candle's"
+    );
+
+    // Decoder logits at the prompt's last position, relative to the largest logit.
+    let past = engine.empty_past(1, len).unwrap();
+    let (ort_logits, _) = engine.decode(embeds, past, 0).unwrap();
+    let candle_logits = candle.prompt_logits(&candle_prompt).unwrap();
     let scale = candle_logits.iter().fold(0f32, |m, v| m.max(v.abs()));
     let err = candle_logits
         .iter()
@@ -339,8 +362,9 @@ fn f16_export_matches_f32_within_half_precision() {
     let mut e16 = OnnxModel::load(&f16_dir, &EngineOptions::default()).unwrap();
     let clips = clips();
     let batch: Vec<(&[f32], usize)> = clips.iter().map(|(_, d, n)| (d.as_slice(), *n)).collect();
-    let a32 = e32.encode(&batch).unwrap();
-    let a16 = e16.encode(&batch).unwrap();
+    let a32 = e32.encode(&batch).unwrap().to_array().unwrap();
+    let audio16 = e16.encode(&batch).unwrap();
+    let a16 = audio16.to_array().unwrap();
     let scale = a32.iter().fold(0f32, |m, v| m.max(v.abs()));
     let err = a32
         .iter()
@@ -350,14 +374,17 @@ fn f16_export_matches_f32_within_half_precision() {
     eprintln!("f16 vs f32: audio embeddings max relative error {err:.2e}");
     assert!(err < 1e-2, "audio embeddings: {err}");
 
+    // Both decoders on the f32 export's audio.
     let past = e32.empty_past(4, 64).unwrap();
-    let (l32, _) = e32
-        .decode(e32.embeds_value(e32.prompt_embeds(&a32)).unwrap(), past, 0)
+    let prompt = e32
+        .prompt(&AudioEmbeds::from_array(&e32, a32.clone()).unwrap())
         .unwrap();
+    let (l32, _) = e32.decode(prompt, past, 0).unwrap();
     let past = e16.empty_past(4, 64).unwrap();
-    let (l16, _) = e16
-        .decode(e16.embeds_value(e16.prompt_embeds(&a32)).unwrap(), past, 0)
+    let prompt = e16
+        .prompt(&AudioEmbeds::from_array(&e16, a32.clone()).unwrap())
         .unwrap();
+    let (l16, _) = e16.decode(prompt, past, 0).unwrap();
     let scale = l32.iter().fold(0f32, |m, v| m.max(v.abs()));
     let err = l32
         .iter()
@@ -372,7 +399,7 @@ fn f16_export_matches_f32_within_half_precision() {
         beams: 1,
         min_new_tokens: 0,
     };
-    let generated = generate(&mut e16, &a16, &params).unwrap();
+    let generated = generate(&mut e16, &audio16, &params).unwrap();
     for ((clip, _, _), g) in clips.iter().zip(&generated) {
         let expected = &reference["cases"][clip]["a0"];
         let want = ids(&expected["token_ids"]);
@@ -425,12 +452,12 @@ fn fused_attention_and_continuous_batching_match_eager() {
     let audio = eager.encode(&batch).unwrap();
 
     // Prefill, then three steps with the same tokens: logits agree at every step.
-    let rows = audio.dim().0;
+    let rows = audio.clips();
     let prompt_len = eager.prompt_len();
     let mut e_cache = eager.empty_past(rows, 0).unwrap();
     let mut f_cache = fused.empty_past(rows, prompt_len + 4).unwrap();
-    let mut e_embeds = eager.embeds_value(eager.prompt_embeds(&audio)).unwrap();
-    let mut f_embeds = fused.embeds_value(fused.prompt_embeds(&audio)).unwrap();
+    let mut e_embeds = eager.prompt(&audio).unwrap();
+    let mut f_embeds = fused.prompt(&audio).unwrap();
     for step in 0..4 {
         let past_len = if step == 0 { 0 } else { prompt_len + step - 1 };
         let (el, ec) = eager.decode(e_embeds, e_cache, past_len).unwrap();
@@ -492,7 +519,9 @@ fn fused_attention_and_continuous_batching_match_eager() {
         ..greedy.clone()
     };
     let want_fixed = generate(&mut eager, &audio, &fixed).unwrap();
-    let got_fixed = generate_continuous(&mut fused, &audio, 3, 1, &fixed).unwrap();
+    let host = audio.to_array().unwrap();
+    let arriving = batches(&fused, &host, &[4]);
+    let got_fixed = generate_continuous(&mut fused, arriving, 3, 1, &fixed).unwrap();
     same("fixed length", &got_fixed, &want_fixed);
     assert!(got_fixed.iter().all(|g| g.token_ids.len() == 12));
     // The random tiny decoder never says a stop id: a few of the tokens it says
@@ -530,8 +559,9 @@ fn fused_attention_and_continuous_batching_match_eager() {
 
     // Continuous batching: the four clips, twice over, through 3 rows that refill one
     // at a time (joins land in scattered rows while others are mid-caption), and
-    // through 8 rows at once (a single prefill into the running cache).
-    let twice = ndarray::concatenate(ndarray::Axis(0), &[audio.view(), audio.view()]).unwrap();
+    // through 8 rows at once (a single prefill into the running cache). They arrive
+    // in encoder batches of 3, 1 and 4 clips: joins take rows across batches.
+    let twice = ndarray::concatenate(ndarray::Axis(0), &[host.view(), host.view()]).unwrap();
     let want_twice: Vec<_> = want.iter().chain(&want).cloned().collect();
     let lengths: Vec<usize> = want.iter().map(|g| g.token_ids.len()).collect();
     assert!(
@@ -539,10 +569,29 @@ fn fused_attention_and_continuous_batching_match_eager() {
         "the fixture's captions should differ in length for this test to mean anything: {lengths:?}"
     );
     for (rows, refill) in [(3, 1), (8, 8), (2, 2)] {
-        let got = generate_continuous(&mut fused, &twice, rows, refill, &greedy).unwrap();
+        let arriving = batches(&fused, &twice, &[3, 1, 4]);
+        let got = generate_continuous(&mut fused, arriving, rows, refill, &greedy).unwrap();
         same(&format!("{rows} rows"), &got, &want_twice);
     }
     // Eager exports are refused, as is beam search.
-    assert!(generate_continuous(&mut eager, &audio, 2, 1, &greedy).is_err());
-    assert!(generate_continuous(&mut fused, &audio, 2, 1, &beams).is_err());
+    let arriving = batches(&eager, &host, &[4]);
+    assert!(generate_continuous(&mut eager, arriving, 2, 1, &greedy).is_err());
+    let arriving = batches(&fused, &host, &[4]);
+    assert!(generate_continuous(&mut fused, arriving, 2, 1, &beams).is_err());
+}
+
+/// `audio`'s clips as encoder batches of `sizes` clips, where `model` runs.
+fn batches(model: &OnnxModel, audio: &ndarray::Array3<f32>, sizes: &[usize]) -> Vec<AudioEmbeds> {
+    assert_eq!(sizes.iter().sum::<usize>(), audio.dim().0);
+    let mut start = 0;
+    sizes
+        .iter()
+        .map(|&n| {
+            let part = audio
+                .slice(ndarray::s![start..start + n, .., ..])
+                .to_owned();
+            start += n;
+            AudioEmbeds::from_array(model, part).unwrap()
+        })
+        .collect()
 }

@@ -27,6 +27,7 @@ use super::synthetic::{LlamaFiles, LlamaSpec, SyntheticModel, beats_iter3_plus, 
 use crate::audio::decode::decode_file;
 use crate::audio::fbank::{Fbank, FbankFrames};
 use crate::audio::resample::resample;
+use crate::engine::audio::AudioEmbeds;
 use crate::engine::generate::{GenerationParams, generate};
 use crate::engine::model::{EngineOptions, OnnxModel};
 use crate::engine::runtime::{DeviceSpec, init_runtime};
@@ -610,8 +611,8 @@ pub fn run_bench(options: &BenchOptions) -> anyhow::Result<BenchReport> {
         })
         .collect();
     measure_encoder(&mut runner, &mut model, &batch)?;
-    let one_clip = model.encode(&batch[..1])?;
-    let prompt_tokens = model.prompt_embeds(&one_clip).dim().1;
+    let one_clip = model.encode(&batch[..1])?.to_array()?;
+    let prompt_tokens = model.prompt_len();
     let n = options.new_tokens;
     for &b in &plan.batch_sizes {
         measure_decoder(&mut runner, &mut model, &tile(&one_clip, b), n)?;
@@ -811,9 +812,11 @@ fn measure_decoder(
     n: usize,
 ) -> anyhow::Result<()> {
     let b = audio.dim().0;
-    let prompt_tokens = model.prompt_embeds(audio).dim().1;
+    let prompt_tokens = model.prompt_len();
+    // The batch's audio where the model runs, as the encoder leaves it.
+    let audio = &AudioEmbeds::from_array(model, audio.clone())?;
     let prefill = r.time(|| {
-        let embeds = model.embeds_value(model.prompt_embeds(audio))?;
+        let embeds = model.prompt(audio)?;
         let past = model.empty_past(b, model.cache_capacity(n))?;
         // As generation runs it: the greedy choice where the model runs.
         let (_, cache) = model.decode_greedy(embeds, past, 0, &vec![false; b])?;
@@ -920,8 +923,9 @@ fn profile_generation(
         },
     )
     .with_context(|| format!("loading {} with profiling", export_dir.display()))?;
-    generate_fixed(&mut model, audio, n)?;
-    generate_fixed(&mut model, audio, n)?;
+    let audio = AudioEmbeds::from_array(&model, audio.clone())?;
+    generate_fixed(&mut model, &audio, n)?;
+    generate_fixed(&mut model, &audio, n)?;
     let mut files = Vec::new();
     for written in model.end_profiling()? {
         // ONNX Runtime may write beside the working directory; keep them together.
@@ -943,7 +947,7 @@ fn tile(audio: &Array3<f32>, b: usize) -> Array3<f32> {
 }
 
 /// Greedy generation of exactly `tokens` tokens per row.
-fn generate_fixed(model: &mut OnnxModel, audio: &Array3<f32>, tokens: usize) -> anyhow::Result<()> {
+fn generate_fixed(model: &mut OnnxModel, audio: &AudioEmbeds, tokens: usize) -> anyhow::Result<()> {
     let out = generate(
         model,
         audio,

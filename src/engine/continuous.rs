@@ -7,9 +7,9 @@
 //! copy of those rows into the running cache, in place where the model runs. Greedy
 //! decoding only: beam search reorders rows and keeps its own batches.
 
-use ndarray::Array3;
 use ort::value::DynValue;
 
+use super::audio::{AudioEmbeds, AudioQueue};
 use super::generate::{Generated, GenerationParams};
 use super::model::{EngineError, OnnxModel, Result};
 use crate::manifest::Attention;
@@ -89,10 +89,10 @@ impl<T> ContinuousBatcher<T> {
     pub fn admit(
         &mut self,
         model: &mut OnnxModel,
-        audio: &Array3<f32>,
+        audio: &AudioEmbeds,
         tags: Vec<T>,
     ) -> Result<Vec<(T, Generated)>> {
-        let n = audio.dim().0;
+        let n = audio.clips();
         if tags.len() != n || n > self.free() {
             return Err(EngineError::Input(format!(
                 "admitting {n} clips ({} tags) into {} free rows",
@@ -103,8 +103,7 @@ impl<T> ContinuousBatcher<T> {
         if n == 0 {
             return Ok(Vec::new());
         }
-        let prompt = model.prompt_embeds(audio);
-        let prompt_len = prompt.dim().1;
+        let prompt_len = model.prompt_len();
         // The clips take their slots first: if the model fails below, `abandon`
         // hands their tags back with the others'.
         let free: Vec<usize> = (0..self.rows)
@@ -120,7 +119,7 @@ impl<T> ContinuousBatcher<T> {
                 next: self.filler,
             });
         }
-        let embeds = model.embeds_value(prompt)?;
+        let embeds = model.prompt(audio)?;
         let suppress = vec![self.params.min_new_tokens > 0; n];
         let choice = if n == self.rows {
             // Every slot was free: prefill straight into the running cache.
@@ -236,17 +235,22 @@ impl<T> ContinuousBatcher<T> {
     }
 }
 
-/// Captions for `audio` [B, audio_tokens, hidden] through `rows` slots: clips join
-/// in order as slots free up, `refill` or more at a time (fewer at the end). The
-/// result is in `audio`'s order.
+/// Captions for the clips of `batches` (encoder batches, in order) through `rows`
+/// slots: clips join in order as slots free up, `refill` or more at a time (fewer at
+/// the end), their audio taken from a queue on the device as the pipeline does. The
+/// result is in the clips' order.
 pub fn generate_continuous(
     model: &mut OnnxModel,
-    audio: &Array3<f32>,
+    batches: Vec<AudioEmbeds>,
     rows: usize,
     refill: usize,
     params: &GenerationParams,
 ) -> Result<Vec<Generated>> {
-    let total = audio.dim().0;
+    let mut queue = AudioQueue::new();
+    for batch in batches {
+        queue.push(batch);
+    }
+    let total = queue.len();
     let mut batcher = ContinuousBatcher::new(model, rows, params.clone())?;
     let mut results: Vec<Option<Generated>> = vec![None; total];
     let mut next = 0;
@@ -254,9 +258,7 @@ pub fn generate_continuous(
     while next < total || batcher.active() > 0 {
         let room = batcher.free().min(total - next);
         if room > 0 && (room >= refill || batcher.active() == 0 || next + room == total) {
-            let chunk = audio
-                .slice(ndarray::s![next..next + room, .., ..])
-                .to_owned();
+            let chunk = queue.take(room)?;
             let tags: Vec<usize> = (next..next + room).collect();
             next += room;
             for (i, g) in batcher.admit(model, &chunk, tags)? {

@@ -4,8 +4,9 @@
 //! Every prompt has the same length (same template, same number of audio
 //! embeddings), so a batch needs no padding: all rows share one position counter.
 
-use ndarray::{Array2, Array3, ArrayView1};
+use ndarray::{Array2, ArrayView1};
 
+use super::audio::AudioEmbeds;
 use super::model::{OnnxModel, Result};
 
 /// How captions are generated.
@@ -69,7 +70,7 @@ fn suppress_stops(
 /// Captions for a batch of clips' audio embeddings [B, audio_tokens, hidden].
 pub fn generate(
     model: &mut OnnxModel,
-    audio: &Array3<f32>,
+    audio: &AudioEmbeds,
     params: &GenerationParams,
 ) -> Result<Vec<Generated>> {
     if params.beams <= 1 {
@@ -81,14 +82,13 @@ pub fn generate(
 
 fn greedy(
     model: &mut OnnxModel,
-    audio: &Array3<f32>,
+    audio: &AudioEmbeds,
     params: &GenerationParams,
 ) -> Result<Vec<Generated>> {
-    let batch = audio.dim().0;
+    let batch = audio.clips();
     let stop_ids = model.manifest.generation.stop_ids.clone();
-    let prompt = model.prompt_embeds(audio);
-    let prompt_len = prompt.dim().1;
-    let embeds = model.embeds_value(prompt)?;
+    let prompt_len = model.prompt_len();
+    let embeds = model.prompt(audio)?;
     let capacity = model.cache_capacity(params.max_new_tokens);
     let past = model.empty_past(batch, capacity)?;
     // Stop ids may not be chosen before `min_new_tokens` (all rows advance together).
@@ -174,15 +174,14 @@ struct Beam {
 /// hypotheses and no live beam can still beat the worst of them.
 fn beam_search(
     model: &mut OnnxModel,
-    audio: &Array3<f32>,
+    audio: &AudioEmbeds,
     params: &GenerationParams,
 ) -> Result<Vec<Generated>> {
-    let batch = audio.dim().0;
+    let batch = audio.clips();
     let k = params.beams;
     let stop_ids = model.manifest.generation.stop_ids.clone();
-    let prompt = model.prompt_embeds(audio);
-    let prompt_len = prompt.dim().1;
-    let embeds = model.embeds_value(prompt)?;
+    let prompt_len = model.prompt_len();
+    let embeds = model.prompt(audio)?;
     let past = model.empty_past(batch, model.cache_capacity(params.max_new_tokens))?;
     let (first_logits, cache) = model.decode(embeds, past, 0)?;
     let mut position = prompt_len;

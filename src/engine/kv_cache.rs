@@ -119,13 +119,22 @@ impl CacheLayout {
 
     /// A session for a helper graph built at run time, on the cache's device.
     fn session(&self, g: Graph, what: &str) -> Result<Session> {
-        let bytes = g
-            .into_bytes(env!("CARGO_PKG_VERSION"))
-            .map_err(|e| EngineError::Input(format!("building the {what} graph: {e}")))?;
-        session_builder(&self.device, Some(1))?
-            .commit_from_memory(&bytes)
-            .map_err(run_error)
+        helper_session(g, self.device, what)
     }
+}
+
+/// A session for a small helper graph built at run time (weights inline), on
+/// `device`, one thread: it moves or reshapes values, it computes next to nothing.
+pub(super) fn helper_session(g: Graph, device: DeviceSpec, what: &str) -> Result<Session> {
+    let bytes = g
+        .into_bytes(env!("CARGO_PKG_VERSION"))
+        .map_err(|e| EngineError::Input(format!("building the {what} graph: {e}")))?;
+    session_builder(&device, Some(1))?
+        .commit_from_memory(&bytes)
+        .map_err(|source| EngineError::Load {
+            path: format!("<{what} graph>").into(),
+            source,
+        })
 }
 
 /// Keeps rows of every cache value on the device they are on: `cache.{i}` [R, ...],

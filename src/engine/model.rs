@@ -9,6 +9,7 @@ use ort::session::{Session, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use tokenizers::Tokenizer;
 
+use super::audio::{AudioEmbeds, PromptAssembler};
 use super::kv_cache::{self, CacheLayout, RowGatherer, RowInserter};
 use super::runtime::{DeviceSpec, RuntimeError, session_builder};
 use crate::export::decoder::{FUSED_MAX_POSITIONS, io as dec_io};
@@ -89,6 +90,8 @@ pub struct OnnxModel {
     inserter: Option<RowInserter>,
     /// Picks cache rows where the model runs (built on first use).
     gatherer: Option<RowGatherer>,
+    /// Builds prompts around audio embeddings where the model runs (first use).
+    assembler: Option<PromptAssembler>,
 }
 
 /// What a decoder step hands back: the last position's logits [B, vocab] when they
@@ -169,6 +172,7 @@ impl OnnxModel {
             spare_caches: Vec::new(),
             inserter: None,
             gatherer: None,
+            assembler: None,
         })
     }
 
@@ -229,9 +233,15 @@ impl OnnxModel {
         self.manifest.decoder.hidden_size
     }
 
+    /// The device the sessions run on.
+    pub fn device(&self) -> DeviceSpec {
+        self.device
+    }
+
     /// Audio embeddings [B, audio_tokens, hidden] of a batch of normalised fbank
-    /// matrices (row-major [frames, mel_bins] each), padded to the longest.
-    pub fn encode(&mut self, clips: &[(&[f32], usize)]) -> Result<Array3<f32>> {
+    /// matrices (row-major [frames, mel_bins] each), padded to the longest. They stay
+    /// where the model runs: the decoder's prompt is built from them there.
+    pub fn encode(&mut self, clips: &[(&[f32], usize)]) -> Result<AudioEmbeds> {
         let bins = self.manifest.front_end.num_mel_bins;
         let max_frames = clips.iter().map(|c| c.1).max().unwrap_or(0);
         let min_frames = self.manifest.encoder.min_frames;
@@ -260,58 +270,88 @@ impl OnnxModel {
                 .assign(&view);
             lengths.push(*frames as i64);
         }
-        let fbank = Tensor::from_array(fbank).map_err(run_error("audio_encoder"))?;
-        let lengths =
-            Tensor::from_array((vec![clips.len()], lengths)).map_err(run_error("audio_encoder"))?;
+        let fbank = Tensor::from_array(fbank)
+            .map_err(run_error("audio_encoder"))?
+            .into_dyn();
+        let lengths = Tensor::from_array((vec![clips.len()], lengths))
+            .map_err(run_error("audio_encoder"))?
+            .into_dyn();
+        let memory = self.cache_memory()?;
+        let mut binding = self
+            .encoder
+            .create_binding()
+            .map_err(run_error("audio_encoder"))?;
+        binding
+            .bind_input(enc_io::FBANK, &fbank)
+            .map_err(run_error("audio_encoder"))?;
+        binding
+            .bind_input(enc_io::FBANK_LENGTHS, &lengths)
+            .map_err(run_error("audio_encoder"))?;
+        for name in [enc_io::AUDIO_EMBEDS, enc_io::AUDIO_EMBEDS_MASK] {
+            binding
+                .bind_output_to_device(name, &memory)
+                .map_err(run_error("audio_encoder"))?;
+        }
         let mut outputs = self
             .encoder
-            .run(ort::inputs![enc_io::FBANK => fbank, enc_io::FBANK_LENGTHS => lengths])
+            .run_binding(&binding)
             .map_err(run_error("audio_encoder"))?;
         let embeds = take(&mut outputs, "audio_encoder", enc_io::AUDIO_EMBEDS)?;
-        let array = to_f32_array(&embeds, "audio_encoder")?;
-        array
-            .into_dimensionality::<ndarray::Ix3>()
-            .map_err(|e| EngineError::Input(format!("audio_encoder output: {e}")))
+        AudioEmbeds::new(embeds, self.device)
     }
 
-    /// The prompt with each clip's audio embeddings spliced in: [B, L, hidden].
-    pub fn prompt_embeds(&self, audio: &Array3<f32>) -> Array3<f32> {
-        let (b, n, h) = audio.dim();
-        let (lp, ls) = (self.prefix_embeds.nrows(), self.suffix_embeds.nrows());
-        let mut out = Array3::<f32>::zeros((b, lp + n + ls, h));
-        for i in 0..b {
-            let mut row = out.index_axis_mut(Axis(0), i);
-            row.slice_mut(ndarray::s![..lp, ..])
-                .assign(&self.prefix_embeds);
-            row.slice_mut(ndarray::s![lp..lp + n, ..])
-                .assign(&audio.index_axis(Axis(0), i));
-            row.slice_mut(ndarray::s![lp + n.., ..])
-                .assign(&self.suffix_embeds);
+    /// The decoder's input for the prompts of `audio`'s clips: the template's text
+    /// embeddings around each clip's audio, [B, prompt_len, hidden] in the export's
+    /// float type, built where the model runs.
+    pub fn prompt(&mut self, audio: &AudioEmbeds) -> Result<DynValue> {
+        if self.assembler.is_none() {
+            self.assembler = Some(PromptAssembler::new(
+                self.device,
+                self.manifest.onnx.dtype,
+                &self.prefix_embeds,
+                &self.suffix_embeds,
+                self.manifest.projector.audio_tokens,
+            )?);
         }
-        out
+        self.assembler
+            .as_mut()
+            .expect("built above")
+            .assemble(audio)
     }
 
-    /// Embeddings [B, 1, hidden] of one token per row, as a decoder input value.
+    /// Embeddings [B, 1, hidden] of one token per row, as a decoder input value where
+    /// the model runs (only the ids cross from the host).
     pub fn embed_step(&mut self, ids: &[u32]) -> Result<DynValue> {
         let ids: Vec<i64> = ids.iter().map(|&t| t as i64).collect();
-        let input =
-            Tensor::from_array((vec![ids.len(), 1], ids)).map_err(run_error("embedding"))?;
+        let input = Tensor::from_array((vec![ids.len(), 1], ids))
+            .map_err(run_error("embedding"))?
+            .into_dyn();
+        let memory = self.cache_memory()?;
+        let mut binding = self
+            .embedding
+            .create_binding()
+            .map_err(run_error("embedding"))?;
+        binding
+            .bind_input(dec_io::INPUT_IDS, &input)
+            .map_err(run_error("embedding"))?;
+        binding
+            .bind_output_to_device(dec_io::INPUTS_EMBEDS, &memory)
+            .map_err(run_error("embedding"))?;
         let mut outputs = self
             .embedding
-            .run(ort::inputs![dec_io::INPUT_IDS => input])
+            .run_binding(&binding)
             .map_err(run_error("embedding"))?;
         take(&mut outputs, "embedding", dec_io::INPUTS_EMBEDS)
     }
 
-    /// Host embeddings as a decoder input of the export's float type.
-    pub fn embeds_value(&self, embeds: Array3<f32>) -> Result<DynValue> {
-        match self.manifest.onnx.dtype {
-            ExportDtype::F32 => Ok(Tensor::from_array(embeds)
-                .map_err(run_error("decoder"))?
-                .into_dyn()),
-            ExportDtype::F16 => Ok(Tensor::from_array(embeds.mapv(half::f16::from_f32))
-                .map_err(run_error("decoder"))?
-                .into_dyn()),
+    /// A host copy, in f32, of a float value (f32 or f16) where the model runs
+    /// (tests and diagnostics: prompts, embeddings).
+    pub fn to_host(&self, value: &DynValue) -> Result<ArrayD<f32>> {
+        match self.device {
+            DeviceSpec::Cpu => to_f32_array(value, "decoder"),
+            DeviceSpec::Cuda(_) => {
+                to_f32_array(&kv_cache::to_device(value, DeviceSpec::Cpu)?, "decoder")
+            }
         }
     }
 

@@ -15,9 +15,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 
 use async_channel::{Receiver, Sender, TryRecvError};
-use ndarray::{Array2, Array3, Axis};
 
 use super::{BusyClock, SegmentJob, SinkMessage};
+use crate::engine::audio::AudioQueue;
 use crate::engine::captioner::{caption_segments, captioned_row, failed_row};
 use crate::engine::continuous::ContinuousBatcher;
 use crate::engine::generate::{Generated, GenerationParams};
@@ -128,7 +128,10 @@ impl Stage {
         // Clips join when this many rows are free (one prefill for several clips),
         // or whenever the decoder would otherwise run empty or the input has ended.
         let refill = (rows / 8).max(1);
-        let mut waiting: VecDeque<(Waiting, Array2<f32>)> = VecDeque::new();
+        // Clips encoded and waiting for rows: their rows here, their audio on the
+        // device, in the same order.
+        let mut waiting: VecDeque<Waiting> = VecDeque::new();
+        let mut audio = AudioQueue::new();
         let mut input_open = true;
         loop {
             // Encode enough batches to fill the free rows.
@@ -149,7 +152,7 @@ impl Stage {
                     input_open = false;
                     break;
                 };
-                let failed = self.encode_into(batch, &mut waiting);
+                let failed = self.encode_into(batch, &mut waiting, &mut audio);
                 if !failed.is_empty() && !self.send(failed) {
                     return;
                 }
@@ -163,15 +166,32 @@ impl Stage {
             let room = waiting.len().min(batcher.free());
             let mut done = Vec::new();
             if room > 0 && (room >= refill || batcher.active() == 0 || !input_open) {
-                let joining: Vec<(Waiting, Array2<f32>)> = waiting.drain(..room).collect();
-                let views: Vec<_> = joining.iter().map(|(_, a)| a.view()).collect();
-                let audio: Array3<f32> =
-                    ndarray::stack(Axis(0), &views).expect("audio rows of one model");
-                let tags = joining.into_iter().map(|(w, _)| w).collect();
+                let tags: Vec<Waiting> = waiting.drain(..room).collect();
                 let model = &mut self.model;
-                let result = self.busy.time(|| batcher.admit(model, &audio, tags));
-                if !self.collect(result, &mut batcher, &mut done, "prefill") {
-                    return;
+                let joining = self.busy.time(|| audio.take(room));
+                match joining {
+                    Ok(joining) => {
+                        let result = self.busy.time(|| batcher.admit(model, &joining, tags));
+                        if !self.collect(result, &mut batcher, &mut done, "prefill") {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        // Their audio is lost; the clips in the decoder go on.
+                        let stamp = now_us();
+                        let rows = tags
+                            .into_iter()
+                            .map(|w| {
+                                (
+                                    w.input_id,
+                                    failed_row(&w.row, &format!("model: {e}"), stamp),
+                                )
+                            })
+                            .collect();
+                        if !self.send(rows) {
+                            return;
+                        }
+                    }
                 }
             }
             if batcher.active() > 0 {
@@ -198,12 +218,13 @@ impl Stage {
         self.idle.store(true, Ordering::Release);
     }
 
-    /// Runs the encoder on a batch; its clips join `waiting`, or come back as error
-    /// rows when the encoder fails.
+    /// Runs the encoder on a batch; its clips join `waiting` (their audio joins
+    /// `audio`), or come back as error rows when the encoder fails.
     fn encode_into(
         &mut self,
         batch: Vec<SegmentJob>,
-        waiting: &mut VecDeque<(Waiting, Array2<f32>)>,
+        waiting: &mut VecDeque<Waiting>,
+        audio: &mut AudioQueue,
     ) -> Vec<(u64, CaptionRow)> {
         let inputs: Vec<(&[f32], usize)> = batch
             .iter()
@@ -211,14 +232,12 @@ impl Stage {
             .collect();
         let model = &mut self.model;
         match self.busy.time(|| model.encode(&inputs)) {
-            Ok(audio) => {
-                for (job, clip) in batch.into_iter().zip(audio.outer_iter()) {
-                    let w = Waiting {
-                        input_id: job.input_id,
-                        row: job.row,
-                    };
-                    waiting.push_back((w, clip.to_owned()));
-                }
+            Ok(encoded) => {
+                audio.push(encoded);
+                waiting.extend(batch.into_iter().map(|job| Waiting {
+                    input_id: job.input_id,
+                    row: job.row,
+                }));
                 Vec::new()
             }
             Err(e) => {

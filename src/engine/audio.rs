@@ -1,0 +1,384 @@
+//! From the encoder to the decoder without leaving the device.
+//!
+//! The encoder's audio embeddings stay where the model runs ([`AudioEmbeds`]); clips
+//! waiting for decoder rows queue there ([`AudioQueue`]), and the decoder's prompt
+//! (the template's text embeddings around each clip's audio, in the export's float
+//! type) is assembled there by a small graph ([`PromptAssembler`]). On a GPU the host
+//! builds no prompt and copies nothing per clip but its fbank in and its tokens out.
+
+use std::collections::VecDeque;
+use std::rc::Rc;
+
+use ndarray::{Array2, Array3};
+use ort::session::Session;
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+
+use super::kv_cache::{device_memory, helper_session, to_device};
+use super::model::{EngineError, OnnxModel, Result};
+use super::runtime::DeviceSpec;
+use crate::export::onnx::{DataType, Dim, Graph, Value};
+use crate::manifest::ExportDtype;
+
+fn run_error(graph: &'static str) -> impl FnOnce(ort::Error) -> EngineError {
+    move |source| EngineError::Run { graph, source }
+}
+
+/// Audio embeddings of a batch of clips, [clips, audio_tokens, hidden] f32, in the
+/// memory of the device the model runs on.
+pub struct AudioEmbeds {
+    value: DynValue,
+    clips: usize,
+    device: DeviceSpec,
+}
+
+impl AudioEmbeds {
+    /// Wraps an encoder output (or a value built by the helpers below).
+    pub(super) fn new(value: DynValue, device: DeviceSpec) -> Result<Self> {
+        let shape = float_shape(&value, TensorElementType::Float32)?;
+        if shape.len() != 3 {
+            return Err(EngineError::Input(format!(
+                "audio embeddings of shape {shape:?}, expected [clips, tokens, hidden]"
+            )));
+        }
+        Ok(Self {
+            value,
+            clips: shape[0],
+            device,
+        })
+    }
+
+    /// Host embeddings moved to `model`'s device (tests, benchmarks, reference audio).
+    pub fn from_array(model: &OnnxModel, audio: Array3<f32>) -> Result<Self> {
+        let device = model.device();
+        let host = Tensor::from_array(audio)
+            .map_err(run_error("audio_encoder"))?
+            .into_dyn();
+        let value = match device {
+            DeviceSpec::Cpu => host,
+            DeviceSpec::Cuda(_) => to_device(&host, device)?,
+        };
+        Self::new(value, device)
+    }
+
+    pub fn clips(&self) -> usize {
+        self.clips
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.clips == 0
+    }
+
+    /// [audio_tokens, hidden].
+    fn row_dims(&self) -> (usize, usize) {
+        let shape = float_shape(&self.value, TensorElementType::Float32).unwrap_or_default();
+        (
+            shape.get(1).copied().unwrap_or(0),
+            shape.get(2).copied().unwrap_or(0),
+        )
+    }
+
+    /// A host copy (tests and diagnostics; the pipeline never needs one).
+    pub fn to_array(&self) -> Result<Array3<f32>> {
+        let host;
+        let value = match self.device {
+            DeviceSpec::Cpu => &self.value,
+            DeviceSpec::Cuda(_) => {
+                host = to_device(&self.value, DeviceSpec::Cpu)?;
+                &host
+            }
+        };
+        value
+            .try_extract_array::<f32>()
+            .map_err(run_error("audio_encoder"))?
+            .to_owned()
+            .into_dimensionality::<ndarray::Ix3>()
+            .map_err(|e| EngineError::Input(format!("audio embeddings: {e}")))
+    }
+
+    pub(super) fn value(&self) -> &DynValue {
+        &self.value
+    }
+}
+
+/// Names in the helper graphs.
+const AUDIO: &str = "audio";
+const FIRST: &str = "first";
+const SECOND: &str = "second";
+const START: &str = "start";
+const END: &str = "end";
+const ROWS: &str = "rows";
+const PROMPT: &str = "prompt";
+
+/// Builds the decoder's prompt embeddings where the model runs: `audio` [n, N, H]
+/// f32 → `prompt` [n, prefix + N + suffix, H] in the export's float type, the
+/// template's text embeddings (computed once by the embedding graph) around each
+/// clip's audio.
+pub struct PromptAssembler {
+    session: Session,
+    device: DeviceSpec,
+}
+
+impl PromptAssembler {
+    pub fn new(
+        device: DeviceSpec,
+        dtype: ExportDtype,
+        prefix: &Array2<f32>,
+        suffix: &Array2<f32>,
+        audio_tokens: usize,
+    ) -> Result<Self> {
+        let float = match dtype {
+            ExportDtype::F32 => DataType::Float,
+            ExportDtype::F16 => DataType::Float16,
+        };
+        let hidden = prefix.ncols().max(suffix.ncols());
+        let mut g = Graph::new("assemble_prompt", float);
+        let audio = g.input(
+            AUDIO,
+            DataType::Float,
+            &[
+                Dim::named("n"),
+                Dim::Fixed(audio_tokens),
+                Dim::Fixed(hidden),
+            ],
+        );
+        let clips = g.dim(&audio, 0);
+        let audio = g.from_f32(&audio);
+        let mut parts = Vec::new();
+        for (name, text) in [("prefix", prefix), ("suffix", suffix)] {
+            if text.nrows() == 0 {
+                parts.push(None);
+                continue;
+            }
+            // The text went through the export's float type already (the embedding
+            // graph's output), so storing it in that type again is exact.
+            let tensor = candle_core::Tensor::from_slice(
+                text.as_standard_layout()
+                    .as_slice()
+                    .expect("standard layout"),
+                (1, text.nrows(), text.ncols()),
+                &candle_core::Device::Cpu,
+            )
+            .map_err(|e| EngineError::Input(format!("prompt {name}: {e}")))?;
+            let constant = g
+                .weight(name, &tensor)
+                .map_err(|e| EngineError::Input(format!("prompt {name}: {e}")))?;
+            let rest = g.const_i64(&[text.nrows() as i64, text.ncols() as i64]);
+            let shape = g.concat(&[&clips, &rest], 0);
+            parts.push(Some(g.op("Expand", &[&constant, &shape], vec![])));
+        }
+        let mut pieces: Vec<&Value> = Vec::new();
+        if let Some(p) = &parts[0] {
+            pieces.push(p);
+        }
+        pieces.push(&audio);
+        if let Some(s) = &parts[1] {
+            pieces.push(s);
+        }
+        let prompt = g.concat(&pieces, 1);
+        let length = prefix.nrows() + audio_tokens + suffix.nrows();
+        g.output(
+            &prompt,
+            PROMPT,
+            float,
+            &[Dim::named("n"), Dim::Fixed(length), Dim::Fixed(hidden)],
+        );
+        Ok(Self {
+            session: helper_session(g, device, "prompt-assembly")?,
+            device,
+        })
+    }
+
+    /// The prompt embeddings of every clip of `audio`, where the model runs.
+    pub fn assemble(&mut self, audio: &AudioEmbeds) -> Result<DynValue> {
+        let memory = device_memory(self.device)?;
+        let mut binding = self
+            .session
+            .create_binding()
+            .map_err(run_error("assemble_prompt"))?;
+        binding
+            .bind_input(AUDIO, audio.value())
+            .map_err(run_error("assemble_prompt"))?;
+        binding
+            .bind_output_to_device(PROMPT, &memory)
+            .map_err(run_error("assemble_prompt"))?;
+        let mut outputs = self
+            .session
+            .run_binding(&binding)
+            .map_err(run_error("assemble_prompt"))?;
+        outputs
+            .remove(PROMPT)
+            .ok_or_else(|| EngineError::MissingOutput {
+                graph: "assemble_prompt",
+                name: PROMPT.to_string(),
+            })
+    }
+}
+
+/// Rows `start..end` of two audio batches joined, where the model runs:
+/// `first` [A, N, H], `second` [B, N, H], `start`, `end` [1] int64 → `rows`.
+struct RowJoiner {
+    session: Session,
+    device: DeviceSpec,
+}
+
+impl RowJoiner {
+    fn new(device: DeviceSpec, audio_tokens: usize, hidden: usize) -> Result<Self> {
+        let mut g = Graph::new("audio_rows", DataType::Float);
+        let dims = |rows: &str| {
+            vec![
+                Dim::named(rows),
+                Dim::Fixed(audio_tokens),
+                Dim::Fixed(hidden),
+            ]
+        };
+        let first = g.input(FIRST, DataType::Float, &dims("a"));
+        let second = g.input(SECOND, DataType::Float, &dims("b"));
+        let start = g.input(START, DataType::Int64, &[Dim::Fixed(1)]);
+        let end = g.input(END, DataType::Int64, &[Dim::Fixed(1)]);
+        let joined = g.concat(&[&first, &second], 0);
+        let rows = g.slice_dynamic(&joined, 0, &start, &end);
+        g.output(&rows, ROWS, DataType::Float, &dims("n"));
+        Ok(Self {
+            session: helper_session(g, device, "audio-rows")?,
+            device,
+        })
+    }
+
+    /// Rows `start..end` of `first` followed by `second`.
+    fn rows(
+        &mut self,
+        first: &AudioEmbeds,
+        second: &AudioEmbeds,
+        start: usize,
+        end: usize,
+    ) -> Result<AudioEmbeds> {
+        let bound = |v: usize| {
+            Tensor::from_array((vec![1usize], vec![v as i64]))
+                .map(|t| t.into_dyn())
+                .map_err(run_error("audio_rows"))
+        };
+        let (start_v, end_v) = (bound(start)?, bound(end)?);
+        let memory = device_memory(self.device)?;
+        let mut binding = self
+            .session
+            .create_binding()
+            .map_err(run_error("audio_rows"))?;
+        for (name, value) in [
+            (FIRST, first.value()),
+            (SECOND, second.value()),
+            (START, &start_v),
+            (END, &end_v),
+        ] {
+            binding
+                .bind_input(name, value)
+                .map_err(run_error("audio_rows"))?;
+        }
+        binding
+            .bind_output_to_device(ROWS, &memory)
+            .map_err(run_error("audio_rows"))?;
+        let mut outputs = self
+            .session
+            .run_binding(&binding)
+            .map_err(run_error("audio_rows"))?;
+        let value = outputs
+            .remove(ROWS)
+            .ok_or_else(|| EngineError::MissingOutput {
+                graph: "audio_rows",
+                name: ROWS.to_string(),
+            })?;
+        drop(outputs);
+        AudioEmbeds::new(value, self.device)
+    }
+}
+
+/// Encoded clips waiting for decoder rows, first in first out, kept where the model
+/// runs: batches as the encoder made them, taken out `n` rows at a time (rows of
+/// several batches are joined on the device).
+#[derive(Default)]
+pub struct AudioQueue {
+    /// Each batch with the index of its first row not yet taken.
+    batches: VecDeque<(Rc<AudioEmbeds>, usize)>,
+    len: usize,
+    joiner: Option<RowJoiner>,
+}
+
+impl AudioQueue {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Clips waiting.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    pub fn push(&mut self, audio: AudioEmbeds) {
+        if !audio.is_empty() {
+            self.len += audio.clips();
+            self.batches.push_back((Rc::new(audio), 0));
+        }
+    }
+
+    /// The first `n` clips waiting (at most [`len`](Self::len)), in order. On an
+    /// error they are gone from the queue all the same (their caller reports them).
+    pub fn take(&mut self, n: usize) -> Result<AudioEmbeds> {
+        if n == 0 || n > self.len {
+            return Err(EngineError::Input(format!(
+                "taking {n} clips from a queue of {}",
+                self.len
+            )));
+        }
+        // First the rows leave the queue, then they are joined.
+        self.len -= n;
+        let mut pieces = Vec::new();
+        let mut missing = n;
+        while missing > 0 {
+            let (batch, start) = self.batches.pop_front().expect("len counts the rows");
+            let end = (start + missing).min(batch.clips());
+            missing -= end - start;
+            if end < batch.clips() {
+                self.batches.push_front((Rc::clone(&batch), end));
+            }
+            pieces.push((batch, start, end));
+        }
+        let mut pieces = pieces.into_iter();
+        let (first, start, end) = pieces.next().expect("n > 0");
+        let mut taken = if start == 0 && end == first.clips() {
+            match Rc::try_unwrap(first) {
+                Ok(whole) => whole,
+                Err(shared) => self.joiner(&shared)?.rows(&shared, &shared, start, end)?,
+            }
+        } else {
+            self.joiner(&first)?.rows(&first, &first, start, end)?
+        };
+        for (next, _, end) in pieces {
+            let joined = taken.clips() + end;
+            taken = self.joiner(&next)?.rows(&taken, &next, 0, joined)?;
+        }
+        Ok(taken)
+    }
+
+    fn joiner(&mut self, like: &AudioEmbeds) -> Result<&mut RowJoiner> {
+        if self.joiner.is_none() {
+            let (tokens, hidden) = like.row_dims();
+            self.joiner = Some(RowJoiner::new(like.device, tokens, hidden)?);
+        }
+        Ok(self.joiner.as_mut().expect("built above"))
+    }
+}
+
+/// The shape of a tensor value of element type `ty`.
+fn float_shape(value: &DynValue, ty: TensorElementType) -> Result<Vec<usize>> {
+    match value.dtype() {
+        ValueType::Tensor { ty: t, shape, .. } if *t == ty => {
+            Ok(shape.iter().map(|&d| d.max(0) as usize).collect())
+        }
+        other => Err(EngineError::Input(format!(
+            "expected a {ty:?} tensor, got {other:?}"
+        ))),
+    }
+}
