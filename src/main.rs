@@ -335,9 +335,10 @@ struct ExportArgs {
     /// Precision of the exported weights: f32, or f16 for GPUs.
     #[arg(long, value_enum, default_value = "f32")]
     dtype: ExportDtype,
-    /// The decoder's attention: `fused` (ONNX Runtime's GroupQueryAttention, cache
-    /// updated in place, rows of different lengths: continuous batching; CUDA needs
-    /// f16) or `eager` (plain ONNX operators). Default: fused for f16, eager for f32.
+    /// Attention: `fused` (ONNX Runtime's contrib operators: GroupQueryAttention in
+    /// the decoder, cache updated in place, rows of different lengths: continuous
+    /// batching, CUDA needs f16; MultiHeadAttention in the encoder) or `eager` (plain
+    /// ONNX operators). Default: fused for f16, eager for f32.
     #[arg(long, value_enum)]
     attention: Option<Attention>,
     /// Model name recorded in the manifest and in every output row.

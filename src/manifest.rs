@@ -46,7 +46,7 @@ pub enum ExportDtype {
     F16,
 }
 
-/// How the decoder graph computes attention and keeps its KV cache.
+/// How the graphs compute attention (and the decoder keeps its KV cache).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum Attention {
@@ -58,7 +58,10 @@ pub enum Attention {
     /// ONNX Runtime's `GroupQueryAttention` (com.microsoft): fused, GQA-native, the
     /// cache a preallocated buffer [batch, kv_heads, capacity, head_dim] updated in
     /// place, each row with its own length (`seqlens_k`), which is what lets new clips
-    /// join a batch as others finish. CPU: f32 and f16; CUDA: f16 only.
+    /// join a batch as others finish. CPU: f32 and f16; CUDA: f16 only. The encoder
+    /// runs `MultiHeadAttention` with BEATs' padding and gated position bias as one
+    /// additive bias (exports since graph revision 2; earlier ones kept the eager
+    /// encoder, which the engine runs the same way).
     Fused,
 }
 

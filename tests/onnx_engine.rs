@@ -445,11 +445,24 @@ fn fused_attention_and_continuous_batching_match_eager() {
     let manifest = ModelManifest::read(&fused_dir).unwrap();
     assert_eq!(manifest.onnx.attention, Attention::Fused);
     onnx_check(&fused_dir.join("decoder.onnx"));
+    onnx_check(&fused_dir.join("audio_encoder.onnx"));
     let mut eager = OnnxModel::load(&eager_dir, &EngineOptions::default()).unwrap();
     let mut fused = OnnxModel::load(&fused_dir, &EngineOptions::default()).unwrap();
     let clips = clips();
     let batch: Vec<(&[f32], usize)> = clips.iter().map(|(_, d, n)| (d.as_slice(), *n)).collect();
     let audio = eager.encode(&batch).unwrap();
+    // The encoders agree too (fused: `MultiHeadAttention` with the padding and the
+    // gated position bias as one additive bias; the clips differ in length).
+    let eager_audio = audio.to_array().unwrap();
+    let fused_audio = fused.encode(&batch).unwrap().to_array().unwrap();
+    let scale = eager_audio.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let err = eager_audio
+        .iter()
+        .zip(fused_audio.iter())
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
+    eprintln!("fused vs eager: audio embeddings max relative error {err:.2e}");
+    assert!(err < 1e-5, "audio embeddings: {err}");
 
     // Prefill, then three steps with the same tokens: logits agree at every step.
     let rows = audio.clips();

@@ -1080,6 +1080,7 @@ fn prepare_export(
         "dtype": plan.dtype,
         "attention": plan.attention,
         "audiocap_version": env!("CARGO_PKG_VERSION"),
+        "graph_revision": crate::export::GRAPH_REVISION,
     });
     let cached = !options.rebuild
         && sources_s.is_none()

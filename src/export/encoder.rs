@@ -8,10 +8,17 @@
 //! Padding follows [`Beats::extract_features_for_lengths`](crate::model::beats::Beats::extract_features_for_lengths):
 //! a patch past a clip's last whole patch row is padding, so a clip's embedding does
 //! not depend on what it is batched with.
+//!
+//! Attention is either the reference's formulation operator by operator (eager) or
+//! ONNX Runtime's fused `MultiHeadAttention` with the padding and the gated relative
+//! position bias as one additive bias (fused: on a GPU the eager form's f32 score
+//! tensors, [batch, heads, patches, patches] passed through eight operators per layer,
+//! are most of the encoder's memory traffic).
 
 use candle_core::Tensor;
 
-use super::onnx::{DataType, Dim, Graph, OnnxError, Value, attr_int, attr_ints};
+use super::onnx::{DataType, Dim, Graph, OnnxError, Value, attr_float, attr_int, attr_ints};
+use crate::manifest::Attention;
 use crate::model::beats::{BeatsConfig, load_weight_normed_conv};
 use crate::model::projector::Pooling;
 use crate::model::weights::{LoadError, Weights};
@@ -48,6 +55,7 @@ pub fn build_encoder(
     projector: &Weights,
     pooling: Pooling,
     mel_bins: usize,
+    attention: Attention,
 ) -> Result<()> {
     let p = cfg.input_patch_size;
     let per_row = mel_bins / p;
@@ -130,6 +138,20 @@ pub fn build_encoder(
     } else {
         None
     };
+    let keys = match attention {
+        Attention::Eager => Keys::Valid(key_valid),
+        Attention::Fused => {
+            // Padding keys as an additive bias: the lowest finite value of the
+            // graph's float type, which softmax turns into an exact zero.
+            let lowest = match g.float() {
+                DataType::Float16 => f32::from(half::f16::MIN),
+                _ => f32::MIN,
+            };
+            let zero = g.scalar(0.0);
+            let lowest = g.scalar(lowest);
+            Keys::Bias(g.where_(&key_valid, &zero, &lowest))
+        }
+    };
     for i in 0..cfg.encoder_layers {
         g.set_scope(&format!("encoder.layers.{i}"));
         x = encoder_layer(
@@ -137,7 +159,7 @@ pub fn build_encoder(
             &x,
             cfg,
             &beats.pp("encoder.layers").pp(i),
-            &key_valid,
+            &keys,
             position_bias.as_ref(),
         )?;
     }
@@ -304,12 +326,21 @@ fn relative_position_bias(
     Ok(g.transpose(&bias, &[2, 0, 1])) // [H, P, P]
 }
 
+/// How attention leaves out padding keys.
+enum Keys {
+    /// Eager attention: [B, 1, 1, P] bool, true for a valid key.
+    Valid(Value),
+    /// Fused attention: [B, 1, 1, P] in the graph's float type, 0 for a valid key
+    /// and the type's lowest value for padding.
+    Bias(Value),
+}
+
 fn encoder_layer(
     g: &mut Graph,
     x: &Value,
     cfg: &BeatsConfig,
     w: &Weights,
-    key_valid: &Value,
+    keys: &Keys,
     position_bias: Option<&Value>,
 ) -> Result<Value> {
     let dim = cfg.encoder_embed_dim;
@@ -321,13 +352,13 @@ fn encoder_layer(
     let ln = |g: &mut Graph, x: &Value, name: &str| layer_norm(g, x, w, name, dim);
     if cfg.layer_norm_first {
         let h = ln(g, x, "self_attn_layer_norm")?;
-        let a = self_attention(g, &h, cfg, &w.pp("self_attn"), key_valid, position_bias)?;
+        let a = self_attention(g, &h, cfg, &w.pp("self_attn"), keys, position_bias)?;
         let x = g.add(x, &a);
         let h = ln(g, &x, "final_layer_norm")?;
         let f = feed_forward(g, &h, cfg, w)?;
         Ok(g.add(&x, &f))
     } else {
-        let a = self_attention(g, x, cfg, &w.pp("self_attn"), key_valid, position_bias)?;
+        let a = self_attention(g, x, cfg, &w.pp("self_attn"), keys, position_bias)?;
         let scale = g.scalar(residual_scale);
         let r = g.mul(x, &scale);
         let x = g.add(&r, &a);
@@ -371,7 +402,58 @@ fn feed_forward(g: &mut Graph, x: &Value, cfg: &BeatsConfig, w: &Weights) -> Res
     linear(g, &h, w, "fc2", ffn, dim, true)
 }
 
+/// BEATs' gate on the relative position bias, from the unscaled query [B, H, P, D]:
+/// `a · (b · grep_a - 1) + 2` with `(a, b)` = sigmoid of the two 4-wide sums of
+/// `grep_linear(query)`, [B, H, P, 1] in f32.
+fn position_gate(
+    g: &mut Graph,
+    query: &Value,
+    cfg: &BeatsConfig,
+    w: &Weights,
+    head_dim: usize,
+) -> Result<Value> {
+    let lin = w.pp("grep_linear");
+    let gw = lin.get("weight", (8, head_dim))?;
+    let gb = lin.get("bias", 8)?;
+    let grep_a = w.get("grep_a", (1, cfg.encoder_attention_heads, 1, 1))?;
+    let gate = g.linear(
+        query,
+        &format!("{}.grep_linear", w.prefix()),
+        &gw,
+        Some(&gb),
+    )?;
+    let gate = g.to_f32(&gate);
+    let gate = g.reshape_to(&gate, &[0, 0, 0, 2, 4]);
+    let gate = g.reduce_sum(&gate, &[-1], false);
+    let gate = g.sigmoid(&gate); // [B, H, P, 2]
+    let gate_a = g.slice(&gate, -1, 0, 1);
+    let gate_b = g.slice(&gate, -1, 1, 2);
+    let grep_a = g.weight_f32(&format!("{}.grep_a", w.prefix()), &grep_a)?;
+    let one = g.scalar_f32(1.0);
+    let two = g.scalar_f32(2.0);
+    let t = g.mul(&gate_b, &grep_a);
+    let t = g.sub(&t, &one);
+    let t = g.mul(&gate_a, &t);
+    Ok(g.add(&t, &two))
+}
+
 fn self_attention(
+    g: &mut Graph,
+    x: &Value,
+    cfg: &BeatsConfig,
+    w: &Weights,
+    keys: &Keys,
+    position_bias: Option<&Value>,
+) -> Result<Value> {
+    match keys {
+        Keys::Valid(key_valid) => eager_attention(g, x, cfg, w, key_valid, position_bias),
+        Keys::Bias(key_bias) => fused_attention(g, x, cfg, w, key_bias, position_bias),
+    }
+}
+
+/// The reference's formulation, operator by operator: scores in f32, shifted by
+/// their row maximum, scaled back by alpha, masked, plus the gated bias.
+fn eager_attention(
     g: &mut Graph,
     x: &Value,
     cfg: &BeatsConfig,
@@ -410,32 +492,10 @@ fn self_attention(
     if let Some(bias) = position_bias {
         let bias32 = g.to_f32(bias);
         let bias = if cfg.gru_rel_pos {
-            let lin = w.pp("grep_linear");
-            let gw = lin.get("weight", (8, head_dim as usize))?;
-            let gb = lin.get("bias", 8)?;
-            let grep_a = w.get("grep_a", (1, cfg.encoder_attention_heads, 1, 1))?;
             let unscale = g.scalar_f32(ATTENTION_ALPHA / scaling);
             let query = g.mul(&q32, &unscale);
             let query = g.from_f32(&query);
-            let gate = g.linear(
-                &query,
-                &format!("{}.grep_linear", w.prefix()),
-                &gw,
-                Some(&gb),
-            )?;
-            let gate = g.to_f32(&gate);
-            let gate = g.reshape_to(&gate, &[0, 0, 0, 2, 4]);
-            let gate = g.reduce_sum(&gate, &[-1], false);
-            let gate = g.sigmoid(&gate); // [B, H, P, 2]
-            let gate_a = g.slice(&gate, -1, 0, 1);
-            let gate_b = g.slice(&gate, -1, 1, 2);
-            let grep_a = g.weight_f32(&format!("{}.grep_a", w.prefix()), &grep_a)?;
-            let one = g.scalar_f32(1.0);
-            let two = g.scalar_f32(2.0);
-            let t = g.mul(&gate_b, &grep_a);
-            let t = g.sub(&t, &one);
-            let t = g.mul(&gate_a, &t);
-            let gate = g.add(&t, &two); // [B, H, P, 1]
+            let gate = position_gate(g, &query, cfg, w, head_dim as usize)?; // [B, H, P, 1]
             g.mul(&gate, &bias32)
         } else {
             bias32
@@ -447,6 +507,55 @@ fn self_attention(
     let out = g.matmul(&probs, &v);
     let out = g.transpose(&out, &[0, 2, 1, 3]);
     let out = g.reshape_to(&out, &[0, 0, dim as i64]);
+    linear(g, &out, w, "out_proj", dim, dim, true)
+}
+
+/// ONNX Runtime's `MultiHeadAttention` (com.microsoft) with the padding and the
+/// gated position bias as one additive `attention_bias` [B, H, P, P]. The same
+/// softmax as the reference: its row-maximum shift and alpha rescaling guard f16
+/// overflow and cancel out (softmax ignores a per-row constant), and the fused
+/// kernel keeps its own running maximum.
+fn fused_attention(
+    g: &mut Graph,
+    x: &Value,
+    cfg: &BeatsConfig,
+    w: &Weights,
+    key_bias: &Value,
+    position_bias: Option<&Value>,
+) -> Result<Value> {
+    let dim = cfg.encoder_embed_dim;
+    let heads = cfg.encoder_attention_heads;
+    let head_dim = dim / heads;
+    let q = linear(g, x, w, "q_proj", dim, dim, true)?;
+    let k = linear(g, x, w, "k_proj", dim, dim, true)?;
+    let v = linear(g, x, w, "v_proj", dim, dim, true)?;
+    let bias = match position_bias {
+        Some(bias) => {
+            let bias = if cfg.gru_rel_pos {
+                let query = g.reshape_to(&q, &[0, 0, heads as i64, head_dim as i64]);
+                let query = g.transpose(&query, &[0, 2, 1, 3]); // [B, H, P, D]
+                let gate = position_gate(g, &query, cfg, w, head_dim)?; // [B, H, P, 1]
+                let bias32 = g.to_f32(bias);
+                let gated = g.mul(&gate, &bias32);
+                g.from_f32(&gated)
+            } else {
+                g.unsqueeze(bias, &[0])
+            };
+            g.add(&bias, key_bias) // [B, H, P, P]
+        }
+        None => key_bias.clone(),
+    };
+    let none = Value(String::new());
+    let mut out = g.contrib_op(
+        "MultiHeadAttention",
+        &[&q, &k, &v, &none, &none, &bias],
+        vec![
+            attr_int("num_heads", heads as i64),
+            attr_float("scale", (head_dim as f32).powf(-0.5)),
+        ],
+        1,
+    );
+    let out = out.pop().expect("one output");
     linear(g, &out, w, "out_proj", dim, dim, true)
 }
 
@@ -475,6 +584,7 @@ pub fn export_audio_encoder(
     pooling: Pooling,
     mel_bins: usize,
     float: DataType,
+    attention: Attention,
     out: &std::path::Path,
 ) -> Result<Vec<std::path::PathBuf>> {
     let device = candle_core::Device::Cpu;
@@ -487,6 +597,8 @@ pub fn export_audio_encoder(
         &device,
     )?;
     let mut g = Graph::new("audio_encoder", float);
-    build_encoder(&mut g, &cfg, &beats, &projector, pooling, mel_bins)?;
+    build_encoder(
+        &mut g, &cfg, &beats, &projector, pooling, mel_bins, attention,
+    )?;
     Ok(g.save(out, env!("CARGO_PKG_VERSION"), &[])?)
 }

@@ -29,6 +29,11 @@ pub use encoder::ExportError as GraphError;
 /// Default cap on generated tokens recorded in the manifest.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 30;
 
+/// Revision of the graphs this exporter writes, bumped when they change without a
+/// manifest format change (an export cached by `audiocap bench` is rebuilt when it
+/// differs). 2: fused attention in the encoder too (`MultiHeadAttention`).
+pub const GRAPH_REVISION: u32 = 2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
     #[error(transparent)]
@@ -185,6 +190,7 @@ fn write_model_dir(options: &ExportOptions, dir: &Path) -> Result<ModelManifest,
         &projector,
         sources.pooling,
         front_end.num_mel_bins,
+        options.attention,
     )?;
     let encoder_files = graph
         .save(&encoder_path, env!("CARGO_PKG_VERSION"), &[])
