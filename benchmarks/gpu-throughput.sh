@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Environment: BATCHES, E2E_BATCH, REPS, CLIPS, RUN_BATCH, RUN_ROWS, ATTENTION (fused|eager),
+# Environment: BATCHES, E2E_BATCH, REPS, CLIPS, RUN_BATCH, RUN_ROWS, ENCODER_THREAD (true|false:
+# `[batching] encoder_thread` of the run; unset: its default, on with CUDA), ATTENTION (fused|eager),
 # SKIP_CHECK (no tiny-model check first), SKIP_PYTORCH, NO_TRAIN (pack without the training
 # bench), PROFILE (ONNX Runtime's per-node profile of one generation at the largest batch,
 # summed up in profile-summary.txt), PARITY (captions of a tiny f16 fused model: continuous vs
@@ -204,6 +205,7 @@ batch_size = ${RUN_BATCH:-64}
 max_inflight_batches = 4
 # Continuous batching (fused attention): rows kept busy in the decoder.
 decoder_rows = ${RUN_ROWS:-256}
+${ENCODER_THREAD:+encoder_thread = $ENCODER_THREAD}
 [generation]
 max_new_tokens = 20
 min_new_tokens = 20

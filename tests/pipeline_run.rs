@@ -256,6 +256,14 @@ fn continuous_batching_writes_the_captions_of_fixed_batches() {
             "one input is not audio: {}",
             String::from_utf8_lossy(&result.stderr)
         );
+        // The summary tells whether the encoder had a thread of its own.
+        let threaded = String::from_utf8_lossy(&result.stdout).contains("encoder thread");
+        assert_eq!(
+            threaded,
+            sets.contains(&"batching.encoder_thread=true"),
+            "{out}: {}",
+            String::from_utf8_lossy(&result.stdout)
+        );
         let mut rows = read_dataset(&out_dir);
         rows.sort();
         rows
@@ -266,6 +274,14 @@ fn continuous_batching_writes_the_captions_of_fixed_batches() {
     assert_eq!(eager.len(), 9 + 3 + 1, "{eager:?}");
     assert_eq!(continuous, eager);
     assert!(continuous.iter().filter(|r| r.2.is_some()).count() == 12);
+    // The encoder on a thread of its own (what CUDA runs), handing its batches over
+    // in device memory: the same rows.
+    let threaded = captions(
+        &fused,
+        "encoder-thread",
+        &["batching.decoder_rows=3", "batching.encoder_thread=true"],
+    );
+    assert_eq!(threaded, eager);
 }
 
 #[test]

@@ -16,11 +16,110 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use super::kv_cache::{device_memory, helper_session, to_device};
 use super::model::{EngineError, OnnxModel, Result};
 use super::runtime::DeviceSpec;
+use crate::export::encoder::io as enc_io;
 use crate::export::onnx::{DataType, Dim, Graph, Value};
 use crate::manifest::ExportDtype;
 
 fn run_error(graph: &'static str) -> impl FnOnce(ort::Error) -> EngineError {
     move |source| EngineError::Run { graph, source }
+}
+
+/// The encoder graph's session: normalised fbank in, audio embeddings out, left
+/// where the model runs. It belongs to [`OnnxModel`] until handed to a thread of its
+/// own ([`OnnxModel::take_encoder`]).
+pub struct AudioEncoder {
+    session: Session,
+    device: DeviceSpec,
+    mel_bins: usize,
+    min_frames: usize,
+}
+
+impl AudioEncoder {
+    pub(super) fn new(
+        session: Session,
+        device: DeviceSpec,
+        mel_bins: usize,
+        min_frames: usize,
+    ) -> Self {
+        Self {
+            session,
+            device,
+            mel_bins,
+            min_frames,
+        }
+    }
+
+    pub(super) fn session_mut(&mut self) -> &mut Session {
+        &mut self.session
+    }
+
+    /// Audio embeddings [B, audio_tokens, hidden] of a batch of normalised fbank
+    /// matrices (row-major [frames, mel_bins] each), padded to the longest.
+    pub fn encode(&mut self, clips: &[(&[f32], usize)]) -> Result<AudioEmbeds> {
+        let bins = self.mel_bins;
+        let max_frames = clips.iter().map(|c| c.1).max().unwrap_or(0);
+        if clips.is_empty() {
+            return Err(EngineError::Input("empty batch".into()));
+        }
+        let mut fbank = Array3::<f32>::zeros((clips.len(), max_frames, bins));
+        let mut lengths = Vec::with_capacity(clips.len());
+        for (i, (data, frames)) in clips.iter().enumerate() {
+            if *frames < self.min_frames {
+                return Err(EngineError::Input(format!(
+                    "clip {i} has {frames} fbank frames; the encoder needs at least {}",
+                    self.min_frames
+                )));
+            }
+            if data.len() != frames * bins {
+                return Err(EngineError::Input(format!(
+                    "clip {i}: {} values for {frames} frames of {bins} bins",
+                    data.len()
+                )));
+            }
+            let view = ndarray::ArrayView2::from_shape((*frames, bins), data)
+                .map_err(|e| EngineError::Input(e.to_string()))?;
+            fbank
+                .index_axis_mut(ndarray::Axis(0), i)
+                .slice_mut(ndarray::s![..*frames, ..])
+                .assign(&view);
+            lengths.push(*frames as i64);
+        }
+        let fbank = Tensor::from_array(fbank)
+            .map_err(run_error("audio_encoder"))?
+            .into_dyn();
+        let lengths = Tensor::from_array((vec![clips.len()], lengths))
+            .map_err(run_error("audio_encoder"))?
+            .into_dyn();
+        let memory = device_memory(self.device)?;
+        let mut binding = self
+            .session
+            .create_binding()
+            .map_err(run_error("audio_encoder"))?;
+        binding
+            .bind_input(enc_io::FBANK, &fbank)
+            .map_err(run_error("audio_encoder"))?;
+        binding
+            .bind_input(enc_io::FBANK_LENGTHS, &lengths)
+            .map_err(run_error("audio_encoder"))?;
+        for name in [enc_io::AUDIO_EMBEDS, enc_io::AUDIO_EMBEDS_MASK] {
+            binding
+                .bind_output_to_device(name, &memory)
+                .map_err(run_error("audio_encoder"))?;
+        }
+        let mut outputs = self
+            .session
+            .run_binding(&binding)
+            .map_err(run_error("audio_encoder"))?;
+        let embeds =
+            outputs
+                .remove(enc_io::AUDIO_EMBEDS)
+                .ok_or_else(|| EngineError::MissingOutput {
+                    graph: "audio_encoder",
+                    name: enc_io::AUDIO_EMBEDS.to_string(),
+                })?;
+        drop(outputs);
+        AudioEmbeds::new(embeds, self.device)
+    }
 }
 
 /// Audio embeddings of a batch of clips, [clips, audio_tokens, hidden] f32, in the

@@ -3,17 +3,16 @@
 
 use std::path::{Path, PathBuf};
 
-use ndarray::{Array2, Array3, ArrayD, Axis, IxDyn};
+use ndarray::{Array2, ArrayD, IxDyn};
 use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{Session, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use tokenizers::Tokenizer;
 
-use super::audio::{AudioEmbeds, PromptAssembler};
+use super::audio::{AudioEmbeds, AudioEncoder, PromptAssembler};
 use super::kv_cache::{self, CacheLayout, RowGatherer, RowInserter};
 use super::runtime::{DeviceSpec, RuntimeError, session_builder};
 use crate::export::decoder::{FUSED_MAX_POSITIONS, io as dec_io};
-use crate::export::encoder::io as enc_io;
 use crate::manifest::{Attention, ExportDtype, ManifestError, ModelManifest};
 use crate::model::prompt::{PromptError, load_tokenizer};
 
@@ -68,7 +67,8 @@ pub struct OnnxModel {
     /// `name@manifest-hash`, recorded in output rows.
     pub identity: String,
     pub tokenizer: Tokenizer,
-    encoder: Session,
+    /// `None` once [`take_encoder`](Self::take_encoder) handed it over.
+    encoder: Option<AudioEncoder>,
     embedding: Session,
     decoder: Session,
     /// Embeddings of the prompt text before and after the audio, [tokens, hidden].
@@ -141,7 +141,12 @@ impl OnnxModel {
                     source: ort::Error::new_with_code(e.code(), e.message()),
                 })
         };
-        let encoder = open(&manifest.onnx.audio_encoder.file.path)?;
+        let encoder = AudioEncoder::new(
+            open(&manifest.onnx.audio_encoder.file.path)?,
+            options.device,
+            manifest.front_end.num_mel_bins,
+            manifest.encoder.min_frames,
+        );
         let mut embedding = open(&manifest.onnx.embedding.file.path)?;
         let decoder = open(&manifest.onnx.decoder.file.path)?;
         let tokenizer = load_tokenizer(&dir.join(&manifest.onnx.tokenizer.path))?;
@@ -160,7 +165,7 @@ impl OnnxModel {
             manifest,
             identity,
             tokenizer,
-            encoder,
+            encoder: Some(encoder),
             embedding,
             decoder,
             prefix_embeds,
@@ -179,12 +184,14 @@ impl OnnxModel {
     /// Ends profiling (see [`EngineOptions::profile_prefix`]) and returns the files
     /// ONNX Runtime wrote: encoder, embedding, decoder.
     pub fn end_profiling(&mut self) -> Result<Vec<PathBuf>> {
+        let encoder = self.encoder.as_mut().map(|e| e.session_mut());
         [
-            (&mut self.encoder, "audio_encoder"),
-            (&mut self.embedding, "embedding"),
-            (&mut self.decoder, "decoder"),
+            (encoder, "audio_encoder"),
+            (Some(&mut self.embedding), "embedding"),
+            (Some(&mut self.decoder), "decoder"),
         ]
         .into_iter()
+        .filter_map(|(session, graph)| Some((session?, graph)))
         .map(|(session, graph)| {
             session
                 .end_profiling()
@@ -242,62 +249,18 @@ impl OnnxModel {
     /// matrices (row-major [frames, mel_bins] each), padded to the longest. They stay
     /// where the model runs: the decoder's prompt is built from them there.
     pub fn encode(&mut self, clips: &[(&[f32], usize)]) -> Result<AudioEmbeds> {
-        let bins = self.manifest.front_end.num_mel_bins;
-        let max_frames = clips.iter().map(|c| c.1).max().unwrap_or(0);
-        let min_frames = self.manifest.encoder.min_frames;
-        if clips.is_empty() {
-            return Err(EngineError::Input("empty batch".into()));
+        match self.encoder.as_mut() {
+            Some(encoder) => encoder.encode(clips),
+            None => Err(EngineError::Input(
+                "the encoder was handed to its own thread".into(),
+            )),
         }
-        let mut fbank = Array3::<f32>::zeros((clips.len(), max_frames, bins));
-        let mut lengths = Vec::with_capacity(clips.len());
-        for (i, (data, frames)) in clips.iter().enumerate() {
-            if *frames < min_frames {
-                return Err(EngineError::Input(format!(
-                    "clip {i} has {frames} fbank frames; the encoder needs at least {min_frames}"
-                )));
-            }
-            if data.len() != frames * bins {
-                return Err(EngineError::Input(format!(
-                    "clip {i}: {} values for {frames} frames of {bins} bins",
-                    data.len()
-                )));
-            }
-            let view = ndarray::ArrayView2::from_shape((*frames, bins), data)
-                .map_err(|e| EngineError::Input(e.to_string()))?;
-            fbank
-                .index_axis_mut(Axis(0), i)
-                .slice_mut(ndarray::s![..*frames, ..])
-                .assign(&view);
-            lengths.push(*frames as i64);
-        }
-        let fbank = Tensor::from_array(fbank)
-            .map_err(run_error("audio_encoder"))?
-            .into_dyn();
-        let lengths = Tensor::from_array((vec![clips.len()], lengths))
-            .map_err(run_error("audio_encoder"))?
-            .into_dyn();
-        let memory = self.cache_memory()?;
-        let mut binding = self
-            .encoder
-            .create_binding()
-            .map_err(run_error("audio_encoder"))?;
-        binding
-            .bind_input(enc_io::FBANK, &fbank)
-            .map_err(run_error("audio_encoder"))?;
-        binding
-            .bind_input(enc_io::FBANK_LENGTHS, &lengths)
-            .map_err(run_error("audio_encoder"))?;
-        for name in [enc_io::AUDIO_EMBEDS, enc_io::AUDIO_EMBEDS_MASK] {
-            binding
-                .bind_output_to_device(name, &memory)
-                .map_err(run_error("audio_encoder"))?;
-        }
-        let mut outputs = self
-            .encoder
-            .run_binding(&binding)
-            .map_err(run_error("audio_encoder"))?;
-        let embeds = take(&mut outputs, "audio_encoder", enc_io::AUDIO_EMBEDS)?;
-        AudioEmbeds::new(embeds, self.device)
+    }
+
+    /// Hands the encoder over (to a thread of its own: see the model stage); the
+    /// decoder side stays here.
+    pub fn take_encoder(&mut self) -> Option<AudioEncoder> {
+        self.encoder.take()
     }
 
     /// The decoder's input for the prompts of `audio`'s clips: the template's text

@@ -105,6 +105,11 @@ pub struct BatchingSection {
     /// attention, greedy decoding): as captions finish, waiting clips take their
     /// rows. Unset: `batch_size`. Other models caption each batch to its end.
     pub decoder_rows: Option<usize>,
+    /// With continuous batching, runs the encoder on a thread of its own: on a GPU
+    /// its work overlaps the decoder's and the decoder never waits for a batch to be
+    /// encoded. Unset: on with CUDA, off on the CPU (where both would share the same
+    /// cores).
+    pub encoder_thread: Option<bool>,
 }
 
 impl Default for BatchingSection {
@@ -114,6 +119,7 @@ impl Default for BatchingSection {
             max_inflight_batches: 2,
             sort_pool_batches: 4,
             decoder_rows: None,
+            encoder_thread: None,
         }
     }
 }

@@ -150,7 +150,7 @@ async fn run_async(
     let counters = Arc::new(RunCounters::default());
     let busy_fetch = Arc::new(BusyClock::default());
     let busy_decode = Arc::new(BusyClock::default());
-    let busy_model = Arc::new(BusyClock::default());
+    let model_clocks = stages::model::ModelClocks::default();
     let busy_sink = Arc::new(BusyClock::default());
     let stop = Arc::new(AtomicBool::new(false));
     spawn_signal_watch(stop.clone());
@@ -190,10 +190,17 @@ async fn run_async(
     // state is not `Sync`, and one task is all it needs.
     let sink = stages::sink::run(sink_rx, writer, counters.clone(), busy_sink.clone());
     let model_idle = Arc::new(AtomicBool::new(true));
+    // The encoder on a thread of its own where its work can overlap the decoder's
+    // (a GPU); on the CPU both would share the same cores.
+    let encoder_thread = config
+        .batching
+        .encoder_thread
+        .unwrap_or(matches!(device, DeviceSpec::Cuda(_)));
     let mode = stages::model::DecoderMode::for_model(
         &model,
         &params,
         config.batching.decoder_rows.unwrap_or(batch_size),
+        encoder_thread,
     );
     tracing::info!(?mode, attention = ?model.attention(), "decoder");
     let model_thread = stages::model::spawn(
@@ -203,7 +210,7 @@ async fn run_async(
         batch_rx,
         sink_tx.clone(),
         model_idle.clone(),
-        busy_model.clone(),
+        model_clocks.clone(),
     )
     .context("starting the model thread")
     .map_err(RunError::Fatal)?;
@@ -341,7 +348,15 @@ async fn run_async(
         stage_busy: StageBusy {
             fetch: fraction(&busy_fetch, config.workers.fetch_concurrency),
             decode: fraction(&busy_decode, decode_threads),
-            model: fraction(&busy_model, 1),
+            model: fraction(&model_clocks.model, 1),
+            encoder: matches!(
+                mode,
+                stages::model::DecoderMode::Continuous {
+                    encoder_thread: true,
+                    ..
+                }
+            )
+            .then(|| fraction(&model_clocks.encoder, 1)),
             sink: fraction(&busy_sink, 1),
         },
         parts: Vec::new(),

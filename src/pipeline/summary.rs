@@ -29,7 +29,12 @@ pub struct InputCounts {
 pub struct StageBusy {
     pub fetch: f64,
     pub decode: f64,
+    /// The model thread: encoder and decoder, or the decoder alone when the
+    /// encoder has a thread of its own.
     pub model: f64,
+    /// The encoder's own thread, when it has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub encoder: Option<f64>,
     pub sink: f64,
 }
 
@@ -81,7 +86,7 @@ impl RunSummary {
              {} written, {} failed\n\
              rows: {} ({} captions, {} errors); {:.3} h of audio in {} \
              ({:.2} captions/s, {:.1}x realtime)\n\
-             busy: fetch {:.0}%, decode {:.0}%, model {:.0}%, sink {:.0}%; {} part files committed",
+             busy: fetch {:.0}%, decode {:.0}%, model {:.0}%{}, sink {:.0}%; {} part files committed",
             self.run_id,
             self.shard_index,
             self.shard_count,
@@ -102,6 +107,10 @@ impl RunSummary {
             self.stage_busy.fetch * 100.0,
             self.stage_busy.decode * 100.0,
             self.stage_busy.model * 100.0,
+            self.stage_busy
+                .encoder
+                .map(|e| format!(" (encoder thread {:.0}%)", e * 100.0))
+                .unwrap_or_default(),
             self.stage_busy.sink * 100.0,
             self.parts.len(),
         );

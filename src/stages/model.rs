@@ -7,7 +7,10 @@
 //! - continuous batching (fused-attention exports, greedy): the decoder keeps
 //!   `decoder_rows` rows busy; as captions finish, encoded clips waiting take their
 //!   rows, so the decoder does not run half-empty while clips wait, and finished
-//!   rows go to the sink at once.
+//!   rows go to the sink at once. The encoder may run on a thread of its own
+//!   (`encoder_thread`): on a GPU its work then overlaps the decoder's (each
+//!   session has its own stream) and the decoder never waits for a batch to encode;
+//!   the audio embeddings stay in device memory on the way.
 
 use std::collections::{BTreeMap, VecDeque};
 use std::sync::Arc;
@@ -17,7 +20,7 @@ use std::thread::JoinHandle;
 use async_channel::{Receiver, Sender, TryRecvError};
 
 use super::{BusyClock, SegmentJob, SinkMessage};
-use crate::engine::audio::AudioQueue;
+use crate::engine::audio::{AudioEmbeds, AudioEncoder, AudioQueue};
 use crate::engine::captioner::{caption_segments, captioned_row, failed_row};
 use crate::engine::continuous::ContinuousBatcher;
 use crate::engine::generate::{Generated, GenerationParams};
@@ -25,31 +28,53 @@ use crate::engine::model::OnnxModel;
 use crate::manifest::Attention;
 use crate::output::{CaptionRow, now_us};
 
+/// Encoded batches the encoder thread may hold ready for the decoder.
+const ENCODED_AHEAD: usize = 4;
+
 /// How the model thread runs the decoder.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DecoderMode {
     FixedBatches,
-    /// Continuous batching over this many decoder rows.
+    /// Continuous batching over this many decoder rows, the encoder on its own
+    /// thread or not.
     Continuous {
         rows: usize,
+        encoder_thread: bool,
     },
 }
 
 impl DecoderMode {
     /// Continuous batching where the export and the generation allow it.
-    pub fn for_model(model: &OnnxModel, params: &GenerationParams, rows: usize) -> Self {
+    pub fn for_model(
+        model: &OnnxModel,
+        params: &GenerationParams,
+        rows: usize,
+        encoder_thread: bool,
+    ) -> Self {
         if model.attention() == Attention::Fused && params.beams <= 1 && rows > 0 {
-            DecoderMode::Continuous { rows }
+            DecoderMode::Continuous {
+                rows,
+                encoder_thread,
+            }
         } else {
             DecoderMode::FixedBatches
         }
     }
 }
 
+/// Time the model stage's threads spend working.
+#[derive(Debug, Default, Clone)]
+pub struct ModelClocks {
+    /// The model thread (encoder and decoder, or the decoder alone).
+    pub model: Arc<BusyClock>,
+    /// The encoder thread, when there is one.
+    pub encoder: Arc<BusyClock>,
+}
+
 /// Starts the model thread. It ends when the batch channel closes (or the sink
 /// is gone); `idle` is true while it waits for a batch (with continuous batching:
-/// while decoder rows are free and no clip waits for them), `busy` counts the time
-/// it spends in the model.
+/// while decoder rows are free and no clip waits for them), `clocks` count the
+/// time spent in the model.
 pub fn spawn(
     model: OnnxModel,
     params: GenerationParams,
@@ -57,7 +82,7 @@ pub fn spawn(
     batches: Receiver<Vec<SegmentJob>>,
     sink: Sender<SinkMessage>,
     idle: Arc<AtomicBool>,
-    busy: Arc<BusyClock>,
+    clocks: ModelClocks,
 ) -> std::io::Result<JoinHandle<()>> {
     std::thread::Builder::new()
         .name("audiocap-model".into())
@@ -65,14 +90,19 @@ pub fn spawn(
             let stage = Stage {
                 model,
                 params,
-                batches,
                 sink,
                 idle,
-                busy,
+                busy: clocks.model,
             };
             match mode {
-                DecoderMode::FixedBatches => stage.run_fixed(),
-                DecoderMode::Continuous { rows } => stage.run_continuous(rows),
+                DecoderMode::FixedBatches => stage.run_fixed(batches),
+                DecoderMode::Continuous {
+                    rows,
+                    encoder_thread,
+                } => {
+                    let encoder_clock = encoder_thread.then_some(clocks.encoder);
+                    stage.run_continuous(batches, rows, encoder_clock)
+                }
             }
         })
 }
@@ -80,7 +110,6 @@ pub fn spawn(
 struct Stage {
     model: OnnxModel,
     params: GenerationParams,
-    batches: Receiver<Vec<SegmentJob>>,
     sink: Sender<SinkMessage>,
     idle: Arc<AtomicBool>,
     busy: Arc<BusyClock>,
@@ -92,11 +121,34 @@ struct Waiting {
     row: CaptionRow,
 }
 
+/// A batch's clips and their audio embeddings, where the model runs.
+struct Encoded {
+    clips: Vec<Waiting>,
+    audio: AudioEmbeds,
+}
+
+/// Where the decoder loop gets encoded clips.
+enum Intake {
+    /// The decoder's thread encodes each batch as it arrives.
+    Inline(Receiver<Vec<SegmentJob>>),
+    /// The encoder thread hands them over.
+    Thread(Receiver<Encoded>),
+}
+
+/// What the intake had.
+enum Next {
+    Clips(Encoded),
+    /// Nothing ready (only when not waiting for it).
+    Empty,
+    /// The input has ended.
+    Closed,
+}
+
 impl Stage {
-    fn run_fixed(mut self) {
+    fn run_fixed(mut self, batches: Receiver<Vec<SegmentJob>>) {
         loop {
             self.idle.store(true, Ordering::Release);
-            let Ok(batch) = self.batches.recv_blocking() else {
+            let Ok(batch) = batches.recv_blocking() else {
                 break;
             };
             self.idle.store(false, Ordering::Release);
@@ -117,14 +169,65 @@ impl Stage {
         self.idle.store(true, Ordering::Release);
     }
 
-    fn run_continuous(mut self, rows: usize) {
-        let mut batcher = match ContinuousBatcher::new(&self.model, rows, self.params.clone()) {
+    fn run_continuous(
+        mut self,
+        batches: Receiver<Vec<SegmentJob>>,
+        rows: usize,
+        encoder_clock: Option<Arc<BusyClock>>,
+    ) {
+        let batcher = match ContinuousBatcher::new(&self.model, rows, self.params.clone()) {
             Ok(b) => b,
             Err(e) => {
                 tracing::warn!("continuous batching unavailable ({e}); running fixed batches");
-                return self.run_fixed();
+                return self.run_fixed(batches);
             }
         };
+        let encoder = encoder_clock.and_then(|clock| self.start_encoder(&batches, clock));
+        match encoder {
+            Some((rx, handle)) => {
+                // The encoder thread holds its own handle on the batches.
+                drop(batches);
+                self.decode_continuously(batcher, Intake::Thread(rx));
+                // The intake is dropped: the encoder thread ends at its next send.
+                let _ = handle.join();
+            }
+            None => self.decode_continuously(batcher, Intake::Inline(batches)),
+        }
+        self.idle.store(true, Ordering::Release);
+    }
+
+    /// Moves the encoder to a thread of its own, fed by `batches`. `None` (the
+    /// encoder stays here) when there is no encoder to move or no thread to be had.
+    fn start_encoder(
+        &mut self,
+        batches: &Receiver<Vec<SegmentJob>>,
+        clock: Arc<BusyClock>,
+    ) -> Option<(Receiver<Encoded>, JoinHandle<()>)> {
+        let (tx, rx) = async_channel::bounded(ENCODED_AHEAD);
+        let (give, receive) = std::sync::mpsc::sync_channel::<AudioEncoder>(1);
+        let (batches, sink) = (batches.clone(), self.sink.clone());
+        let thread = std::thread::Builder::new()
+            .name("audiocap-encoder".into())
+            .spawn(move || {
+                if let Ok(encoder) = receive.recv() {
+                    run_encoder(encoder, batches, tx, sink, clock);
+                }
+            });
+        let handle = match thread {
+            Ok(handle) => handle,
+            Err(e) => {
+                tracing::warn!("no encoder thread ({e}); encoding on the model thread");
+                return None;
+            }
+        };
+        let encoder = self.model.take_encoder()?;
+        // The thread is waiting for it.
+        give.send(encoder).ok()?;
+        Some((rx, handle))
+    }
+
+    fn decode_continuously(&mut self, mut batcher: ContinuousBatcher<Waiting>, intake: Intake) {
+        let rows = batcher.rows();
         // Clips join when this many rows are free (one prefill for several clips),
         // or whenever the decoder would otherwise run empty or the input has ended.
         let refill = (rows / 8).max(1);
@@ -134,27 +237,17 @@ impl Stage {
         let mut audio = AudioQueue::new();
         let mut input_open = true;
         loop {
-            // Encode enough batches to fill the free rows.
+            // Take in enough encoded clips to fill the free rows.
             while input_open && waiting.len() < batcher.free() {
-                let next = if batcher.active() == 0 && waiting.is_empty() {
-                    self.idle.store(true, Ordering::Release);
-                    let r = self.batches.recv_blocking().ok();
-                    self.idle.store(false, Ordering::Release);
-                    r
-                } else {
-                    match self.batches.try_recv() {
-                        Ok(batch) => Some(batch),
-                        Err(TryRecvError::Empty) => break,
-                        Err(TryRecvError::Closed) => None,
+                let block = batcher.active() == 0 && waiting.is_empty();
+                match self.next_encoded(&intake, block) {
+                    Some(Next::Clips(encoded)) => {
+                        audio.push(encoded.audio);
+                        waiting.extend(encoded.clips);
                     }
-                };
-                let Some(batch) = next else {
-                    input_open = false;
-                    break;
-                };
-                let failed = self.encode_into(batch, &mut waiting, &mut audio);
-                if !failed.is_empty() && !self.send(failed) {
-                    return;
+                    Some(Next::Empty) => break,
+                    Some(Next::Closed) => input_open = false,
+                    None => return,
                 }
             }
             // The batch stage hands over partial batches while this is set: the
@@ -215,40 +308,47 @@ impl Stage {
                 break;
             }
         }
-        self.idle.store(true, Ordering::Release);
     }
 
-    /// Runs the encoder on a batch; its clips join `waiting` (their audio joins
-    /// `audio`), or come back as error rows when the encoder fails.
-    fn encode_into(
-        &mut self,
-        batch: Vec<SegmentJob>,
-        waiting: &mut VecDeque<Waiting>,
-        audio: &mut AudioQueue,
-    ) -> Vec<(u64, CaptionRow)> {
-        let inputs: Vec<(&[f32], usize)> = batch
-            .iter()
-            .map(|s| (s.fbank.as_slice(), s.frames))
-            .collect();
-        let model = &mut self.model;
-        match self.busy.time(|| model.encode(&inputs)) {
-            Ok(encoded) => {
-                audio.push(encoded);
-                waiting.extend(batch.into_iter().map(|job| Waiting {
-                    input_id: job.input_id,
-                    row: job.row,
-                }));
-                Vec::new()
-            }
-            Err(e) => {
-                let stamp = now_us();
-                batch
-                    .into_iter()
-                    .map(|job| {
-                        let row = failed_row(&job.row, &format!("model: {e}"), stamp);
-                        (job.input_id, row)
-                    })
-                    .collect()
+    /// The next encoded batch from `intake`, waiting for it when `block` (and
+    /// telling the batch stage so). `None` when the sink is gone.
+    fn next_encoded(&mut self, intake: &Intake, block: bool) -> Option<Next> {
+        loop {
+            let batch = match intake {
+                Intake::Thread(rx) => {
+                    return Some(match wait_or_try(rx, block, &self.idle) {
+                        Some(Ok(encoded)) => Next::Clips(encoded),
+                        Some(Err(())) => Next::Closed,
+                        None => Next::Empty,
+                    });
+                }
+                Intake::Inline(rx) => match wait_or_try(rx, block, &self.idle) {
+                    Some(Ok(batch)) => batch,
+                    Some(Err(())) => return Some(Next::Closed),
+                    None => return Some(Next::Empty),
+                },
+            };
+            let (input_ids, rows): (Vec<u64>, Vec<CaptionRow>) = batch
+                .iter()
+                .map(|job| (job.input_id, job.row.clone()))
+                .unzip();
+            let model = &mut self.model;
+            let encoded = self.busy.time(|| encode_batch(&batch, |c| model.encode(c)));
+            match encoded {
+                Ok(audio) => {
+                    let clips = input_ids
+                        .into_iter()
+                        .zip(rows)
+                        .map(|(input_id, row)| Waiting { input_id, row })
+                        .collect();
+                    return Some(Next::Clips(Encoded { clips, audio }));
+                }
+                Err(failed) => {
+                    if !self.send(failed) {
+                        return None;
+                    }
+                    // A failed batch: try the next one.
+                }
             }
         }
     }
@@ -284,14 +384,90 @@ impl Stage {
 
     /// Hands finished rows to the sink, grouped by input. False when the sink is gone.
     fn send(&self, rows: Vec<(u64, CaptionRow)>) -> bool {
-        let mut by_input: BTreeMap<u64, Vec<CaptionRow>> = BTreeMap::new();
-        for (input_id, row) in rows {
-            by_input.entry(input_id).or_default().push(row);
+        send_rows(&self.sink, rows)
+    }
+}
+
+/// Rows to the sink, grouped by input. False when the sink is gone.
+fn send_rows(sink: &Sender<SinkMessage>, rows: Vec<(u64, CaptionRow)>) -> bool {
+    let mut by_input: BTreeMap<u64, Vec<CaptionRow>> = BTreeMap::new();
+    for (input_id, row) in rows {
+        by_input.entry(input_id).or_default().push(row);
+    }
+    by_input.into_iter().all(|(input_id, rows)| {
+        sink.send_blocking(SinkMessage::Rows { input_id, rows })
+            .is_ok()
+    })
+}
+
+/// The next message of `rx`: waiting for it when `block` (with `idle` set while
+/// waiting), else only if one is ready. `Some(Err(()))` when the channel has closed,
+/// `None` when nothing was ready.
+fn wait_or_try<T>(rx: &Receiver<T>, block: bool, idle: &AtomicBool) -> Option<Result<T, ()>> {
+    if block {
+        idle.store(true, Ordering::Release);
+        let r = rx.recv_blocking().map_err(|_| ());
+        idle.store(false, Ordering::Release);
+        Some(r)
+    } else {
+        match rx.try_recv() {
+            Ok(v) => Some(Ok(v)),
+            Err(TryRecvError::Empty) => None,
+            Err(TryRecvError::Closed) => Some(Err(())),
         }
-        by_input.into_iter().all(|(input_id, rows)| {
-            self.sink
-                .send_blocking(SinkMessage::Rows { input_id, rows })
-                .is_ok()
-        })
+    }
+}
+
+/// Encodes a batch's fbank; on failure, every clip of the batch as an error row.
+fn encode_batch(
+    batch: &[SegmentJob],
+    encode: impl FnOnce(&[(&[f32], usize)]) -> crate::engine::model::Result<AudioEmbeds>,
+) -> Result<AudioEmbeds, Vec<(u64, CaptionRow)>> {
+    let inputs: Vec<(&[f32], usize)> = batch
+        .iter()
+        .map(|s| (s.fbank.as_slice(), s.frames))
+        .collect();
+    encode(&inputs).map_err(|e| {
+        let stamp = now_us();
+        batch
+            .iter()
+            .map(|job| {
+                let row = failed_row(&job.row, &format!("model: {e}"), stamp);
+                (job.input_id, row)
+            })
+            .collect()
+    })
+}
+
+/// The encoder thread: encodes batches as they come and hands them to the decoder
+/// (up to [`ENCODED_AHEAD`] ahead); a batch it cannot encode goes to the sink as
+/// error rows. Ends when the batches end, the decoder is gone or the sink is.
+fn run_encoder(
+    mut encoder: AudioEncoder,
+    batches: Receiver<Vec<SegmentJob>>,
+    encoded: Sender<Encoded>,
+    sink: Sender<SinkMessage>,
+    busy: Arc<BusyClock>,
+) {
+    while let Ok(batch) = batches.recv_blocking() {
+        match busy.time(|| encode_batch(&batch, |c| encoder.encode(c))) {
+            Ok(audio) => {
+                let clips = batch
+                    .into_iter()
+                    .map(|job| Waiting {
+                        input_id: job.input_id,
+                        row: job.row,
+                    })
+                    .collect();
+                if encoded.send_blocking(Encoded { clips, audio }).is_err() {
+                    return;
+                }
+            }
+            Err(failed) => {
+                if !send_rows(&sink, failed) {
+                    return;
+                }
+            }
+        }
     }
 }
