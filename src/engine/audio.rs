@@ -224,12 +224,12 @@ impl PromptAssembler {
         prefix: &Array2<f32>,
         suffix: &Array2<f32>,
         audio_tokens: usize,
+        hidden: usize,
     ) -> Result<Self> {
         let float = match dtype {
             ExportDtype::F32 => DataType::Float,
             ExportDtype::F16 => DataType::Float16,
         };
-        let hidden = prefix.ncols().max(suffix.ncols());
         let mut g = Graph::new("assemble_prompt", float);
         let audio = g.input(
             AUDIO,

@@ -274,6 +274,7 @@ impl OnnxModel {
                 &self.prefix_embeds,
                 &self.suffix_embeds,
                 self.manifest.projector.audio_tokens,
+                self.manifest.decoder.hidden_size,
             )?);
         }
         self.assembler

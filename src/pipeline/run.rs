@@ -202,6 +202,14 @@ async fn run_async(
         config.batching.decoder_rows.unwrap_or(batch_size),
         encoder_thread,
     );
+    if config.batching.encoder_thread == Some(true)
+        && mode == stages::model::DecoderMode::FixedBatches
+    {
+        tracing::warn!(
+            "batching.encoder_thread needs continuous batching (an export with fused \
+             attention, beams = 1): the encoder runs on the model thread"
+        );
+    }
     tracing::info!(?mode, attention = ?model.attention(), "decoder");
     let model_thread = stages::model::spawn(
         model,
