@@ -3,8 +3,10 @@
 # `[batching] encoder_thread` of the run; unset: its default, on with CUDA), ATTENTION (fused|eager),
 # SKIP_CHECK (no tiny-model check first), SKIP_PYTORCH, NO_TRAIN (pack without the training
 # bench), PROFILE (ONNX Runtime's per-node profile of one generation at the largest batch,
-# summed up in profile-summary.txt), PARITY (captions of a tiny f16 fused model: continuous vs
-# fixed batches, GPU vs CPU; also `benchmarks/gpu-throughput.sh parity` alone).
+# summed up in profile-summary.txt), KERNEL_TRACE (GPU time per CUDA kernel, decoder at the
+# largest batch and encoder, through benchmarks/kernel-trace: kernels-*.tsv), PARITY (captions
+# of a tiny f16 fused model: continuous vs fixed batches, GPU vs CPU; also
+# `benchmarks/gpu-throughput.sh parity` alone).
 #
 # Issue #8's GPU measurement: the real-size captioner (BEATs iter3+ and a Llama-3-8B-shaped
 # decoder, random weights, f16 export) on ONNX Runtime's CUDA provider, the same decoder in
@@ -41,6 +43,8 @@ pack() {
         cp "$bench" .gpu/perf/stage/training
         strip .gpu/perf/stage/training
     fi
+    # GPU time per kernel (KERNEL_TRACE=1): a CUPTI injection library, built here.
+    benchmarks/kernel-trace/build.sh .gpu/perf/stage >/dev/null || echo "no kernel trace (build failed)"
     tar -C .gpu/perf/stage -cf - . | xz -3 -T2 >.gpu/perf/bin.tar.xz
     rm -rf .gpu/perf/stage
     ls .gpu/ort-part-* >/dev/null 2>&1 || ../shared/gpu/prepare-ort-gpu.sh
@@ -183,6 +187,22 @@ run() {
         echo "bench with $attention attention failed; eager attention" | tee -a "$out/bench.txt"
         attention=eager
         bench eager || true
+    fi
+
+    if [ -n "${KERNEL_TRACE:-}" ] && [ -f "$bin/libkernel-trace.so" ]; then
+        # Which kernels take the GPU's time: the decoder at the largest batch, then the
+        # encoder, each in a process of its own traced through CUPTI (the export is
+        # cached from the bench above).
+        local largest
+        largest=$(echo "${BATCHES:-1,64,256}" | tr ',' '\n' | sort -n | tail -1)
+        for stages in decoder encoder; do
+            CUDA_INJECTION64_PATH="$bin/libkernel-trace.so" KERNEL_TRACE_OUT="$out/kernels-$stages.tsv" \
+                "$bin/audiocap" bench --preset real --device cuda --work-dir "$work" \
+                --tokenizer "$bin/tokenizer.json" --attention "$attention" --stages "$stages" \
+                --batch-sizes "$largest" --encoder-batch 64 --repetitions 1 --quiet \
+                2>&1 | tee -a "$out/bench.txt" || true
+            head -25 "$out/kernels-$stages.tsv" 2>/dev/null | cut -c1-150 | tee -a "$out/bench.txt" || true
+        done
     fi
 
     if [ -d "$out/profile" ]; then

@@ -131,6 +131,19 @@ const FRONT_END_MIN_SECONDS: f64 = 0.5;
 /// Warm-up generations produce this many tokens (prefill and a decode step).
 const WARMUP_TOKENS: usize = 2;
 
+/// The figures `audiocap bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BenchStage {
+    /// Decode + resample + fbank, one thread.
+    FrontEnd,
+    /// The encoder graph on a batch of clips.
+    Encoder,
+    /// Prefill, decode and generation at each decoder batch size.
+    Decoder,
+    /// Front end, encoder and generation in one serial loop.
+    EndToEnd,
+}
+
 /// `audiocap bench` options. Options left out take the preset's defaults.
 #[derive(Debug, Clone, PartialEq, clap::Args)]
 pub struct BenchOptions {
@@ -196,6 +209,10 @@ pub struct BenchOptions {
     /// `audiocap export --attention`).
     #[arg(long, value_enum)]
     pub attention: Option<Attention>,
+    /// Figures to measure, comma-separated (default: all). Fewer make a shorter run,
+    /// e.g. one whose GPU kernels are traced (benchmarks/kernel-trace).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    pub stages: Option<Vec<BenchStage>>,
     /// Rebuild the synthetic checkpoints and the export even if cached ones match.
     #[arg(long)]
     pub rebuild: bool,
@@ -233,6 +250,7 @@ impl Default for BenchOptions {
             tokenizer: None,
             seed: DEFAULT_SEED,
             attention: None,
+            stages: None,
             profile: None,
             rebuild: false,
             json: None,
@@ -599,7 +617,15 @@ pub fn run_bench(options: &BenchOptions) -> anyhow::Result<BenchReport> {
     )?;
     let fbank = Fbank::new(manifest.front_end.clone()).context("the export's front end")?;
 
-    measure_front_end(&mut runner, &fbank, &clips)?;
+    let wanted = |stage: BenchStage| {
+        options
+            .stages
+            .as_ref()
+            .is_none_or(|stages| stages.contains(&stage))
+    };
+    if wanted(BenchStage::FrontEnd) {
+        measure_front_end(&mut runner, &fbank, &clips)?;
+    }
     let features = clips
         .iter()
         .map(|p| front_end(&fbank, p))
@@ -610,17 +636,23 @@ pub fn run_bench(options: &BenchOptions) -> anyhow::Result<BenchReport> {
             (f.data.as_slice(), f.num_frames)
         })
         .collect();
-    measure_encoder(&mut runner, &mut model, &batch)?;
+    if wanted(BenchStage::Encoder) {
+        measure_encoder(&mut runner, &mut model, &batch)?;
+    }
     let one_clip = model.encode(&batch[..1])?.to_array()?;
     let prompt_tokens = model.prompt_len();
     let n = options.new_tokens;
-    for &b in &plan.batch_sizes {
-        measure_decoder(&mut runner, &mut model, &tile(&one_clip, b), n)?;
+    if wanted(BenchStage::Decoder) {
+        for &b in &plan.batch_sizes {
+            measure_decoder(&mut runner, &mut model, &tile(&one_clip, b), n)?;
+        }
     }
-    let e2e_clips: Vec<&Path> = (0..plan.e2e_batch)
-        .map(|k| clips[k % clips.len()].as_path())
-        .collect();
-    measure_end_to_end(&mut runner, &mut model, &fbank, &e2e_clips, n)?;
+    if wanted(BenchStage::EndToEnd) {
+        let e2e_clips: Vec<&Path> = (0..plan.e2e_batch)
+            .map(|k| clips[k % clips.len()].as_path())
+            .collect();
+        measure_end_to_end(&mut runner, &mut model, &fbank, &e2e_clips, n)?;
+    }
     let profile_files = match &options.profile {
         Some(dir) => {
             drop(model);
@@ -629,7 +661,14 @@ pub fn run_bench(options: &BenchOptions) -> anyhow::Result<BenchReport> {
                 "profiling one generation at batch {largest} into {}",
                 dir.display()
             ));
-            profile_generation(&export_dir, options, dir, &tile(&one_clip, largest), n)?
+            profile_generation(
+                &export_dir,
+                options,
+                dir,
+                &batch,
+                &tile(&one_clip, largest),
+                n,
+            )?
         }
         None => Vec::new(),
     };
@@ -903,13 +942,14 @@ fn measure_end_to_end(
     Ok(())
 }
 
-/// `--profile`: the model loaded again with ONNX Runtime's profiling on, one
-/// fixed-length generation to warm up and one recorded; the profile files moved into
-/// `dir`.
+/// `--profile`: the model loaded again with ONNX Runtime's profiling on; two
+/// encoder batches and two fixed-length generations (the first of each warms up);
+/// the profile files moved into `dir`.
 fn profile_generation(
     export_dir: &Path,
     options: &BenchOptions,
     dir: &Path,
+    encoder_batch: &[(&[f32], usize)],
     audio: &Array3<f32>,
     n: usize,
 ) -> anyhow::Result<Vec<PathBuf>> {
@@ -923,6 +963,8 @@ fn profile_generation(
         },
     )
     .with_context(|| format!("loading {} with profiling", export_dir.display()))?;
+    model.encode(encoder_batch)?;
+    model.encode(encoder_batch)?;
     let audio = AudioEmbeds::from_array(&model, audio.clone())?;
     generate_fixed(&mut model, &audio, n)?;
     generate_fixed(&mut model, &audio, n)?;
@@ -1276,7 +1318,20 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
         assert_eq!(written["preset"], "tiny");
 
-        let again = run_bench(&options).unwrap();
+        // The second run reuses everything and measures only what `--stages` names.
+        let again = run_bench(&BenchOptions {
+            stages: Some(vec![BenchStage::Decoder]),
+            ..options
+        })
+        .unwrap();
         assert!(again.setup.sources_s.is_none() && again.setup.export_s.is_none());
+        let measured: Vec<&str> = again.figures.iter().map(|f| f.stage).collect();
+        assert_eq!(
+            measured,
+            [
+                "prefill", "decode", "generate", "prefill", "decode", "generate"
+            ],
+            "{again}"
+        );
     }
 }
