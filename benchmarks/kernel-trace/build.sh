@@ -10,9 +10,9 @@
 #
 # Use:  CUDA_INJECTION64_PATH=/abs/libkernel-trace.so KERNEL_TRACE_OUT=kernels.tsv CMD
 set -euo pipefail
-cd "$(dirname "$0")"
+here="$(cd "$(dirname "$0")" && pwd)"
 version="${CUDA_VERSION:-13.0}"
-out="${1:-../../target/kernel-trace}"
+out="${1:-$here/../../target/kernel-trace}"
 wheels="${AUDIOCAP_HOME:-$HOME/.local/share/audiocap}/cupti-$version"
 if [ ! -e "$wheels/nvidia/cu13/include/cupti.h" ] || [ ! -e "$wheels/nvidia/cu13/include/crt/host_defines.h" ]; then
     tmp="$(mktemp -d)"
@@ -32,7 +32,7 @@ mkdir -p "$out"
 # PyTorch), then beside the library (the wheel's copy, put there as a fallback).
 g++ -std=c++17 -O2 -shared -fPIC -fvisibility=hidden \
     -I "$wheels/nvidia/cu13/include" \
-    -o "$out/libkernel-trace.so" kernel_trace.cpp \
+    -o "$out/libkernel-trace.so" "$here/kernel_trace.cpp" \
     -L "$lib" -lcupti -Wl,-rpath,'$ORIGIN'
 cp "$lib/libcupti.so.13" "$out/"
 echo "$(cd "$out" && pwd)/libkernel-trace.so"
