@@ -464,6 +464,16 @@ fn fused_attention_and_continuous_batching_match_eager() {
     eprintln!("fused vs eager: audio embeddings max relative error {err:.2e}");
     assert!(err < 1e-5, "audio embeddings: {err}");
 
+    // Fresh fused buffers are zeros (made where the model runs), of the asked shape.
+    let fresh = fused.empty_past(3, 9).unwrap();
+    assert_eq!(fresh.len(), 2 * fused.manifest.decoder.num_layers);
+    for value in &fresh {
+        let host = fused.to_host(value).unwrap();
+        assert_eq!(host.shape()[0], 3);
+        assert_eq!(host.shape()[2], 9);
+        assert!(host.iter().all(|&v| v == 0.0));
+    }
+
     // Prefill, then three steps with the same tokens: logits agree at every step.
     let rows = audio.clips();
     let prompt_len = eager.prompt_len();

@@ -3,16 +3,16 @@
 //! Eager exports grow the cache by concatenation: each step returns new values.
 //! Fused exports (`GroupQueryAttention`) keep one preallocated buffer per layer and
 //! kind, [rows, kv_heads, capacity, head_dim], bound as both the past input and the
-//! present output so each step writes its keys in place. Those buffers must be
-//! values ONNX Runtime allocated (`Tensor::new`, or a copy ONNX Runtime made), never
-//! views of Rust memory: ort only binds such values to outputs.
+//! present output so each step writes its keys in place. Those buffers are made zeroed
+//! by a small graph where the model runs ([`ZeroFiller`]): ort binds only values ONNX
+//! Runtime allocated to outputs, never views of Rust memory.
 //!
 //! Continuous batching puts newly prefilled rows into free rows of a running cache
 //! with a small graph of `ScatterND` nodes bound in place the same way: only the
 //! new rows are written. Beam search and finished rows leaving a batch pick rows with
 //! a graph of `Gather` nodes: the cache never leaves the device.
 
-use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
+use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
 use ort::value::{DynTensorValueType, DynValue, Tensor};
 
@@ -25,23 +25,6 @@ fn run_error(source: ort::Error) -> EngineError {
     EngineError::Run {
         graph: "decoder",
         source,
-    }
-}
-
-/// A zero-filled tensor of `shape` in host memory that ONNX Runtime allocated.
-fn host_zeros(dtype: ExportDtype, shape: &[usize]) -> Result<DynValue> {
-    let allocator = Allocator::default();
-    match dtype {
-        ExportDtype::F32 => {
-            let mut t = Tensor::<f32>::new(&allocator, shape.to_vec()).map_err(run_error)?;
-            t.extract_tensor_mut().1.fill(0.0);
-            Ok(t.into_dyn())
-        }
-        ExportDtype::F16 => {
-            let mut t = Tensor::<half::f16>::new(&allocator, shape.to_vec()).map_err(run_error)?;
-            t.extract_tensor_mut().1.fill(half::f16::ZERO);
-            Ok(t.into_dyn())
-        }
     }
 }
 
@@ -67,25 +50,6 @@ fn location(device: DeviceSpec) -> (AllocationDevice<'static>, i32) {
 pub fn device_memory(device: DeviceSpec) -> Result<MemoryInfo<'static>> {
     let (kind, id) = location(device);
     MemoryInfo::new(kind, id, AllocatorType::Device, MemoryType::Default).map_err(run_error)
-}
-
-/// Zero-filled fused-attention buffers for `rows` rows of `capacity` positions: two
-/// per layer (key, then value), on `device`.
-pub fn zeroed_buffers(
-    device: DeviceSpec,
-    dtype: ExportDtype,
-    layers: usize,
-    shape: [usize; 4],
-) -> Result<Vec<DynValue>> {
-    (0..2 * layers)
-        .map(|_| {
-            let host = host_zeros(dtype, &shape)?;
-            match device {
-                DeviceSpec::Cpu => Ok(host),
-                DeviceSpec::Cuda(_) => to_device(&host, device),
-            }
-        })
-        .collect()
 }
 
 /// What the row helpers need to know about a model's cache: where it lives, its
@@ -135,6 +99,74 @@ pub(super) fn helper_session(g: Graph, device: DeviceSpec, what: &str) -> Result
             path: format!("<{what} graph>").into(),
             source,
         })
+}
+
+/// Zero-filled fused-attention buffers made where the model runs: `shape` [4] int64
+/// ([rows, kv_heads, capacity, head_dim]) → `zeros.{i}`, two per layer. On a GPU the
+/// fill is a device kernel: no host memory to clear and copy over (a prefill of 32
+/// rows of an 8B model's cache is 155 MB), and every admission of a new batch size
+/// needs fresh buffers. Zeros, not whatever the allocator hands out: the attention
+/// kernel reads whole blocks past a row's length, and masked garbage that happens to
+/// be NaN would still poison the softmax's weighted sum.
+pub struct ZeroFiller {
+    session: Session,
+    values: usize,
+    device: DeviceSpec,
+}
+
+impl ZeroFiller {
+    pub fn new(layout: CacheLayout) -> Result<Self> {
+        let float = layout.float();
+        let mut g = Graph::new("zero_cache", float);
+        let shape = g.input(SHAPE, DataType::Int64, &[Dim::Fixed(4)]);
+        let zero = g.scalar(0.0);
+        for i in 0..layout.values {
+            let zeros = g.op("Expand", &[&zero, &shape], vec![]);
+            g.output(
+                &zeros,
+                &zeros_name(i),
+                float,
+                &layout.dims("rows", "capacity"),
+            );
+        }
+        Ok(Self {
+            session: layout.session(g, "cache-zeroing")?,
+            values: layout.values,
+            device: layout.device,
+        })
+    }
+
+    /// Zeroed buffers of `shape`, where the model runs.
+    pub fn zeros(&mut self, shape: [usize; 4]) -> Result<Vec<DynValue>> {
+        let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
+        let dims = Tensor::from_array((vec![4usize], dims))
+            .map_err(run_error)?
+            .into_dyn();
+        let memory = device_memory(self.device)?;
+        let mut binding = self.session.create_binding().map_err(run_error)?;
+        binding.bind_input(SHAPE, &dims).map_err(run_error)?;
+        for i in 0..self.values {
+            binding
+                .bind_output_to_device(zeros_name(i), &memory)
+                .map_err(run_error)?;
+        }
+        let mut outputs = self.session.run_binding(&binding).map_err(run_error)?;
+        (0..self.values)
+            .map(|i| {
+                outputs
+                    .remove(zeros_name(i))
+                    .ok_or_else(|| EngineError::MissingOutput {
+                        graph: "zero_cache",
+                        name: zeros_name(i),
+                    })
+            })
+            .collect()
+    }
+}
+
+const SHAPE: &str = "shape";
+fn zeros_name(i: usize) -> String {
+    format!("zeros.{i}")
 }
 
 /// Keeps rows of every cache value on the device they are on: `cache.{i}` [R, ...],

@@ -10,7 +10,7 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use tokenizers::Tokenizer;
 
 use super::audio::{AudioEmbeds, AudioEncoder, PromptAssembler};
-use super::kv_cache::{self, CacheLayout, RowGatherer, RowInserter};
+use super::kv_cache::{self, CacheLayout, RowGatherer, RowInserter, ZeroFiller};
 use super::runtime::{DeviceSpec, RuntimeError, session_builder};
 use crate::export::decoder::{FUSED_MAX_POSITIONS, io as dec_io};
 use crate::manifest::{Attention, ExportDtype, ManifestError, ModelManifest};
@@ -92,6 +92,8 @@ pub struct OnnxModel {
     gatherer: Option<RowGatherer>,
     /// Builds prompts around audio embeddings where the model runs (first use).
     assembler: Option<PromptAssembler>,
+    /// Fused attention: zeroed cache buffers made where the model runs (first use).
+    zero_filler: Option<ZeroFiller>,
 }
 
 /// What a decoder step hands back: the last position's logits [B, vocab] when they
@@ -178,6 +180,7 @@ impl OnnxModel {
             inserter: None,
             gatherer: None,
             assembler: None,
+            zero_filler: None,
         })
     }
 
@@ -372,12 +375,10 @@ impl OnnxModel {
             {
                 return Ok(self.spare_caches.swap_remove(i));
             }
-            return kv_cache::zeroed_buffers(
-                self.device,
-                self.manifest.onnx.dtype,
-                d.num_layers,
-                shape,
-            );
+            if self.zero_filler.is_none() {
+                self.zero_filler = Some(ZeroFiller::new(self.cache_layout())?);
+            }
+            return self.zero_filler.as_mut().expect("built above").zeros(shape);
         }
         let shape = vec![batch, d.num_key_value_heads, 0, d.head_dim];
         (0..2 * d.num_layers)
