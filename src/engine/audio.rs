@@ -13,7 +13,7 @@ use ndarray::{Array2, Array3};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
-use super::kv_cache::{device_memory, helper_session, to_device};
+use super::kv_cache::{helper_session, run_bound, to_device};
 use super::model::{EngineError, OnnxModel, Result};
 use super::runtime::DeviceSpec;
 use crate::export::encoder::io as enc_io;
@@ -90,34 +90,20 @@ impl AudioEncoder {
         let lengths = Tensor::from_array((vec![clips.len()], lengths))
             .map_err(run_error("audio_encoder"))?
             .into_dyn();
-        let memory = device_memory(self.device)?;
-        let mut binding = self
-            .session
-            .create_binding()
-            .map_err(run_error("audio_encoder"))?;
-        binding
-            .bind_input(enc_io::FBANK, &fbank)
-            .map_err(run_error("audio_encoder"))?;
-        binding
-            .bind_input(enc_io::FBANK_LENGTHS, &lengths)
-            .map_err(run_error("audio_encoder"))?;
-        for name in [enc_io::AUDIO_EMBEDS, enc_io::AUDIO_EMBEDS_MASK] {
-            binding
-                .bind_output_to_device(name, &memory)
-                .map_err(run_error("audio_encoder"))?;
-        }
-        let mut outputs = self
-            .session
-            .run_binding(&binding)
-            .map_err(run_error("audio_encoder"))?;
-        let embeds =
-            outputs
-                .remove(enc_io::AUDIO_EMBEDS)
-                .ok_or_else(|| EngineError::MissingOutput {
-                    graph: "audio_encoder",
-                    name: enc_io::AUDIO_EMBEDS.to_string(),
-                })?;
-        drop(outputs);
+        let mut outputs = run_bound(
+            &mut self.session,
+            "audio_encoder",
+            self.device,
+            &[
+                (enc_io::FBANK.to_string(), &fbank),
+                (enc_io::FBANK_LENGTHS.to_string(), &lengths),
+            ],
+            &[
+                enc_io::AUDIO_EMBEDS.to_string(),
+                enc_io::AUDIO_EMBEDS_MASK.to_string(),
+            ],
+        )?;
+        let embeds = outputs.remove(0);
         AudioEmbeds::new(embeds, self.device)
     }
 }
@@ -289,27 +275,14 @@ impl PromptAssembler {
 
     /// The prompt embeddings of every clip of `audio`, where the model runs.
     pub fn assemble(&mut self, audio: &AudioEmbeds) -> Result<DynValue> {
-        let memory = device_memory(self.device)?;
-        let mut binding = self
-            .session
-            .create_binding()
-            .map_err(run_error("assemble_prompt"))?;
-        binding
-            .bind_input(AUDIO, audio.value())
-            .map_err(run_error("assemble_prompt"))?;
-        binding
-            .bind_output_to_device(PROMPT, &memory)
-            .map_err(run_error("assemble_prompt"))?;
-        let mut outputs = self
-            .session
-            .run_binding(&binding)
-            .map_err(run_error("assemble_prompt"))?;
-        outputs
-            .remove(PROMPT)
-            .ok_or_else(|| EngineError::MissingOutput {
-                graph: "assemble_prompt",
-                name: PROMPT.to_string(),
-            })
+        let mut outputs = run_bound(
+            &mut self.session,
+            "assemble_prompt",
+            self.device,
+            &[(AUDIO.to_string(), audio.value())],
+            &[PROMPT.to_string()],
+        )?;
+        Ok(outputs.remove(0))
     }
 }
 
@@ -357,36 +330,19 @@ impl RowJoiner {
                 .map_err(run_error("audio_rows"))
         };
         let (start_v, end_v) = (bound(start)?, bound(end)?);
-        let memory = device_memory(self.device)?;
-        let mut binding = self
-            .session
-            .create_binding()
-            .map_err(run_error("audio_rows"))?;
-        for (name, value) in [
-            (FIRST, first.value()),
-            (SECOND, second.value()),
-            (START, &start_v),
-            (END, &end_v),
-        ] {
-            binding
-                .bind_input(name, value)
-                .map_err(run_error("audio_rows"))?;
-        }
-        binding
-            .bind_output_to_device(ROWS, &memory)
-            .map_err(run_error("audio_rows"))?;
-        let mut outputs = self
-            .session
-            .run_binding(&binding)
-            .map_err(run_error("audio_rows"))?;
-        let value = outputs
-            .remove(ROWS)
-            .ok_or_else(|| EngineError::MissingOutput {
-                graph: "audio_rows",
-                name: ROWS.to_string(),
-            })?;
-        drop(outputs);
-        AudioEmbeds::new(value, self.device)
+        let mut outputs = run_bound(
+            &mut self.session,
+            "audio_rows",
+            self.device,
+            &[
+                (FIRST.to_string(), first.value()),
+                (SECOND.to_string(), second.value()),
+                (START.to_string(), &start_v),
+                (END.to_string(), &end_v),
+            ],
+            &[ROWS.to_string()],
+        )?;
+        AudioEmbeds::new(outputs.remove(0), self.device)
     }
 }
 

@@ -101,6 +101,38 @@ pub(super) fn helper_session(g: Graph, device: DeviceSpec, what: &str) -> Result
         })
 }
 
+/// Runs a session with `inputs` bound as they are and `outputs` allocated where the
+/// model runs (`device`): nothing returns to the host. The outputs come back in order.
+pub(super) fn run_bound(
+    session: &mut Session,
+    graph: &'static str,
+    device: DeviceSpec,
+    inputs: &[(String, &DynValue)],
+    outputs: &[String],
+) -> Result<Vec<DynValue>> {
+    let fail = |source| EngineError::Run { graph, source };
+    let memory = device_memory(device)?;
+    let mut binding = session.create_binding().map_err(fail)?;
+    for (name, value) in inputs {
+        binding.bind_input(name, value).map_err(fail)?;
+    }
+    for name in outputs {
+        binding.bind_output_to_device(name, &memory).map_err(fail)?;
+    }
+    let mut results = session.run_binding(&binding).map_err(fail)?;
+    outputs
+        .iter()
+        .map(|name| {
+            results
+                .remove(name.as_str())
+                .ok_or_else(|| EngineError::MissingOutput {
+                    graph,
+                    name: name.clone(),
+                })
+        })
+        .collect()
+}
+
 /// Zero-filled fused-attention buffers made where the model runs: `shape` [4] int64
 /// ([rows, kv_heads, capacity, head_dim]) → `zeros.{i}`, two per layer. On a GPU the
 /// fill is a device kernel: no host memory to clear and copy over (a prefill of 32
@@ -142,25 +174,14 @@ impl ZeroFiller {
         let dims = Tensor::from_array((vec![4usize], dims))
             .map_err(run_error)?
             .into_dyn();
-        let memory = device_memory(self.device)?;
-        let mut binding = self.session.create_binding().map_err(run_error)?;
-        binding.bind_input(SHAPE, &dims).map_err(run_error)?;
-        for i in 0..self.values {
-            binding
-                .bind_output_to_device(zeros_name(i), &memory)
-                .map_err(run_error)?;
-        }
-        let mut outputs = self.session.run_binding(&binding).map_err(run_error)?;
-        (0..self.values)
-            .map(|i| {
-                outputs
-                    .remove(zeros_name(i))
-                    .ok_or_else(|| EngineError::MissingOutput {
-                        graph: "zero_cache",
-                        name: zeros_name(i),
-                    })
-            })
-            .collect()
+        let outputs: Vec<String> = (0..self.values).map(zeros_name).collect();
+        run_bound(
+            &mut self.session,
+            "zero_cache",
+            self.device,
+            &[(SHAPE.to_string(), &dims)],
+            &outputs,
+        )
     }
 }
 
@@ -213,26 +234,16 @@ impl RowGatherer {
         let indices = Tensor::from_array((vec![rows.len()], indices))
             .map_err(run_error)?
             .into_dyn();
-        let memory = device_memory(self.device)?;
-        let mut binding = self.session.create_binding().map_err(run_error)?;
-        binding.bind_input(ROWS, &indices).map_err(run_error)?;
-        for (i, c) in cache.iter().enumerate() {
-            binding.bind_input(cache_name(i), c).map_err(run_error)?;
-            binding
-                .bind_output_to_device(picked_name(i), &memory)
-                .map_err(run_error)?;
-        }
-        let mut outputs = self.session.run_binding(&binding).map_err(run_error)?;
-        (0..self.values)
-            .map(|i| {
-                outputs
-                    .remove(picked_name(i))
-                    .ok_or_else(|| EngineError::MissingOutput {
-                        graph: "gather_rows",
-                        name: picked_name(i),
-                    })
-            })
-            .collect()
+        let mut inputs = vec![(ROWS.to_string(), &indices)];
+        inputs.extend(cache.iter().enumerate().map(|(i, c)| (cache_name(i), c)));
+        let outputs: Vec<String> = (0..self.values).map(picked_name).collect();
+        run_bound(
+            &mut self.session,
+            "gather_rows",
+            self.device,
+            &inputs,
+            &outputs,
+        )
     }
 }
 

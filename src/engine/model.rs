@@ -293,22 +293,14 @@ impl OnnxModel {
         let input = Tensor::from_array((vec![ids.len(), 1], ids))
             .map_err(run_error("embedding"))?
             .into_dyn();
-        let memory = self.cache_memory()?;
-        let mut binding = self
-            .embedding
-            .create_binding()
-            .map_err(run_error("embedding"))?;
-        binding
-            .bind_input(dec_io::INPUT_IDS, &input)
-            .map_err(run_error("embedding"))?;
-        binding
-            .bind_output_to_device(dec_io::INPUTS_EMBEDS, &memory)
-            .map_err(run_error("embedding"))?;
-        let mut outputs = self
-            .embedding
-            .run_binding(&binding)
-            .map_err(run_error("embedding"))?;
-        take(&mut outputs, "embedding", dec_io::INPUTS_EMBEDS)
+        let mut outputs = kv_cache::run_bound(
+            &mut self.embedding,
+            "embedding",
+            self.device,
+            &[(dec_io::INPUT_IDS.to_string(), &input)],
+            &[dec_io::INPUTS_EMBEDS.to_string()],
+        )?;
+        Ok(outputs.remove(0))
     }
 
     /// A host copy, in f32, of a float value (f32 or f16) where the model runs
