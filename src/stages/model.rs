@@ -328,21 +328,9 @@ impl Stage {
                     None => return Some(Next::Empty),
                 },
             };
-            let (input_ids, rows): (Vec<u64>, Vec<CaptionRow>) = batch
-                .iter()
-                .map(|job| (job.input_id, job.row.clone()))
-                .unzip();
             let model = &mut self.model;
-            let encoded = self.busy.time(|| encode_batch(&batch, |c| model.encode(c)));
-            match encoded {
-                Ok(audio) => {
-                    let clips = input_ids
-                        .into_iter()
-                        .zip(rows)
-                        .map(|(input_id, row)| Waiting { input_id, row })
-                        .collect();
-                    return Some(Next::Clips(Encoded { clips, audio }));
-                }
+            match self.busy.time(|| encode_batch(batch, |c| model.encode(c))) {
+                Ok(encoded) => return Some(Next::Clips(encoded)),
                 Err(failed) => {
                     if !self.send(failed) {
                         return None;
@@ -418,25 +406,37 @@ fn wait_or_try<T>(rx: &Receiver<T>, block: bool, idle: &AtomicBool) -> Option<Re
     }
 }
 
-/// Encodes a batch's fbank; on failure, every clip of the batch as an error row.
+/// Encodes a batch's fbank into clips waiting for decoder rows; on failure, every
+/// clip of the batch as an error row.
 fn encode_batch(
-    batch: &[SegmentJob],
+    batch: Vec<SegmentJob>,
     encode: impl FnOnce(&[(&[f32], usize)]) -> crate::engine::model::Result<AudioEmbeds>,
-) -> Result<AudioEmbeds, Vec<(u64, CaptionRow)>> {
+) -> Result<Encoded, Vec<(u64, CaptionRow)>> {
     let inputs: Vec<(&[f32], usize)> = batch
         .iter()
         .map(|s| (s.fbank.as_slice(), s.frames))
         .collect();
-    encode(&inputs).map_err(|e| {
-        let stamp = now_us();
-        batch
+    let result = encode(&inputs);
+    let stamp = now_us();
+    match result {
+        Ok(audio) => Ok(Encoded {
+            clips: batch
+                .into_iter()
+                .map(|job| Waiting {
+                    input_id: job.input_id,
+                    row: job.row,
+                })
+                .collect(),
+            audio,
+        }),
+        Err(e) => Err(batch
             .iter()
             .map(|job| {
                 let row = failed_row(&job.row, &format!("model: {e}"), stamp);
                 (job.input_id, row)
             })
-            .collect()
-    })
+            .collect()),
+    }
 }
 
 /// The encoder thread: encodes batches as they come and hands them to the decoder
@@ -450,16 +450,9 @@ fn run_encoder(
     busy: Arc<BusyClock>,
 ) {
     while let Ok(batch) = batches.recv_blocking() {
-        match busy.time(|| encode_batch(&batch, |c| encoder.encode(c))) {
-            Ok(audio) => {
-                let clips = batch
-                    .into_iter()
-                    .map(|job| Waiting {
-                        input_id: job.input_id,
-                        row: job.row,
-                    })
-                    .collect();
-                if encoded.send_blocking(Encoded { clips, audio }).is_err() {
+        match busy.time(|| encode_batch(batch, |c| encoder.encode(c))) {
+            Ok(clips) => {
+                if encoded.send_blocking(clips).is_err() {
                     return;
                 }
             }
