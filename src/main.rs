@@ -213,6 +213,10 @@ struct TrainArgs {
     /// Continue the run in model.output from its checkpoints.
     #[arg(long)]
     resume: bool,
+    /// End after this many optimiser steps with a checkpoint (exit 0, nothing
+    /// final written); `--resume` continues. For jobs with a time limit.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    stop_after_steps: Option<u64>,
     /// Validate the file and print it with every default filled in; train nothing.
     #[arg(long)]
     check: bool,
@@ -599,7 +603,7 @@ fn export(args: ExportArgs) -> anyhow::Result<u8> {
 
 fn train(args: TrainArgs) -> anyhow::Result<u8> {
     use audiocap::train::config::TrainConfig;
-    use audiocap::train::run::{TrainOptions, train};
+    use audiocap::train::run::{TrainOptions, TrainOutcome, train};
     use std::io::IsTerminal;
     let config = match TrainConfig::load(&args.config, &args.set) {
         Ok(c) => c,
@@ -616,8 +620,19 @@ fn train(args: TrainArgs) -> anyhow::Result<u8> {
     let options = TrainOptions {
         resume: args.resume,
         progress_bar: std::io::stderr().is_terminal(),
+        stop_after_steps: args.stop_after_steps,
     };
-    let summary = train(&config, &options)?;
+    let summary = match train(&config, &options)? {
+        TrainOutcome::Finished(summary) => summary,
+        TrainOutcome::Stopped(at) => {
+            println!(
+                "stopped after {} steps: stage {} seed {} at step {} of {}, checkpoint written; \
+                 the same command with --resume continues",
+                at.steps_this_session, at.stage, at.seed, at.steps, at.total_steps
+            );
+            return Ok(exit::OK);
+        }
+    };
     for run in &summary.runs {
         println!(
             "stage {} seed {}: {} steps, loss {} → {}{}, {:.0} tokens/s",

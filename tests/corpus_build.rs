@@ -609,4 +609,51 @@ fn the_repository_corpus_builds_speech_and_sounds_from_the_pinned_packages() {
         .map(|p| p["name"].as_str().unwrap())
         .collect();
     assert!(names.contains(&"espeak-ng") && names.contains(&"sound-theme-freedesktop"));
+    // espeak-ng's whole library closure comes from pinned packages (libpcaudio0 links
+    // PulseAudio, which no fresh machine has).
+    assert!(names.contains(&"libpulse0"), "{names:?}");
+
+    // The same definition without libpulse0: the build stops before speaking, naming
+    // the libraries, instead of writing 168 unusable recordings. (In this test, not a
+    // test of its own: both would unpack into the same cache at once.)
+    let definition = dir.path().join("definition");
+    copy_dir(&root.join("corpus"), &definition);
+    let toml = std::fs::read_to_string(definition.join("corpus.toml")).unwrap();
+    let speech_list = toml.find("[speech]").unwrap();
+    let (head, tail) = toml.split_at(speech_list);
+    let without = format!("{head}{}", tail.replacen("    \"libpulse0\",\n", "", 1));
+    assert_ne!(without, toml, "libpulse0 is in [speech] packages");
+    std::fs::write(definition.join("corpus.toml"), without).unwrap();
+    let out = audiocap(&[
+        "corpus",
+        "build",
+        "--catalog",
+        definition.to_str().unwrap(),
+        "--out",
+        dir.path().join("broken").to_str().unwrap(),
+        "--cache",
+        cache.to_str().unwrap(),
+        "--only",
+        "speech",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("not in any of the speech packages: libpulse-simple.so.0, libpulse.so.0"),
+        "{stderr}"
+    );
+    assert!(!dir.path().join("broken").exists());
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        let target = to.join(entry.file_name());
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &target);
+        } else {
+            std::fs::copy(entry.path(), &target).unwrap();
+        }
+    }
 }

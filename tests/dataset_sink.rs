@@ -309,15 +309,21 @@ async fn rows_limit_rolls_parts_too() {
 #[tokio::test]
 async fn part_age_commits_an_idle_part() {
     let (store, kind) = memory();
+    // Young: an hour is never reached by a test, however slow the machine.
     let mut o = options(0, 1, "r");
-    o.max_part_age = std::time::Duration::from_millis(50);
-    let mut w = open(&store, &Path::from("x"), &kind, o).await;
+    o.max_part_age = std::time::Duration::from_secs(3600);
+    let mut w = open(&store, &Path::from("young"), &kind, o).await;
     w.write_input(&input("a", 1, "r")).await.unwrap();
     assert_eq!(
         w.commit_if_due().await.unwrap(),
         None,
         "young part committed"
     );
+    // Old: past 50 ms after a sleep of 80 ms, however fast.
+    let mut o = options(0, 1, "r");
+    o.max_part_age = std::time::Duration::from_millis(50);
+    let mut w = open(&store, &Path::from("x"), &kind, o).await;
+    w.write_input(&input("a", 1, "r")).await.unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(80)).await;
     let part = w.commit_if_due().await.unwrap().unwrap();
     assert_eq!(part.rows, 1);

@@ -39,12 +39,17 @@ fn run(pipeline: &Path, sets: &[String]) -> Output {
 
 /// A pipeline file for `audio` → `out` on the tiny model, fast settings.
 fn write_pipeline(dir: &Path, audio: &Path, out: &str) -> PathBuf {
+    write_pipeline_of(dir, &[audio.display().to_string()], out)
+}
+
+/// [`write_pipeline`] for several sources, listed in this order.
+fn write_pipeline_of(dir: &Path, sources: &[String], out: &str) -> PathBuf {
     let text = format!(
         r#"
 [model]
 path = "{model}"
 [input]
-sources = ["{audio}"]
+sources = {sources:?}
 [segments]
 max_seconds = 5.0
 window_seconds = 3.0
@@ -64,7 +69,6 @@ commit_interval_seconds = 0.2
 progress = "off"
 "#,
         model = tiny_model().display(),
-        audio = audio.display(),
     );
     let path = dir.join("pipeline.toml");
     std::fs::write(&path, text).unwrap();
@@ -825,7 +829,9 @@ fn s3_in_and_out_with_resume() {
 /// Issue #9's scale-out check on a local S3 server: three shard processes at once
 /// (Kubernetes Indexed Job style, `JOB_COMPLETION_INDEX`), one killed with SIGKILL
 /// after its first committed part, then restarted; `status` and `finalize` by URI
-/// see every input exactly once in one consistent dataset.
+/// see every input exactly once in one consistent dataset. Shard 1's last input
+/// comes from the test's HTTP server, which holds it: the kill lands while that
+/// shard is mid-run however fast the machine is.
 #[test]
 fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
     use object_store::{ObjectStoreExt, PutPayload};
@@ -849,9 +855,19 @@ fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
         }
         uris
     });
-    let pipeline = write_pipeline(
+    // An input of shard 1's that the run cannot finish until the test says so.
+    let gate = crate::common::gate::GateServer::start();
+    let held = (0..)
+        .map(|k| format!("held-{k}.wav"))
+        .find(|name| audiocap::storage::shard_of(&gate.url(name), 3) == 1)
+        .unwrap();
+    gate.put(&held, wav(16_000, 1, &tone(16_000, 1.0, 150.0)));
+    gate.hold(&held);
+    let mut expected = expected;
+    expected.insert(gate.url(&held));
+    let pipeline = write_pipeline_of(
         dir.path(),
-        Path::new("s3://archive/audio/"),
+        &["s3://archive/audio/".to_string(), gate.url(&held)],
         "s3://archive/captions/",
     );
     let shard = |index: u32| {
@@ -888,8 +904,12 @@ fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
         })
     };
     let mut children: Vec<Option<std::process::Child>> = (0..3).map(|i| Some(shard(i))).collect();
-    // Kill shard 1 once it has committed a part (and before its commit record).
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    // Kill shard 1 once it has committed a part and waits at the held input (so
+    // before its commit record).
+    gate.wait_for_held(1, Duration::from_secs(300), || {
+        crate::common::gate::still_running(children[1].as_mut().unwrap())
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(300);
     while !objects("captions")
         .iter()
         .any(|k| k.contains("/part-00001-of-00003-"))
@@ -935,6 +955,7 @@ fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
     assert_eq!(shard_states, ["committed", "in_progress", "committed"]);
 
     // The restarted shard resumes its own parts and commits.
+    gate.release();
     let out = shard(1).wait_with_output().unwrap();
     assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     let finalize = dataset("finalize");
@@ -964,20 +985,62 @@ fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
     assert!(objects("captions").iter().any(|k| k == "captions/_SUCCESS"));
 }
 
+/// The run is held at a known point, not raced: its one fetch worker waits at an
+/// input the test's HTTP server holds, after the inputs before it are committed.
+/// SIGTERM lands there; the test lets the input through only once the run has said
+/// it is stopping, so what the run still takes is what was in flight (the held
+/// input and the fetch queue), whatever the machine's speed.
 #[test]
 fn sigterm_commits_what_is_in_flight_and_the_next_run_finishes() {
+    use std::io::BufRead;
     let dir = tempfile::tempdir().unwrap();
-    let audio = dir.path().join("audio");
-    let expected: HashSet<String> = clips(&audio, 40).into_iter().collect();
+    let before = clips(&dir.path().join("audio/before"), 3);
+    let after = clips(&dir.path().join("audio/after"), 36);
+    let gate = crate::common::gate::GateServer::start();
+    gate.put("held.wav", wav(16_000, 1, &tone(16_000, 1.0, 150.0)));
+    gate.hold("held.wav");
+    let expected: HashSet<String> = before
+        .iter()
+        .chain(&after)
+        .cloned()
+        .chain([gate.url("held.wav")])
+        .collect();
     let out_dir = dir.path().join("captions");
-    let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
-    let child = spawn_one_at_a_time(&pipeline);
-    // Once a part is committed the run is under way (and its signal handler set).
+    let sources = [
+        dir.path().join("audio/before").display().to_string(),
+        gate.url("held.wav"),
+        dir.path().join("audio/after").display().to_string(),
+    ];
+    let pipeline = write_pipeline_of(dir.path(), &sources, out_dir.to_str().unwrap());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_audiocap"))
+        .args(["run", pipeline.to_str().unwrap()])
+        .args(["--set", "batching.batch_size=1"])
+        .args(["--set", "workers.fetch_concurrency=1"])
+        .env("RUST_LOG", "warn")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (line_tx, line_rx) = std::sync::mpsc::channel::<String>();
+    let stderr = child.stderr.take().unwrap();
+    let stderr_reader = std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = line_tx.send(line);
+        }
+    });
+
+    // The run is at the held input, and what came before it is committed.
+    gate.wait_for_held(1, Duration::from_secs(300), || {
+        crate::common::gate::still_running(&mut child)
+    });
     let waited = std::time::Instant::now();
-    while read_dataset(&out_dir).is_empty() {
+    while read_dataset(&out_dir).len() < before.len() {
         assert!(
-            waited.elapsed() < Duration::from_secs(120),
-            "no part committed"
+            waited.elapsed() < Duration::from_secs(300),
+            "the inputs before the held one were never committed"
         );
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -986,28 +1049,55 @@ fn sigterm_commits_what_is_in_flight_and_the_next_run_finishes() {
         .status()
         .unwrap();
     assert!(term.success());
+    let mut logged = Vec::new();
+    loop {
+        let line = line_rx
+            .recv_timeout(Duration::from_secs(300))
+            .expect("the run never said it was stopping");
+        let stopping = line.contains("stop requested");
+        logged.push(line);
+        if stopping {
+            break;
+        }
+    }
+    gate.release();
     let out = child.wait_with_output().unwrap();
+    stderr_reader.join().unwrap();
+    logged.extend(line_rx.try_iter());
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(
         out.status.code(),
         Some(0),
         "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
+        logged.join("\n")
     );
     assert!(stdout.contains("stopped early"), "{stdout}");
     let first = read_dataset(&out_dir);
+    // In flight at the signal: the held input, the fetch queue (2) and the one
+    // the listing was handing over; never the rest.
     assert!(
-        first.len() < expected.len(),
-        "stopped before the end: {}",
+        (before.len() + 1..=before.len() + 4).contains(&first.len()),
+        "rows after the stop: {}",
         first.len()
     );
     let uris: HashSet<&String> = first.iter().map(|r| &r.0).collect();
     assert_eq!(uris.len(), first.len(), "no duplicates");
+    assert!(uris.contains(&gate.url("held.wav")));
 
     let out = run(&pipeline, &[]);
-    assert_eq!(out.status.code(), Some(0));
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let rows = read_dataset(&out_dir);
     assert_eq!(rows.len(), expected.len());
+    // Every input captioned, the one over HTTP too.
+    assert!(
+        rows.iter().all(|r| r.2.is_some() && r.3.is_none()),
+        "{rows:?}"
+    );
     assert_eq!(
         rows.into_iter().map(|r| r.0).collect::<HashSet<_>>(),
         expected

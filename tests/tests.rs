@@ -20,4 +20,5 @@ mod metrics_parity;
 mod onnx_engine;
 mod pipeline_run;
 mod storage_inputs;
+mod train_parity;
 mod training;

@@ -287,6 +287,7 @@ pub fn build(catalog: &Catalog, options: &BuildOptions) -> Result<BuildReport, C
                 .collect();
             let espeak =
                 speech::Espeak::locate(spec, &speech_roots).map_err(CorpusError::Speech)?;
+            espeak.check(&staging).map_err(CorpusError::Speech)?;
             for (g, group) in spec.groups.iter().enumerate() {
                 for voice in &group.voices {
                     let mut rng = SplitMix64::new(seed_of(corpus.seed, &format!("speech/{voice}")));

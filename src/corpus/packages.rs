@@ -128,7 +128,8 @@ fn find_or_download(
             None => "downloaded a file with another hash (has the archive changed?)".to_string(),
         },
         Ok(out) => format!(
-            "failed: {}",
+            "failed: {} (package lists older than the pin: `apt-get update`; a version the \
+             archive no longer has: see corpus/README.md)",
             String::from_utf8_lossy(&out.stderr)
                 .trim()
                 .replace('\n', " ")

@@ -652,15 +652,16 @@ impl Adaptation {
                     )),
                 ));
             }
+            // A and B keep their own dtype (f32 when training): a cast here would
+            // make new tensors that no longer follow the variables the optimiser
+            // updates. `to_device` is a no-op for tensors already on the device.
             let a = module
                 .a
-                .to_dtype(w.dtype())
-                .and_then(|t| t.to_device(w.device()))
+                .to_device(w.device())
                 .map_err(|e| w.tensor_error("weight", e))?;
             let b = module
                 .b
-                .to_dtype(w.dtype())
-                .and_then(|t| t.to_device(w.device()))
+                .to_device(w.device())
                 .map_err(|e| w.tensor_error("weight", e))?;
             adapters.push(LoraPath {
                 a,
@@ -715,7 +716,8 @@ impl Adaptation {
     }
 }
 
-/// One live low-rank path of a [`LoraLinear`].
+/// One live low-rank path of a [`LoraLinear`], in the adapter's own dtype (which
+/// may be wider than the frozen weight's).
 #[derive(Debug, Clone)]
 pub struct LoraPath {
     /// [r, in]
@@ -734,19 +736,29 @@ pub struct LoraLinear {
 }
 
 impl Module for LoraLinear {
+    /// `W x + Σ s B (A x)`, as PEFT computes it over a narrower frozen model
+    /// (`autocast_adapter_dtype`): each low-rank path runs in its adapter's dtype on
+    /// the input cast to it, the frozen output is added in that dtype, and the sum is
+    /// cast back to the input's dtype. With every dtype equal the casts are no-ops.
     fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         // The frozen weight gets no gradient; only the low-rank paths can be trained.
-        let mut y = super::frozen::forward(&self.base, x)?;
+        let base = super::frozen::forward(&self.base, x)?;
+        let Some(first) = self.adapters.first() else {
+            return Ok(base);
+        };
+        let wide = first.a.dtype();
+        let mut y = base.to_dtype(wide)?;
         for path in &self.adapters {
+            let input = x.to_dtype(path.a.dtype())?;
             let input = match &path.dropout {
-                Some(dropout) => dropout.apply(x)?,
-                None => x.clone(),
+                Some(dropout) => dropout.apply(&input)?,
+                None => input,
             };
             let low = candle_nn::Linear::new(path.a.clone(), None).forward(&input)?;
             let up = candle_nn::Linear::new(path.b.clone(), None).forward(&low)?;
-            y = (y + up.affine(path.scale, 0.0)?)?;
+            y = (y + up.affine(path.scale, 0.0)?.to_dtype(wide)?)?;
         }
-        Ok(y)
+        y.to_dtype(x.dtype())
     }
 }
 

@@ -182,7 +182,7 @@ mod tests {
         let stage = tokio::spawn(run(seg_rx, batch_tx, policy, idle));
         seg_tx.send(seg(10)).await.unwrap();
         // The input is still open: only the idle model makes the batch go.
-        let b = tokio::time::timeout(Duration::from_secs(5), batch_rx.recv())
+        let b = tokio::time::timeout(Duration::from_secs(60), batch_rx.recv())
             .await
             .expect("a waiting segment must reach an idle model")
             .unwrap();

@@ -398,6 +398,11 @@ fn build(
         }
         Service::Http => {
             let mut b = HttpBuilder::new().with_url(base);
+            // An `http://` URL names plain HTTP itself (the client would refuse it
+            // with a bare "builder error"); `allow_http = false` still forbids it.
+            if base.starts_with("http://") && options.allow_http.is_none() {
+                b = b.with_config(ClientConfigKey::AllowHttp, "true");
+            }
             if let Some(r) = retry {
                 b = b.with_retry(r);
             }

@@ -44,8 +44,9 @@ pub struct ModelSection {
     pub llm: String,
     /// Prompt with one `<|audio|>`; default: the recipe's prompt in the Llama 3 chat template.
     pub prompt_template: String,
-    /// Weights' dtype on the device: `f32`, `bf16` or `f16` (trainable parameters
-    /// and optimiser state stay f32).
+    /// The frozen weights' dtype on the device: `f32` or `bf16` (trainable
+    /// parameters, their gradients and the optimiser state are f32 in both; f16 is
+    /// refused until a reference checks it).
     pub dtype: String,
     /// `cpu`, `cuda` or `cuda:N` (CUDA needs a build with `--features cuda`).
     pub device: String,
@@ -315,8 +316,15 @@ impl TrainConfig {
                 format!("must contain {AUDIO_PLACEHOLDER} exactly once"),
             ));
         }
-        if !matches!(m.dtype.as_str(), "f32" | "bf16" | "f16") {
-            p.push(problem("model.dtype", "expected f32, bf16 or f16"));
+        if m.dtype == "f16" {
+            p.push(problem(
+                "model.dtype",
+                "f16 frozen weights are not supported for training (no reference run \
+                 checks them, and f16 activations of an 8B Llama can overflow): use bf16 \
+                 or f32",
+            ));
+        } else if !matches!(m.dtype.as_str(), "f32" | "bf16") {
+            p.push(problem("model.dtype", "expected f32 or bf16"));
         }
         if parse_device(&m.device).is_none() {
             p.push(problem("model.device", "expected cpu, cuda or cuda:N"));
@@ -552,6 +560,16 @@ mod tests {
         assert_eq!(c.cache_dir(), PathBuf::from("runs/x/feature-cache"));
         let again = TrainConfig::parse(&c.to_toml(), "again.toml", &[]).unwrap();
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn f16_frozen_weights_are_refused_with_the_reason() {
+        let bf16 = TrainConfig::parse(MINIMAL, "t.toml", &["model.dtype=\"bf16\"".into()]);
+        assert_eq!(bf16.unwrap().model.dtype, "bf16");
+        let err =
+            TrainConfig::parse(MINIMAL, "t.toml", &["model.dtype=\"f16\"".into()]).unwrap_err();
+        let problem = err.problems.iter().find(|p| p.at == "model.dtype").unwrap();
+        assert!(problem.to_string().contains("use bf16 or f32"), "{err}");
     }
 
     #[test]

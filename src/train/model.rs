@@ -510,6 +510,15 @@ impl TrainableCaptioner {
     /// The summed cross-entropy (nats) of the batch's caption tokens: a scalar f32.
     /// Divide by the step's token count for the mean the recipe minimises.
     pub fn loss_sum(&self, batch: &Batch) -> ModelResult<Tensor> {
+        let logits = self.label_logits(batch)?;
+        Ok(super::loss::cross_entropy_sum(&logits, &batch.labels)?)
+    }
+
+    /// The logits [N, V] (f32 over f32, bf16 or f16 weights) at the positions that
+    /// predict the batch's caption tokens, in label order: an example's first row
+    /// is its prompt's next-token distribution. The audio embeddings (the
+    /// projector's dtype) are cast into the decoder's where they are spliced.
+    pub fn label_logits(&self, batch: &Batch) -> ModelResult<Tensor> {
         let audio = self
             .projector
             .forward(&batch.features, batch.padding_mask.as_ref())?; // [B, n, H]
@@ -531,8 +540,7 @@ impl TrainableCaptioner {
         let picked = states
             .reshape((b * seq, hidden))?
             .index_select(&batch.label_rows, 0)?;
-        let logits = self.llm.logits(&picked)?; // [N, V] f32
-        Ok(super::loss::cross_entropy_sum(&logits, &batch.labels)?)
+        Ok(self.llm.logits(&picked)?)
     }
 
     /// Root mean square of the audio embeddings of `batch` and of (up to 4,096 evenly

@@ -45,6 +45,10 @@ pub struct TrainOptions {
     pub resume: bool,
     /// Draw a progress bar (else log lines on stderr).
     pub progress_bar: bool,
+    /// End this invocation after this many optimiser steps (counted over every
+    /// stage and seed it runs), with a checkpoint that `resume` continues from: a
+    /// job with a time limit trains in slices.
+    pub stop_after_steps: Option<u64>,
 }
 
 /// Validation numbers of one evaluation.
@@ -106,6 +110,33 @@ pub struct RunSummary {
     pub result: PathBuf,
 }
 
+/// How `train` ended.
+#[derive(Debug, Clone)]
+pub enum TrainOutcome {
+    /// Every stage ran to its end: the final model is written.
+    Finished(TrainSummary),
+    /// `stop_after_steps` was reached first: a checkpoint holds where training stands.
+    Stopped(StoppedAt),
+}
+
+/// Where a run stopped by `stop_after_steps` stands.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoppedAt {
+    pub stage: String,
+    pub seed: u64,
+    /// Optimiser steps done in that run, out of `total_steps`.
+    pub steps: u64,
+    pub total_steps: u64,
+    /// Steps done by this invocation, over all its runs.
+    pub steps_this_session: u64,
+}
+
+/// How one run ended.
+enum RunOutcome {
+    Done(RunSummary),
+    Stopped(StoppedAt),
+}
+
 /// What the whole training file did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainSummary {
@@ -135,12 +166,17 @@ struct RunContext {
     device: Device,
     dtype: DType,
     metrics: std::fs::File,
+    /// Optimiser steps this invocation has done, over all its runs.
+    session_steps: u64,
 }
 
 /// Runs every stage of `config`.
-pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<TrainSummary> {
+pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<TrainOutcome> {
     let out = config.output();
     let stages_dir = out.join("stages");
+    if options.stop_after_steps == Some(0) {
+        bail!("stop after 0 steps: give at least 1");
+    }
     if stages_dir.exists() && !options.resume {
         bail!(
             "{} already holds a training run: pass --resume to continue it, or choose another model.output",
@@ -149,9 +185,9 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
     }
     // Everything that can fail on the configuration fails before the output exists.
     let device = make_device(&config.model.device)?;
+    // The config refuses anything else (f16 included).
     let dtype = match config.model.dtype.as_str() {
         "bf16" => DType::BF16,
-        "f16" => DType::F16,
         _ => DType::F32,
     };
     let llm_dir = PathBuf::from(&config.model.llm);
@@ -178,6 +214,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
         device: device.clone(),
         dtype,
         metrics,
+        session_steps: 0,
     };
     // The encoder runs on the CPU unless training is on a GPU.
     let mut encoder = ClipEncoder::new(
@@ -228,7 +265,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
                     LoraInit::Fresh => None,
                 },
             };
-            let summary = run_one(
+            let summary = match run_one(
                 &mut ctx,
                 stage,
                 seed,
@@ -239,7 +276,10 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
                 &train_examples,
                 validation.as_deref().unwrap_or(&[]),
                 &val_examples,
-            )?;
+            )? {
+                RunOutcome::Done(summary) => summary,
+                RunOutcome::Stopped(at) => return Ok(TrainOutcome::Stopped(at)),
+            };
             results.push(summary.result.clone());
             runs.push(summary);
         }
@@ -278,12 +318,12 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
     let final_adapter = final_dir.join("adapter");
     let loaded = PeftAdapter::load(adapter)?;
     replace_adapter(&loaded, &final_adapter)?;
-    Ok(TrainSummary {
+    Ok(TrainOutcome::Finished(TrainSummary {
         runs,
         projector: final_dir.join("projector.safetensors"),
         adapter: final_adapter,
         skipped,
-    })
+    }))
 }
 
 fn make_device(text: &str) -> anyhow::Result<Device> {
@@ -371,7 +411,7 @@ fn run_one(
     train: &[(usize, Vec<u32>)],
     val_clips: &[EncodedClip],
     val: &[(usize, Vec<u32>)],
-) -> anyhow::Result<RunSummary> {
+) -> anyhow::Result<RunOutcome> {
     let cfg = ctx.config.clone();
     let t = &cfg.training;
     let result_dir = run_dir.join("result");
@@ -380,10 +420,10 @@ fn run_one(
         let summary: RunSummary = serde_json::from_slice(&std::fs::read(&done_file)?)
             .with_context(|| format!("reading {}", done_file.display()))?;
         eprintln!("stage {} seed {seed}: already complete", stage.name);
-        return Ok(RunSummary {
+        return Ok(RunOutcome::Done(RunSummary {
             steps_this_session: 0,
             ..summary
-        });
+        }));
     }
     let checkpoint_dir = run_dir.join("checkpoint");
     let resume_from = [checkpoint_dir.clone(), run_dir.join("checkpoint.old")]
@@ -514,6 +554,24 @@ fn run_one(
         let mut order: Vec<usize> = (0..train.len()).collect();
         SplitMix64::derive(seed, 1000 + state.epoch as u64).shuffle(&mut order);
         while state.step_in_epoch < steps_per_epoch {
+            // Checked before a step, not after one: a run that ends on the last
+            // allowed step still validates and writes its result.
+            if ctx
+                .options
+                .stop_after_steps
+                .is_some_and(|n| ctx.session_steps >= n)
+            {
+                state.dropout_rng = Some(model.dropout().rng_state());
+                save_checkpoint(run_dir, &params, &optimizer, &state)?;
+                bar.finish_and_clear();
+                return Ok(RunOutcome::Stopped(StoppedAt {
+                    stage: stage.name.clone(),
+                    seed,
+                    steps: state.steps,
+                    total_steps,
+                    steps_this_session: ctx.session_steps,
+                }));
+            }
             let start = state.step_in_epoch * per_step;
             let chosen = &order[start..(start + per_step).min(order.len())];
             let step_examples = chosen
@@ -540,6 +598,7 @@ fn run_one(
             state.steps += 1;
             state.step_in_epoch += 1;
             session_steps += 1;
+            ctx.session_steps += 1;
             window.0 += loss_sum;
             window.1 += step_tokens;
             if !loss_sum.is_finite() {
@@ -654,7 +713,7 @@ fn run_one(
     let _ = std::fs::remove_dir_all(&result_dir);
     std::fs::rename(&staging, &result_dir)
         .with_context(|| format!("renaming to {}", result_dir.display()))?;
-    Ok(summary)
+    Ok(RunOutcome::Done(summary))
 }
 
 /// What one optimiser step did.
@@ -681,9 +740,42 @@ pub fn train_step(
     max_grad_norm: f64,
     lr: f64,
 ) -> anyhow::Result<StepOutcome> {
-    let vars = optimizer.params().to_vec();
+    let step = step_gradients(model, optimizer.params(), examples, batch_size)?;
+    let (grads, grad_norm) = step.gradients.finish(max_grad_norm)?;
+    optimizer.step(&grads, lr)?;
+    Ok(StepOutcome {
+        loss_sum: step.loss_sum,
+        tokens: step.tokens,
+        positions: step.positions,
+        grad_norm,
+    })
+}
+
+/// The forward and backward half of a step: the loss and the gradients of `vars`.
+#[derive(Debug)]
+pub struct StepGradients {
+    /// Summed cross-entropy over the step's caption tokens (nats).
+    pub loss_sum: f64,
+    /// Caption tokens (terminators included) the loss is over.
+    pub tokens: usize,
+    /// Decoder positions run, padding excluded.
+    pub positions: usize,
+    /// Gradients of the mean loss over the step's tokens, summed over micro-batches
+    /// and not yet clipped; f32 whatever the frozen weights' dtype (they are the
+    /// variables' dtype).
+    pub gradients: GradAccumulator,
+}
+
+/// [`train_step`] without the update: forward and backward over `examples` in
+/// micro-batches of `batch_size`.
+pub fn step_gradients(
+    model: &TrainableCaptioner,
+    vars: &[(String, candle_core::Var)],
+    examples: &[Example],
+    batch_size: usize,
+) -> anyhow::Result<StepGradients> {
     let tokens: usize = examples.iter().map(|e| e.caption.len() + 1).sum();
-    let mut accumulator = GradAccumulator::new(vars.len());
+    let mut gradients = GradAccumulator::new(vars.len());
     let mut loss_sum = 0.0f64;
     let mut positions = 0;
     for micro in examples.chunks(batch_size) {
@@ -691,16 +783,14 @@ pub fn train_step(
         let loss = model.loss_sum(&batch)?;
         loss_sum += loss.to_dtype(DType::F64)?.to_scalar::<f64>()?;
         let grads = (loss / tokens as f64)?.backward()?;
-        accumulator.add(&vars, &grads)?;
+        gradients.add(vars, &grads)?;
         positions += batch.positions;
     }
-    let (grads, grad_norm) = accumulator.finish(max_grad_norm)?;
-    optimizer.step(&grads, lr)?;
-    Ok(StepOutcome {
+    Ok(StepGradients {
         loss_sum,
         tokens,
         positions,
-        grad_norm,
+        gradients,
     })
 }
 

@@ -1,5 +1,6 @@
 //! Helpers shared by the integration tests.
 
+pub mod gate;
 pub mod s3;
 
 use std::collections::HashMap;
