@@ -1103,3 +1103,91 @@ fn sigterm_commits_what_is_in_flight_and_the_next_run_finishes() {
         expected
     );
 }
+
+/// Issue #21: an outage is retried, never committed as an input's failure. One
+/// input's server answers 503 (the client's own retries kept short, so the fetch
+/// stage's are what carries it): healed within the budget, the input is captioned;
+/// failing past it, the run exits 1 without committing that input or its shard,
+/// and the next run captions it, every input exactly once.
+#[test]
+fn an_outage_is_retried_and_never_committed_as_a_failure() {
+    let dir = tempfile::tempdir().unwrap();
+    let audio = dir.path().join("audio");
+    let local = clips(&audio, 4);
+    let gate = crate::common::gate::GateServer::start();
+    gate.put("flaky.wav", wav(16_000, 1, &tone(16_000, 1.0, 150.0)));
+    let expected: HashSet<String> = local
+        .iter()
+        .cloned()
+        .chain([gate.url("flaky.wav")])
+        .collect();
+    let sources = [audio.display().to_string(), gate.url("flaky.wav")];
+    let short_client_retries = [
+        "storage.max_retries=1".to_string(),
+        "storage.retry_timeout_secs=1".to_string(),
+    ];
+    let spawn = |out: &Path, budget: &str| {
+        let pipeline = write_pipeline_of(dir.path(), &sources, out.to_str().unwrap());
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiocap"));
+        cmd.arg("run").arg(&pipeline);
+        for s in short_client_retries
+            .iter()
+            .cloned()
+            .chain([format!("run.transient_retry_seconds={budget}")])
+        {
+            cmd.arg("--set").arg(s);
+        }
+        cmd.env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let captioned = |out: &Path| {
+        let rows = read_dataset(out);
+        assert!(
+            rows.iter().all(|r| r.2.is_some() && r.3.is_none()),
+            "an error row: {rows:?}"
+        );
+        rows.into_iter().map(|r| r.0).collect::<Vec<_>>()
+    };
+
+    // An outage that ends within the budget: the run waits it out.
+    let healed = dir.path().join("healed");
+    gate.fail("flaky.wav");
+    let mut child = spawn(&healed, "300");
+    gate.wait_for_requests("flaky.wav", 6, Duration::from_secs(300), || {
+        crate::common::gate::still_running(&mut child)
+    });
+    gate.heal();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let uris = captioned(&healed);
+    assert_eq!(uris.len(), expected.len());
+    assert_eq!(uris.into_iter().collect::<HashSet<_>>(), expected);
+
+    // An outage longer than the budget: nothing committed for the input, nor the shard.
+    let lost = dir.path().join("lost");
+    gate.fail("flaky.wav");
+    let out = spawn(&lost, "1").wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("storage kept failing"),
+        "{}",
+        text(&out)
+    );
+    let uris = captioned(&lost);
+    assert_eq!(
+        uris.iter().cloned().collect::<HashSet<_>>(),
+        local.iter().cloned().collect::<HashSet<_>>(),
+        "the local inputs are committed, the failing one is not"
+    );
+    let status = dataset_cli("status", &lost, &[]);
+    assert_eq!(status.status.code(), Some(4), "{}", text(&status));
+    gate.heal();
+    let out = spawn(&lost, "300").wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let uris = captioned(&lost);
+    assert_eq!(uris.len(), expected.len(), "every input exactly once");
+    assert_eq!(uris.into_iter().collect::<HashSet<_>>(), expected);
+}

@@ -214,6 +214,11 @@ pub struct RunSection {
     pub max_failed_fraction: f64,
     /// Stop after this many new inputs (for trials); unset takes all.
     pub limit: Option<u64>,
+    /// How long an input whose fetch keeps failing transiently (network,
+    /// throttling, 5xx, timeouts) is fetched again, with exponential backoff and
+    /// jitter, before the run gives it up: it is then not committed, the run stops
+    /// taking inputs and exits with code 1, and the next run takes it again.
+    pub transient_retry_seconds: f64,
 }
 
 impl Default for RunSection {
@@ -224,6 +229,7 @@ impl Default for RunSection {
             resume: true,
             max_failed_fraction: 0.0,
             limit: None,
+            transient_retry_seconds: 60.0,
         }
     }
 }
@@ -519,6 +525,17 @@ impl PipelineConfig {
             )),
             _ => {}
         }
+        if !(self.run.transient_retry_seconds.is_finite()
+            && (0.0..=86_400.0).contains(&self.run.transient_retry_seconds))
+        {
+            p.push(problem(
+                "run.transient_retry_seconds",
+                format!(
+                    "{}: between 0 and 86400 seconds",
+                    self.run.transient_retry_seconds
+                ),
+            ));
+        }
         if !(0.0..=1.0).contains(&self.run.max_failed_fraction) {
             p.push(problem(
                 "run.max_failed_fraction",
@@ -781,6 +798,26 @@ mod tests {
         assert_eq!(c.batching.batch_size, 16);
         assert!(c.run.resume);
         assert_eq!(c.segments, SegmentConfig::default());
+    }
+
+    #[test]
+    fn the_transient_retry_budget_is_a_minute_and_bounded() {
+        let c = PipelineConfig::parse(MINIMAL, "m.toml", &[]).unwrap();
+        assert_eq!(c.run.transient_retry_seconds, 60.0);
+        for bad in ["-1", "1e20", "nan"] {
+            let err = PipelineConfig::parse(
+                MINIMAL,
+                "m.toml",
+                &[format!("run.transient_retry_seconds={bad}")],
+            )
+            .unwrap_err();
+            assert!(
+                err.problems
+                    .iter()
+                    .any(|p| p.at == "run.transient_retry_seconds"),
+                "{bad}: {err}"
+            );
+        }
     }
 
     #[test]

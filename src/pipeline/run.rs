@@ -242,18 +242,26 @@ async fn run_async(
         )));
     }
     drop((fetched_rx, segment_tx));
-    let fetch_options = Arc::new(SpoolOptions {
-        memory_limit: config.workers.max_in_memory_mb << 20,
-        dir: None,
+    let faults = Arc::new(stages::fetch::TransientFaults::default());
+    let fetch_context = Arc::new(stages::fetch::FetchContext {
+        spool: SpoolOptions {
+            memory_limit: config.workers.max_in_memory_mb << 20,
+            dir: None,
+        },
+        counters: counters.clone(),
+        busy: busy_fetch.clone(),
+        retry: stages::fetch::TransientRetry::with_budget(std::time::Duration::from_secs_f64(
+            config.run.transient_retry_seconds,
+        )),
+        faults: faults.clone(),
+        stop: stop.clone(),
     });
     let mut fetchers = Vec::new();
     for _ in 0..config.workers.fetch_concurrency {
         fetchers.push(tokio::spawn(stages::fetch::run(
             input_rx.clone(),
             fetched_tx.clone(),
-            fetch_options.clone(),
-            counters.clone(),
-            busy_fetch.clone(),
+            fetch_context.clone(),
         )));
     }
     drop((input_rx, fetched_tx));
@@ -375,6 +383,27 @@ async fn run_async(
         let mut writer = writer;
         let _ = writer.flush().await;
         return Err(e);
+    }
+    if faults.any_given_up() {
+        // As for a failed listing: parts are committed, the shard is not (its commit
+        // record would call it complete), the run fails and the next one resumes.
+        let mut writer = writer;
+        writer
+            .flush()
+            .await
+            .context("committing the last part")
+            .map_err(RunError::Fatal)?;
+        let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
+        return Err(RunError::Fatal(anyhow::anyhow!(
+            "storage kept failing: {} input(s) given up after {} s of retries and {} \
+             not fetched, none of them committed; {} written inputs are committed and the \
+             next run takes the rest (last error: {})",
+            get(&faults.given_up),
+            config.run.transient_retry_seconds,
+            get(&faults.left),
+            summary.inputs.written,
+            faults.last_error().unwrap_or_default()
+        )));
     }
     let record = serde_json::to_value(&summary).unwrap_or_default();
     let committed = writer

@@ -2,9 +2,10 @@
 //! [`SpoolOptions::memory_limit`] comes into memory with one GET; a larger one is
 //! streamed into a temporary spool file that is deleted when dropped.
 //!
-//! Retries are the client's (see [`super::StorageOptions`]); what still fails is a
-//! [`FetchError`] naming the URI and the kind of failure, for the caller to turn into
-//! an error row.
+//! Each request is retried by the client (see [`super::StorageOptions`]); what still
+//! fails is a [`FetchError`] naming the URI and the kind of failure. Transient ones
+//! ([`FetchError::is_transient`]) are the fetch stage's to retry further; the rest
+//! become error rows.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -133,6 +134,16 @@ pub enum FetchError {
     },
     #[error("{uri}: {message}")]
     Other { uri: String, message: String },
+}
+
+impl FetchError {
+    /// A failure that may go away by itself (the network, throttling, a 5xx, a
+    /// timeout: the client's transport errors after its own retries), as opposed
+    /// to one that is about the input (missing, forbidden, empty, not a file) or
+    /// about this machine (the spool folder).
+    pub fn is_transient(&self) -> bool {
+        matches!(self, FetchError::Network { .. })
+    }
 }
 
 /// Fetches one input (see the module documentation).
@@ -280,6 +291,27 @@ mod tests {
                 path: key.into(),
             },
             size: None,
+        }
+    }
+
+    #[test]
+    fn only_network_failures_are_transient() {
+        let uri = "s3://b/k.wav".to_string();
+        let network = FetchError::Network {
+            uri: uri.clone(),
+            message: "connection refused".into(),
+        };
+        assert!(network.is_transient());
+        for permanent in [
+            FetchError::NotFound { uri: uri.clone() },
+            FetchError::Empty { uri: uri.clone() },
+            FetchError::NotAFile { uri: uri.clone() },
+            FetchError::PermissionDenied {
+                uri: uri.clone(),
+                message: "403".into(),
+            },
+        ] {
+            assert!(!permanent.is_transient(), "{permanent}");
         }
     }
 

@@ -1,7 +1,8 @@
-//! A plain HTTP file server for tests that can hold chosen paths: a GET of a held
-//! path waits until the test releases it. A run that fetches such an input is
-//! stopped at a point the test chooses, on a fast machine as on a loaded one, and
-//! [`GateServer::wait_for_held`] tells the test that the run has got there.
+//! A plain HTTP file server for tests that can hold chosen paths (a GET of a held
+//! path waits until the test releases it) or fail them (503 until healed). A run
+//! that fetches such an input is stopped, or sees an outage, at a point the test
+//! chooses, on a fast machine as on a loaded one: [`GateServer::wait_for_held`] and
+//! [`GateServer::wait_for_requests`] tell the test that the run has got there.
 //!
 //! HTTP/1.1 with keep-alive, GET and HEAD, `Content-Length` bodies; only what
 //! `object_store`'s HTTP client sends. Binds 127.0.0.1 on a free port; the server's
@@ -19,6 +20,10 @@ struct State {
     held: HashSet<String>,
     /// Requests waiting at a held path now.
     waiting: usize,
+    /// Paths answered with 503 Service Unavailable.
+    failing: HashSet<String>,
+    /// Requests seen, per path.
+    requests: HashMap<String, usize>,
 }
 
 pub struct GateServer {
@@ -63,6 +68,57 @@ impl GateServer {
             .unwrap()
             .held
             .insert(format!("/{path}"));
+    }
+
+    /// Requests of `path` are answered 503 from now on until [`GateServer::heal`].
+    pub fn fail(&self, path: &str) {
+        self.shared
+            .0
+            .lock()
+            .unwrap()
+            .failing
+            .insert(format!("/{path}"));
+    }
+
+    /// Failing paths are served again.
+    pub fn heal(&self) {
+        self.shared.0.lock().unwrap().failing.clear();
+    }
+
+    /// Requests of `path` seen so far.
+    pub fn requests(&self, path: &str) -> usize {
+        let state = self.shared.0.lock().unwrap();
+        state
+            .requests
+            .get(&format!("/{path}"))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Blocks until `path` has been requested `n` times (see
+    /// [`GateServer::wait_for_held`] for `limit` and `check`).
+    pub fn wait_for_requests(
+        &self,
+        path: &str,
+        n: usize,
+        limit: Duration,
+        mut check: impl FnMut() -> Result<(), String>,
+    ) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let seen = self.requests(path);
+            if seen >= n {
+                return;
+            }
+            if let Err(why) = check() {
+                panic!("{path} requested {seen} of {n} times: {why}");
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{path} requested {seen} of {n} times within {limit:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// Lets every held request through, and later ones at once.
@@ -153,6 +209,15 @@ fn serve(stream: TcpStream, shared: &(Mutex<State>, Condvar)) {
         }
         let (lock, cvar) = shared;
         let mut state = lock.lock().unwrap();
+        *state.requests.entry(path.clone()).or_default() += 1;
+        if state.failing.contains(&path) {
+            drop(state);
+            let busy = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
+            if writer.write_all(busy).is_err() {
+                return;
+            }
+            continue;
+        }
         if state.held.contains(&path) {
             state.waiting += 1;
             cvar.notify_all();
