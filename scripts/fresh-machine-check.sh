@@ -25,9 +25,11 @@
 #
 # Usage: scripts/fresh-machine-check.sh [--keep] [--target DIR]
 #   --keep        keep the scratch folder (printed at the end)
-#   --target DIR  reuse DIR as the clone's cargo target folder (skips the clean
-#                 release and test builds, ~30 min on 2 cores; everything else
-#                 stays fresh)
+#   --target DIR  reuse DIR as the clone's cargo target folder (skips building the
+#                 dependencies again, ~30 min on 2 cores; everything else stays
+#                 fresh). Give it a copy (`cp -a target /tmp/check-target`), never a
+#                 checkout's own target/: the clone's builds replace the binaries
+#                 there, and that checkout's next `cargo test` may run them
 # Exit 0 when both commands pass; 1 when one fails; 2 when an assumed tool is missing.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -43,7 +45,7 @@ while [ $# -gt 0 ]; do
             shift
             ;;
         -h | --help)
-            sed -n '2,31p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)

@@ -440,6 +440,13 @@ fn run(args: RunArgs) -> ExitCode {
         }
     };
     if args.check {
+        // The model is part of what a check can see before any work starts.
+        if let Err(e) =
+            audiocap::manifest::ModelManifest::read(std::path::Path::new(&config.model.path))
+        {
+            eprintln!("error: {}: model.path: {e}", args.pipeline.display());
+            return ExitCode::from(exit::INVALID_CONFIG);
+        }
         println!("{}", config.to_toml());
         eprintln!("{}: valid", args.pipeline.display());
         return ExitCode::from(exit::OK);

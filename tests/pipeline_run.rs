@@ -222,6 +222,58 @@ fn a_bad_pipeline_lists_every_problem_with_exit_code_2() {
     assert!(stderr.contains("2 problems"), "{stderr}");
     assert!(stderr.contains("model.speed"), "{stderr}");
     assert!(stderr.contains("batching.batch_size"), "{stderr}");
+
+    // Key, type and value problems in one pass: an unknown key, a wrong type, no
+    // model path, a bad URL and a negative batch size.
+    std::fs::write(
+        &path,
+        "[model]
+speed = 3
+[workers]
+fetch_concurrency = \"many\"
+[batching]
+batch_size = -1
+[input]
+sources = [\"x\"]
+[output]
+uri = \"s4://bucket/out/\"
+",
+    )
+    .unwrap();
+    let out = run(&path, &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("5 problems"), "{stderr}");
+    for at in [
+        "model.speed",
+        "workers.fetch_concurrency",
+        "model.path",
+        "output.uri",
+        "batching.batch_size",
+    ] {
+        assert!(stderr.contains(at), "{at} missing: {stderr}");
+    }
+
+    // `--check` looks at the model too.
+    let good = write_pipeline(dir.path(), dir.path(), "out");
+    let check = |sets: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiocap"));
+        cmd.arg("run").arg(&good).arg("--check");
+        for s in sets {
+            cmd.args(["--set", s]);
+        }
+        cmd.output().unwrap()
+    };
+    let out = check(&[]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    let missing = dir.path().join("no-model");
+    let out = check(&[&format!("model.path={}", missing.display())]);
+    assert_eq!(out.status.code(), Some(2), "{}", text(&out));
+    assert!(
+        text(&out).contains("model.path") && text(&out).contains("model.json"),
+        "{}",
+        text(&out)
+    );
 }
 
 /// A model exported with fused attention runs the pipeline with continuous

@@ -752,6 +752,16 @@ pub(crate) fn parse_config<T: DeserializeOwned>(
     }
     problems.extend(check_keys(&table));
     if !problems.is_empty() {
+        // The values are checked too, on what is left once the keys named above are
+        // set aside (their defaults stand in), so one pass lists every problem.
+        let mut rest = table;
+        for p in &problems {
+            set_aside(&mut rest, &p.at);
+        }
+        match toml::Value::Table(rest).try_into::<T>() {
+            Ok(config) => problems.extend(validate(&config).err().unwrap_or_default()),
+            Err(e) => problems.push(problem("", e.message().trim().to_string())),
+        }
         return Err(fail(problems));
     }
     let config: T = toml::Value::Table(table)
@@ -759,6 +769,20 @@ pub(crate) fn parse_config<T: DeserializeOwned>(
         .map_err(|e: toml::de::Error| fail(vec![problem("", e.message().to_string())]))?;
     validate(&config).map_err(fail)?;
     Ok(config)
+}
+
+/// Removes what a problem's `at` names (`section.key` or `section`) from `table`.
+fn set_aside(table: &mut toml::Table, at: &str) {
+    match at.split_once('.') {
+        Some((section, key)) => {
+            if let Some(toml::Value::Table(t)) = table.get_mut(section) {
+                t.remove(key);
+            }
+        }
+        None => {
+            table.remove(at);
+        }
+    }
 }
 
 pub(crate) fn check_section<T: DeserializeOwned>(
@@ -850,14 +874,23 @@ mod tests {
         "#;
         let err = PipelineConfig::parse(text, "bad.toml", &[]).unwrap_err();
         let at: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
-        // Key-level problems (unknown keys, wrong types) come first and stop before
-        // the value checks, which need a typed config.
-        assert!(at.contains(&"model.colour"), "{err}");
-        assert!(at.contains(&"batching.max_inflight_batches"), "{err}");
-        assert!(at.contains(&"nonsense"), "{err}");
-        assert_eq!(err.problems.len(), 3, "{err}");
+        // Key-level problems (unknown keys, wrong types) come first, and the value
+        // checks of everything else in the same pass.
+        let mut keys = at[..3].to_vec();
+        keys.sort();
+        assert_eq!(
+            keys,
+            ["batching.max_inflight_batches", "model.colour", "nonsense"],
+            "{err}"
+        );
+        for expected in ["model.path", "batching.batch_size", "run.shard_index"] {
+            assert!(at.contains(&expected), "{expected} missing from {err}");
+        }
         let shown = err.to_string();
-        assert!(shown.starts_with("bad.toml: 3 problems"), "{shown}");
+        assert!(
+            shown.starts_with(&format!("bad.toml: {} problems", err.problems.len())),
+            "{shown}"
+        );
         assert!(shown.contains("unknown field `colour`"), "{shown}");
 
         // With the key problems fixed, every value problem is listed.
