@@ -268,6 +268,10 @@ struct CaptionArgs {
     /// Threads inside each ONNX operator (default: ONNX Runtime's choice).
     #[arg(long)]
     intra_threads: Option<usize>,
+    /// Skip checking the model files' SHA-256 against model.json (as a pipeline's
+    /// `model.verify = false`).
+    #[arg(long)]
+    no_verify: bool,
     /// Recordings longer than this many seconds are cut into windows.
     #[arg(long, default_value_t = 30.0)]
     max_seconds: f64,
@@ -529,6 +533,12 @@ fn caption(args: CaptionArgs) -> anyhow::Result<u8> {
         intra_threads: args.intra_threads,
         profile_prefix: None,
     };
+    if !args.no_verify {
+        let cache = audiocap::manifest::default_verify_cache();
+        audiocap::manifest::ModelManifest::read(&args.model)
+            .and_then(|m| m.verify_with_cache(&args.model, cache.as_deref()))
+            .with_context(|| format!("verifying {}", args.model.display()))?;
+    }
     let mut model = OnnxModel::load(&args.model, &options)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let files = collect_inputs(&args.inputs);

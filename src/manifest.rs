@@ -281,6 +281,70 @@ impl ModelManifest {
         Ok(())
     }
 
+    /// Checks every model file's SHA-256, skipping a file whose size and
+    /// modification time match what `cache` (a JSON file of this machine's earlier
+    /// verifications; `None`: hash everything) recorded with the same digest, so a
+    /// model is hashed once per copy, not once per run. A half-copied or changed
+    /// file is a [`ManifestError::Mismatch`]. Returns how many files were hashed.
+    pub fn verify_with_cache(
+        &self,
+        dir: &Path,
+        cache: Option<&Path>,
+    ) -> Result<usize, ManifestError> {
+        let mut known: VerifiedFiles = cache
+            .and_then(|c| std::fs::read(c).ok())
+            .and_then(|bytes| serde_json::from_slice(&bytes).ok())
+            .unwrap_or_default();
+        let mut hashed = 0;
+        for digest in self.model_files() {
+            let path = dir.join(&digest.path);
+            let key = std::path::absolute(&path)
+                .unwrap_or_else(|_| path.clone())
+                .display()
+                .to_string();
+            let stamp = file_stamp(&path)?;
+            let seen = known.files.get(&key);
+            if seen.is_some_and(|v| v.stamp == stamp && v.sha256 == digest.sha256) {
+                continue;
+            }
+            let actual = digest_file(&path, &digest.path)?;
+            hashed += 1;
+            if actual.sha256 != digest.sha256 {
+                return Err(ManifestError::Mismatch {
+                    path: dir.join(MANIFEST_FILE),
+                    file: digest.path.clone(),
+                    what: format!(
+                        "sha256 {} on disk, {} recorded: half-copied or changed since the export",
+                        &actual.sha256[..12],
+                        &digest.sha256[..12]
+                    ),
+                });
+            }
+            known.files.insert(
+                key,
+                VerifiedFile {
+                    stamp,
+                    sha256: actual.sha256,
+                },
+            );
+        }
+        if let Some(cache) = cache.filter(|_| hashed > 0) {
+            // Best effort: a cache that cannot be written only means hashing again.
+            let write = || -> std::io::Result<()> {
+                if let Some(parent) = cache.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+                let staging = cache.with_extension(format!("{}.partial", std::process::id()));
+                std::fs::write(&staging, serde_json::to_vec(&known)?)?;
+                std::fs::rename(&staging, cache)
+            };
+            if let Err(e) = write() {
+                tracing::warn!(cache = %cache.display(), error = %e, "cannot record the verified model files");
+            }
+        }
+        Ok(hashed)
+    }
+
     fn model_files(&self) -> Vec<&FileDigest> {
         let mut files = vec![&self.onnx.tokenizer];
         for graph in [
@@ -299,6 +363,44 @@ impl ModelManifest {
         let digest = digest_file(&dir.join(MANIFEST_FILE), MANIFEST_FILE)?;
         Ok(format!("{}@{}", self.name, &digest.sha256[..12]))
     }
+}
+
+/// This machine's earlier verifications: absolute path → (size, mtime) and digest.
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct VerifiedFiles {
+    files: std::collections::BTreeMap<String, VerifiedFile>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+struct VerifiedFile {
+    stamp: (u64, u128),
+    sha256: String,
+}
+
+/// (size, modification time in ns) of `path`.
+fn file_stamp(path: &Path) -> Result<(u64, u128), ManifestError> {
+    let meta = std::fs::metadata(path).map_err(|source| ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    Ok((meta.len(), mtime))
+}
+
+/// Where `audiocap` records verified model files:
+/// `${AUDIOCAP_HOME:-$HOME/.local/share/audiocap}/verified-model-files.json`.
+pub fn default_verify_cache() -> Option<PathBuf> {
+    let base = std::env::var_os("AUDIOCAP_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/audiocap"))
+        })?;
+    Some(base.join("verified-model-files.json"))
 }
 
 /// Size and SHA-256 of `path`, recorded under the name `recorded_as`.

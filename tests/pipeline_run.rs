@@ -1243,3 +1243,55 @@ fn an_outage_is_retried_and_never_committed_as_a_failure() {
     assert_eq!(uris.len(), expected.len(), "every input exactly once");
     assert_eq!(uris.into_iter().collect::<HashSet<_>>(), expected);
 }
+
+/// Issue #21: a half-copied model is refused before any work, with the file named;
+/// a verified copy is hashed once (size and modification time remembered), and a
+/// file changed after that is hashed, and refused, again.
+#[test]
+fn a_changed_model_file_is_refused_and_verified_files_are_hashed_once() {
+    use audiocap::manifest::ModelManifest;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let entry = entry.unwrap();
+        std::fs::copy(entry.path(), model.join(entry.file_name())).unwrap();
+    }
+    let manifest = ModelManifest::read(&model).unwrap();
+    let cache = dir.path().join("home/verified-model-files.json");
+    let files = manifest.verify_with_cache(&model, Some(&cache)).unwrap();
+    assert!(files >= 4, "{files} files hashed");
+    assert_eq!(manifest.verify_with_cache(&model, Some(&cache)).unwrap(), 0);
+
+    // Same size, one byte different: as a copy cut short and padded would be.
+    let decoder = model.join(&manifest.onnx.decoder.file.path);
+    let mut bytes = std::fs::read(&decoder).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 0xff;
+    std::fs::write(&decoder, &bytes).unwrap();
+    let err = manifest
+        .verify_with_cache(&model, Some(&cache))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("decoder.onnx") && err.contains("half-copied"),
+        "{err}"
+    );
+
+    // `audiocap run` refuses it before listing anything (exit 1, nothing written).
+    let audio = dir.path().join("audio");
+    clips(&audio, 2);
+    let out_dir = dir.path().join("captions");
+    let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
+    let out = Command::new(env!("CARGO_BIN_EXE_audiocap"))
+        .arg("run")
+        .arg(&pipeline)
+        .args(["--set", &format!("model.path={}", model.display())])
+        .env("AUDIOCAP_HOME", dir.path().join("home"))
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(text(&out).contains("half-copied"), "{}", text(&out));
+    assert!(read_dataset(&out_dir).is_empty());
+}

@@ -55,6 +55,10 @@ pub struct ModelSection {
     pub device: String,
     /// Threads inside each ONNX operator; unset lets ONNX Runtime choose.
     pub intra_threads: Option<usize>,
+    /// Check every model file's SHA-256 against `model.json` before loading (once
+    /// per copy: verified files are remembered by size and modification time), so
+    /// a half-copied model is refused.
+    pub verify: bool,
 }
 
 impl Default for ModelSection {
@@ -63,6 +67,7 @@ impl Default for ModelSection {
             path: String::new(),
             device: "cpu".to_string(),
             intra_threads: None,
+            verify: true,
         }
     }
 }

@@ -95,11 +95,23 @@ async fn run_async(
         intra_threads: config.model.intra_threads,
         profile_prefix: None,
     };
-    let model = tokio::task::spawn_blocking(move || OnnxModel::load(&model_dir, &engine_options))
-        .await
-        .map_err(|e| RunError::Fatal(anyhow::Error::new(e)))?
-        .with_context(|| format!("loading the model {}", config.model.path))
-        .map_err(RunError::Fatal)?;
+    let verify = config.model.verify;
+    let model = tokio::task::spawn_blocking(move || {
+        if verify {
+            let manifest = crate::manifest::ModelManifest::read(&model_dir)?;
+            let cache = crate::manifest::default_verify_cache();
+            let hashed = manifest.verify_with_cache(&model_dir, cache.as_deref())?;
+            tracing::info!(
+                files_hashed = hashed,
+                "model files verified against model.json"
+            );
+        }
+        anyhow::Ok(OnnxModel::load(&model_dir, &engine_options)?)
+    })
+    .await
+    .map_err(|e| RunError::Fatal(anyhow::Error::new(e)))?
+    .with_context(|| format!("loading the model {}", config.model.path))
+    .map_err(RunError::Fatal)?;
     tracing::info!(model = %model.identity, %device, "model loaded");
 
     let committed = if config.run.resume {
