@@ -534,9 +534,7 @@ fn caption(args: CaptionArgs) -> anyhow::Result<u8> {
         profile_prefix: None,
     };
     if !args.no_verify {
-        let cache = audiocap::manifest::default_verify_cache();
-        audiocap::manifest::ModelManifest::read(&args.model)
-            .and_then(|m| m.verify_with_cache(&args.model, cache.as_deref()))
+        audiocap::manifest::ModelManifest::verify_dir(&args.model)
             .with_context(|| format!("verifying {}", args.model.display()))?;
     }
     let mut model = OnnxModel::load(&args.model, &options)

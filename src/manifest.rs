@@ -345,6 +345,13 @@ impl ModelManifest {
         Ok(hashed)
     }
 
+    /// Reads `dir`'s manifest and verifies its files with this machine's cache
+    /// ([`default_verify_cache`]): what `audiocap run` and `caption` do before loading.
+    pub fn verify_dir(dir: &Path) -> Result<usize, ManifestError> {
+        let cache = default_verify_cache();
+        Self::read(dir)?.verify_with_cache(dir, cache.as_deref())
+    }
+
     fn model_files(&self) -> Vec<&FileDigest> {
         let mut files = vec![&self.onnx.tokenizer];
         for graph in [

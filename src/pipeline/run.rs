@@ -98,9 +98,7 @@ async fn run_async(
     let verify = config.model.verify;
     let model = tokio::task::spawn_blocking(move || {
         if verify {
-            let manifest = crate::manifest::ModelManifest::read(&model_dir)?;
-            let cache = crate::manifest::default_verify_cache();
-            let hashed = manifest.verify_with_cache(&model_dir, cache.as_deref())?;
+            let hashed = crate::manifest::ModelManifest::verify_dir(&model_dir)?;
             tracing::info!(
                 files_hashed = hashed,
                 "model files verified against model.json"

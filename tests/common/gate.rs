@@ -85,16 +85,6 @@ impl GateServer {
         self.shared.0.lock().unwrap().failing.clear();
     }
 
-    /// Requests of `path` seen so far.
-    pub fn requests(&self, path: &str) -> usize {
-        let state = self.shared.0.lock().unwrap();
-        state
-            .requests
-            .get(&format!("/{path}"))
-            .copied()
-            .unwrap_or(0)
-    }
-
     /// Blocks until `path` has been requested `n` times (see
     /// [`GateServer::wait_for_held`] for `limit` and `check`).
     pub fn wait_for_requests(
@@ -102,23 +92,13 @@ impl GateServer {
         path: &str,
         n: usize,
         limit: Duration,
-        mut check: impl FnMut() -> Result<(), String>,
+        check: impl FnMut() -> Result<(), String>,
     ) {
-        let deadline = Instant::now() + limit;
-        loop {
-            let seen = self.requests(path);
-            if seen >= n {
-                return;
-            }
-            if let Err(why) = check() {
-                panic!("{path} requested {seen} of {n} times: {why}");
-            }
-            assert!(
-                Instant::now() < deadline,
-                "{path} requested {seen} of {n} times within {limit:?}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let key = format!("/{path}");
+        let what = format!("requests of {path}");
+        self.wait_until(&what, n, limit, check, |s| {
+            s.requests.get(&key).copied().unwrap_or(0)
+        });
     }
 
     /// Lets every held request through, and later ones at once.
@@ -135,26 +115,38 @@ impl GateServer {
         &self,
         n: usize,
         limit: Duration,
+        check: impl FnMut() -> Result<(), String>,
+    ) {
+        self.wait_until("requests at held paths", n, limit, check, |s| s.waiting);
+    }
+
+    /// Waits (woken by every request) until `count` reaches `n`.
+    fn wait_until(
+        &self,
+        what: &str,
+        n: usize,
+        limit: Duration,
         mut check: impl FnMut() -> Result<(), String>,
+        count: impl Fn(&State) -> usize,
     ) {
         let (lock, cvar) = &*self.shared;
         let deadline = Instant::now() + limit;
         loop {
             let state = lock.lock().unwrap();
             let (state, _) = cvar
-                .wait_timeout_while(state, Duration::from_millis(50), |s| s.waiting < n)
+                .wait_timeout_while(state, Duration::from_millis(50), |s| count(s) < n)
                 .unwrap();
-            let waiting = state.waiting;
+            let seen = count(&state);
             drop(state);
-            if waiting >= n {
+            if seen >= n {
                 return;
             }
             if let Err(why) = check() {
-                panic!("{waiting} of {n} requests reached the held paths: {why}");
+                panic!("{seen} of {n} {what}: {why}");
             }
             assert!(
                 Instant::now() < deadline,
-                "{waiting} of {n} requests reached the held paths within {limit:?}"
+                "{seen} of {n} {what} within {limit:?}"
             );
         }
     }
@@ -210,6 +202,7 @@ fn serve(stream: TcpStream, shared: &(Mutex<State>, Condvar)) {
         let (lock, cvar) = shared;
         let mut state = lock.lock().unwrap();
         *state.requests.entry(path.clone()).or_default() += 1;
+        cvar.notify_all();
         if state.failing.contains(&path) {
             drop(state);
             let busy = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n";
