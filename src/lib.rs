@@ -4,6 +4,22 @@
 //! `main (cli) → pipeline → stages → engine (ONNX Runtime) | storage | dataset → audio`,
 //! and `caption → model (candle) → audio` for the reference path.
 //!
+//! Layers, highest first (`scripts/check-layers.py`, run by CI, holds the code to
+//! them): a module uses only modules on lines below its own, never one beside it.
+//!
+//! layers:begin
+//! main
+//! bench
+//! pipeline train
+//! corpus stages
+//! eval dataset
+//! caption engine export
+//! manifest
+//! model storage output
+//! audio
+//! config rng onnx graph_io
+//! layers:end
+//!
 //! - [`audio`]: waveform decoding and the BEATs front end (Kaldi fbank).
 //! - [`model`]: the published architecture in candle: BEATs encoder, projector and
 //!   pooling, Llama 3 decoder, LoRA adapters, and the checkpoint readers they share.

@@ -14,6 +14,7 @@ mod deploy_recipes;
 mod eval_cli;
 mod fbank_parity;
 mod large_export;
+mod layers;
 mod llama_parity;
 mod lora_adapters;
 mod metrics_parity;
