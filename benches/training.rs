@@ -20,10 +20,10 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use audiocap::bench::synthetic::{LlamaFiles, LlamaSpec, SourceDtype, write_llama_dir};
+use audiocap::config::DeviceSpec;
 use audiocap::model::init::{SplitMix64, uniform};
 use audiocap::model::llama::LlamaConfig;
 use audiocap::model::prompt::DEFAULT_PROMPT_TEMPLATE;
-use audiocap::train::config::parse_device;
 use audiocap::train::model::{
     Example, InitFrom, LoraSettings, TrainableCaptioner, TrainableParams,
 };
@@ -57,11 +57,11 @@ impl Options {
                 .and_then(|i| args.get(i + 1))
                 .cloned()
         };
-        let device = match parse_device(&value("--device").unwrap_or_else(|| "cpu".into())) {
-            Some(None) => Device::Cpu,
-            Some(Some(ordinal)) => Device::new_cuda(ordinal)
+        let device = match value("--device").as_deref().unwrap_or("cpu").parse() {
+            Ok(DeviceSpec::Cpu) => Device::Cpu,
+            Ok(DeviceSpec::Cuda(ordinal)) => Device::new_cuda(ordinal)
                 .expect("CUDA device (build the bench with --features cuda)"),
-            None => panic!("--device: expected cpu, cuda or cuda:N"),
+            Err(e) => panic!("--device: {e}"),
         };
         let dtype = match value("--dtype").as_deref() {
             None | Some("f32") => DType::F32,

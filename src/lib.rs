@@ -25,6 +25,8 @@
 //!   pooling, Llama 3 decoder, LoRA adapters, and the checkpoint readers they share.
 //! - [`caption`]: the prompt template and greedy captioning on candle (the reference
 //!   path that the ONNX export is checked against).
+//! - [`config`]: the one settings-file loader (TOML, `--set`, every problem listed)
+//!   and the one device grammar.
 //! - [`corpus`]: `audiocap corpus build`: the captioning corpus made from freely
 //!   licensed Debian sound packages, espeak-ng speech and synthetic signals.
 //! - [`export`]: the model written as ONNX graphs with a manifest (`audiocap export`).
@@ -41,6 +43,7 @@
 pub mod audio;
 pub mod bench;
 pub mod caption;
+pub mod config;
 pub mod corpus;
 pub mod dataset;
 pub mod engine;

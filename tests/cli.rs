@@ -177,3 +177,63 @@ fn bad_arguments_are_listed_together_with_their_exit_code() {
         assert!(stderr.contains(needle), "{needle} missing from: {stderr}");
     }
 }
+
+#[test]
+fn pretrain_settings_take_set_overrides_and_list_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let settings = dir.path().join("encoder.toml");
+    std::fs::write(&settings, "epochs = \"many\"\ncolour = 1\nbatch_size = 4\n").unwrap();
+    let out = dir.path().join("out");
+    let (out_s, settings_s) = (out.to_str().unwrap(), settings.to_str().unwrap());
+    let common = [
+        "--manifest",
+        "m.csv",
+        "--audio",
+        "a/",
+        "--out",
+        out_s,
+        "--check",
+    ];
+
+    // A file's wrong type and unknown key, a bad override, and a value check on what
+    // is left: four problems in one run, exit code 2.
+    let mut args = vec!["pretrain", "encoder", "--settings", settings_s];
+    args.extend(["--set", "peak_lr=-1", "--set", "lora.r=2"]);
+    args.extend(common);
+    let run = audiocap(&args);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert_eq!(run.status.code(), Some(2), "{stderr}");
+    for expected in [
+        "4 problems",
+        "- epochs:",
+        "- colour:",
+        "- --set lora.r=2:",
+        "- peak_lr: -1",
+    ] {
+        assert!(stderr.contains(expected), "{expected:?} in {stderr}");
+    }
+
+    // No file: overrides over the defaults; --check prints them all.
+    let mut args = vec![
+        "pretrain",
+        "encoder",
+        "--set",
+        "batch_size=3",
+        "--set",
+        "mixup=0.5",
+    ];
+    args.extend(common);
+    let run = audiocap(&args);
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert_eq!(
+        run.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    assert!(
+        stdout.contains("batch_size = 3") && stdout.contains("mixup = 0.5"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("encoder_layers = 3"), "{stdout}");
+}

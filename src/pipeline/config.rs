@@ -1,23 +1,20 @@
 //! Pipeline files: the TOML a user copies from `pipelines/` and edits.
 //!
-//! Loading is in three steps so that a bad file gets every problem listed at once:
-//! 1. the TOML is parsed and `--set section.key=value` overrides are applied;
-//! 2. every key of every section is deserialised on its own (all fields have
-//!    defaults), so each unknown key or wrong type is its own problem instead of
-//!    serde stopping at the first one;
-//! 3. [`PipelineConfig::validate`] checks values and combinations without any I/O.
+//! Loaded as every settings file is ([`crate::config`]): TOML and `--set`
+//! overrides, every key checked on its own, then [`PipelineConfig::validate`] checks
+//! values and combinations without any I/O; every problem is listed at once.
 //!
 //! Relative local paths in a pipeline file are relative to the working directory
 //! the run starts in (as for every other command), not to the file.
 
-use std::fmt;
 use std::path::Path;
 
-use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 use crate::audio::segment::SegmentConfig;
-use crate::engine::runtime::DeviceSpec;
+use crate::config::{
+    self, ConfigErrors, ConfigProblem, DeviceSpec, Schema, check_section, check_sections, problem,
+};
 
 /// A whole pipeline file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -289,65 +286,21 @@ impl Default for LoggingSection {
     }
 }
 
-/// One thing wrong with a pipeline file.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct ConfigProblem {
-    /// `section.key`, `section` or `--set` (empty for the file as a whole).
-    pub at: String,
-    pub message: String,
-}
-
-impl fmt::Display for ConfigProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        if self.at.is_empty() {
-            write!(f, "{}", self.message)
-        } else {
-            write!(f, "{}: {}", self.at, self.message)
-        }
-    }
-}
-
-/// Every problem found in one pipeline file.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub struct ConfigErrors {
-    /// The file as given.
-    pub file: String,
-    pub problems: Vec<ConfigProblem>,
-}
-
-impl fmt::Display for ConfigErrors {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}: {} problem{}",
-            self.file,
-            self.problems.len(),
-            if self.problems.len() == 1 { "" } else { "s" }
-        )?;
-        for p in &self.problems {
-            write!(f, "\n  - {p}")?;
-        }
-        Ok(())
-    }
-}
-
-pub(crate) fn problem(at: impl Into<String>, message: impl Into<String>) -> ConfigProblem {
-    ConfigProblem {
-        at: at.into(),
-        message: message.into(),
-    }
-}
+const SCHEMA: Schema<PipelineConfig> = Schema {
+    check_keys,
+    validate: PipelineConfig::validate,
+    flat: false,
+};
 
 impl PipelineConfig {
     /// Reads, overrides and validates a pipeline file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigErrors> {
-        let text = read_config_text(path)?;
-        Self::parse(&text, &path.display().to_string(), overrides)
+        config::load(path, overrides, &SCHEMA)
     }
 
     /// [`PipelineConfig::load`] on text already read; `file` names it in messages.
     pub fn parse(text: &str, file: &str, overrides: &[String]) -> Result<Self, ConfigErrors> {
-        parse_config(text, file, overrides, check_keys, Self::validate)
+        config::parse(text, file, overrides, &SCHEMA)
     }
 
     /// Checks values and their combinations; every problem at once. No I/O.
@@ -638,40 +591,6 @@ fn check_location(spec: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Applies one `section.key=value` override. The value is read as TOML (`8`,
-/// `true`, `"text"`, `["a", "b"]`); anything that is not valid TOML is a string, so
-/// `--set output.uri=s3://bucket/x` works without quotes.
-pub(crate) fn apply_override(table: &mut toml::Table, spec: &str) -> Result<(), ConfigProblem> {
-    let at = format!("--set {spec}");
-    let Some((path, raw)) = spec.split_once('=') else {
-        return Err(problem(at, "expected section.key=value"));
-    };
-    let keys: Vec<&str> = path.trim().split('.').map(str::trim).collect();
-    if keys.len() < 2 || keys.iter().any(|k| k.is_empty()) {
-        return Err(problem(
-            at,
-            "expected section.key=value (e.g. batching.batch_size=32)",
-        ));
-    }
-    let raw = raw.trim();
-    let value = toml::from_str::<toml::Table>(&format!("v = {raw}"))
-        .ok()
-        .and_then(|mut t| t.remove("v"))
-        .unwrap_or_else(|| toml::Value::String(raw.to_string()));
-    let mut node = table;
-    for key in &keys[..keys.len() - 1] {
-        let entry = node
-            .entry(key.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        node = match entry {
-            toml::Value::Table(t) => t,
-            _ => return Err(problem(at, format!("`{key}` is not a section"))),
-        };
-    }
-    node.insert(keys[keys.len() - 1].to_string(), value);
-    Ok(())
-}
-
 /// Deserialises every key of every section on its own, so that each unknown key and
 /// each wrong type is reported, not only the first.
 fn check_keys(table: &toml::Table) -> Vec<ConfigProblem> {
@@ -690,121 +609,6 @@ fn check_keys(table: &toml::Table) -> Vec<ConfigProblem> {
             ("logging", check_section::<LoggingSection>),
         ],
     )
-}
-
-/// Checks a section's keys one by one (its name, its table).
-pub(crate) type SectionCheck = fn(&str, &toml::Table) -> Vec<ConfigProblem>;
-
-/// Runs each `[section]`'s check; an unknown section or a section that is not a
-/// table is a problem of its own.
-pub(crate) fn check_sections(
-    table: &toml::Table,
-    sections: &[(&str, SectionCheck)],
-) -> Vec<ConfigProblem> {
-    let names: Vec<&str> = sections.iter().map(|(n, _)| *n).collect();
-    let mut problems = Vec::new();
-    for (section, value) in table {
-        let Some((_, check)) = sections.iter().find(|(n, _)| n == section) else {
-            problems.push(problem(
-                section.as_str(),
-                format!(
-                    "unknown section `[{section}]`; expected one of {}",
-                    names.join(", ")
-                ),
-            ));
-            continue;
-        };
-        match value {
-            toml::Value::Table(t) => problems.extend(check(section, t)),
-            _ => problems.push(problem(
-                section.as_str(),
-                format!("must be a table (`[{section}]`)"),
-            )),
-        }
-    }
-    problems
-}
-
-/// A config file's text; an unreadable file is the file's one problem.
-pub(crate) fn read_config_text(path: &Path) -> Result<String, ConfigErrors> {
-    std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-        file: path.display().to_string(),
-        problems: vec![problem("", format!("cannot read the file: {e}"))],
-    })
-}
-
-/// The three loading steps shared by pipeline and training files: TOML +
-/// `--set` overrides, every key checked on its own (`check_keys`), then
-/// deserialisation and `validate`; every problem of a step at once.
-pub(crate) fn parse_config<T: DeserializeOwned>(
-    text: &str,
-    file: &str,
-    overrides: &[String],
-    check_keys: fn(&toml::Table) -> Vec<ConfigProblem>,
-    validate: fn(&T) -> Result<(), Vec<ConfigProblem>>,
-) -> Result<T, ConfigErrors> {
-    let fail = |problems| ConfigErrors {
-        file: file.to_string(),
-        problems,
-    };
-    let mut table: toml::Table = toml::from_str(text)
-        .map_err(|e| fail(vec![problem("", format!("not valid TOML: {e}"))]))?;
-    let mut problems = Vec::new();
-    for o in overrides {
-        if let Err(p) = apply_override(&mut table, o) {
-            problems.push(p);
-        }
-    }
-    problems.extend(check_keys(&table));
-    if !problems.is_empty() {
-        // The values are checked too, on what is left once the keys named above are
-        // set aside (their defaults stand in), so one pass lists every problem.
-        let mut rest = table;
-        for p in &problems {
-            set_aside(&mut rest, &p.at);
-        }
-        match toml::Value::Table(rest).try_into::<T>() {
-            Ok(config) => problems.extend(validate(&config).err().unwrap_or_default()),
-            Err(e) => problems.push(problem("", e.message().trim().to_string())),
-        }
-        return Err(fail(problems));
-    }
-    let config: T = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| fail(vec![problem("", e.message().to_string())]))?;
-    validate(&config).map_err(fail)?;
-    Ok(config)
-}
-
-/// Removes what a problem's `at` names (`section.key` or `section`) from `table`.
-fn set_aside(table: &mut toml::Table, at: &str) {
-    match at.split_once('.') {
-        Some((section, key)) => {
-            if let Some(toml::Value::Table(t)) = table.get_mut(section) {
-                t.remove(key);
-            }
-        }
-        None => {
-            table.remove(at);
-        }
-    }
-}
-
-pub(crate) fn check_section<T: DeserializeOwned>(
-    section: &str,
-    table: &toml::Table,
-) -> Vec<ConfigProblem> {
-    table
-        .iter()
-        .filter_map(|(key, value)| {
-            let mut one = toml::Table::new();
-            one.insert(key.clone(), value.clone());
-            toml::Value::Table(one)
-                .try_into::<T>()
-                .err()
-                .map(|e| problem(format!("{section}.{key}"), e.message().trim().to_string()))
-        })
-        .collect()
 }
 
 #[cfg(test)]

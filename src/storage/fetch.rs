@@ -15,7 +15,7 @@ use futures::StreamExt;
 use object_store::{ObjectStore, ObjectStoreExt};
 use tokio::io::AsyncWriteExt;
 
-use super::listing::{InputRef, InputSource};
+use super::input::{InputRef, InputSource};
 use super::redact_text;
 
 /// Where large objects go.

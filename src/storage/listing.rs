@@ -24,7 +24,6 @@
 //! end). An unreadable sub-folder becomes a [`Listed::Failed`] item; a folder or
 //! bucket that cannot be listed at all ends the stream with an `Err`.
 
-use std::fmt;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -32,76 +31,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use futures::stream::{self, BoxStream, Stream, StreamExt};
 use globset::{GlobBuilder, GlobMatcher, GlobSet, GlobSetBuilder};
 use object_store::path::Path;
-use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
+use object_store::{ObjectStore, ObjectStoreExt};
 use serde::Deserialize;
 
+use super::input::{InputRef, InputSource, Listed};
 use super::location::{Location, LocationKind, StorageOptions};
 use super::{StorageError, redact, redact_text, scheme_of};
 use crate::audio::AUDIO_EXTENSIONS;
-
-/// One input to caption.
-#[derive(Clone)]
-pub struct InputRef {
-    /// Canonical URI (absolute local path or `s3://bucket/key`): what a row carries,
-    /// what [`super::shard_of`] hashes, stable across runs.
-    pub uri: String,
-    /// Where to read it from.
-    pub source: InputSource,
-    /// Size in bytes when the listing knew it (manifest entries: `None`).
-    pub size: Option<u64>,
-}
-
-#[derive(Clone)]
-pub enum InputSource {
-    Local(PathBuf),
-    Object {
-        store: Arc<dyn ObjectStore>,
-        path: Path,
-    },
-}
-
-impl fmt::Debug for InputRef {
-    // The store is left out: some clients' Debug shows their credential provider.
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let kind = match self.source {
-            InputSource::Local(_) => "local",
-            InputSource::Object { .. } => "object",
-        };
-        f.debug_struct("InputRef")
-            .field("uri", &self.uri)
-            .field("source", &kind)
-            .field("size", &self.size)
-            .finish()
-    }
-}
-
-impl InputRef {
-    /// The lower-cased extension of the last path segment (a decoder hint).
-    pub fn extension(&self) -> Option<String> {
-        let name = self.uri.rsplit('/').next()?;
-        let (stem, ext) = name.rsplit_once('.')?;
-        (!stem.is_empty() && !ext.is_empty()).then(|| ext.to_ascii_lowercase())
-    }
-
-    pub(crate) fn object(location: &Location, meta: ObjectMeta) -> InputRef {
-        InputRef {
-            uri: location.uri_of(&meta.location),
-            source: InputSource::Object {
-                store: Arc::clone(&location.store),
-                path: meta.location,
-            },
-            size: Some(meta.size),
-        }
-    }
-}
-
-/// A listing item: an input, or an input that cannot even be listed (the caller turns
-/// it into an error row and carries on).
-#[derive(Debug)]
-pub enum Listed {
-    Input(InputRef),
-    Failed { uri: String, error: StorageError },
-}
 
 /// Where inputs come from.
 #[derive(Clone, Debug, PartialEq, Deserialize)]

@@ -29,7 +29,7 @@ use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
 use super::fetch::{SpoolFile, download};
-use super::listing::{InputRef, InputSource, Listed};
+use super::input::{InputRef, InputSource, Listed};
 use super::location::{Location, LocationKind, StorageOptions, absolute};
 use super::{StorageError, has_scheme, redact};
 

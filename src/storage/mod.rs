@@ -4,6 +4,8 @@
 //!   `azure://`, `http(s)://`, `file://`) parsed into an `object_store` handle plus a
 //!   prefix, with one cached client per bucket/account. The Parquet sink builds its
 //!   output store here too.
+//! - [`input`]: one input (canonical URI and where its bytes are), what a listing
+//!   yields and a fetch reads.
 //! - [`listing`]: source specs (files, folders, globs, manifests) turned into a lazy
 //!   stream of inputs; nothing is listed into memory first.
 //! - [`manifest`]: Parquet, CSV, JSON-lines or plain-text lists of URIs.
@@ -17,13 +19,15 @@
 //! query strings (SAS tokens, signed-URL signatures).
 
 pub mod fetch;
+pub mod input;
 pub mod listing;
 pub mod location;
 pub mod manifest;
 pub mod shard;
 
 pub use fetch::{FetchError, Fetched, FetchedAudio, SpoolOptions, fetch};
-pub use listing::{InputRef, InputSource, ListOptions, Listed, Source, list_inputs, list_location};
+pub use input::{InputRef, InputSource, Listed};
+pub use listing::{ListOptions, Source, list_inputs, list_location};
 pub use location::{Location, LocationKind, StorageOptions};
 pub use shard::{ShardError, ShardSpec, shard_of};
 

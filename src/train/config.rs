@@ -10,11 +10,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::prompt::{AUDIO_PLACEHOLDER, DEFAULT_PROMPT_TEMPLATE};
-use crate::pipeline::config::{
-    ConfigErrors, ConfigProblem, check_section, check_sections, parse_config, problem,
-    read_config_text,
+use crate::config::{
+    self, ConfigErrors, ConfigProblem, DeviceSpec, Schema, check_section, check_sections, problem,
 };
+use crate::model::prompt::{AUDIO_PLACEHOLDER, DEFAULT_PROMPT_TEMPLATE};
 
 /// A whole training file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -285,16 +284,21 @@ impl StageSection {
     }
 }
 
+const SCHEMA: Schema<TrainConfig> = Schema {
+    check_keys,
+    validate: TrainConfig::validate,
+    flat: false,
+};
+
 impl TrainConfig {
     /// Reads, overrides and validates a training file.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self, ConfigErrors> {
-        let text = read_config_text(path)?;
-        Self::parse(&text, &path.display().to_string(), overrides)
+        config::load(path, overrides, &SCHEMA)
     }
 
     /// [`TrainConfig::load`] on text already read.
     pub fn parse(text: &str, file: &str, overrides: &[String]) -> Result<Self, ConfigErrors> {
-        parse_config(text, file, overrides, check_keys, Self::validate)
+        config::parse(text, file, overrides, &SCHEMA)
     }
 
     /// Checks values and combinations; every problem at once. No I/O.
@@ -326,8 +330,8 @@ impl TrainConfig {
         } else if !matches!(m.dtype.as_str(), "f32" | "bf16") {
             p.push(problem("model.dtype", "expected f32 or bf16"));
         }
-        if parse_device(&m.device).is_none() {
-            p.push(problem("model.device", "expected cpu, cuda or cuda:N"));
+        if let Err(e) = m.device.parse::<DeviceSpec>() {
+            p.push(problem("model.device", e.to_string()));
         }
         let l = &self.lora;
         if l.r == 0 {
@@ -486,18 +490,6 @@ pub const LLAMA_MODULES: [&str; 7] = [
     "down_proj",
 ];
 
-/// `cpu` → None ordinal; `cuda` → 0; `cuda:N` → N. `None` when not understood.
-pub fn parse_device(text: &str) -> Option<Option<usize>> {
-    match text {
-        "cpu" => Some(None),
-        "cuda" => Some(Some(0)),
-        other => other
-            .strip_prefix("cuda:")
-            .and_then(|n| n.parse().ok())
-            .map(Some),
-    }
-}
-
 fn check_keys(table: &toml::Table) -> Vec<ConfigProblem> {
     // `[[stages]]` is an array of tables: each stage is checked on its own.
     let mut problems = Vec::new();
@@ -630,7 +622,15 @@ mod tests {
         )
         .unwrap();
         assert_eq!((c.training.batch_size, c.lora.r), (2, 4));
-        assert_eq!(parse_device("cuda:1"), Some(Some(1)));
-        assert_eq!(parse_device("tpu"), None);
+        // The pipeline files' device grammar: any case, `cuda:N`.
+        for device in ["CUDA", "cuda:1"] {
+            let set = [format!("model.device={device}")];
+            assert!(
+                TrainConfig::parse(MINIMAL, "t.toml", &set).is_ok(),
+                "{device}"
+            );
+        }
+        let err = TrainConfig::parse(MINIMAL, "t.toml", &["model.device=tpu".into()]).unwrap_err();
+        assert_eq!(err.problems[0].at, "model.device", "{err}");
     }
 }

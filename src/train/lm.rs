@@ -24,9 +24,10 @@ use tokenizers::Tokenizer;
 
 use super::optim::{AdamW, AdamWSettings};
 pub use super::pretrain::PretrainError as LmError;
-use super::pretrain::{optimizer_step, publish_dir, schedule_problems, write_json};
+use super::pretrain::{load_settings, optimizer_step, publish_dir, schedule_problems, write_json};
 use super::schedule::CosineSchedule;
 use crate::bench::synthetic::{Init, LlamaSpec, SourceDtype};
+use crate::config::{ConfigErrors, ConfigProblem, Schema, check_section, problem};
 use crate::model::init::{SplitMix64, normal};
 use crate::model::llama::Llama;
 use crate::model::lora::Adaptation;
@@ -125,26 +126,45 @@ impl Default for LmSettings {
 }
 
 impl LmSettings {
-    /// Every problem with the settings (empty: valid).
-    pub fn problems(&self) -> Vec<String> {
+    /// Settings from an optional file and `--set key=value` overrides, checked.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigErrors> {
+        load_settings(
+            path,
+            overrides,
+            &Schema {
+                check_keys: |t| check_section::<LmSettings>("", t),
+                validate: LmSettings::validate,
+                flat: true,
+            },
+        )
+    }
+
+    /// Every problem with the settings, at once.
+    pub fn validate(&self) -> Result<(), Vec<ConfigProblem>> {
         let mut p = Vec::new();
         let heads = self.num_attention_heads;
         if heads == 0
             || self.num_key_value_heads == 0
             || !heads.is_multiple_of(self.num_key_value_heads)
         {
-            p.push(format!(
-                "num_attention_heads ({heads}) must be a positive multiple of num_key_value_heads ({})",
-                self.num_key_value_heads
+            p.push(problem(
+                "num_attention_heads",
+                format!(
+                    "{heads} must be a positive multiple of num_key_value_heads ({})",
+                    self.num_key_value_heads
+                ),
             ));
         }
         if heads > 0
             && (!self.hidden_size.is_multiple_of(heads)
                 || !(self.hidden_size / heads).is_multiple_of(2))
         {
-            p.push(format!(
-                "hidden_size ({}) must split into {heads} heads of even width",
-                self.hidden_size
+            p.push(problem(
+                "hidden_size",
+                format!(
+                    "{} must split into {heads} heads of even width",
+                    self.hidden_size
+                ),
             ));
         }
         for (name, v) in [
@@ -153,7 +173,7 @@ impl LmSettings {
             ("max_caption_tokens", self.max_caption_tokens),
         ] {
             if v == 0 {
-                p.push(format!("{name} must be at least 1"));
+                p.push(problem(name, "must be at least 1"));
             }
         }
         schedule_problems(
@@ -164,15 +184,15 @@ impl LmSettings {
             &mut p,
         );
         if let Err(e) = PromptTemplate::parse(&self.prompt_template) {
-            p.push(e.to_string());
+            p.push(problem("prompt_template", e.to_string()));
         }
         if !(0.0..1.0).contains(&self.audio_slot_dropout) {
-            p.push(format!(
-                "audio_slot_dropout ({}) must be within 0..1",
-                self.audio_slot_dropout
+            p.push(problem(
+                "audio_slot_dropout",
+                format!("{} must be within 0..1", self.audio_slot_dropout),
             ));
         }
-        p
+        if p.is_empty() { Ok(()) } else { Err(p) }
     }
 
     fn spec(&self, vocab_size: usize) -> LlamaSpec {
@@ -392,9 +412,10 @@ pub fn pretrain_decoder(
     out: &Path,
     device: &Device,
 ) -> Result<LmSummary, LmError> {
-    let problems = settings.problems();
-    if !problems.is_empty() {
-        return Err(LmError::Settings(problems));
+    if let Err(problems) = settings.validate() {
+        return Err(LmError::Settings(
+            problems.iter().map(ToString::to_string).collect(),
+        ));
     }
     let template = PromptTemplate::parse(&settings.prompt_template)
         .map_err(|e| LmError::Settings(vec![e.to_string()]))?;
@@ -688,8 +709,13 @@ mod tests {
             peak_lr: 0.0,
             ..LmSettings::default()
         };
-        let problems = settings.problems();
+        let problems = settings.validate().unwrap_err();
         assert!(problems.len() >= 4, "{problems:?}");
+        let ats: Vec<&str> = problems.iter().map(|p| p.at.as_str()).collect();
+        assert!(
+            ats.contains(&"num_attention_heads") && ats.contains(&"epochs"),
+            "{ats:?}"
+        );
     }
 
     /// With `audio_slot = "labels"` the decoder learns to read the slot: the same

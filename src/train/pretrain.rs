@@ -6,8 +6,10 @@
 use std::path::{Path, PathBuf};
 
 use candle_core::{Tensor, Var};
+use serde::de::DeserializeOwned;
 
 use super::optim::{AdamW, GradAccumulator};
+use crate::config::{self, ConfigErrors, ConfigProblem, Schema, problem};
 
 #[derive(Debug, thiserror::Error)]
 pub enum PretrainError {
@@ -41,20 +43,35 @@ pub fn schedule_problems(
     batch_size: usize,
     peak_lr: f64,
     warmup_fraction: f64,
-    problems: &mut Vec<String>,
+    problems: &mut Vec<ConfigProblem>,
 ) {
     for (name, v) in [("epochs", epochs), ("batch_size", batch_size)] {
         if v == 0 {
-            problems.push(format!("{name} must be at least 1"));
+            problems.push(problem(name, "must be at least 1"));
         }
     }
     if !(peak_lr > 0.0 && peak_lr.is_finite()) {
-        problems.push(format!("peak_lr ({peak_lr}) must be positive"));
+        problems.push(problem("peak_lr", format!("{peak_lr} must be positive")));
     }
     if !(0.0..1.0).contains(&warmup_fraction) {
-        problems.push(format!(
-            "warmup_fraction ({warmup_fraction}) must be in [0, 1)"
+        problems.push(problem(
+            "warmup_fraction",
+            format!("{warmup_fraction} must be in [0, 1)"),
         ));
+    }
+}
+
+/// Pre-training settings (flat keys, as [`crate::config`] loads every file): the
+/// file's keys, if a file is given, and `--set key=value` overrides over the
+/// defaults; every problem at once.
+pub fn load_settings<T: DeserializeOwned>(
+    path: Option<&Path>,
+    overrides: &[String],
+    schema: &Schema<T>,
+) -> Result<T, ConfigErrors> {
+    match path {
+        Some(path) => config::load(path, overrides, schema),
+        None => config::parse("", "the default settings", overrides, schema),
     }
 }
 

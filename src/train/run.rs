@@ -23,9 +23,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
-use super::config::{
-    BestMetric, DatasetSection, LoraInit, StageSection, TrainConfig, parse_device,
-};
+use super::config::{BestMetric, DatasetSection, LoraInit, StageSection, TrainConfig};
 use super::data::load_train_set;
 use super::encode::{ClipEncoder, EncodedClip};
 use super::model::{
@@ -33,6 +31,7 @@ use super::model::{
 };
 use super::optim::{AdamW, AdamWSettings, GradAccumulator};
 use super::schedule::CosineSchedule;
+use crate::config::DeviceSpec;
 use crate::model::init::SplitMix64;
 use crate::model::llama::LlamaConfig;
 use crate::model::lora::PeftAdapter;
@@ -327,14 +326,14 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
 }
 
 fn make_device(text: &str) -> anyhow::Result<Device> {
-    match parse_device(text) {
-        Some(None) => Ok(Device::Cpu),
-        Some(Some(ordinal)) => Device::new_cuda(ordinal).with_context(|| {
+    match text.parse::<DeviceSpec>() {
+        Ok(DeviceSpec::Cpu) => Ok(Device::Cpu),
+        Ok(DeviceSpec::Cuda(ordinal)) => Device::new_cuda(ordinal).with_context(|| {
             format!(
                 "model.device = {text:?}: CUDA is unavailable (build with `--features cuda` on a machine with the CUDA toolkit)"
             )
         }),
-        None => bail!("model.device = {text:?}: expected cpu, cuda or cuda:N"),
+        Err(e) => bail!("model.device: {e}"),
     }
 }
 

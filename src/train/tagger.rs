@@ -19,12 +19,13 @@ use serde::{Deserialize, Serialize};
 
 use super::optim::{AdamW, AdamWSettings};
 pub use super::pretrain::PretrainError as TaggerError;
-use super::pretrain::{optimizer_step, publish_dir, schedule_problems, write_json};
+use super::pretrain::{load_settings, optimizer_step, publish_dir, schedule_problems, write_json};
 use super::schedule::CosineSchedule;
 use crate::audio::fbank::{Fbank, FbankConfig};
 use crate::audio::frontend::FrontEnd;
 use crate::audio::segment::SegmentConfig;
 use crate::bench::synthetic::{Init, beats_iter3_plus, beats_tensors};
+use crate::config::{ConfigErrors, ConfigProblem, Schema, check_section, problem};
 use crate::model::beats::{Beats, BeatsConfig};
 use crate::model::init::{SplitMix64, normal};
 use crate::model::weights::Weights;
@@ -114,32 +115,51 @@ impl TaggerSettings {
         }
     }
 
-    /// Every problem with the settings (empty: valid).
-    pub fn problems(&self) -> Vec<String> {
+    /// Settings from an optional file and `--set key=value` overrides, checked.
+    pub fn load(path: Option<&Path>, overrides: &[String]) -> Result<Self, ConfigErrors> {
+        load_settings(
+            path,
+            overrides,
+            &Schema {
+                check_keys: |t| check_section::<TaggerSettings>("", t),
+                validate: TaggerSettings::validate,
+                flat: true,
+            },
+        )
+    }
+
+    /// Every problem with the settings, at once.
+    pub fn validate(&self) -> Result<(), Vec<ConfigProblem>> {
         let mut p = Vec::new();
         if let Err(e) = self.beats_config(1).validate() {
-            p.push(e);
+            p.push(problem("", e));
         }
         if !(self.max_seconds >= 0.2 && self.max_seconds.is_finite()) {
-            p.push(format!(
-                "max_seconds ({}) must be at least 0.2",
-                self.max_seconds
+            p.push(problem(
+                "max_seconds",
+                format!("{} must be at least 0.2", self.max_seconds),
             ));
         }
         if self.freq_mask_bins > 64 {
-            p.push(format!(
-                "freq_mask_bins ({}) must be at most 64 of the 128 mel bins",
-                self.freq_mask_bins
+            p.push(problem(
+                "freq_mask_bins",
+                format!(
+                    "{} must be at most 64 of the 128 mel bins",
+                    self.freq_mask_bins
+                ),
             ));
         }
         if !(0.0..=0.5).contains(&self.time_mask_fraction) {
-            p.push(format!(
-                "time_mask_fraction ({}) must be within 0..=0.5",
-                self.time_mask_fraction
+            p.push(problem(
+                "time_mask_fraction",
+                format!("{} must be within 0..=0.5", self.time_mask_fraction),
             ));
         }
         if !(0.0..=1.0).contains(&self.mixup) {
-            p.push(format!("mixup ({}) must be within 0..=1", self.mixup));
+            p.push(problem(
+                "mixup",
+                format!("{} must be within 0..=1", self.mixup),
+            ));
         }
         schedule_problems(
             self.epochs,
@@ -148,7 +168,7 @@ impl TaggerSettings {
             self.warmup_fraction,
             &mut p,
         );
-        p
+        if p.is_empty() { Ok(()) } else { Err(p) }
     }
 }
 
@@ -494,9 +514,10 @@ pub fn pretrain_encoder(
     out: &Path,
     device: &Device,
 ) -> Result<TaggerSummary, TaggerError> {
-    let problems = settings.problems();
-    if !problems.is_empty() {
-        return Err(TaggerError::Settings(problems));
+    if let Err(problems) = settings.validate() {
+        return Err(TaggerError::Settings(
+            problems.iter().map(ToString::to_string).collect(),
+        ));
     }
     if train.clips.is_empty() || labels.is_empty() {
         return Err(TaggerError::Settings(vec![
