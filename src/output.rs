@@ -38,6 +38,58 @@ pub struct CaptionRow {
     pub run_id: String,
     /// Microseconds since the Unix epoch, UTC.
     pub processed_at_us: i64,
+    /// What kind of failure `error` is (not a column: the run summary counts rows by
+    /// it). Set by [`CaptionRow::failed`] together with `error`.
+    pub failure: Option<RowFailure>,
+}
+
+/// Why a row has no caption, as the run summary counts it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum RowFailure {
+    /// The input could not be listed, fetched or decoded (the row stands for the
+    /// whole input, or for what is left of it).
+    Input,
+    /// The segment is shorter than the encoder's one patch.
+    TooShort,
+    /// The model failed on the segment's batch.
+    Model,
+    /// The generated tokens could not be turned into text.
+    Tokenizer,
+}
+
+impl RowFailure {
+    /// The name in the run summary's `failed_segments`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Input => "input",
+            Self::TooShort => "too_short",
+            Self::Model => "model",
+            Self::Tokenizer => "tokenizer",
+        }
+    }
+}
+
+impl CaptionRow {
+    /// This row with a caption, its mean token log-probability and length.
+    pub fn captioned(&self, caption: String, score: f32, num_tokens: u32, stamp: i64) -> Self {
+        Self {
+            caption: Some(caption),
+            score: Some(score),
+            num_tokens: Some(num_tokens),
+            processed_at_us: stamp,
+            ..self.clone()
+        }
+    }
+
+    /// This row with the error that stopped it, and its kind.
+    pub fn failed(&self, kind: RowFailure, error: impl Into<String>, stamp: i64) -> Self {
+        Self {
+            error: Some(error.into()),
+            failure: Some(kind),
+            processed_at_us: stamp,
+            ..self.clone()
+        }
+    }
 }
 
 /// The captions table's schema.
@@ -291,12 +343,11 @@ mod tests {
             },
             CaptionRow {
                 uri: "b.wav".into(),
-                error: Some("corrupt".into()),
                 model: "m@1".into(),
                 run_id: "r".into(),
-                processed_at_us: 2,
                 ..Default::default()
-            },
+            }
+            .failed(RowFailure::Input, "corrupt", 2),
         ];
         w.write(&rows).unwrap();
         assert!(!path.exists(), "visible before finish");

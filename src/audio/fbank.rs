@@ -103,6 +103,9 @@ impl Default for FbankConfig {
     }
 }
 
+/// How the error of a clip too short to encode starts.
+pub const TOO_SHORT: &str = "too short to caption";
+
 /// The analysis window applied to each frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -409,6 +412,18 @@ impl Fbank {
     /// Samples between frame starts (160 for BEATs).
     pub fn window_shift(&self) -> usize {
         self.window_shift
+    }
+
+    /// The error text of a waveform of `samples` samples whose `frames` fbank frames
+    /// are fewer than the `min_frames` the encoder's one patch needs (it starts with
+    /// [`TOO_SHORT`]).
+    pub fn too_short_error(&self, samples: usize, frames: usize, min_frames: usize) -> String {
+        format!(
+            "{TOO_SHORT}: {:.3} s gives {frames} fbank frames, the encoder needs at least \
+             {min_frames} ({:.2} s)",
+            samples as f64 / f64::from(self.config.sample_rate),
+            self.min_duration_for_frames(min_frames)
+        )
     }
 
     /// Shortest clip, in seconds, that yields `frames` frames.

@@ -13,7 +13,7 @@ use crate::audio::decode::AudioInfo;
 use crate::audio::fbank::Fbank;
 use crate::audio::frontend::decode_file_to_rate;
 use crate::audio::segment::{SegmentConfig, plan_segments};
-use crate::output::{CaptionRow, now_us};
+use crate::output::{CaptionRow, RowFailure, now_us};
 
 /// Files to caption: files as given (a missing one becomes an error row), folders
 /// walked recursively for audio files, in a stable (sorted) order.
@@ -50,20 +50,6 @@ fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
             found.push(path);
         }
     }
-}
-
-/// How every too-short-segment error starts (the run summary counts them by it).
-pub const TOO_SHORT: &str = "too short to caption";
-
-/// The error row text of a segment of `samples` samples whose fbank has fewer frames
-/// than the encoder's one patch needs.
-pub fn too_short_error(fbank: &Fbank, samples: usize, frames: usize, min_frames: usize) -> String {
-    format!(
-        "{TOO_SHORT}: {:.3} s gives {frames} fbank frames, the encoder needs at least \
-         {min_frames} ({:.2} s)",
-        samples as f64 / f64::from(fbank.config().sample_rate),
-        fbank.min_duration_for_frames(min_frames)
-    )
 }
 
 /// Settings of a caption job.
@@ -109,12 +95,15 @@ fn prepare_file(
     let audio = match decode_file_to_rate(path, rate) {
         Ok(a) => a,
         Err(e) => {
-            return vec![Err(Box::new(CaptionRow {
+            let row = CaptionRow {
                 uri,
-                error: Some(e.to_string()),
-                processed_at_us: now_us(),
                 ..base.clone()
-            }))];
+            };
+            return vec![Err(Box::new(row.failed(
+                RowFailure::Input,
+                e.to_string(),
+                now_us(),
+            )))];
         }
     };
     let info: &AudioInfo = &audio.info;
@@ -130,7 +119,7 @@ fn prepare_file(
     let plan = plan_segments(audio.samples.len(), rate, segments);
     plan.into_iter()
         .map(|seg| {
-            let mut row = CaptionRow {
+            let row = CaptionRow {
                 segment_index: seg.index,
                 start_s: Some(seg.start as f64 / f64::from(rate)),
                 end_s: Some(seg.end as f64 / f64::from(rate)),
@@ -138,14 +127,9 @@ fn prepare_file(
             };
             let frames = fbank.compute(&audio.samples[seg.start..seg.end]);
             if frames.num_frames < min_frames {
-                row.error = Some(too_short_error(
-                    fbank,
-                    seg.end - seg.start,
-                    frames.num_frames,
-                    min_frames,
-                ));
-                row.processed_at_us = now_us();
-                return Err(Box::new(row));
+                let error =
+                    fbank.too_short_error(seg.end - seg.start, frames.num_frames, min_frames);
+                return Err(Box::new(row.failed(RowFailure::TooShort, error, now_us())));
             }
             Ok(Prepared {
                 row,
@@ -198,12 +182,15 @@ pub fn caption_files(
             for h in handles {
                 match h.join() {
                     Ok(rows) => prepared.extend(rows),
-                    Err(_) => prepared.push(Err(Box::new(CaptionRow {
-                        uri: "<worker>".into(),
-                        error: Some("a decoding worker panicked".into()),
-                        processed_at_us: now_us(),
-                        ..base.clone()
-                    }))),
+                    Err(_) => {
+                        let row = CaptionRow {
+                            uri: "<worker>".into(),
+                            ..base.clone()
+                        };
+                        let failed =
+                            row.failed(RowFailure::Input, "a decoding worker panicked", now_us());
+                        prepared.push(Err(Box::new(failed)))
+                    }
                 }
             }
         });
@@ -277,7 +264,7 @@ pub fn caption_segments(
             .collect(),
         Err(e) => segments
             .iter()
-            .map(|&(row, _, _)| failed_row(row, &format!("model: {e}"), stamp))
+            .map(|&(row, _, _)| row.failed(RowFailure::Model, format!("model: {e}"), stamp))
             .collect(),
     }
 }
@@ -290,23 +277,12 @@ pub fn captioned_row(model: &OnnxModel, row: &CaptionRow, g: &Generated, stamp: 
         .decode(&g.token_ids, true)
         .map(|t| t.trim().to_string());
     match text {
-        Ok(text) => CaptionRow {
-            caption: Some(text),
-            score: Some(g.score),
-            num_tokens: Some(g.token_ids.len() as u32),
-            processed_at_us: stamp,
-            ..row.clone()
-        },
-        Err(e) => failed_row(row, &format!("decoding tokens to text: {e}"), stamp),
-    }
-}
-
-/// `row` with the error that stopped it.
-pub fn failed_row(row: &CaptionRow, error: &str, stamp: i64) -> CaptionRow {
-    CaptionRow {
-        error: Some(error.to_string()),
-        processed_at_us: stamp,
-        ..row.clone()
+        Ok(text) => row.captioned(text, g.score, g.token_ids.len() as u32, stamp),
+        Err(e) => row.failed(
+            RowFailure::Tokenizer,
+            format!("decoding tokens to text: {e}"),
+            stamp,
+        ),
     }
 }
 

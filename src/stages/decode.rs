@@ -16,8 +16,7 @@ use crate::audio::decode::{AudioInfo, DecodeError};
 use crate::audio::fbank::Fbank;
 use crate::audio::frontend::{FrontEnd, FrontEndError};
 use crate::audio::segment::SegmentConfig;
-use crate::engine::captioner::too_short_error;
-use crate::output::{CaptionRow, now_us};
+use crate::output::{CaptionRow, RowFailure, now_us};
 use crate::storage::{FetchError, Fetched, FetchedAudio};
 
 /// What every decode worker shares.
@@ -128,10 +127,9 @@ fn fail_input(
     let row = CaptionRow {
         uri: uri.to_string(),
         segment_index: rows_before as u32,
-        error: Some(message),
-        processed_at_us: now_us(),
         ..context.base_row.clone()
-    };
+    }
+    .failed(RowFailure::Input, message, now_us());
     send(
         sink,
         SinkMessage::Rows {
@@ -199,13 +197,12 @@ fn prepare_input(
         emitted += 1;
         emitted_rows.store(emitted, Ordering::Relaxed);
         let sent = if frames.num_frames < context.min_frames {
-            row.error = Some(too_short_error(
-                &context.fbank,
+            let error = context.fbank.too_short_error(
                 seg.samples.len(),
                 frames.num_frames,
                 context.min_frames,
-            ));
-            row.processed_at_us = now_us();
+            );
+            row = row.failed(RowFailure::TooShort, error, now_us());
             send(
                 sink,
                 SinkMessage::Rows {

@@ -10,7 +10,7 @@ use async_channel::Sender;
 use futures::StreamExt;
 
 use super::{InputDone, InputTask, RunCounters, SinkMessage};
-use crate::output::{CaptionRow, now_us};
+use crate::output::{CaptionRow, RowFailure, now_us};
 use crate::storage::{ListOptions, Listed, ShardSpec, Source, StorageError, StorageOptions};
 
 /// What to list and what to leave out.
@@ -57,10 +57,10 @@ async fn list(
             break;
         }
         let (uri, input, list_error) = match item? {
-            Listed::Input(input) => (input.uri.clone(), Some(input), None),
+            Listed::Input(input) => (input.uri.clone(), Some(input), String::new()),
             Listed::Failed { uri, error } => {
                 tracing::warn!(%uri, %error, "input cannot be listed");
-                (uri, None, Some(error.to_string()))
+                (uri, None, error.to_string())
             }
         };
         RunCounters::bump(&counters.listed, 1);
@@ -87,10 +87,9 @@ async fn list(
             None => {
                 let row = CaptionRow {
                     uri: uri.clone(),
-                    error: list_error,
-                    processed_at_us: now_us(),
                     ..plan.base_row.clone()
-                };
+                }
+                .failed(RowFailure::Input, list_error, now_us());
                 sink.send(SinkMessage::Rows {
                     input_id: id,
                     rows: vec![row],

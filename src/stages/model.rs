@@ -21,12 +21,12 @@ use async_channel::{Receiver, Sender, TryRecvError};
 
 use super::{BusyClock, SegmentJob, SinkMessage};
 use crate::engine::audio::{AudioEmbeds, AudioEncoder, AudioQueue};
-use crate::engine::captioner::{caption_segments, captioned_row, failed_row};
+use crate::engine::captioner::{caption_segments, captioned_row};
 use crate::engine::continuous::ContinuousBatcher;
 use crate::engine::generate::{Generated, GenerationParams};
 use crate::engine::model::OnnxModel;
 use crate::manifest::Attention;
-use crate::output::{CaptionRow, now_us};
+use crate::output::{CaptionRow, RowFailure, now_us};
 
 /// Encoded batches the encoder thread may hold ready for the decoder.
 const ENCODED_AHEAD: usize = 4;
@@ -275,10 +275,8 @@ impl Stage {
                         let rows = tags
                             .into_iter()
                             .map(|w| {
-                                (
-                                    w.input_id,
-                                    failed_row(&w.row, &format!("model: {e}"), stamp),
-                                )
+                                let error = format!("model: {e}");
+                                (w.input_id, w.row.failed(RowFailure::Model, error, stamp))
                             })
                             .collect();
                         if !self.send(rows) {
@@ -363,7 +361,7 @@ impl Stage {
                 let rows = batcher
                     .abandon()
                     .into_iter()
-                    .map(|w| (w.input_id, failed_row(&w.row, &error, stamp)))
+                    .map(|w| (w.input_id, w.row.failed(RowFailure::Model, &error, stamp)))
                     .collect();
                 self.send(rows)
             }
@@ -432,7 +430,9 @@ fn encode_batch(
         Err(e) => Err(batch
             .iter()
             .map(|job| {
-                let row = failed_row(&job.row, &format!("model: {e}"), stamp);
+                let row = job
+                    .row
+                    .failed(RowFailure::Model, format!("model: {e}"), stamp);
                 (job.input_id, row)
             })
             .collect()),

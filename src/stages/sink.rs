@@ -12,7 +12,7 @@ use async_channel::Receiver;
 use super::decode::complete_rows;
 use super::{BusyClock, InputDone, RunCounters, SinkMessage};
 use crate::dataset::{DatasetError, DatasetWriter};
-use crate::output::CaptionRow;
+use crate::output::{CaptionRow, RowFailure};
 
 /// Failures by kind, for the summary.
 pub type FailureCounts = std::collections::BTreeMap<String, u64>;
@@ -122,20 +122,48 @@ fn record(done: &InputDone, rows: &[CaptionRow], counters: &RunCounters, out: &m
         return;
     }
     for r in rows.iter().filter(|r| r.error.is_some()) {
-        let kind = segment_failure_kind(r.error.as_deref().unwrap_or_default());
-        *out.failed_segments.entry(kind.to_string()).or_default() += 1;
+        let kind = r.failure.unwrap_or(RowFailure::Input);
+        *out.failed_segments
+            .entry(kind.as_str().to_string())
+            .or_default() += 1;
     }
 }
 
-/// The kind of a segment's error, from the prefix the stages give it.
-fn segment_failure_kind(error: &str) -> &'static str {
-    if error.starts_with(crate::engine::captioner::TOO_SHORT) {
-        "too_short"
-    } else if error.starts_with("model:") {
-        "model"
-    } else if error.starts_with("decoding tokens") {
-        "tokenizer"
-    } else {
-        "input"
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::output::RowFailure;
+
+    #[test]
+    fn segment_failures_are_counted_by_the_kind_their_rows_carry() {
+        let done = InputDone {
+            input_id: 0,
+            uri: "a.wav".into(),
+            rows: 4,
+            audio_seconds: 12.0,
+            failure: None,
+            info: None,
+        };
+        let row = CaptionRow {
+            uri: "a.wav".into(),
+            ..Default::default()
+        };
+        let rows = [
+            row.captioned("a dog barks".into(), -0.4, 3, 1),
+            // The kind, not the text, decides: this message looks like a model error.
+            row.failed(RowFailure::TooShort, "model: looks like one", 1),
+            row.failed(RowFailure::Tokenizer, "decoding tokens to text: bad id", 1),
+            row.failed(RowFailure::Model, "model: out of memory", 1),
+        ];
+        let counters = RunCounters::default();
+        let mut outcome = SinkOutcome::default();
+        record(&done, &rows, &counters, &mut outcome);
+        let kinds: Vec<(&str, u64)> = outcome
+            .failed_segments
+            .iter()
+            .map(|(k, n)| (k.as_str(), *n))
+            .collect();
+        assert_eq!(kinds, [("model", 1), ("tokenizer", 1), ("too_short", 1)]);
+        assert!(outcome.failed_inputs.is_empty());
     }
 }

@@ -183,8 +183,7 @@ impl ClipEncoder {
         let frames = self.fbank.compute(&samples);
         let min_frames = beats.config().input_patch_size;
         if frames.num_frames < min_frames {
-            return Err(ClipError::Clip(crate::engine::captioner::too_short_error(
-                &self.fbank,
+            return Err(ClipError::Clip(self.fbank.too_short_error(
                 samples.len(),
                 frames.num_frames,
                 min_frames,
