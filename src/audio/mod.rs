@@ -3,6 +3,7 @@
 
 pub mod decode;
 pub mod fbank;
+pub mod files;
 pub mod frontend;
 pub mod resample;
 pub mod segment;

@@ -5,6 +5,7 @@ use std::io::Read;
 use std::path::{Path, PathBuf};
 
 use super::catalog::{SourceKind, SourceSpec};
+use crate::audio::files::audio_files;
 
 /// Extensions read as audio in folders and archives.
 const AUDIO_EXTENSIONS: [&str; 7] = ["ogg", "oga", "wav", "wave", "flac", "mp3", "opus"];
@@ -112,32 +113,20 @@ pub fn list(source: &SourceSpec, root: &Path) -> Result<Vec<Recording>, SourceEr
 
 fn list_dir(root: &Path) -> Result<Vec<Recording>, SourceError> {
     let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(|e| read_err(&dir, e))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| read_err(&dir, e))?;
-            let path = entry.path();
-            let kind = entry.file_type().map_err(|e| read_err(&path, e))?;
-            if kind.is_dir() {
-                stack.push(path);
-            } else if kind.is_file() {
-                let Ok(rel) = path.strip_prefix(root) else {
-                    continue;
-                };
-                let rel = rel
-                    .components()
-                    .map(|c| c.as_os_str().to_string_lossy())
-                    .collect::<Vec<_>>()
-                    .join("/");
-                if is_audio(&rel) {
-                    out.push(Recording {
-                        path: rel,
-                        location: Location::File(path),
-                    });
-                }
-            }
-        }
+    for item in audio_files(root) {
+        let path = item.map_err(|e| read_err(&e.path, e.error))?;
+        let Ok(rel) = path.strip_prefix(root) else {
+            continue;
+        };
+        let rel = rel
+            .components()
+            .map(|c| c.as_os_str().to_string_lossy())
+            .collect::<Vec<_>>()
+            .join("/");
+        out.push(Recording {
+            path: rel,
+            location: Location::File(path),
+        });
     }
     Ok(out)
 }

@@ -8,48 +8,29 @@ use std::time::Instant;
 
 use super::generate::{Generated, GenerationParams, generate};
 use super::model::OnnxModel;
-use crate::audio::AUDIO_EXTENSIONS;
 use crate::audio::decode::AudioInfo;
 use crate::audio::fbank::Fbank;
+use crate::audio::files::audio_files;
 use crate::audio::frontend::decode_file_to_rate;
 use crate::audio::segment::{SegmentConfig, plan_segments};
 use crate::output::{CaptionRow, RowFailure, now_us};
 
 /// Files to caption: files as given (a missing one becomes an error row), folders
-/// walked recursively for audio files, in a stable (sorted) order.
+/// walked for audio files ([`audio_files`]); a folder that cannot be read is an input
+/// that fails.
 pub fn collect_inputs(inputs: &[PathBuf]) -> Vec<PathBuf> {
     let mut out = Vec::new();
     for input in inputs {
         if input.is_dir() {
-            let mut found = Vec::new();
-            walk(input, &mut found);
-            found.sort();
-            out.extend(found);
+            out.extend(audio_files(input).into_iter().map(|item| match item {
+                Ok(path) => path,
+                Err(unreadable) => unreadable.path,
+            }));
         } else {
             out.push(input.clone());
         }
     }
     out
-}
-
-fn walk(dir: &Path, found: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        // An unreadable folder is reported as an input that fails.
-        found.push(dir.to_path_buf());
-        return;
-    };
-    for entry in entries.flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            walk(&path, found);
-        } else if path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| AUDIO_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()))
-        {
-            found.push(path);
-        }
-    }
 }
 
 /// Settings of a caption job.

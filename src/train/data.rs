@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
-use crate::audio::AUDIO_EXTENSIONS;
+use crate::audio::files::audio_files;
 use crate::eval::files::{InputError, Layout, read_references, stem};
 
 /// One training clip: its audio and every reference caption.
@@ -102,30 +102,17 @@ impl AudioIndex {
             by_name: HashMap::new(),
             by_stem: HashMap::new(),
         };
-        let mut pending = vec![dir.to_path_buf()];
-        while let Some(folder) = pending.pop() {
-            let mut entries: Vec<PathBuf> = std::fs::read_dir(&folder)?
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .collect();
-            entries.sort();
-            for path in entries.into_iter().rev() {
-                if path.is_dir() {
-                    pending.push(path);
-                    continue;
-                }
-                let is_audio = path
-                    .extension()
-                    .and_then(|e| e.to_str())
-                    .is_some_and(|e| AUDIO_EXTENSIONS.contains(&e.to_ascii_lowercase().as_str()));
-                let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
-                    continue;
-                };
-                if !is_audio {
-                    continue;
-                }
-                index.by_stem.insert(stem(name).to_string(), path.clone());
-                index.by_name.insert(name.to_string(), path);
-            }
+        for item in audio_files(dir) {
+            let path = item.map_err(|e| e.error)?;
+            let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+                continue;
+            };
+            // The walk is sorted: the first file of a name or stem stays.
+            index
+                .by_stem
+                .entry(stem(name).to_string())
+                .or_insert_with(|| path.clone());
+            index.by_name.entry(name.to_string()).or_insert(path);
         }
         Ok(index)
     }
