@@ -7,7 +7,7 @@
 
 use std::time::Instant;
 
-use audiocap::bench::synthetic::{LlamaFiles, LlamaSpec, SyntheticModel, beats_tiny};
+use audiocap::model::synthetic::{LlamaFiles, LlamaSpec, SyntheticModel, beats_tiny};
 use audiocap::engine::audio::AudioEmbeds;
 use audiocap::engine::model::{EngineOptions, OnnxModel};
 use audiocap::export::{ExportOptions, export_model};

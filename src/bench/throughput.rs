@@ -23,7 +23,7 @@ use anyhow::{Context, bail};
 use ndarray::Array3;
 use serde::Serialize;
 
-use super::synthetic::{LlamaFiles, LlamaSpec, SyntheticModel, beats_iter3_plus, beats_tiny};
+use crate::model::synthetic::{LlamaFiles, LlamaSpec, SyntheticModel, beats_iter3_plus, beats_tiny};
 use crate::audio::decode::decode_file;
 use crate::audio::fbank::{Fbank, FbankFrames};
 use crate::audio::resample::resample;

@@ -26,7 +26,7 @@ use super::optim::{AdamW, AdamWSettings};
 pub use super::pretrain::PretrainError as LmError;
 use super::pretrain::{optimizer_step, publish_dir, schedule_problems, write_json};
 use super::schedule::CosineSchedule;
-use crate::bench::synthetic::{Init, LlamaSpec, SourceDtype};
+use crate::model::synthetic::{Init, LlamaSpec, SourceDtype};
 use crate::model::init::{SplitMix64, normal};
 use crate::model::llama::Llama;
 use crate::model::lora::Adaptation;

@@ -24,7 +24,7 @@ use super::schedule::CosineSchedule;
 use crate::audio::fbank::{Fbank, FbankConfig};
 use crate::audio::frontend::FrontEnd;
 use crate::audio::segment::SegmentConfig;
-use crate::bench::synthetic::{Init, beats_iter3_plus, beats_tensors};
+use crate::model::synthetic::{Init, beats_iter3_plus, beats_tensors};
 use crate::model::beats::{Beats, BeatsConfig};
 use crate::model::init::{SplitMix64, normal};
 use crate::model::weights::Weights;
