@@ -47,12 +47,24 @@ fn the_check_passes_a_tree_that_points_down() {
         ("lib.rs", LIB),
         ("main.rs", "mod cli;\nuse audiocap::high::Thing;\n"),
         ("cli/mod.rs", "pub mod run;\n"),
-        ("cli/run.rs", "use audiocap::low::{self, Item};\nuse crate::cli::mod_item;\n"),
+        (
+            "cli/run.rs",
+            "use audiocap::low::{self, Item};\nuse crate::cli::mod_item;\n",
+        ),
         ("high/mod.rs", "pub mod a;\npub mod b;\npub use a::Thing;\n"),
-        ("high/a.rs", "use super::b::Helper;\nuse crate::low::Item;\n"),
-        ("high/b.rs", "// use super::a::Thing; (a comment)\nconst S: &str = \"super::a::x\";\n"),
+        (
+            "high/a.rs",
+            "use super::b::Helper;\nuse crate::low::Item;\n",
+        ),
+        (
+            "high/b.rs",
+            "// use super::a::Thing; (a comment)\nconst S: &str = \"super::a::x\";\n",
+        ),
         ("low.rs", "pub struct Item;\n"),
-        ("other.rs", "#[cfg(test)]\nmod tests {\n    use crate::high::Thing;\n}\n"),
+        (
+            "other.rs",
+            "#[cfg(test)]\nmod tests {\n    use crate::high::Thing;\n}\n",
+        ),
     ]);
     let (ok, text) = check(dir.path());
     assert!(ok, "{text}");
@@ -74,7 +86,13 @@ fn the_check_fails_on_an_upward_arrow_a_peer_and_a_cycle_through_a_reexport() {
     ]);
     let (ok, text) = check(dir.path());
     assert!(!ok, "{text}");
-    assert!(text.contains("`low` uses `high`, which is not below it"), "{text}");
-    assert!(text.contains("`other` uses `low`, which is not below it"), "{text}");
+    assert!(
+        text.contains("`low` uses `high`, which is not below it"),
+        "{text}"
+    );
+    assert!(
+        text.contains("`other` uses `low`, which is not below it"),
+        "{text}"
+    );
     assert!(text.contains("file cycle: high/a ↔ high/b"), "{text}");
 }
