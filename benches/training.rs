@@ -19,10 +19,10 @@
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use audiocap::model::synthetic::{LlamaFiles, LlamaSpec, SourceDtype, write_llama_dir};
 use audiocap::model::init::{SplitMix64, uniform};
 use audiocap::model::llama::LlamaConfig;
 use audiocap::model::prompt::DEFAULT_PROMPT_TEMPLATE;
+use audiocap::model::synthetic::{LlamaFiles, LlamaSpec, SourceDtype, write_llama_dir};
 use audiocap::train::config::parse_device;
 use audiocap::train::model::{
     Example, InitFrom, LoraSettings, TrainableCaptioner, TrainableParams,

@@ -26,11 +26,11 @@ use super::optim::{AdamW, AdamWSettings};
 pub use super::pretrain::PretrainError as LmError;
 use super::pretrain::{optimizer_step, publish_dir, schedule_problems, write_json};
 use super::schedule::CosineSchedule;
-use crate::model::synthetic::{Init, LlamaSpec, SourceDtype};
 use crate::model::init::{SplitMix64, normal};
 use crate::model::llama::Llama;
 use crate::model::lora::Adaptation;
 use crate::model::prompt::{DEFAULT_PROMPT_TEMPLATE, PromptIds, PromptTemplate};
+use crate::model::synthetic::{Init, LlamaSpec, SourceDtype};
 use crate::model::weights::Weights;
 
 /// The decoder's shape and how it is trained (`audiocap pretrain decoder --settings
