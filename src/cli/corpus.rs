@@ -49,7 +49,7 @@ pub struct CorpusBuildArgs {
 }
 
 pub fn run(command: CorpusCommand) -> anyhow::Result<Exit> {
-    use audiocap::corpus::{BuildOptions, build, catalog::Catalog};
+    use audiocap::corpus::{BuildOptions, build, catalog::Catalog, default_cache_dir};
     let (dir, args) = match command {
         CorpusCommand::Check { catalog } => (catalog, None),
         CorpusCommand::Build(args) => (args.catalog.clone(), Some(args)),
@@ -82,15 +82,7 @@ pub fn run(command: CorpusCommand) -> anyhow::Result<Exit> {
         level: "info,symphonia_core=error,symphonia_format_ogg=error,symphonia_metadata=error,symphonia_codec_vorbis=error".to_string(),
         ..Default::default()
     });
-    let cache = args.cache.unwrap_or_else(|| {
-        std::env::var_os("AUDIOCAP_HOME")
-            .map(PathBuf::from)
-            .or_else(|| {
-                std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/audiocap"))
-            })
-            .unwrap_or_else(|| PathBuf::from(".audiocap"))
-            .join("corpus-cache")
-    });
+    let cache = args.cache.unwrap_or_else(default_cache_dir);
     let options = BuildOptions {
         out: args.out,
         debs: args.debs,

@@ -171,8 +171,7 @@ fn encoder(args: PretrainEncoderArgs) -> anyhow::Result<Exit> {
 }
 
 fn decoder(args: PretrainDecoderArgs) -> anyhow::Result<Exit> {
-    use anyhow::Context;
-    use audiocap::train::lm::{CaptionText, LmSettings, pretrain_decoder};
+    use audiocap::train::lm::{LmSettings, pretrain_decoder, read_caption_texts};
     let settings = match pretrain_settings::<LmSettings>(
         args.common.settings.as_ref(),
         "decoder settings",
@@ -183,30 +182,9 @@ fn decoder(args: PretrainDecoderArgs) -> anyhow::Result<Exit> {
         Err(code) => return Ok(code),
     };
     let with_labels = settings.audio_slot == audiocap::train::lm::AudioSlot::Labels;
-    let read = |path: &PathBuf| -> anyhow::Result<Vec<CaptionText>> {
-        let refs = audiocap::eval::files::read_references(path, None)
-            .with_context(|| format!("reading captions from {}", path.display()))?;
-        let labels = if with_labels {
-            audiocap::eval::files::read_labels(path, "labels")
-                .with_context(|| format!("reading labels from {}", path.display()))?
-        } else {
-            Default::default()
-        };
-        Ok(refs
-            .clips
-            .into_iter()
-            .flat_map(|c| {
-                let l = labels.get(&c.key).cloned().unwrap_or_default();
-                c.captions.into_iter().map(move |caption| CaptionText {
-                    caption,
-                    labels: l.clone(),
-                })
-            })
-            .collect())
-    };
-    let train = read(&args.captions)?;
+    let train = read_caption_texts(&args.captions, with_labels)?;
     let validation = match &args.validation {
-        Some(p) => read(p)?,
+        Some(p) => read_caption_texts(p, with_labels)?,
         None => Vec::new(),
     };
     init_logging(&Default::default());

@@ -98,6 +98,32 @@ impl CaptionText {
     }
 }
 
+/// The training texts of a caption table (Clotho, AudioCaps or a generic layout, read
+/// as `audiocap eval` reads references): every caption of every clip, with the clip's
+/// `labels` column (`;`-separated) when `with_labels`.
+pub fn read_caption_texts(path: &Path, with_labels: bool) -> anyhow::Result<Vec<CaptionText>> {
+    use anyhow::Context;
+    let refs = crate::eval::files::read_references(path, None)
+        .with_context(|| format!("reading captions from {}", path.display()))?;
+    let labels = if with_labels {
+        crate::eval::files::read_labels(path, "labels")
+            .with_context(|| format!("reading labels from {}", path.display()))?
+    } else {
+        Default::default()
+    };
+    Ok(refs
+        .clips
+        .into_iter()
+        .flat_map(|c| {
+            let l = labels.get(&c.key).cloned().unwrap_or_default();
+            c.captions.into_iter().map(move |caption| CaptionText {
+                caption,
+                labels: l.clone(),
+            })
+        })
+        .collect())
+}
+
 impl Default for LmSettings {
     fn default() -> Self {
         Self {
