@@ -39,7 +39,7 @@ pub enum ManifestError {
 }
 
 /// Precision of the exported weights and activations.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum ExportDtype {
     F32,
@@ -47,7 +47,7 @@ pub enum ExportDtype {
 }
 
 /// How the graphs compute attention (and the decoder keeps its KV cache).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Attention {
     /// Plain ONNX operators, as transformers' eager attention: the cache grows by

@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use arrow_array::{Array, ArrayRef, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
-use audiocap::eval::command::{EvalArgs, EvalOutcome, run_eval};
+use audiocap::eval::command::{EvalOptions, EvalOutcome, run_eval};
 use audiocap::eval::files::Layout;
 use audiocap::output::{CaptionFileWriter, CaptionRow};
 use parquet::arrow::ArrowWriter;
@@ -38,8 +38,8 @@ fn set1() -> Set {
     set
 }
 
-fn args(pred: &Path, refs: &Path, dir: &Path) -> EvalArgs {
-    EvalArgs {
+fn args(pred: &Path, refs: &Path, dir: &Path) -> EvalOptions {
+    EvalOptions {
         pred: pred.to_path_buf(),
         refs: refs.to_path_buf(),
         out: Some(dir.join("out/metrics.json")),

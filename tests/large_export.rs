@@ -7,11 +7,11 @@
 
 use std::time::Instant;
 
-use audiocap::bench::synthetic::{LlamaFiles, LlamaSpec, SyntheticModel, beats_tiny};
 use audiocap::engine::audio::AudioEmbeds;
 use audiocap::engine::model::{EngineOptions, OnnxModel};
 use audiocap::export::{ExportOptions, export_model};
 use audiocap::manifest::ExportDtype;
+use audiocap::model::synthetic::{LlamaFiles, LlamaSpec, SyntheticModel, beats_tiny};
 use ndarray::Array3;
 
 use crate::common::fixtures;

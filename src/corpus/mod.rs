@@ -57,6 +57,19 @@ pub struct BuildOptions {
     pub threads: usize,
 }
 
+/// Where downloaded and unpacked packages are kept between builds unless told:
+/// `${AUDIOCAP_HOME:-~/.local/share/audiocap}/corpus-cache` (`.audiocap/corpus-cache`
+/// with neither variable set).
+pub fn default_cache_dir() -> PathBuf {
+    std::env::var_os("AUDIOCAP_HOME")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/audiocap"))
+        })
+        .unwrap_or_else(|| PathBuf::from(".audiocap"))
+        .join("corpus-cache")
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum CorpusError {
     #[error("{0} exists (use --overwrite to replace it)")]

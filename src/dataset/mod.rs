@@ -12,9 +12,9 @@
 //! committed parts are ever read. See [`DatasetWriter`] for writing and
 //! [`committed_inputs`] for resuming.
 
-pub mod command;
 mod commit;
 mod finalize;
+mod report;
 mod resume;
 mod writer;
 
@@ -29,6 +29,7 @@ pub use finalize::{
     DatasetManifest, DatasetStatus, FinalizeOutcome, MANIFEST_FILE, SUCCESS_FILE, ShardState,
     ShardStatus, dataset_status, finalize,
 };
+pub use report::{finalize_json, render_finalize, render_status};
 pub use resume::committed_inputs;
 pub use writer::DatasetWriter;
 

@@ -14,58 +14,46 @@ use super::{CorpusScores, JavaScores, report, score_corpus, score_java_metrics};
 /// How many unmatched keys the report lists.
 const SAMPLE: usize = 10;
 
-/// Arguments of `audiocap eval`.
-#[derive(Debug, Clone, clap::Args)]
-pub struct EvalArgs {
+/// What `audiocap eval` reads, scores and writes.
+#[derive(Debug, Clone)]
+pub struct EvalOptions {
     /// Predictions: an audiocap captions Parquet file (`uri`, `segment_index`,
     /// `caption`, `error`) or a CSV with columns `file_name, caption`.
-    #[arg(long)]
     pub pred: PathBuf,
     /// References: Clotho CSV (`file_name, caption_1..caption_5`), AudioCaps CSV
     /// (`audiocap_id, youtube_id, start_time, caption`), or a CSV/Parquet with a key
     /// column (`file_name`, `uri` or --key-column) and columns named `caption*`.
-    #[arg(long)]
     pub refs: PathBuf,
     /// Write the scores, counts and inputs as JSON here.
-    #[arg(long)]
     pub out: Option<PathBuf>,
     /// Write per-clip scores as Parquet here.
-    #[arg(long = "per-clip")]
     pub per_clip: Option<PathBuf>,
     /// Key column of a generic reference table (default: `file_name`, then `uri`).
-    #[arg(long = "key-column")]
     pub key_column: Option<String>,
     /// Java for METEOR and SPICE (default: `$JAVA_HOME/bin/java`, then `java` on PATH).
-    #[arg(long)]
     pub java: Option<PathBuf>,
     /// METEOR 1.5 jar, with `data/paraphrase-en.gz` beside it (default:
     /// `$AUDIOCAP_METEOR_JAR`, then the jar of the installed `pycocoevalcap` package).
-    #[arg(long = "meteor-jar")]
     pub meteor_jar: Option<PathBuf>,
     /// SPICE jar (default: `$AUDIOCAP_SPICE_JAR`, then pycocoevalcap's `spice-1.0.jar`).
-    #[arg(long = "spice-jar")]
     pub spice_jar: Option<PathBuf>,
     /// Folder with `stanford-corenlp-3.6.0.jar` and `stanford-corenlp-3.6.0-models.jar`
     /// for SPICE (default: `$AUDIOCAP_CORENLP_DIR`, then the SPICE jar's `lib/`).
-    #[arg(long = "corenlp-dir")]
     pub corenlp_dir: Option<PathBuf>,
     /// Skip METEOR and SPICE (no JVM is started).
-    #[arg(long = "no-java-metrics")]
     pub no_java_metrics: bool,
     /// Also score the best single constant caption: every caption of this table
     /// (e.g. the training set's) given to every clip, the one with the highest CIDEr-D
     /// reported (the bar a captioner must clear).
-    #[arg(long = "constant-baseline", value_name = "CAPTIONS")]
     pub constant_baseline: Option<PathBuf>,
     /// Column of the references with each clip's class labels (`;`-separated, as
     /// `audiocap corpus build` writes `labels`): report the share of predictions that
     /// name one of their clip's labels.
-    #[arg(long = "labels-column")]
     pub labels_column: Option<String>,
 }
 
-impl EvalArgs {
-    /// The Java tool locations given on the command line.
+impl EvalOptions {
+    /// The Java tool locations given.
     pub fn java_paths(&self) -> JavaPaths {
         JavaPaths {
             java: self.java.clone(),
@@ -159,7 +147,7 @@ impl EvalOutcome {
 
 /// Runs the evaluation and writes `--out` and `--per-clip` when given. The caller
 /// prints [`EvalOutcome::report`].
-pub fn run_eval(args: &EvalArgs) -> anyhow::Result<EvalOutcome> {
+pub fn run_eval(args: &EvalOptions) -> anyhow::Result<EvalOutcome> {
     let predictions = files::read_predictions(&args.pred)
         .with_context(|| format!("reading predictions {}", args.pred.display()))?;
     let references = files::read_references(&args.refs, args.key_column.as_deref())

@@ -26,12 +26,12 @@ use super::optim::{AdamW, AdamWSettings};
 pub use super::pretrain::PretrainError as LmError;
 use super::pretrain::{load_settings, optimizer_step, publish_dir, schedule_problems, write_json};
 use super::schedule::CosineSchedule;
-use crate::bench::synthetic::{Init, LlamaSpec, SourceDtype};
 use crate::config::{ConfigErrors, ConfigProblem, Schema, check_section, problem};
 use crate::model::init::{SplitMix64, normal};
 use crate::model::llama::Llama;
 use crate::model::lora::Adaptation;
 use crate::model::prompt::{DEFAULT_PROMPT_TEMPLATE, PromptIds, PromptTemplate};
+use crate::model::synthetic::{Init, LlamaSpec, SourceDtype};
 use crate::model::weights::Weights;
 
 /// The decoder's shape and how it is trained (`audiocap pretrain decoder --settings
@@ -97,6 +97,32 @@ impl CaptionText {
             labels: Vec::new(),
         }
     }
+}
+
+/// The training texts of a caption table (Clotho, AudioCaps or a generic layout, read
+/// as `audiocap eval` reads references): every caption of every clip, with the clip's
+/// `labels` column (`;`-separated) when `with_labels`.
+pub fn read_caption_texts(path: &Path, with_labels: bool) -> anyhow::Result<Vec<CaptionText>> {
+    use anyhow::Context;
+    let refs = crate::eval::files::read_references(path, None)
+        .with_context(|| format!("reading captions from {}", path.display()))?;
+    let labels = if with_labels {
+        crate::eval::files::read_labels(path, "labels")
+            .with_context(|| format!("reading labels from {}", path.display()))?
+    } else {
+        Default::default()
+    };
+    Ok(refs
+        .clips
+        .into_iter()
+        .flat_map(|c| {
+            let l = labels.get(&c.key).cloned().unwrap_or_default();
+            c.captions.into_iter().map(move |caption| CaptionText {
+                caption,
+                labels: l.clone(),
+            })
+        })
+        .collect())
 }
 
 impl Default for LmSettings {

@@ -24,10 +24,10 @@ use super::schedule::CosineSchedule;
 use crate::audio::fbank::{Fbank, FbankConfig};
 use crate::audio::frontend::FrontEnd;
 use crate::audio::segment::SegmentConfig;
-use crate::bench::synthetic::{Init, beats_iter3_plus, beats_tensors};
 use crate::config::{ConfigErrors, ConfigProblem, Schema, check_section, problem};
 use crate::model::beats::{Beats, BeatsConfig};
 use crate::model::init::{SplitMix64, normal};
+use crate::model::synthetic::{Init, beats_iter3_plus, beats_tensors};
 use crate::model::weights::Weights;
 
 /// The encoder's shape and how it is trained (`--settings FILE.toml`: any of these

@@ -66,7 +66,7 @@ fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> SyntheticError + '_ {
 // ---------------------------------------------------------------------------------
 
 /// Element type of a written checkpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum SourceDtype {
     F32,
