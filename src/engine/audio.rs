@@ -16,9 +16,9 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use super::error::{EngineError, Result, run_error};
 use super::runtime::DeviceSpec;
 use super::session::{helper_session, run_bound, to_device};
-use crate::export::encoder::io as enc_io;
-use crate::export::onnx::{DataType, Dim, Graph, Value};
+use crate::graph_io::encoder as enc_io;
 use crate::manifest::ExportDtype;
+use crate::onnx::{DataType, Dim, Graph, Value};
 
 /// The encoder graph's session: normalised fbank in, audio embeddings out, left
 /// where the model runs. It belongs to [`OnnxModel`] until handed to a thread of its

@@ -18,8 +18,8 @@ use ort::value::{DynValue, Tensor};
 use super::error::{EngineError, Result, run_error};
 use super::runtime::DeviceSpec;
 use super::session::{helper_session, run_bound};
-use crate::export::onnx::{DataType, Dim, Graph};
 use crate::manifest::ExportDtype;
+use crate::onnx::{DataType, Dim, Graph};
 
 /// What the row helpers need to know about a model's cache: where it lives, its
 /// element type, how many values (two per layer) and their fixed dimensions.

@@ -14,7 +14,7 @@ use super::error::{EngineError, Result, run_error};
 use super::kv_cache::{CacheLayout, RowGatherer, RowInserter, ZeroFiller};
 use super::runtime::{DeviceSpec, session_builder};
 use super::session::{device_memory, run_bound, to_device};
-use crate::export::decoder::{FUSED_MAX_POSITIONS, io as dec_io};
+use crate::graph_io::decoder::{self as dec_io, FUSED_MAX_POSITIONS};
 use crate::manifest::{Attention, ExportDtype, ModelManifest};
 use crate::model::prompt::load_tokenizer;
 

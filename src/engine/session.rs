@@ -11,7 +11,7 @@ use ort::value::{DynTensorValueType, DynValue};
 
 use super::error::{EngineError, Result, run_error};
 use super::runtime::{DeviceSpec, session_builder};
-use crate::export::onnx::Graph;
+use crate::onnx::Graph;
 
 /// A copy of `value` in `device`'s memory, allocated by ONNX Runtime.
 pub(super) fn to_device(value: &DynValue, device: DeviceSpec) -> Result<DynValue> {
