@@ -21,8 +21,9 @@ use crate::manifest::ExportDtype;
 use crate::onnx::{DataType, Dim, Graph, Value};
 
 /// The encoder graph's session: normalised fbank in, audio embeddings out, left
-/// where the model runs. It belongs to [`OnnxModel`] until handed to a thread of its
-/// own ([`OnnxModel::take_encoder`]).
+/// where the model runs. It belongs to [`OnnxModel`](super::model::OnnxModel) until
+/// handed to a thread of its own
+/// ([`OnnxModel::take_encoder`](super::model::OnnxModel::take_encoder)).
 pub struct AudioEncoder {
     session: Session,
     device: DeviceSpec,
