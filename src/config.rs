@@ -425,20 +425,40 @@ mod tests {
             ("CPU", DeviceSpec::Cpu),
             ("cuda", DeviceSpec::Cuda(0)),
             (" CUDA ", DeviceSpec::Cuda(0)),
+            ("cuda:0", DeviceSpec::Cuda(0)),
             ("cuda:3", DeviceSpec::Cuda(3)),
             ("Cuda:12", DeviceSpec::Cuda(12)),
+            (" cuda:12 ", DeviceSpec::Cuda(12)),
         ] {
             assert_eq!(text.parse(), Ok(device), "{text}");
         }
-        for bad in [
-            "", "gpu", "cuda:", "cuda:+1", "cuda:-1", "cuda:x", "cuda:1:2", "cuda 1",
-        ] {
-            let err = bad.parse::<DeviceSpec>().unwrap_err();
-            assert!(
-                err.to_string().contains("expected `cpu`, `cuda`"),
-                "{bad}: {err}"
-            );
+        for s in [DeviceSpec::Cpu, DeviceSpec::Cuda(0), DeviceSpec::Cuda(7)] {
+            assert_eq!(s.to_string().parse(), Ok(s));
         }
         assert_eq!(DeviceSpec::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn other_devices_are_refused_naming_the_valid_forms() {
+        for bad in [
+            "",
+            "gpu",
+            "cuda:",
+            "cuda:x",
+            "cuda:-1",
+            "cuda:+1",
+            "cuda0",
+            "cuda 1",
+            "cuda:1:2",
+            "cpu:0",
+            "cuda:99999999999999999999999",
+        ] {
+            let err = bad.parse::<DeviceSpec>().expect_err(bad);
+            let msg = err.to_string();
+            assert!(msg.contains(&format!("`{bad}`")), "{msg}");
+            for form in ["`cpu`", "`cuda`", "`cuda:N`"] {
+                assert!(msg.contains(form), "{msg}");
+            }
+        }
     }
 }

@@ -31,6 +31,10 @@
 //!   licensed Debian sound packages, espeak-ng speech and synthetic signals.
 //! - [`export`]: the model written as ONNX graphs with a manifest (`audiocap export`).
 //! - [`engine`]: the exported model on ONNX Runtime (`audiocap caption`).
+//! - [`onnx`]: ONNX protobuf messages and a graph builder (external data for large
+//!   models), for the exporter's graphs and the engine's small helper graphs.
+//! - [`graph_io`]: the contract between export and engine: the names of the graphs'
+//!   inputs and outputs and the limits both hold to.
 //! - [`pipeline`]: `audiocap run`: pipeline files, the wiring of the stages, progress
 //!   and the run summary.
 //! - [`stages`]: list, fetch, decode, batch, model, sink: async loops between bounded
@@ -49,8 +53,10 @@ pub mod dataset;
 pub mod engine;
 pub mod eval;
 pub mod export;
+pub mod graph_io;
 pub mod manifest;
 pub mod model;
+pub mod onnx;
 pub mod output;
 pub mod pipeline;
 pub mod stages;

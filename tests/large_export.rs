@@ -76,7 +76,7 @@ fn decoder_past_two_gigabytes_exports_with_external_data_and_runs() {
     let audio = Array3::from_shape_fn((1, 1, hidden), |(_, _, k)| ((k % 7) as f32 - 3.0) * 0.01);
     let prompt_len = model.prompt_len();
     let embeds = model
-        .prompt(&AudioEmbeds::from_array(&model, audio).unwrap())
+        .prompt(&AudioEmbeds::from_array(model.device(), audio).unwrap())
         .unwrap();
     let past = model.empty_past(1, 0).unwrap();
     let (logits, cache) = model.decode(embeds, past, 0).unwrap();

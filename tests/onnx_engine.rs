@@ -171,7 +171,7 @@ fn onnx_runtime_matches_candle() {
     let len = engine.prompt_len();
     assert_eq!(candle_prompt.dims(), &[1, len, hidden]);
     let embeds = engine
-        .prompt(&AudioEmbeds::from_array(&engine, clip0).unwrap())
+        .prompt(&AudioEmbeds::from_array(engine.device(), clip0).unwrap())
         .unwrap();
     let ort_prompt = engine.to_host(&embeds).unwrap();
     assert_eq!(ort_prompt.shape(), &[1, len, hidden]);
@@ -377,12 +377,12 @@ fn f16_export_matches_f32_within_half_precision() {
     // Both decoders on the f32 export's audio.
     let past = e32.empty_past(4, 64).unwrap();
     let prompt = e32
-        .prompt(&AudioEmbeds::from_array(&e32, a32.clone()).unwrap())
+        .prompt(&AudioEmbeds::from_array(e32.device(), a32.clone()).unwrap())
         .unwrap();
     let (l32, _) = e32.decode(prompt, past, 0).unwrap();
     let past = e16.empty_past(4, 64).unwrap();
     let prompt = e16
-        .prompt(&AudioEmbeds::from_array(&e16, a32.clone()).unwrap())
+        .prompt(&AudioEmbeds::from_array(e16.device(), a32.clone()).unwrap())
         .unwrap();
     let (l16, _) = e16.decode(prompt, past, 0).unwrap();
     let scale = l32.iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -614,7 +614,7 @@ fn batches(model: &OnnxModel, audio: &ndarray::Array3<f32>, sizes: &[usize]) -> 
                 .slice(ndarray::s![start..start + n, .., ..])
                 .to_owned();
             start += n;
-            AudioEmbeds::from_array(model, part).unwrap()
+            AudioEmbeds::from_array(model.device(), part).unwrap()
         })
         .collect()
 }

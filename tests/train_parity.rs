@@ -354,7 +354,7 @@ fn bf16_steps_move_the_lora_layers_and_the_saved_checkpoint_exports_to_their_log
     )
     .unwrap();
     let prompt = onnx
-        .prompt(&AudioEmbeds::from_array(&onnx, audio).unwrap())
+        .prompt(&AudioEmbeds::from_array(onnx.device(), audio).unwrap())
         .unwrap();
     let past = onnx.empty_past(1, 0).unwrap();
     let (logits, _) = onnx.decode(prompt, past, 0).unwrap();

@@ -155,7 +155,7 @@ pub(super) fn measure_decoder(
     let b = audio.dim().0;
     let prompt_tokens = model.prompt_len();
     // The batch's audio where the model runs, as the encoder leaves it.
-    let audio = &AudioEmbeds::from_array(model, audio.clone())?;
+    let audio = &AudioEmbeds::from_array(model.device(), audio.clone())?;
     let prefill = r.time(|| {
         let embeds = model.prompt(audio)?;
         let past = model.empty_past(b, model.cache_capacity(n))?;
@@ -267,7 +267,7 @@ pub(super) fn profile_generation(
     .with_context(|| format!("loading {} with profiling", export_dir.display()))?;
     model.encode(encoder_batch)?;
     model.encode(encoder_batch)?;
-    let audio = AudioEmbeds::from_array(&model, audio.clone())?;
+    let audio = AudioEmbeds::from_array(model.device(), audio.clone())?;
     generate_fixed(&mut model, &audio, n)?;
     generate_fixed(&mut model, &audio, n)?;
     let mut files = Vec::new();

@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use anyhow::bail;
 use serde::Serialize;
 
-use crate::engine::runtime::DeviceSpec;
+use crate::config::DeviceSpec;
 use crate::manifest::{Attention, ExportDtype};
 use crate::model::synthetic::{
     LlamaFiles, LlamaSpec, SyntheticModel, beats_iter3_plus, beats_tiny,

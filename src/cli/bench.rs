@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use audiocap::bench::{BenchOptions, BenchPreset, BenchStage, run_bench};
-use audiocap::engine::runtime::DeviceSpec;
+use audiocap::config::DeviceSpec;
 
 use super::exit::Exit;
 use super::export::{AttentionArg, DtypeArg};

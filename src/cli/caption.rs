@@ -5,10 +5,10 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use audiocap::audio::segment::SegmentConfig;
+use audiocap::config::DeviceSpec;
 use audiocap::engine::captioner::{CaptionJobOptions, caption_files, collect_inputs, new_run_id};
 use audiocap::engine::generate::GenerationParams;
 use audiocap::engine::model::{EngineOptions, OnnxModel};
-use audiocap::engine::runtime::DeviceSpec;
 use audiocap::output::CaptionFileWriter;
 
 use super::exit::Exit;

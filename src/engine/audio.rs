@@ -13,20 +13,17 @@ use ndarray::{Array2, Array3};
 use ort::session::Session;
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 
-use super::kv_cache::{helper_session, run_bound, to_device};
-use super::model::{EngineError, OnnxModel, Result};
-use super::runtime::DeviceSpec;
-use crate::export::encoder::io as enc_io;
-use crate::export::onnx::{DataType, Dim, Graph, Value};
+use super::error::{EngineError, Result, run_error};
+use super::session::{helper_session, run_bound, to_device};
+use crate::config::DeviceSpec;
+use crate::graph_io::encoder as enc_io;
 use crate::manifest::ExportDtype;
-
-fn run_error(graph: &'static str) -> impl FnOnce(ort::Error) -> EngineError {
-    move |source| EngineError::Run { graph, source }
-}
+use crate::onnx::{DataType, Dim, Graph, Value};
 
 /// The encoder graph's session: normalised fbank in, audio embeddings out, left
-/// where the model runs. It belongs to [`OnnxModel`] until handed to a thread of its
-/// own ([`OnnxModel::take_encoder`]).
+/// where the model runs. It belongs to [`OnnxModel`](super::model::OnnxModel) until
+/// handed to a thread of its own
+/// ([`OnnxModel::take_encoder`](super::model::OnnxModel::take_encoder)).
 pub struct AudioEncoder {
     session: Session,
     device: DeviceSpec,
@@ -132,9 +129,9 @@ impl AudioEmbeds {
         })
     }
 
-    /// Host embeddings moved to `model`'s device (tests, benchmarks, reference audio).
-    pub fn from_array(model: &OnnxModel, audio: Array3<f32>) -> Result<Self> {
-        let device = model.device();
+    /// Host embeddings moved to `device`, the one the model runs on (tests,
+    /// benchmarks, reference audio).
+    pub fn from_array(device: DeviceSpec, audio: Array3<f32>) -> Result<Self> {
         let host = Tensor::from_array(audio)
             .map_err(run_error("audio_encoder"))?
             .into_dyn();

@@ -10,8 +10,9 @@
 use ort::value::DynValue;
 
 use super::audio::{AudioEmbeds, AudioQueue};
+use super::error::{EngineError, Result};
 use super::generate::{Generated, GenerationParams};
-use super::model::{EngineError, OnnxModel, Result};
+use super::model::OnnxModel;
 use crate::manifest::Attention;
 
 /// One clip being captioned, with the caller's tag.

@@ -7,7 +7,8 @@
 use ndarray::{Array2, ArrayView1};
 
 use super::audio::AudioEmbeds;
-use super::model::{OnnxModel, Result};
+use super::error::Result;
+use super::model::OnnxModel;
 
 /// How captions are generated.
 #[derive(Debug, Clone)]

@@ -12,45 +12,14 @@
 //! new rows are written. Beam search and finished rows leaving a batch pick rows with
 //! a graph of `Gather` nodes: the cache never leaves the device.
 
-use ort::memory::{AllocationDevice, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::Session;
-use ort::value::{DynTensorValueType, DynValue, Tensor};
+use ort::value::{DynValue, Tensor};
 
-use super::model::{EngineError, Result};
-use super::runtime::{DeviceSpec, session_builder};
-use crate::export::onnx::{DataType, Dim, Graph};
+use super::error::{EngineError, Result, run_error};
+use super::session::{helper_session, run_bound};
+use crate::config::DeviceSpec;
 use crate::manifest::ExportDtype;
-
-fn run_error(source: ort::Error) -> EngineError {
-    EngineError::Run {
-        graph: "decoder",
-        source,
-    }
-}
-
-/// A copy of `value` in `device`'s memory, allocated by ONNX Runtime.
-pub fn to_device(value: &DynValue, device: DeviceSpec) -> Result<DynValue> {
-    let tensor = value
-        .view()
-        .downcast::<DynTensorValueType>()
-        .map_err(|e| EngineError::Input(format!("cache value is not a tensor: {e}")))?;
-    let (kind, id) = location(device);
-    Ok(tensor.to(kind, id).map_err(run_error)?.into_dyn())
-}
-
-/// Where ONNX Runtime allocates for `device`.
-fn location(device: DeviceSpec) -> (AllocationDevice<'static>, i32) {
-    match device {
-        DeviceSpec::Cpu => (AllocationDevice::CPU, 0),
-        DeviceSpec::Cuda(id) => (AllocationDevice::CUDA, id as i32),
-    }
-}
-
-/// Device memory of `device`, for outputs bound where the model runs.
-pub fn device_memory(device: DeviceSpec) -> Result<MemoryInfo<'static>> {
-    let (kind, id) = location(device);
-    MemoryInfo::new(kind, id, AllocatorType::Device, MemoryType::Default).map_err(run_error)
-}
+use crate::onnx::{DataType, Dim, Graph};
 
 /// What the row helpers need to know about a model's cache: where it lives, its
 /// element type, how many values (two per layer) and their fixed dimensions.
@@ -85,52 +54,6 @@ impl CacheLayout {
     fn session(&self, g: Graph, what: &str) -> Result<Session> {
         helper_session(g, self.device, what)
     }
-}
-
-/// A session for a small helper graph built at run time (weights inline), on
-/// `device`, one thread: it moves or reshapes values, it computes next to nothing.
-pub(super) fn helper_session(g: Graph, device: DeviceSpec, what: &str) -> Result<Session> {
-    let bytes = g
-        .into_bytes(env!("CARGO_PKG_VERSION"))
-        .map_err(|e| EngineError::Input(format!("building the {what} graph: {e}")))?;
-    session_builder(&device, Some(1))?
-        .commit_from_memory(&bytes)
-        .map_err(|source| EngineError::Load {
-            path: format!("<{what} graph>").into(),
-            source,
-        })
-}
-
-/// Runs a session with `inputs` bound as they are and `outputs` allocated where the
-/// model runs (`device`): nothing returns to the host. The outputs come back in order.
-pub(super) fn run_bound(
-    session: &mut Session,
-    graph: &'static str,
-    device: DeviceSpec,
-    inputs: &[(String, &DynValue)],
-    outputs: &[String],
-) -> Result<Vec<DynValue>> {
-    let fail = |source| EngineError::Run { graph, source };
-    let memory = device_memory(device)?;
-    let mut binding = session.create_binding().map_err(fail)?;
-    for (name, value) in inputs {
-        binding.bind_input(name, value).map_err(fail)?;
-    }
-    for name in outputs {
-        binding.bind_output_to_device(name, &memory).map_err(fail)?;
-    }
-    let mut results = session.run_binding(&binding).map_err(fail)?;
-    outputs
-        .iter()
-        .map(|name| {
-            results
-                .remove(name.as_str())
-                .ok_or_else(|| EngineError::MissingOutput {
-                    graph,
-                    name: name.clone(),
-                })
-        })
-        .collect()
 }
 
 /// Zero-filled fused-attention buffers made where the model runs: `shape` [4] int64
@@ -172,7 +95,7 @@ impl ZeroFiller {
     pub fn zeros(&mut self, shape: [usize; 4]) -> Result<Vec<DynValue>> {
         let dims: Vec<i64> = shape.iter().map(|&d| d as i64).collect();
         let dims = Tensor::from_array((vec![4usize], dims))
-            .map_err(run_error)?
+            .map_err(run_error("decoder"))?
             .into_dyn();
         let outputs: Vec<String> = (0..self.values).map(zeros_name).collect();
         run_bound(
@@ -232,7 +155,7 @@ impl RowGatherer {
         }
         let indices: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         let indices = Tensor::from_array((vec![rows.len()], indices))
-            .map_err(run_error)?
+            .map_err(run_error("decoder"))?
             .into_dyn();
         let mut inputs = vec![(ROWS.to_string(), &indices)];
         inputs.extend(cache.iter().enumerate().map(|(i, c)| (cache_name(i), c)));
@@ -303,18 +226,30 @@ impl RowInserter {
         }
         let indices: Vec<i64> = rows.iter().map(|&r| r as i64).collect();
         let indices = Tensor::from_array((vec![rows.len(), 1], indices))
-            .map_err(run_error)?
+            .map_err(run_error("decoder"))?
             .into_dyn();
-        let mut binding = self.session.create_binding().map_err(run_error)?;
-        binding.bind_input(ROWS, &indices).map_err(run_error)?;
+        let mut binding = self
+            .session
+            .create_binding()
+            .map_err(run_error("decoder"))?;
+        binding
+            .bind_input(ROWS, &indices)
+            .map_err(run_error("decoder"))?;
         for (i, (c, u)) in cache.iter_mut().zip(update).enumerate() {
-            binding.bind_input(cache_name(i), c).map_err(run_error)?;
-            binding.bind_input(update_name(i), u).map_err(run_error)?;
+            binding
+                .bind_input(cache_name(i), c)
+                .map_err(run_error("decoder"))?;
+            binding
+                .bind_input(update_name(i), u)
+                .map_err(run_error("decoder"))?;
             binding
                 .bind_output(format!("{}.out", cache_name(i)), c)
-                .map_err(run_error)?;
+                .map_err(run_error("decoder"))?;
         }
-        let outputs = self.session.run_binding(&binding).map_err(run_error)?;
+        let outputs = self
+            .session
+            .run_binding(&binding)
+            .map_err(run_error("decoder"))?;
         drop(outputs);
         drop(binding);
         Ok(cache)

@@ -10,34 +10,14 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use tokenizers::Tokenizer;
 
 use super::audio::{AudioEmbeds, AudioEncoder, PromptAssembler};
-use super::kv_cache::{self, CacheLayout, RowGatherer, RowInserter, ZeroFiller};
-use super::runtime::{DeviceSpec, RuntimeError, session_builder};
-use crate::export::decoder::{FUSED_MAX_POSITIONS, io as dec_io};
-use crate::manifest::{Attention, ExportDtype, ManifestError, ModelManifest};
-use crate::model::prompt::{PromptError, load_tokenizer};
-
-#[derive(Debug, thiserror::Error)]
-pub enum EngineError {
-    #[error(transparent)]
-    Runtime(#[from] RuntimeError),
-    #[error(transparent)]
-    Manifest(#[from] ManifestError),
-    #[error(transparent)]
-    Prompt(#[from] PromptError),
-    #[error("{}: loading the ONNX graph: {source}", path.display())]
-    Load { path: PathBuf, source: ort::Error },
-    #[error("{graph}: {source}")]
-    Run {
-        graph: &'static str,
-        source: ort::Error,
-    },
-    #[error("{graph}: output `{name}` is missing")]
-    MissingOutput { graph: &'static str, name: String },
-    #[error("{0}")]
-    Input(String),
-}
-
-pub type Result<T> = std::result::Result<T, EngineError>;
+use super::error::{EngineError, Result, run_error};
+use super::kv_cache::{CacheLayout, RowGatherer, RowInserter, ZeroFiller};
+use super::runtime::session_builder;
+use super::session::{device_memory, run_bound, to_device};
+use crate::config::DeviceSpec;
+use crate::graph_io::decoder::{self as dec_io, FUSED_MAX_POSITIONS};
+use crate::manifest::{Attention, ExportDtype, ModelManifest};
+use crate::model::prompt::load_tokenizer;
 
 /// How sessions are created.
 #[derive(Debug, Clone)]
@@ -109,10 +89,6 @@ pub struct GreedyChoice {
     pub tokens: Vec<u32>,
     /// Log-probability of each chosen token under the full softmax.
     pub logprobs: Vec<f32>,
-}
-
-fn run_error(graph: &'static str) -> impl FnOnce(ort::Error) -> EngineError {
-    move |source| EngineError::Run { graph, source }
 }
 
 impl OnnxModel {
@@ -293,7 +269,7 @@ impl OnnxModel {
         let input = Tensor::from_array((vec![ids.len(), 1], ids))
             .map_err(run_error("embedding"))?
             .into_dyn();
-        let mut outputs = kv_cache::run_bound(
+        let mut outputs = run_bound(
             &mut self.embedding,
             "embedding",
             self.device,
@@ -308,15 +284,13 @@ impl OnnxModel {
     pub fn to_host(&self, value: &DynValue) -> Result<ArrayD<f32>> {
         match self.device {
             DeviceSpec::Cpu => to_f32_array(value, "decoder"),
-            DeviceSpec::Cuda(_) => {
-                to_f32_array(&kv_cache::to_device(value, DeviceSpec::Cpu)?, "decoder")
-            }
+            DeviceSpec::Cuda(_) => to_f32_array(&to_device(value, DeviceSpec::Cpu)?, "decoder"),
         }
     }
 
     /// Where the KV cache lives: the device the decoder runs on.
     fn cache_memory(&self) -> Result<MemoryInfo<'static>> {
-        kv_cache::device_memory(self.device)
+        device_memory(self.device)
     }
 
     fn cache_layout(&self) -> CacheLayout {

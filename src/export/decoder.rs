@@ -27,42 +27,14 @@
 use candle_core::Tensor;
 
 use super::encoder::ExportError;
-use super::onnx::{DataType, Dim, Graph, Value};
+use crate::graph_io::decoder::{self as io, FUSED_MAX_POSITIONS};
 use crate::manifest::Attention;
 use crate::model::llama::LlamaConfig;
 use crate::model::lora::Adaptation;
 use crate::model::weights::{LoadError, Weights};
+use crate::onnx::{DataType, Dim, Graph, Value};
 
 type Result<T> = std::result::Result<T, ExportError>;
-
-/// Names of the decoder graphs' inputs and outputs.
-pub mod io {
-    pub const INPUT_IDS: &str = "input_ids";
-    pub const INPUTS_EMBEDS: &str = "inputs_embeds";
-    pub const ATTENTION_MASK: &str = "attention_mask";
-    pub const POSITION_IDS: &str = "position_ids";
-    pub const LOGITS: &str = "logits";
-    pub const SUPPRESS_STOPS: &str = "suppress_stops";
-    pub const NEXT_TOKEN: &str = "next_token";
-    pub const NEXT_TOKEN_LOGPROB: &str = "next_token_logprob";
-    /// Fused attention: per row, its length after the call minus one (int32).
-    pub const SEQLENS_K: &str = "seqlens_k";
-    /// Fused attention: the longest row's length after the call (int32 scalar).
-    pub const TOTAL_SEQUENCE_LENGTH: &str = "total_sequence_length";
-
-    pub fn past_key(layer: usize) -> String {
-        format!("past_key_values.{layer}.key")
-    }
-    pub fn past_value(layer: usize) -> String {
-        format!("past_key_values.{layer}.value")
-    }
-    pub fn present_key(layer: usize) -> String {
-        format!("present.{layer}.key")
-    }
-    pub fn present_value(layer: usize) -> String {
-        format!("present.{layer}.value")
-    }
-}
 
 /// The embedding table lookup.
 pub fn build_embedding(g: &mut Graph, cfg: &LlamaConfig, w: &Weights) -> Result<()> {
@@ -211,10 +183,10 @@ pub fn build_decoder(
                     "GroupQueryAttention",
                     &[&qkv, &none, &none, past_k, past_v, seqlens, total, cos, sin],
                     vec![
-                        super::onnx::attr_int("num_heads", heads as i64),
-                        super::onnx::attr_int("kv_num_heads", kv_heads as i64),
-                        super::onnx::attr_int("do_rotary", 1),
-                        super::onnx::attr_int("rotary_interleaved", 0),
+                        crate::onnx::attr_int("num_heads", heads as i64),
+                        crate::onnx::attr_int("kv_num_heads", kv_heads as i64),
+                        crate::onnx::attr_int("do_rotary", 1),
+                        crate::onnx::attr_int("rotary_interleaved", 0),
                     ],
                     3,
                 );
@@ -311,7 +283,7 @@ pub fn build_decoder(
         let mut halves = g.op_n(
             "Split",
             &[&gate_up, &sizes],
-            vec![super::onnx::attr_int("axis", -1)],
+            vec![crate::onnx::attr_int("axis", -1)],
             2,
         );
         let up = halves.pop().expect("two halves");
@@ -384,8 +356,8 @@ fn greedy_choice(g: &mut Graph, logits: &Value, vocab: usize, stop_ids: &[u32]) 
         "ArgMax",
         &[&masked],
         vec![
-            super::onnx::attr_int("axis", -1),
-            super::onnx::attr_int("keepdims", 0),
+            crate::onnx::attr_int("axis", -1),
+            crate::onnx::attr_int("keepdims", 0),
         ],
     ); // [B, 1]
     let next = g.squeeze(&next, &[1]);
@@ -413,10 +385,6 @@ fn greedy_choice(g: &mut Graph, logits: &Value, vocab: usize, stop_ids: &[u32]) 
     );
     Ok(())
 }
-
-/// Positions the fused graph's cos/sin tables cover (a caption's prompt and tokens
-/// stay far below; the engine refuses caches longer than this).
-pub const FUSED_MAX_POSITIONS: usize = 4096;
 
 /// How queries and keys are rotated: by the graph's own ops from per-call tables
 /// (eager), or inside `GroupQueryAttention` from tables of every position (fused).
@@ -499,7 +467,7 @@ fn fused_linear(
         biases.extend(b);
     }
     let tensor_error = |source| {
-        ExportError::Onnx(super::onnx::OnnxError::Tensor {
+        ExportError::Onnx(crate::onnx::OnnxError::Tensor {
             name: format!("{}.{name}", w.prefix()),
             source: Box::new(source),
         })
@@ -636,7 +604,7 @@ pub fn export_decoder_files(
     let mut files = Vec::new();
 
     let path = out_dir.join("embedding.onnx");
-    let mut g = if embed_bytes > super::onnx::INLINE_LIMIT_BYTES {
+    let mut g = if embed_bytes > crate::onnx::INLINE_LIMIT_BYTES {
         Graph::with_external_data("embedding", float, &out_dir.join("embedding.onnx.data"))?
     } else {
         Graph::new("embedding", float)
@@ -651,7 +619,7 @@ pub fn export_decoder_files(
         + 3 * cfg.hidden_size * cfg.intermediate_size;
     let decoder_bytes = (layer_params * cfg.num_hidden_layers) as u64 * bytes_per + embed_bytes;
     let path = out_dir.join("decoder.onnx");
-    let mut g = if decoder_bytes > super::onnx::INLINE_LIMIT_BYTES {
+    let mut g = if decoder_bytes > crate::onnx::INLINE_LIMIT_BYTES {
         Graph::with_external_data("decoder", float, &out_dir.join("decoder.onnx.data"))?
     } else {
         Graph::new("decoder", float)
@@ -664,8 +632,9 @@ pub fn export_decoder_files(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::DeviceSpec;
     use crate::engine::model::host_greedy;
-    use crate::engine::runtime::{DeviceSpec, init_runtime, session_builder};
+    use crate::engine::runtime::{init_runtime, session_builder};
     use ndarray::Array2;
 
     /// The graph's greedy choice equals the host's, with and without stop suppression,

@@ -17,11 +17,12 @@
 
 use candle_core::Tensor;
 
-use super::onnx::{DataType, Dim, Graph, OnnxError, Value, attr_float, attr_int, attr_ints};
+use crate::graph_io::encoder as io;
 use crate::manifest::Attention;
 use crate::model::beats::{BeatsConfig, load_weight_normed_conv};
 use crate::model::projector::Pooling;
 use crate::model::weights::{LoadError, Weights};
+use crate::onnx::{DataType, Dim, Graph, OnnxError, Value, attr_float, attr_int, attr_ints};
 
 const LAYER_NORM_EPS: f64 = 1e-5;
 const ATTENTION_ALPHA: f32 = 32.0;
@@ -37,14 +38,6 @@ pub enum ExportError {
 }
 
 type Result<T> = std::result::Result<T, ExportError>;
-
-/// Names of the encoder graph's inputs and outputs.
-pub mod io {
-    pub const FBANK: &str = "fbank";
-    pub const FBANK_LENGTHS: &str = "fbank_lengths";
-    pub const AUDIO_EMBEDS: &str = "audio_embeds";
-    pub const AUDIO_EMBEDS_MASK: &str = "audio_embeds_mask";
-}
 
 /// Adds the encoder to `g`: BEATs (`beats` weights at the state-dict root), the
 /// projector (`projector` weights, keys `0.*`, `2.*`) and pooling.

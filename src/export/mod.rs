@@ -8,7 +8,6 @@
 
 pub mod decoder;
 pub mod encoder;
-pub mod onnx;
 
 use std::path::{Path, PathBuf};
 
@@ -24,6 +23,7 @@ use crate::model::lora::{Adaptation, TargetModules};
 use crate::model::prompt::{DEFAULT_PROMPT_TEMPLATE, PromptError, PromptTemplate, load_tokenizer};
 use crate::model::sources::{AssemblyError, ModelSources, combine_adapters, read_stop_ids};
 use crate::model::weights::{LoadError, Weights};
+use crate::onnx;
 pub use encoder::ExportError as GraphError;
 
 /// Default cap on generated tokens recorded in the manifest.

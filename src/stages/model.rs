@@ -344,7 +344,7 @@ impl Stage {
     /// sink is gone.
     fn collect(
         &self,
-        result: crate::engine::model::Result<Vec<(Waiting, Generated)>>,
+        result: crate::engine::error::Result<Vec<(Waiting, Generated)>>,
         batcher: &mut ContinuousBatcher<Waiting>,
         done: &mut Vec<(Waiting, Generated)>,
         call: &str,
@@ -408,7 +408,7 @@ fn wait_or_try<T>(rx: &Receiver<T>, block: bool, idle: &AtomicBool) -> Option<Re
 /// clip of the batch as an error row.
 fn encode_batch(
     batch: Vec<SegmentJob>,
-    encode: impl FnOnce(&[(&[f32], usize)]) -> crate::engine::model::Result<AudioEmbeds>,
+    encode: impl FnOnce(&[(&[f32], usize)]) -> crate::engine::error::Result<AudioEmbeds>,
 ) -> Result<Encoded, Vec<(u64, CaptionRow)>> {
     let inputs: Vec<(&[f32], usize)> = batch
         .iter()

@@ -1,36 +1,21 @@
-//! ONNX Runtime provisioning: find the shared library, load it once, and build sessions
-//! for a device.
-//!
-//! `ort` is built with `load-dynamic`: nothing is downloaded at build time and
-//! `libonnxruntime.so` is opened when audiocap starts. [`init_runtime`] looks for it in
-//! this order and records which route it took ([`LibrarySource`]):
-//!
-//! 1. `ORT_DYLIB_PATH`, the path of the library file (it must exist);
-//! 2. the project's own install, made by `scripts/setup-onnxruntime.sh`:
-//!    `${AUDIOCAP_HOME:-$HOME/.local/share/audiocap}/onnxruntime/lib/libonnxruntime.so*`;
-//!    then a packaged install beside the executable (`<exe dir>/libonnxruntime.so*`,
-//!    `<exe dir>/../lib/libonnxruntime.so*`);
-//! 3. the `onnxruntime` (or `onnxruntime-gpu`) Python package of `python3` or `python`:
-//!    `onnxruntime/capi/libonnxruntime.so*`.
-//!
-//! The library must be ONNX Runtime 1.31 or newer (`ort`'s `api-31`): the official
-//! wheels `onnxruntime==1.31.1` (CPU) and `onnxruntime-gpu==1.31.1` (CUDA 13) are the
-//! reference builds. Sessions are built with [`session_builder`]; CUDA is asked for with
-//! `error_on_failure`, never with a silent fall-back to the CPU.
+//! Finding, checking and loading the ONNX Runtime shared library, once per process,
+//! and its environment; the search order is in the module documentation of
+//! [`runtime`](super), each place it looked is recorded ([`SearchStep`]).
+//! [`RuntimeError`] covers the session builders' refusals as well: one error for
+//! everything the runtime can refuse.
 
 use std::ffi::OsString;
 use std::fmt;
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::str::FromStr;
 use std::sync::{Mutex, OnceLock, PoisonError};
 use std::time::{Duration, Instant};
 
 use ort::environment::Environment;
-use ort::ep::{self, ExecutionProvider, ExecutionProviderDispatch};
-use ort::session::Session;
-use ort::session::builder::{AutoDevicePolicy, SessionBuilder};
+use ort::ep::{self, ExecutionProvider};
+
+use crate::config::DeviceSpec;
 
 /// The ONNX Runtime release the setup script installs and the error messages recommend.
 pub const RECOMMENDED_VERSION: &str = "1.31.1";
@@ -96,59 +81,6 @@ pub struct RuntimeInfo {
     /// Whether this build of the library has the CUDA execution provider (the GPU
     /// wheel). It says nothing about whether a GPU and the CUDA libraries are there.
     pub cuda_available: bool,
-}
-
-/// A device to run sessions on: `cpu`, `cuda` (device 0) or `cuda:N`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
-pub enum DeviceSpec {
-    /// ONNX Runtime's CPU execution provider.
-    #[default]
-    Cpu,
-    /// The CUDA execution provider on this device index.
-    Cuda(usize),
-}
-
-impl fmt::Display for DeviceSpec {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Self::Cpu => f.write_str("cpu"),
-            Self::Cuda(id) => write!(f, "cuda:{id}"),
-        }
-    }
-}
-
-/// A device string that is not `cpu`, `cuda` or `cuda:N`.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid device `{given}`: expected `cpu`, `cuda` (CUDA device 0) or `cuda:N` \
-     (CUDA device index N, e.g. `cuda:1`)"
-)]
-pub struct ParseDeviceError {
-    /// The string that was given.
-    pub given: String,
-}
-
-impl FromStr for DeviceSpec {
-    type Err = ParseDeviceError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let invalid = || ParseDeviceError {
-            given: s.to_string(),
-        };
-        let lower = s.trim().to_ascii_lowercase();
-        match lower.as_str() {
-            "cpu" => Ok(Self::Cpu),
-            "cuda" => Ok(Self::Cuda(0)),
-            other => {
-                let index = other.strip_prefix("cuda:").ok_or_else(invalid)?;
-                // `usize::from_str` accepts a leading `+`; a device index is plain digits.
-                if index.is_empty() || !index.bytes().all(|b| b.is_ascii_digit()) {
-                    return Err(invalid());
-                }
-                index.parse().map(Self::Cuda).map_err(|_| invalid())
-            }
-        }
-    }
 }
 
 /// One place the search looked, and what it found there.
@@ -271,13 +203,13 @@ fn list_steps(steps: &[SearchStep]) -> String {
 }
 
 /// The `ort` release this crate pins (Cargo.toml), for messages.
-const ORT_CRATE_VERSION: &str = "2.0.0-rc.15";
+pub(super) const ORT_CRATE_VERSION: &str = "2.0.0-rc.15";
 
 /// The process's one ONNX Runtime: what was loaded, its environment, and how it was found.
-struct Runtime {
-    info: RuntimeInfo,
-    environment: Environment,
-    searched: Vec<SearchStep>,
+pub(super) struct Runtime {
+    pub(super) info: RuntimeInfo,
+    pub(super) environment: Environment,
+    pub(super) searched: Vec<SearchStep>,
 }
 
 static RUNTIME: OnceLock<Runtime> = OnceLock::new();
@@ -292,12 +224,13 @@ pub fn init_runtime() -> Result<RuntimeInfo, RuntimeError> {
 }
 
 /// The process's ONNX Runtime environment, loading ONNX Runtime first if need be.
-/// Sessions are built in it ([`Session::builder`]); [`session_builder`] does this.
+/// Sessions are built in it ([`Session::builder`](ort::session::Session::builder));
+/// [`session_builder`](super::session_builder) does this.
 pub fn environment() -> Result<&'static Environment, RuntimeError> {
     runtime().map(|rt| &rt.environment)
 }
 
-fn runtime() -> Result<&'static Runtime, RuntimeError> {
+pub(super) fn runtime() -> Result<&'static Runtime, RuntimeError> {
     if let Some(rt) = RUNTIME.get() {
         return Ok(rt);
     }
@@ -770,224 +703,14 @@ fn run_with_timeout(mut command: Command, timeout: Duration) -> Result<ProcessOu
     })
 }
 
-/// The execution providers for `device`, each with `error_on_failure`: a device that
-/// cannot be used is an error, never a silent fall-back to the CPU.
-pub fn execution_providers(
-    device: &DeviceSpec,
-) -> Result<Vec<ExecutionProviderDispatch>, RuntimeError> {
-    match *device {
-        // ort's `CPU::default()` turns ONNX Runtime's CPU memory arena *off*; without
-        // it every large intermediate (the encoder's attention scores are tens of MB per
-        // batch) is a fresh mmap whose pages fault in on every run: half the CPU time
-        // went to the kernel and `audiocap run` ran at half speed.
-        DeviceSpec::Cpu => Ok(vec![
-            ep::CPU::default()
-                .with_arena_allocator(true)
-                .build()
-                .error_on_failure(),
-        ]),
-        DeviceSpec::Cuda(index) => {
-            let id = i32::try_from(index).map_err(|_| RuntimeError::DeviceIndex(index))?;
-            Ok(vec![
-                ep::CUDA::default()
-                    .with_device_id(id)
-                    // f32 exports compute in f32: TF32 matmuls (10-bit mantissa) flip
-                    // greedy choices whose logits are ~1e-3 apart. f16 exports are
-                    // unaffected; speed work belongs in the f16 path.
-                    .with_tf32(false)
-                    .build()
-                    .error_on_failure(),
-            ])
-        }
-    }
-}
-
-/// A session builder in the process's environment for `device`, with `intra_threads`
-/// threads inside each operator (`None`: ONNX Runtime's default, one per core). Commit
-/// it with `commit_from_file`. Loads ONNX Runtime first if need be.
-///
-/// No execution provider is chosen automatically: the session runs on `device` or this
-/// returns an error (a CPU-only library, or a CUDA provider that fails to register).
-pub fn session_builder(
-    device: &DeviceSpec,
-    intra_threads: Option<usize>,
-) -> Result<SessionBuilder, RuntimeError> {
-    let rt = runtime()?;
-    if matches!(device, DeviceSpec::Cuda(_)) && !rt.info.cuda_available {
-        return Err(RuntimeError::CudaNotInBuild {
-            device: *device,
-            library: rt.info.library.clone(),
-        });
-    }
-    let providers = execution_providers(device)?;
-
-    let builder = Session::builder(&rt.environment)
-        .map_err(|e| session_error("create the session options", e))?;
-    let builder = builder
-        .with_auto_device(AutoDevicePolicy::PreferCPU)
-        .map_err(|e| session_error("turn off automatic device selection", e))?;
-    let builder = match intra_threads {
-        Some(threads) => builder
-            .with_intra_threads(threads)
-            .map_err(|e| session_error("intra-op threads", e))?,
-        None => builder,
-    };
-    builder
-        .with_execution_providers(providers)
-        .map_err(|e| match device {
-            DeviceSpec::Cuda(_) => RuntimeError::Cuda {
-                device: *device,
-                source: detach(e),
-            },
-            DeviceSpec::Cpu => session_error("CPU execution provider", e),
-        })
-}
-
-fn session_error<R>(what: &'static str, e: ort::Error<R>) -> RuntimeError {
-    RuntimeError::Session {
-        what,
-        source: detach(e),
-    }
-}
-
-/// An `ort` error without the builder it hands back on failure (which is not `Send`).
-fn detach<R>(e: ort::Error<R>) -> ort::Error {
-    ort::Error::new_with_code(e.code(), e.message().trim_end())
-}
-
-/// A report for `audiocap doctor`: which library, found how, which version and
-/// execution providers, the GPUs the driver shows, and the variables that matter.
-/// Never panics; a runtime that cannot be loaded is reported with the reason.
-pub fn doctor_report() -> String {
-    let mut out = String::new();
-    let mut line = |s: String| {
-        out.push_str(&s);
-        out.push('\n');
-    };
-
-    line("ONNX Runtime".to_string());
-    match runtime() {
-        Ok(rt) => {
-            let info = &rt.info;
-            let resolved = std::fs::canonicalize(&info.library).ok();
-            let target = match resolved.as_deref() {
-                Some(r) if r != info.library => format!(" (-> {})", r.display()),
-                _ => String::new(),
-            };
-            line(format!("  library:    {}{target}", info.library.display()));
-            line(format!("  found via:  {}", info.route));
-            line(format!(
-                "  version:    {} (ort {} needs 1.{MIN_MINOR_VERSION} or newer)",
-                info.version, ORT_CRATE_VERSION
-            ));
-            line(format!("  build:      {}", ort::info()));
-            line("  search:".to_string());
-            for step in &rt.searched {
-                line(format!("    - {step}"));
-            }
-            line("Execution providers".to_string());
-            line("  CPU:   available".to_string());
-            line(format!("  CUDA:  {}", cuda_provider_status(info)));
-        }
-        Err(e) => {
-            line("  NOT AVAILABLE".to_string());
-            for l in e.to_string().lines() {
-                line(format!("  {l}"));
-            }
-        }
-    }
-
-    line("CUDA devices".to_string());
-    for l in gpu_report() {
-        line(format!("  {l}"));
-    }
-
-    line("Environment".to_string());
-    for name in [
-        ORT_DYLIB_PATH,
-        AUDIOCAP_HOME,
-        "CUDA_VISIBLE_DEVICES",
-        "LD_LIBRARY_PATH",
-        "OMP_NUM_THREADS",
-    ] {
-        let value = match std::env::var_os(name) {
-            Some(v) => v.to_string_lossy().into_owned(),
-            None => "(not set)".to_string(),
-        };
-        line(format!("  {name}={value}"));
-    }
-    out
-}
-
-fn cuda_provider_status(info: &RuntimeInfo) -> String {
-    if !info.cuda_available {
-        return format!(
-            "not in this build (CPU-only library); for CUDA: scripts/setup-onnxruntime.sh --gpu \
-             or pip install onnxruntime-gpu=={RECOMMENDED_VERSION}"
-        );
-    }
-    let provider = info
-        .library
-        .parent()
-        .map(|dir| dir.join("libonnxruntime_providers_cuda.so"));
-    match provider {
-        Some(p) if p.is_file() => format!(
-            "in this build; provider library {} (it needs the CUDA 13 and cuDNN 9 libraries, \
-             checked when a session asks for cuda)",
-            p.display()
-        ),
-        Some(p) => format!(
-            "in this build, but its provider library {} is missing: reinstall the GPU build",
-            p.display()
-        ),
-        None => "in this build".to_string(),
-    }
-}
-
-/// What the NVIDIA driver shows, read from `/proc` (no CUDA call, so it is cheap and
-/// cannot fail on a machine without a GPU).
-fn gpu_report() -> Vec<String> {
-    let mut lines = Vec::new();
-    match std::fs::read_to_string("/proc/driver/nvidia/version") {
-        Ok(text) => {
-            let first = text.lines().next().unwrap_or("").trim();
-            lines.push(format!("driver:     {first}"));
-        }
-        Err(_) => lines.push("driver:     no NVIDIA driver loaded".to_string()),
-    }
-    let mut gpus: Vec<String> = std::fs::read_dir("/proc/driver/nvidia/gpus")
-        .map(|entries| {
-            entries
-                .filter_map(|e| e.ok())
-                .map(|e| {
-                    let bus = e.file_name().to_string_lossy().into_owned();
-                    let model = std::fs::read_to_string(e.path().join("information"))
-                        .ok()
-                        .and_then(|info| {
-                            info.lines().find_map(|l| {
-                                l.strip_prefix("Model:").map(|m| m.trim().to_string())
-                            })
-                        })
-                        .unwrap_or_else(|| "unknown model".to_string());
-                    format!("{model} ({bus})")
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    gpus.sort();
-    if gpus.is_empty() {
-        lines.push("GPUs:       none visible".to_string());
-    } else {
-        lines.push(format!("GPUs:       {}", gpus.join(", ")));
-    }
-    lines
-}
-
 #[cfg(test)]
 mod tests {
     use std::collections::{HashMap, HashSet};
 
+    use ort::session::Session;
+
     use super::*;
+    use crate::engine::runtime::{doctor_report, session_builder};
 
     /// A made-up machine: variables, a few files, and what each interpreter answers.
     #[derive(Default)]
@@ -1092,42 +815,6 @@ mod tests {
         match locate_library(env) {
             Ok(l) => (l.library, l.route),
             Err(e) => panic!("expected a library, got: {e}"),
-        }
-    }
-
-    #[test]
-    fn device_spec_parses_the_valid_forms() {
-        assert_eq!("cpu".parse(), Ok(DeviceSpec::Cpu));
-        assert_eq!("CPU".parse(), Ok(DeviceSpec::Cpu));
-        assert_eq!("cuda".parse(), Ok(DeviceSpec::Cuda(0)));
-        assert_eq!("cuda:0".parse(), Ok(DeviceSpec::Cuda(0)));
-        assert_eq!("cuda:3".parse(), Ok(DeviceSpec::Cuda(3)));
-        assert_eq!(" cuda:12 ".parse(), Ok(DeviceSpec::Cuda(12)));
-        for s in [DeviceSpec::Cpu, DeviceSpec::Cuda(0), DeviceSpec::Cuda(7)] {
-            assert_eq!(s.to_string().parse(), Ok(s));
-        }
-    }
-
-    #[test]
-    fn device_spec_rejects_others_and_lists_the_valid_forms() {
-        for bad in [
-            "",
-            "gpu",
-            "cuda:",
-            "cuda:x",
-            "cuda:-1",
-            "cuda:+1",
-            "cuda0",
-            "cuda:1:2",
-            "cpu:0",
-            "cuda:99999999999999999999999",
-        ] {
-            let err = bad.parse::<DeviceSpec>().expect_err(bad);
-            let msg = err.to_string();
-            assert!(msg.contains(&format!("`{bad}`")), "{msg}");
-            for form in ["`cpu`", "`cuda`", "`cuda:N`"] {
-                assert!(msg.contains(form), "{msg}");
-            }
         }
     }
 

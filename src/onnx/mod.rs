@@ -4,6 +4,9 @@
 //! tensors and are written either inline or, for models past protobuf's 2 GB limit,
 //! streamed to an external-data file as they are added (so an 8B-parameter model is
 //! never held in memory as a whole).
+//!
+//! `export` builds the model's graphs with it and `engine` the small helper graphs it
+//! runs beside them (cache rows, prompts); it uses nothing else of the crate.
 
 pub mod proto;
 
