@@ -104,6 +104,18 @@ fn export_then_caption_a_folder_with_bad_inputs() {
             ));
         }
     }
+    // As written: each input's rows together and in segment order (the staged
+    // pipeline's sink gathers an input before writing it).
+    let mut seen: Vec<&str> = Vec::new();
+    for (i, row) in rows.iter().enumerate() {
+        if i > 0 && rows[i - 1].0 == row.0 {
+            assert_eq!(row.1, rows[i - 1].1 + 1, "{} out of order", row.0);
+        } else {
+            assert!(!seen.contains(&row.0.as_str()), "{} split", row.0);
+            assert_eq!(row.1, 0, "{} starts at segment {}", row.0, row.1);
+            seen.push(&row.0);
+        }
+    }
     rows.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
     let names: Vec<(&str, u32)> = rows.iter().map(|r| (r.0.as_str(), r.1)).collect();
     assert_eq!(
@@ -154,6 +166,60 @@ fn export_then_caption_a_folder_with_bad_inputs() {
     let expected = tokenizer.decode(&expected_ids, true).unwrap();
     let sine = rows.iter().find(|r| r.0 == "sine_1s.wav").unwrap();
     assert_eq!(sine.2.as_deref(), Some(expected.trim()));
+
+    // Beam search through the same stages; a file named but missing is an error row.
+    let beams = dir.path().join("beams.parquet");
+    let missing = dir.path().join("missing.wav");
+    let out = audiocap(&[
+        "caption",
+        "--model",
+        model.to_str().unwrap(),
+        "--beams",
+        "2",
+        "--max-new-tokens",
+        "6",
+        "--out",
+        beams.to_str().unwrap(),
+        audio.join("sine_1s.wav").to_str().unwrap(),
+        missing.to_str().unwrap(),
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(
+        stderr.contains("2 inputs, 2 segments: 1 captioned, 1 failed"),
+        "{stderr}"
+    );
+    let file = std::fs::File::open(&beams).unwrap();
+    let batch = ParquetRecordBatchReaderBuilder::try_new(file)
+        .unwrap()
+        .build()
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap();
+    let strings = |name: &str| {
+        let col = batch.column_by_name(name).unwrap();
+        let col = col.as_any().downcast_ref::<StringArray>().unwrap();
+        (0..col.len())
+            .map(|i| (!col.is_null(i)).then(|| col.value(i).to_string()))
+            .collect::<Vec<_>>()
+    };
+    let (uris, captions, errors) = (strings("uri"), strings("caption"), strings("error"));
+    let at = |name: &str| {
+        uris.iter()
+            .position(|u| u.as_deref().unwrap().ends_with(name))
+            .unwrap()
+    };
+    assert!(
+        captions[at("sine_1s.wav")]
+            .as_deref()
+            .is_some_and(|c| !c.is_empty())
+    );
+    let error = errors[at("missing.wav")].as_deref().unwrap_or_default();
+    assert!(
+        error.contains("not found") || error.contains("No such file"),
+        "{error}"
+    );
 }
 
 #[test]

@@ -3,13 +3,10 @@
 
 use std::path::PathBuf;
 
-use anyhow::Context;
 use audiocap::audio::segment::SegmentConfig;
 use audiocap::config::DeviceSpec;
-use audiocap::engine::captioner::{CaptionJobOptions, caption_files, collect_inputs, new_run_id};
-use audiocap::engine::generate::GenerationParams;
-use audiocap::engine::model::{EngineOptions, OnnxModel};
-use audiocap::output::CaptionFileWriter;
+use audiocap::engine::model::EngineOptions;
+use audiocap::pipeline::caption::{CaptionOptions, caption_files};
 
 use super::exit::Exit;
 
@@ -58,69 +55,33 @@ pub struct CaptionArgs {
 }
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<Exit> {
-    let segments = SegmentConfig {
-        max_seconds: args.max_seconds,
-        window_seconds: args.window_seconds,
-        hop_seconds: args.hop_seconds,
-        ..SegmentConfig::default()
+    let options = CaptionOptions {
+        model: args.model,
+        engine: EngineOptions {
+            device: args.device,
+            intra_threads: args.intra_threads,
+            profile_prefix: None,
+        },
+        verify: !args.no_verify,
+        batch_size: args.batch_size,
+        beams: args.beams,
+        max_new_tokens: args.max_new_tokens,
+        decode_threads: args.threads,
+        segments: SegmentConfig {
+            max_seconds: args.max_seconds,
+            window_seconds: args.window_seconds,
+            hop_seconds: args.hop_seconds,
+            ..SegmentConfig::default()
+        },
+        out: args.out,
+        inputs: args.inputs,
+        command: std::env::args().collect::<Vec<_>>().join(" "),
     };
-    let mut problems = segments.validate().err().unwrap_or_default();
-    if args.batch_size == 0 {
-        problems.push("--batch-size must be at least 1".into());
-    }
-    if args.beams == 0 {
-        problems.push("--beams must be at least 1".into());
-    }
-    if args.max_new_tokens == Some(0) {
-        problems.push("--max-new-tokens must be at least 1".into());
-    }
-    if !problems.is_empty() {
+    if let Err(problems) = options.validate() {
         eprintln!("error: invalid arguments:\n  - {}", problems.join("\n  - "));
         return Ok(Exit::InvalidConfig);
     }
-    let options = EngineOptions {
-        device: args.device,
-        intra_threads: args.intra_threads,
-        profile_prefix: None,
-    };
-    if !args.no_verify {
-        audiocap::manifest::ModelManifest::verify_dir(&args.model)
-            .with_context(|| format!("verifying {}", args.model.display()))?;
-    }
-    let mut model = OnnxModel::load(&args.model, &options)
-        .with_context(|| format!("loading {}", args.model.display()))?;
-    let files = collect_inputs(&args.inputs);
-    let job = CaptionJobOptions {
-        batch_size: args.batch_size,
-        params: GenerationParams {
-            max_new_tokens: args
-                .max_new_tokens
-                .unwrap_or(model.manifest.generation.max_new_tokens),
-            beams: args.beams,
-            min_new_tokens: 0,
-        },
-        segments,
-        prep_threads: args.threads.unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        }),
-    };
-    let manifest_json = serde_json::to_string(&model.manifest)?;
-    let metadata = vec![
-        ("audiocap.model".to_string(), model.identity.clone()),
-        ("audiocap.model_manifest".to_string(), manifest_json),
-        (
-            "audiocap.command".to_string(),
-            std::env::args().collect::<Vec<_>>().join(" "),
-        ),
-    ];
-    let mut writer = CaptionFileWriter::create(&args.out, metadata)?;
-    let run_id = new_run_id();
-    let summary = caption_files(&mut model, &files, &job, &run_id, &mut |rows| {
-        Ok(writer.write(rows)?)
-    })?;
-    let path = writer.finish()?;
+    let summary = caption_files(&options)?;
     eprintln!(
         "{} inputs, {} segments: {} captioned, {} failed; {:.1} s of audio in {:.1} s ({:.1} captions/s) -> {}",
         summary.inputs,
@@ -130,7 +91,7 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<Exit> {
         summary.audio_seconds,
         summary.wall_seconds,
         summary.captions as f64 / summary.wall_seconds.max(1e-9),
-        path.display()
+        summary.path.display()
     );
     Ok(if summary.failed_segments > 0 {
         Exit::SomeInputsFailed

@@ -8,16 +8,15 @@ use std::time::Instant;
 use anyhow::Context;
 
 use super::config::PipelineConfig;
-use super::progress;
 use super::summary::{InputCounts, RunSummary, StageBusy};
-use crate::audio::fbank::Fbank;
+use super::wiring::{self, StageSettings};
 use crate::config::DeviceSpec;
 use crate::dataset::{DatasetWriter, DatasetWriterOptions, StoreKind, committed_inputs};
 use crate::engine::generate::GenerationParams;
 use crate::engine::model::{EngineOptions, OnnxModel};
-use crate::output::CaptionRow;
+use crate::stages::sink::RowTarget;
 use crate::stages::{self, BusyClock, RunCounters};
-use crate::storage::{ListOptions, Location, LocationKind, ShardSpec, Source, SpoolOptions};
+use crate::storage::{ListOptions, Location, LocationKind, ShardSpec, Source};
 
 /// Why a run could not finish; the binary maps these to exit codes.
 #[derive(Debug, thiserror::Error)]
@@ -43,17 +42,8 @@ pub struct RunRequest {
 /// Runs a pipeline to the end. Inputs that fail are rows with errors, not errors
 /// here; `Err` means the run itself could not go on.
 pub fn run_pipeline(config: PipelineConfig, request: RunRequest) -> Result<RunSummary, RunError> {
-    let decode_threads = config.workers.decode_threads.unwrap_or_else(|| {
-        std::thread::available_parallelism()
-            .map(|n| n.get())
-            .unwrap_or(1)
-    });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .max_blocking_threads(decode_threads + 8)
-        .thread_name("audiocap-io")
-        .enable_all()
-        .build()
+    let decode_threads = wiring::decode_threads(config.workers.decode_threads);
+    let runtime = wiring::runtime(decode_threads)
         .map_err(|e| RunError::Fatal(anyhow::Error::new(e).context("starting the runtime")))?;
     runtime.block_on(run_async(config, request, decode_threads))
 }
@@ -68,10 +58,7 @@ async fn run_async(
         std::env::var(k).ok()
     })
     .map_err(|e| RunError::Config(anyhow::Error::new(e).context("resolving the shard")))?;
-    let run_id = request
-        .run_id
-        .clone()
-        .unwrap_or_else(crate::engine::captioner::new_run_id);
+    let run_id = request.run_id.clone().unwrap_or_else(wiring::new_run_id);
     let output = Location::parse(&config.output.uri, &config.storage)
         .map_err(|e| RunError::Config(anyhow::Error::new(e).context("output.uri")))?;
     let store_kind = match &output.kind {
@@ -157,133 +144,27 @@ async fn run_async(
     .with_context(|| format!("opening the dataset {output}"))
     .map_err(RunError::Fatal)?;
 
-    let counters = Arc::new(RunCounters::default());
-    let busy_fetch = Arc::new(BusyClock::default());
-    let busy_decode = Arc::new(BusyClock::default());
-    let model_clocks = stages::model::ModelClocks::default();
-    let busy_sink = Arc::new(BusyClock::default());
     let stop = Arc::new(AtomicBool::new(false));
     spawn_signal_watch(stop.clone());
-
-    let batch_size = config.batching.batch_size;
-    let (input_tx, input_rx) = async_channel::bounded(config.workers.fetch_concurrency * 2);
-    let (fetched_tx, fetched_rx) = async_channel::bounded(decode_threads.max(2));
-    let (segment_tx, segment_rx) = async_channel::bounded(batch_size * 2);
-    let (batch_tx, batch_rx) = async_channel::bounded(config.batching.max_inflight_batches);
-    let (sink_tx, sink_rx) = async_channel::bounded(1024);
-
-    let base_row = CaptionRow {
-        model: model.identity.clone(),
-        run_id: run_id.clone(),
-        ..Default::default()
-    };
-    let decode_context = Arc::new(stages::decode::DecodeContext {
-        fbank: Fbank::new(model.manifest.front_end.clone())
-            .context("the model's front-end settings")
-            .map_err(RunError::Fatal)?,
+    let settings = StageSettings {
+        batching: config.batching.clone(),
+        params: GenerationParams {
+            max_new_tokens: config
+                .generation
+                .max_new_tokens
+                .unwrap_or(model.manifest.generation.max_new_tokens),
+            beams: config.generation.beams,
+            min_new_tokens: config.generation.min_new_tokens,
+        },
         segments: config.segments,
-        min_frames: model.manifest.encoder.min_frames,
-        base_row: base_row.clone(),
-    });
-    let params = GenerationParams {
-        max_new_tokens: config
-            .generation
-            .max_new_tokens
-            .unwrap_or(model.manifest.generation.max_new_tokens),
-        beams: config.generation.beams,
-        min_new_tokens: config.generation.min_new_tokens,
+        decode_threads,
+        fetch_concurrency: config.workers.fetch_concurrency,
+        max_in_memory_bytes: config.workers.max_in_memory_mb << 20,
+        transient_retry: std::time::Duration::from_secs_f64(config.run.transient_retry_seconds),
+        progress: config.logging.progress,
+        progress_interval: std::time::Duration::from_secs_f64(config.logging.interval_seconds),
     };
     let model_identity = model.identity.clone();
-
-    // Stages, last to first, so each one's input exists before its producer starts.
-    // The sink runs on this task, not a spawned one: the dataset writer's upload
-    // state is not `Sync`, and one task is all it needs.
-    let sink = stages::sink::run(sink_rx, writer, counters.clone(), busy_sink.clone());
-    let model_idle = Arc::new(AtomicBool::new(true));
-    // The encoder on a thread of its own where its work can overlap the decoder's
-    // (a GPU); on the CPU both would share the same cores.
-    let encoder_thread = config
-        .batching
-        .encoder_thread
-        .unwrap_or(matches!(device, DeviceSpec::Cuda(_)));
-    let mode = stages::model::DecoderMode::for_model(
-        &model,
-        &params,
-        config.batching.decoder_rows.unwrap_or(batch_size),
-        encoder_thread,
-    );
-    if config.batching.encoder_thread == Some(true)
-        && mode == stages::model::DecoderMode::FixedBatches
-    {
-        tracing::warn!(
-            "batching.encoder_thread needs continuous batching (an export with fused \
-             attention, beams = 1): the encoder runs on the model thread"
-        );
-    }
-    tracing::info!(?mode, attention = ?model.attention(), "decoder");
-    let model_thread = stages::model::spawn(
-        model,
-        params,
-        mode,
-        batch_rx,
-        sink_tx.clone(),
-        model_idle.clone(),
-        model_clocks.clone(),
-    )
-    .context("starting the model thread")
-    .map_err(RunError::Fatal)?;
-    let batcher = tokio::spawn(stages::batch::run(
-        segment_rx,
-        batch_tx,
-        stages::batch::BatchPolicy {
-            batch_size,
-            pool_batches: config.batching.sort_pool_batches,
-        },
-        model_idle,
-    ));
-    let mut decoders = Vec::new();
-    for _ in 0..decode_threads {
-        decoders.push(tokio::spawn(stages::decode::run(
-            fetched_rx.clone(),
-            segment_tx.clone(),
-            sink_tx.clone(),
-            decode_context.clone(),
-            busy_decode.clone(),
-        )));
-    }
-    drop((fetched_rx, segment_tx));
-    let faults = Arc::new(stages::fetch::TransientFaults::default());
-    let fetch_context = Arc::new(stages::fetch::FetchContext {
-        spool: SpoolOptions {
-            memory_limit: config.workers.max_in_memory_mb << 20,
-            dir: None,
-        },
-        counters: counters.clone(),
-        busy: busy_fetch.clone(),
-        retry: stages::fetch::TransientRetry::with_budget(std::time::Duration::from_secs_f64(
-            config.run.transient_retry_seconds,
-        )),
-        faults: faults.clone(),
-        stop: stop.clone(),
-    });
-    let mut fetchers = Vec::new();
-    for _ in 0..config.workers.fetch_concurrency {
-        fetchers.push(tokio::spawn(stages::fetch::run(
-            input_rx.clone(),
-            fetched_tx.clone(),
-            fetch_context.clone(),
-        )));
-    }
-    drop((input_rx, fetched_tx));
-
-    let (progress_done, progress_rx) = tokio::sync::oneshot::channel();
-    let progress = tokio::spawn(progress::report(
-        counters.clone(),
-        config.logging.progress,
-        std::time::Duration::from_secs_f64(config.logging.interval_seconds),
-        started,
-        progress_rx,
-    ));
 
     let mut sources: Vec<Source> = config
         .input
@@ -297,51 +178,46 @@ async fn run_async(
         column: config.input.manifest_column.clone(),
     }));
     let plan = stages::list::ListPlan {
-        sources,
-        options: ListOptions {
-            include: config.input.include.clone(),
-            exclude: config.input.exclude.clone(),
-            extensions: config.input.extensions.clone(),
+        inputs: stages::list::Inputs::Sources {
+            sources,
+            options: ListOptions {
+                include: config.input.include.clone(),
+                exclude: config.input.exclude.clone(),
+                extensions: config.input.extensions.clone(),
+            },
+            storage: config.storage.clone(),
         },
-        storage: config.storage.clone(),
         shard,
         committed,
         limit: config.run.limit,
-        base_row,
+        base_row: wiring::base_row(&model, &run_id),
     };
-    let list_and_drain = async {
-        let listed =
-            stages::list::run(plan, input_tx, sink_tx, counters.clone(), stop.clone()).await;
-        // The listing has ended (or failed): the stages drain in order.
-        for f in fetchers {
-            let _ = f.await;
-        }
-        for d in decoders {
-            let _ = d.await;
-        }
-        let _ = batcher.await;
-        let model_panicked = tokio::task::spawn_blocking(move || model_thread.join().is_err())
-            .await
-            .unwrap_or(true);
-        (listed, model_panicked)
+    let ran = wiring::run_stages(
+        model,
+        &settings,
+        plan,
+        RowTarget::Dataset(Box::new(writer)),
+        stop.clone(),
+    )
+    .await
+    .map_err(RunError::Fatal)?
+    .context("writing the dataset")
+    .map_err(RunError::Fatal)?;
+    let RowTarget::Dataset(writer) = ran.target else {
+        unreachable!("the run's target is its dataset");
     };
-    let ((listed, model_panicked), sink_result) = tokio::join!(list_and_drain, sink);
-    let _ = progress_done.send(());
-    let _ = progress.await;
-
-    let (writer, outcome) = sink_result
-        .context("writing the dataset")
-        .map_err(RunError::Fatal)?;
-    let listing = listed
+    let listing = ran
+        .listing
         .context("listing the inputs")
         .map_err(RunError::Fatal);
-    if model_panicked {
+    if ran.model_panicked {
         return Err(RunError::Fatal(anyhow::anyhow!(
             "the model thread panicked; committed parts are kept and the next run resumes"
         )));
     }
 
     let wall = started.elapsed().as_secs_f64();
+    let counters = &ran.counters;
     let get = RunCounters::get;
     let fraction = |clock: &BusyClock, workers: usize| {
         (clock.seconds() / (wall * workers.max(1) as f64)).min(1.0)
@@ -365,25 +241,25 @@ async fn run_async(
         rows: get(&counters.rows),
         captions: get(&counters.captions),
         failed_rows: get(&counters.rows) - get(&counters.captions),
-        failed_inputs_by_kind: outcome.failed_inputs,
-        failed_segments_by_kind: outcome.failed_segments,
+        failed_inputs_by_kind: ran.outcome.failed_inputs,
+        failed_segments_by_kind: ran.outcome.failed_segments,
         audio_hours,
         wall_seconds: wall,
         captions_per_second: get(&counters.captions) as f64 / wall.max(1e-9),
         realtime_factor: audio_hours * 3600.0 / wall.max(1e-9),
         stage_busy: StageBusy {
-            fetch: fraction(&busy_fetch, config.workers.fetch_concurrency),
-            decode: fraction(&busy_decode, decode_threads),
-            model: fraction(&model_clocks.model, 1),
+            fetch: fraction(&ran.busy.fetch, config.workers.fetch_concurrency),
+            decode: fraction(&ran.busy.decode, decode_threads),
+            model: fraction(&ran.busy.model.model, 1),
             encoder: matches!(
-                mode,
+                ran.mode,
                 stages::model::DecoderMode::Continuous {
                     encoder_thread: true,
                     ..
                 }
             )
-            .then(|| fraction(&model_clocks.encoder, 1)),
-            sink: fraction(&busy_sink, 1),
+            .then(|| fraction(&ran.busy.model.encoder, 1)),
+            sink: fraction(&ran.busy.sink, 1),
         },
         parts: Vec::new(),
         stopped_early: stop.load(Ordering::Relaxed),
@@ -394,7 +270,7 @@ async fn run_async(
         let _ = writer.flush().await;
         return Err(e);
     }
-    if faults.any_given_up() {
+    if ran.faults.any_given_up() {
         // As for a failed listing: parts are committed, the shard is not (its commit
         // record would call it complete), the run fails and the next one resumes.
         let mut writer = writer;
@@ -408,11 +284,11 @@ async fn run_async(
             "storage kept failing: {} input(s) given up after {} s of retries and {} \
              not fetched, none of them committed; {} written inputs are committed and the \
              next run takes the rest (last error: {})",
-            get(&faults.given_up),
+            get(&ran.faults.given_up),
             config.run.transient_retry_seconds,
-            get(&faults.left),
+            get(&ran.faults.left),
             summary.inputs.written,
-            faults.last_error().unwrap_or_default()
+            ran.faults.last_error().unwrap_or_default()
         )));
     }
     let record = serde_json::to_value(&summary).unwrap_or_default();

@@ -11,13 +11,25 @@ use futures::StreamExt;
 
 use super::{InputDone, InputTask, RunCounters, SinkMessage};
 use crate::output::{CaptionRow, RowFailure, now_us};
-use crate::storage::{ListOptions, Listed, ShardSpec, Source, StorageError, StorageOptions};
+use crate::storage::{
+    InputRef, ListOptions, Listed, ShardSpec, Source, StorageError, StorageOptions,
+};
+
+/// Where the inputs come from.
+pub enum Inputs {
+    /// Sources listed as they stream ([`crate::storage::list_inputs`]).
+    Sources {
+        sources: Vec<Source>,
+        options: ListOptions,
+        storage: StorageOptions,
+    },
+    /// Inputs named already (`audiocap caption`'s files).
+    Given(Vec<InputRef>),
+}
 
 /// What to list and what to leave out.
 pub struct ListPlan {
-    pub sources: Vec<Source>,
-    pub options: ListOptions,
-    pub storage: StorageOptions,
+    pub inputs: Inputs,
     pub shard: ShardSpec,
     /// URIs already committed to the dataset.
     pub committed: HashSet<String>,
@@ -48,7 +60,16 @@ async fn list(
     counters: &RunCounters,
     stop: &AtomicBool,
 ) -> Result<(), StorageError> {
-    let mut stream = crate::storage::list_inputs(&plan.sources, &plan.options, &plan.storage)?;
+    let mut stream = match &plan.inputs {
+        Inputs::Sources {
+            sources,
+            options,
+            storage,
+        } => crate::storage::list_inputs(sources, options, storage)?,
+        Inputs::Given(given) => {
+            futures::stream::iter(given.iter().cloned().map(|i| Ok(Listed::Input(i)))).boxed()
+        }
+    };
     // URIs taken by this run; a URI listed again (two sources) is taken once.
     let mut taken: HashSet<String> = HashSet::new();
     let mut next_id = 0u64;

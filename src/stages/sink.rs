@@ -1,7 +1,8 @@
 //! Sink stage: gathers every row of an input (segments arrive from the model in
 //! any order, error rows from the front end), completes them with what is known
-//! only at the end of decoding, and writes them to the dataset together, so an
-//! input is never split across two part files (what makes resume exact).
+//! only at the end of decoding, and writes them together, in segment order, to the
+//! run's target: a dataset (an input is never split across two part files, what
+//! makes resume exact) or one Parquet file (`audiocap caption`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -12,7 +13,41 @@ use async_channel::Receiver;
 use super::decode::complete_rows;
 use super::{BusyClock, InputDone, RunCounters, SinkMessage};
 use crate::dataset::{DatasetError, DatasetWriter};
-use crate::output::{CaptionRow, RowFailure};
+use crate::output::{CaptionFileWriter, CaptionRow, OutputError, RowFailure};
+
+/// Where the rows go.
+pub enum RowTarget {
+    /// A dataset of committed parts (`audiocap run`).
+    Dataset(Box<DatasetWriter>),
+    /// One Parquet file, visible once finished (`audiocap caption`).
+    File(Box<CaptionFileWriter>),
+}
+
+/// Why the sink could not write.
+#[derive(Debug, thiserror::Error)]
+pub enum SinkError {
+    #[error(transparent)]
+    Dataset(#[from] DatasetError),
+    #[error(transparent)]
+    File(#[from] OutputError),
+}
+
+impl RowTarget {
+    async fn write_input(&mut self, rows: &[CaptionRow]) -> Result<(), SinkError> {
+        match self {
+            Self::Dataset(writer) => writer.write_input(rows).await?,
+            Self::File(writer) => writer.write(rows)?,
+        }
+        Ok(())
+    }
+
+    async fn commit_if_due(&mut self) -> Result<(), SinkError> {
+        if let Self::Dataset(writer) = self {
+            writer.commit_if_due().await?;
+        }
+        Ok(())
+    }
+}
 
 /// Failures by kind, for the summary.
 pub type FailureCounts = std::collections::BTreeMap<String, u64>;
@@ -33,13 +68,13 @@ pub struct SinkOutcome {
 }
 
 /// Writes rows until the channel closes; commits an open part whenever it is due.
-/// Returns the writer (to be finished by the caller, with the run summary).
+/// Returns the target (to be finished by the caller, with the run summary).
 pub async fn run(
     messages: Receiver<SinkMessage>,
-    mut writer: DatasetWriter,
+    mut writer: RowTarget,
     counters: Arc<RunCounters>,
     busy: Arc<BusyClock>,
-) -> Result<(DatasetWriter, SinkOutcome), DatasetError> {
+) -> Result<(RowTarget, SinkOutcome), SinkError> {
     let mut pending: HashMap<u64, Pending> = HashMap::new();
     let mut outcome = SinkOutcome::default();
     // Commits are checked on a tick as well, so a slow trickle of inputs is still
