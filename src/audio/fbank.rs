@@ -27,6 +27,8 @@ use realfft::num_complex::Complex;
 use realfft::{RealFftPlanner, RealToComplex};
 use serde::{Deserialize, Serialize};
 
+use crate::config::ConfigProblem;
+
 /// Largest accepted analysis window, in samples (a sanity bound for manifests).
 const MAX_WINDOW_SIZE: usize = 1 << 20;
 /// Largest accepted number of mel bins (a sanity bound for manifests).
@@ -115,25 +117,11 @@ pub enum FbankWindow {
     Povey,
 }
 
-/// One thing wrong with an [`FbankConfig`].
-#[derive(Debug, Clone, PartialEq)]
-pub struct ConfigProblem {
-    /// The offending field of [`FbankConfig`].
-    pub field: &'static str,
-    /// What is wrong and what would be right.
-    pub message: String,
-}
-
-impl fmt::Display for ConfigProblem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "`{}`: {}", self.field, self.message)
-    }
-}
-
 /// Why an [`Fbank`] could not be built.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FbankError {
-    /// The configuration is invalid; every problem found is listed.
+    /// The configuration is invalid; every problem found is listed, each `at` the
+    /// offending field of [`FbankConfig`].
     #[error("invalid fbank configuration: {}", join(problems))]
     InvalidConfig { problems: Vec<ConfigProblem> },
 }
@@ -172,8 +160,9 @@ impl FbankConfig {
 
     fn geometry(&self) -> Result<Geometry, FbankError> {
         let mut problems = Vec::new();
-        let mut problem =
-            |field: &'static str, message: String| problems.push(ConfigProblem { field, message });
+        let mut problem = |field: &'static str, message: String| {
+            problems.push(crate::config::problem(field, message))
+        };
 
         if self.sample_rate == 0 {
             problem("sample_rate", "must be positive (Hz)".into());
@@ -824,13 +813,13 @@ mod tests {
         let Err(FbankError::InvalidConfig { problems }) = Fbank::new(config) else {
             panic!("expected an invalid config");
         };
-        let fields: Vec<_> = problems.iter().map(|p| p.field).collect();
+        let fields: Vec<_> = problems.iter().map(|p| p.at.as_str()).collect();
         assert_eq!(
             fields,
             ["num_mel_bins", "frame_shift_ms", "high_freq", "norm_std"]
         );
         let message = FbankError::InvalidConfig { problems }.to_string();
-        assert!(message.contains("`high_freq`"), "{message}");
+        assert!(message.contains("; high_freq: "), "{message}");
 
         let odd = FbankConfig {
             frame_length_ms: 25.0625, // 401 samples

@@ -190,13 +190,13 @@ mod tests {
     use super::*;
 
     #[derive(Parser)]
-    struct Cli {
+    struct BenchCli {
         #[command(flatten)]
         bench: BenchArgs,
     }
 
     fn parse(args: &[&str]) -> BenchOptions {
-        Cli::parse_from(args).bench.into()
+        BenchCli::parse_from(args).bench.into()
     }
 
     #[test]

@@ -187,8 +187,8 @@ async fn part_uris(store: &dyn ObjectStore, part: ObjectMeta) -> Result<Vec<Stri
             source,
         })?
         .map_err(|e| match e {
-            DecodeError::Parquet(source) => parquet_err("decoding uri column", source),
-            DecodeError::NotStrings => DatasetError::BadPart {
+            UriColumnError::Parquet(source) => parquet_err("decoding uri column", source),
+            UriColumnError::NotStrings => DatasetError::BadPart {
                 path: path.clone(),
                 what: format!("{URI:?} is not a string column"),
             },
@@ -203,7 +203,7 @@ fn uri_leaf(metadata: &ParquetMetaData) -> Option<usize> {
         .position(|c| c.path().string() == URI)
 }
 
-enum DecodeError {
+enum UriColumnError {
     Parquet(ParquetError),
     NotStrings,
 }
@@ -212,17 +212,17 @@ fn decode_uris(
     file: SparseFile,
     metadata: ParquetMetaData,
     column: usize,
-) -> Result<Vec<String>, DecodeError> {
+) -> Result<Vec<String>, UriColumnError> {
     let arrow = ArrowReaderMetadata::try_new(Arc::new(metadata), ArrowReaderOptions::new())
-        .map_err(DecodeError::Parquet)?;
+        .map_err(UriColumnError::Parquet)?;
     let mask = ProjectionMask::leaves(arrow.metadata().file_metadata().schema_descr(), [column]);
     let batches = ParquetRecordBatchReaderBuilder::new_with_metadata(file, arrow)
         .with_projection(mask)
         .build()
-        .map_err(DecodeError::Parquet)?;
+        .map_err(UriColumnError::Parquet)?;
     let mut uris = Vec::new();
     for batch in batches {
-        let batch = batch.map_err(|e| DecodeError::Parquet(e.into()))?;
+        let batch = batch.map_err(|e| UriColumnError::Parquet(e.into()))?;
         let array = batch.column(0);
         if let Some(strings) = array.as_string_opt::<i32>() {
             uris.extend(strings.iter().flatten().map(str::to_owned));
@@ -231,7 +231,7 @@ fn decode_uris(
         } else if let Some(strings) = array.as_string_view_opt() {
             uris.extend(strings.iter().flatten().map(str::to_owned));
         } else {
-            return Err(DecodeError::NotStrings);
+            return Err(UriColumnError::NotStrings);
         }
     }
     Ok(uris)

@@ -26,7 +26,7 @@
 
 use candle_core::Tensor;
 
-use super::encoder::ExportError;
+use super::encoder::GraphError;
 use crate::graph_io::decoder::{self as io, FUSED_MAX_POSITIONS};
 use crate::manifest::Attention;
 use crate::model::llama::LlamaConfig;
@@ -34,7 +34,7 @@ use crate::model::lora::Adaptation;
 use crate::model::weights::{LoadError, Weights};
 use crate::onnx::{DataType, Dim, Graph, Value};
 
-type Result<T> = std::result::Result<T, ExportError>;
+type Result<T> = std::result::Result<T, GraphError>;
 
 /// The embedding table lookup.
 pub fn build_embedding(g: &mut Graph, cfg: &LlamaConfig, w: &Weights) -> Result<()> {
@@ -129,7 +129,7 @@ pub fn build_decoder(
     g.set_scope("rotary");
     let rope = cfg
         .rope()
-        .map_err(|m| ExportError::Load(LoadError::config(w.origin().join("config.json"), m)))?;
+        .map_err(|m| GraphError::Load(LoadError::config(w.origin().join("config.json"), m)))?;
     let inv_freq = rope.inv_freq(head_dim);
     let rotary = match (&position_ids, &lengths) {
         (Some(position_ids), Lengths::Eager(attention_mask)) => {
@@ -341,7 +341,7 @@ fn greedy_choice(g: &mut Graph, logits: &Value, vocab: usize, stop_ids: &[u32]) 
     let mut stops = vec![0f32; vocab];
     for &id in stop_ids {
         let slot = stops.get_mut(id as usize).ok_or_else(|| {
-            ExportError::Unsupported(format!(
+            GraphError::Unsupported(format!(
                 "stop id {id} is outside the vocabulary of {vocab} tokens"
             ))
         })?;
@@ -436,7 +436,7 @@ fn folded(
 ) -> Result<(Tensor, Option<Tensor>)> {
     let layer = adaptation.linear(w, in_dim, out_dim, bias)?;
     if !layer.adapters.is_empty() {
-        return Err(ExportError::Unsupported(
+        return Err(GraphError::Unsupported(
             "live LoRA paths cannot be exported; fold the adapters first".into(),
         ));
     }
@@ -467,7 +467,7 @@ fn fused_linear(
         biases.extend(b);
     }
     let tensor_error = |source| {
-        ExportError::Onnx(crate::onnx::OnnxError::Tensor {
+        GraphError::Onnx(crate::onnx::OnnxError::Tensor {
             name: format!("{}.{name}", w.prefix()),
             source: Box::new(source),
         })

@@ -28,7 +28,7 @@ const LAYER_NORM_EPS: f64 = 1e-5;
 const ATTENTION_ALPHA: f32 = 32.0;
 
 #[derive(Debug, thiserror::Error)]
-pub enum ExportError {
+pub enum GraphError {
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error(transparent)]
@@ -37,7 +37,7 @@ pub enum ExportError {
     Unsupported(String),
 }
 
-type Result<T> = std::result::Result<T, ExportError>;
+type Result<T> = std::result::Result<T, GraphError>;
 
 /// Adds the encoder to `g`: BEATs (`beats` weights at the state-dict root), the
 /// projector (`projector` weights, keys `0.*`, `2.*`) and pooling.
@@ -53,7 +53,7 @@ pub fn build_encoder(
     let p = cfg.input_patch_size;
     let per_row = mel_bins / p;
     if per_row == 0 {
-        return Err(ExportError::Unsupported(format!(
+        return Err(GraphError::Unsupported(format!(
             "{mel_bins} mel bins cannot hold one {p}x{p} patch"
         )));
     }
@@ -165,7 +165,7 @@ pub fn build_encoder(
     let hidden_in = projector.pp("0").get_any_shape("weight")?;
     let (h1, d_in) = (hidden_in.dims()[0], hidden_in.dims()[1]);
     if d_in != dim {
-        return Err(ExportError::Unsupported(format!(
+        return Err(GraphError::Unsupported(format!(
             "the projector takes {d_in}-dim features, the encoder gives {dim}"
         )));
     }
@@ -385,7 +385,7 @@ fn feed_forward(g: &mut Graph, x: &Value, cfg: &BeatsConfig, w: &Weights) -> Res
                 "tanh" => g.op("Tanh", &[&y], vec![]),
                 "linear" => y,
                 other => {
-                    return Err(ExportError::Unsupported(format!(
+                    return Err(GraphError::Unsupported(format!(
                         "{prefix}: activation_fn {other:?} cannot be exported"
                     )));
                 }

@@ -24,7 +24,7 @@ use crate::model::prompt::{DEFAULT_PROMPT_TEMPLATE, PromptError, PromptTemplate,
 use crate::model::sources::{AssemblyError, ModelSources, combine_adapters, read_stop_ids};
 use crate::model::weights::{LoadError, Weights};
 use crate::onnx;
-pub use encoder::ExportError as GraphError;
+pub use encoder::GraphError;
 
 /// Default cap on generated tokens recorded in the manifest.
 pub const DEFAULT_MAX_NEW_TOKENS: usize = 30;

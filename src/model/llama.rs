@@ -463,7 +463,7 @@ fn causal_mask(past: usize, len: usize, device: &Device) -> candle_core::Result<
 }
 
 #[derive(Debug, Clone)]
-struct Attention {
+struct SelfAttention {
     q_proj: LoraLinear,
     k_proj: LoraLinear,
     v_proj: LoraLinear,
@@ -473,7 +473,7 @@ struct Attention {
     head_dim: usize,
 }
 
-impl Attention {
+impl SelfAttention {
     fn load(
         w: &Weights,
         cfg: &LlamaConfig,
@@ -588,7 +588,7 @@ impl Mlp {
 #[derive(Debug, Clone)]
 struct DecoderLayer {
     input_layernorm: RmsNorm,
-    self_attn: Attention,
+    self_attn: SelfAttention,
     post_attention_layernorm: RmsNorm,
     mlp: Mlp,
 }
@@ -603,7 +603,7 @@ impl DecoderLayer {
         let eps = cfg.rms_norm_eps;
         Ok(Self {
             input_layernorm: RmsNorm::load(&w.pp("input_layernorm"), cfg.hidden_size, eps)?,
-            self_attn: Attention::load(&w.pp("self_attn"), cfg, adaptation, paths)?,
+            self_attn: SelfAttention::load(&w.pp("self_attn"), cfg, adaptation, paths)?,
             post_attention_layernorm: RmsNorm::load(
                 &w.pp("post_attention_layernorm"),
                 cfg.hidden_size,
