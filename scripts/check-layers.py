@@ -231,6 +231,46 @@ def find_cycles(nodes, edges) -> list[list[str]]:
     return out
 
 
+def readme_problems(mods) -> list[str] | None:
+    """What the README's Layout block leaves out: every top-level module (and the
+    binary's `main.rs` and `cli/`) needs its line (`  name/` or `  name.rs`), and every
+    file of a folder module its name among that module's lines. None when there is
+    no README beside `src/`."""
+    readme = SRC.parent / "README.md"
+    if not readme.is_file():
+        return None
+    m = re.search(r"^## Layout\n.*?```\n(.*?)```", readme.read_text(), re.S | re.M)
+    if not m:
+        return ["README.md has no Layout block (## Layout with a ``` tree)"]
+    lines = m.group(1).splitlines()
+    entries: dict[str, set[str]] = {"main.rs": set()}
+    for path, file in mods.items():
+        if not path or path == ("test_util",) or path == ("main",):
+            continue
+        lib_path = path[1:] if path[0] == "main" else path
+        if len(lib_path) == 1:
+            entries.setdefault(lib_path[0] + ("/" if is_dir_module(file) else ".rs"), set())
+        else:
+            entries.setdefault(lib_path[0] + "/", set()).add(lib_path[1])
+    problems = []
+    for entry, files in sorted(entries.items()):
+        start = next(
+            (i for i, line in enumerate(lines) if re.match(rf"^  {re.escape(entry)}(\s|$)", line)),
+            None,
+        )
+        if start is None:
+            problems.append(f"README Layout: no line for src/{entry}")
+            continue
+        end = start + 1
+        while end < len(lines) and not re.match(r"^ {0,2}\S", lines[end]):
+            end += 1
+        block = "\n".join(lines[start:end])
+        for f in sorted(files):
+            if not re.search(rf"\b{re.escape(f)}\b", block):
+                problems.append(f"README Layout: src/{entry}{f}.rs is not named under src/{entry}")
+    return problems
+
+
 def main() -> int:
     quiet = "--quiet" in sys.argv
     mods = known_modules()
@@ -294,6 +334,12 @@ def main() -> int:
                 print(f"  {a} → {', '.join(sorted(edges[a]))}")
         for comp in find_cycles(nodes, edges):
             problems.append("file cycle: " + " ↔ ".join(comp))
+
+    layout = readme_problems(mods)
+    if layout is not None:
+        problems.extend(layout)
+        if not quiet and not layout:
+            print("\nREADME Layout: every module and file named")
 
     if problems:
         print("\nproblems:", file=sys.stderr)
