@@ -11,10 +11,12 @@
 //!
 //! A problem is a [`ConfigProblem`]: where (`section.key`, `section`, `--set …`, or
 //! nothing for the file as a whole) and what. [`DeviceSpec`] is the one device
-//! grammar (`cpu`, `cuda`, `cuda:N`, any case) every file uses.
+//! grammar (`cpu`, `cuda`, `cuda:N`, any case) every file uses; [`audiocap_home`]
+//! the one rule for audiocap's own folder.
 
+use std::ffi::OsString;
 use std::fmt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
 use serde::de::DeserializeOwned;
@@ -258,6 +260,31 @@ fn set_aside(table: &mut toml::Table, at: &str) {
     }
 }
 
+/// The variable that names audiocap's own folder.
+pub const AUDIOCAP_HOME: &str = "AUDIOCAP_HOME";
+
+/// audiocap's own folder (the ONNX Runtime install, the corpus cache, the record of
+/// verified model files): `$AUDIOCAP_HOME` when set and not empty, else
+/// `$HOME/.local/share/audiocap`; `None` with neither.
+pub fn audiocap_home() -> Option<PathBuf> {
+    audiocap_home_from(
+        std::env::var_os(AUDIOCAP_HOME),
+        std::env::var_os("HOME").map(PathBuf::from),
+    )
+}
+
+/// [`audiocap_home`] from the two variables' values (for callers with their own
+/// view of the environment).
+pub fn audiocap_home_from(
+    audiocap_home: Option<OsString>,
+    home: Option<PathBuf>,
+) -> Option<PathBuf> {
+    match audiocap_home.filter(|v| !v.is_empty()) {
+        Some(dir) => Some(PathBuf::from(dir)),
+        None => home.map(|h| h.join(".local/share/audiocap")),
+    }
+}
+
 /// Where a model runs: the one device grammar of every settings file and flag.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum DeviceSpec {
@@ -416,6 +443,24 @@ mod tests {
             err.problems[0].message.starts_with("not valid TOML"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn audiocaps_folder_is_its_variable_else_under_home() {
+        let home = Some(PathBuf::from("/home/u"));
+        let at = |v: Option<&str>, h: &Option<PathBuf>| {
+            audiocap_home_from(v.map(OsString::from), h.clone())
+        };
+        assert_eq!(at(Some("/data/ac"), &home), Some(PathBuf::from("/data/ac")));
+        assert_eq!(
+            at(Some(""), &home),
+            Some(PathBuf::from("/home/u/.local/share/audiocap"))
+        );
+        assert_eq!(
+            at(None, &home),
+            Some(PathBuf::from("/home/u/.local/share/audiocap"))
+        );
+        assert_eq!(at(None, &None), None);
     }
 
     #[test]

@@ -398,16 +398,10 @@ fn file_stamp(path: &Path) -> Result<(u64, u128), ManifestError> {
     Ok((meta.len(), mtime))
 }
 
-/// Where `audiocap` records verified model files:
-/// `${AUDIOCAP_HOME:-$HOME/.local/share/audiocap}/verified-model-files.json`.
+/// Where `audiocap` records verified model files: `verified-model-files.json` in
+/// [`crate::config::audiocap_home`].
 pub fn default_verify_cache() -> Option<PathBuf> {
-    let base = std::env::var_os("AUDIOCAP_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/audiocap"))
-        })?;
-    Some(base.join("verified-model-files.json"))
+    Some(crate::config::audiocap_home()?.join("verified-model-files.json"))
 }
 
 /// Size and SHA-256 of `path`, recorded under the name `recorded_as`.

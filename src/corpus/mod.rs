@@ -27,6 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::config::audiocap_home;
 use crate::model::init::SplitMix64;
 use catalog::{Catalog, SignalKind};
 use sources::{Recording, RecordingReader};
@@ -58,14 +59,10 @@ pub struct BuildOptions {
 }
 
 /// Where downloaded and unpacked packages are kept between builds unless told:
-/// `${AUDIOCAP_HOME:-~/.local/share/audiocap}/corpus-cache` (`.audiocap/corpus-cache`
-/// with neither variable set).
+/// `corpus-cache` in [`audiocap_home`] (`.audiocap/corpus-cache` with neither
+/// `AUDIOCAP_HOME` nor `HOME` set).
 pub fn default_cache_dir() -> PathBuf {
-    std::env::var_os("AUDIOCAP_HOME")
-        .map(PathBuf::from)
-        .or_else(|| {
-            std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/share/audiocap"))
-        })
+    audiocap_home()
         .unwrap_or_else(|| PathBuf::from(".audiocap"))
         .join("corpus-cache")
 }

@@ -3,9 +3,9 @@
 //! that steer the search, in a report that never panics.
 
 use super::library::{
-    AUDIOCAP_HOME, MIN_MINOR_VERSION, ORT_CRATE_VERSION, ORT_DYLIB_PATH, RECOMMENDED_VERSION,
-    RuntimeInfo, runtime,
+    MIN_MINOR_VERSION, ORT_CRATE_VERSION, ORT_DYLIB_PATH, RECOMMENDED_VERSION, RuntimeInfo, runtime,
 };
+use crate::config::AUDIOCAP_HOME;
 
 /// A report for `audiocap doctor`: which library, found how, which version and
 /// execution providers, the GPUs the driver shows, and the variables that matter.

@@ -4,6 +4,7 @@
 //! [`RuntimeError`] covers the session builders' refusals as well: one error for
 //! everything the runtime can refuse.
 
+use crate::config::AUDIOCAP_HOME;
 use std::ffi::OsString;
 use std::fmt;
 use std::io::Read;
@@ -25,9 +26,6 @@ pub const MIN_MINOR_VERSION: u32 = ort::MINOR_VERSION;
 
 /// The variable that names the library file and overrides the search.
 pub const ORT_DYLIB_PATH: &str = "ORT_DYLIB_PATH";
-
-/// The variable that moves the project install (default `$HOME/.local/share/audiocap`).
-pub const AUDIOCAP_HOME: &str = "AUDIOCAP_HOME";
 
 /// How long the Python probe may take before it is abandoned.
 const PYTHON_TIMEOUT: Duration = Duration::from_secs(5);
@@ -401,10 +399,7 @@ trait SearchEnv {
 
 /// The project install directory: `${AUDIOCAP_HOME:-$HOME/.local/share/audiocap}/onnxruntime`.
 fn project_install_dir(env: &dyn SearchEnv) -> Option<PathBuf> {
-    let base = match env.var(AUDIOCAP_HOME).filter(|v| !v.is_empty()) {
-        Some(home) => PathBuf::from(home),
-        None => env.home_dir()?.join(".local/share/audiocap"),
-    };
+    let base = crate::config::audiocap_home_from(env.var(AUDIOCAP_HOME), env.home_dir())?;
     Some(base.join("onnxruntime"))
 }
 

@@ -30,6 +30,6 @@ mod library;
 pub use builder::{execution_providers, session_builder};
 pub use doctor::doctor_report;
 pub use library::{
-    AUDIOCAP_HOME, LibrarySource, MIN_MINOR_VERSION, ORT_DYLIB_PATH, RECOMMENDED_VERSION,
-    RuntimeError, RuntimeInfo, SearchStep, environment, init_runtime,
+    LibrarySource, MIN_MINOR_VERSION, ORT_DYLIB_PATH, RECOMMENDED_VERSION, RuntimeError,
+    RuntimeInfo, SearchStep, environment, init_runtime,
 };
