@@ -31,6 +31,7 @@
 //!   licensed Debian sound packages, espeak-ng speech and synthetic signals.
 //! - [`export`]: the model written as ONNX graphs with a manifest (`audiocap export`).
 //! - [`engine`]: the exported model on ONNX Runtime (`audiocap caption`).
+//! - [`rng`]: the one seeded random-number generator (SplitMix64).
 //! - [`pipeline`]: `audiocap run`: pipeline files, the wiring of the stages, progress
 //!   and the run summary.
 //! - [`stages`]: list, fetch, decode, batch, model, sink: async loops between bounded
@@ -53,6 +54,7 @@ pub mod manifest;
 pub mod model;
 pub mod output;
 pub mod pipeline;
+pub mod rng;
 pub mod stages;
 pub mod storage;
 pub mod train;

@@ -27,7 +27,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
-use crate::model::init::SplitMix64;
+use crate::rng::SplitMix64;
 use catalog::{Catalog, SignalKind};
 use sources::{Recording, RecordingReader};
 

@@ -32,10 +32,10 @@ use super::model::{
 use super::optim::{AdamW, AdamWSettings, GradAccumulator};
 use super::schedule::CosineSchedule;
 use crate::config::DeviceSpec;
-use crate::model::init::SplitMix64;
 use crate::model::llama::LlamaConfig;
 use crate::model::lora::PeftAdapter;
 use crate::model::prompt::load_tokenizer;
+use crate::rng::SplitMix64;
 
 /// How `audiocap train` was asked to run.
 #[derive(Debug, Clone, Default)]
