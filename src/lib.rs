@@ -17,9 +17,11 @@
 //! manifest
 //! model storage output
 //! audio
-//! config rng onnx graph_io
+//! config rng onnx graph_io atomic
 //! layers:end
 //!
+//! - [`atomic`]: writing a file or folder beside its final name and renaming it into
+//!   place (one staging-name rule).
 //! - [`audio`]: waveform decoding and the BEATs front end (Kaldi fbank).
 //! - [`model`]: the published architecture in candle: BEATs encoder, projector and
 //!   pooling, Llama 3 decoder, LoRA adapters, and the checkpoint readers they share.
@@ -41,6 +43,7 @@
 //! - [`dataset`]: the captions dataset on local disk or an object store: size-targeted
 //!   Parquet parts committed atomically, per-shard commit records, resume by URI.
 
+pub mod atomic;
 pub mod audio;
 pub mod bench;
 pub mod caption;
