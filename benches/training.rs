@@ -20,10 +20,11 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use audiocap::config::DeviceSpec;
-use audiocap::model::init::{SplitMix64, uniform};
+use audiocap::model::init::uniform;
 use audiocap::model::llama::LlamaConfig;
 use audiocap::model::prompt::DEFAULT_PROMPT_TEMPLATE;
 use audiocap::model::synthetic::{LlamaFiles, LlamaSpec, SourceDtype, write_llama_dir};
+use audiocap::rng::SplitMix64;
 use audiocap::train::model::{
     Example, InitFrom, LoraSettings, TrainableCaptioner, TrainableParams,
 };

@@ -14,6 +14,7 @@
 //! grammar (`cpu`, `cuda`, `cuda:N`, any case) every file uses; [`audiocap_home`]
 //! the one rule for audiocap's own folder.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsString;
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -87,11 +88,10 @@ pub fn load<T: DeserializeOwned>(
     overrides: &[String],
     schema: &Schema<T>,
 ) -> Result<T, ConfigErrors> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigErrors {
-        file: path.display().to_string(),
-        problems: vec![problem("", format!("cannot read the file: {e}"))],
-    })?;
-    parse(&text, &path.display().to_string(), overrides, schema)
+    complete(
+        &path.display().to_string(),
+        load_partial(path, overrides, schema),
+    )
 }
 
 /// [`load`] on text already read; `file` names it in messages.
@@ -101,12 +101,38 @@ pub fn parse<T: DeserializeOwned>(
     overrides: &[String],
     schema: &Schema<T>,
 ) -> Result<T, ConfigErrors> {
-    let fail = |problems| ConfigErrors {
-        file: file.to_string(),
-        problems,
+    complete(file, parse_partial(text, overrides, schema))
+}
+
+/// [`load`] for a caller that checks several files together (the corpus definition):
+/// every problem, and with them the value that is left once the keys they name are
+/// set aside (their defaults stand in), so the caller can go on checking the other
+/// files against it. `None` when even that does not deserialise (the file cannot be
+/// read or is not TOML, or a required key is missing).
+pub fn load_partial<T: DeserializeOwned>(
+    path: &Path,
+    overrides: &[String],
+    schema: &Schema<T>,
+) -> (Option<T>, Vec<ConfigProblem>) {
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_partial(&text, overrides, schema),
+        Err(e) => (
+            None,
+            vec![problem("", format!("cannot read the file: {e}"))],
+        ),
+    }
+}
+
+/// [`load_partial`] on text already read.
+pub fn parse_partial<T: DeserializeOwned>(
+    text: &str,
+    overrides: &[String],
+    schema: &Schema<T>,
+) -> (Option<T>, Vec<ConfigProblem>) {
+    let mut table: toml::Table = match toml::from_str(text) {
+        Ok(table) => table,
+        Err(e) => return (None, vec![problem("", format!("not valid TOML: {e}"))]),
     };
-    let mut table: toml::Table = toml::from_str(text)
-        .map_err(|e| fail(vec![problem("", format!("not valid TOML: {e}"))]))?;
     let mut problems = Vec::new();
     for o in overrides {
         if let Err(p) = apply_override(&mut table, o, schema.flat) {
@@ -114,24 +140,33 @@ pub fn parse<T: DeserializeOwned>(
         }
     }
     problems.extend((schema.check_keys)(&table));
-    if !problems.is_empty() {
-        // The values are checked too, on what is left once the keys named above are
-        // set aside (their defaults stand in), so one pass lists every problem.
-        let mut rest = table;
-        for p in &problems {
-            set_aside(&mut rest, &p.at);
+    // The values are checked too, on what is left once the keys named above are set
+    // aside (their defaults stand in), so one pass lists every problem.
+    set_aside(&mut table, &problems);
+    match toml::Value::Table(table).try_into::<T>() {
+        Ok(config) => {
+            problems.extend((schema.validate)(&config).err().unwrap_or_default());
+            (Some(config), problems)
         }
-        match toml::Value::Table(rest).try_into::<T>() {
-            Ok(config) => problems.extend((schema.validate)(&config).err().unwrap_or_default()),
-            Err(e) => problems.push(problem("", e.message().trim().to_string())),
+        Err(e) => {
+            problems.push(problem("", e.message().trim().to_string()));
+            (None, problems)
         }
-        return Err(fail(problems));
     }
-    let config: T = toml::Value::Table(table)
-        .try_into()
-        .map_err(|e: toml::de::Error| fail(vec![problem("", e.message().to_string())]))?;
-    (schema.validate)(&config).map_err(fail)?;
-    Ok(config)
+}
+
+/// The value when nothing is wrong, else every problem of `file`.
+fn complete<T>(
+    file: &str,
+    (config, problems): (Option<T>, Vec<ConfigProblem>),
+) -> Result<T, ConfigErrors> {
+    match config {
+        Some(config) if problems.is_empty() => Ok(config),
+        _ => Err(ConfigErrors {
+            file: file.to_string(),
+            problems,
+        }),
+    }
 }
 
 /// Applies one `section.key=value` override (`key=value` in a flat file). The value
@@ -236,6 +271,36 @@ pub fn check_section<T: DeserializeOwned>(
         .collect()
 }
 
+/// Deserialises `value` as one whole record `T` (a table with required keys, or a
+/// type that is only right as a whole): one problem at `at` if it does not.
+pub fn check_record<T: DeserializeOwned>(at: &str, value: &toml::Value) -> Vec<ConfigProblem> {
+    value
+        .clone()
+        .try_into::<T>()
+        .err()
+        .map(|e| problem(at, e.message().trim().to_string()))
+        .into_iter()
+        .collect()
+}
+
+/// Deserialises each element of the top-level array of tables `name` (`[[name]]`)
+/// as a whole record `T`: one problem per bad element, at `name[i]` (0-based), which
+/// the loader sets aside on its own. A value that is not an array is one problem at
+/// `name`.
+pub fn check_records<T: DeserializeOwned>(name: &str, value: &toml::Value) -> Vec<ConfigProblem> {
+    match value {
+        toml::Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .flat_map(|(i, item)| check_record::<T>(&format!("{name}[{i}]"), item))
+            .collect(),
+        _ => vec![problem(
+            name,
+            format!("must be an array of tables (`[[{name}]]`)"),
+        )],
+    }
+}
+
 /// `section.key`, or `key` for a file without sections.
 fn join_at(section: &str, key: &str) -> String {
     if section.is_empty() {
@@ -245,17 +310,34 @@ fn join_at(section: &str, key: &str) -> String {
     }
 }
 
-/// Removes what a problem's `at` names (`section.key`, `section` or a top-level
-/// `key`) from `table`.
-fn set_aside(table: &mut toml::Table, at: &str) {
-    match at.split_once('.') {
-        Some((section, key)) => {
-            if let Some(toml::Value::Table(t)) = table.get_mut(section) {
-                t.remove(key);
+/// Removes what the problems' `at`s name (`section.key`, `section`, a top-level
+/// `key`, or `name[i]`: element `i` of the array of tables `name`) from `table`.
+fn set_aside(table: &mut toml::Table, problems: &[ConfigProblem]) {
+    let mut elements: BTreeMap<&str, BTreeSet<usize>> = BTreeMap::new();
+    for p in problems {
+        if let Some((name, i)) = element_at(&p.at) {
+            elements.entry(name).or_default().insert(i);
+            continue;
+        }
+        match p.at.split_once('.') {
+            Some((section, key)) => {
+                if let Some(toml::Value::Table(t)) = table.get_mut(section) {
+                    t.remove(key);
+                }
+            }
+            None => {
+                table.remove(&p.at);
             }
         }
-        None => {
-            table.remove(at);
+    }
+    // Elements go all at once, so the indices of the others stay as they were named.
+    for (name, bad) in elements {
+        if let Some(toml::Value::Array(items)) = table.get_mut(name) {
+            let mut i = 0;
+            items.retain(|_| {
+                i += 1;
+                !bad.contains(&(i - 1))
+            });
         }
     }
 }
@@ -283,6 +365,15 @@ pub fn audiocap_home_from(
         Some(dir) => Some(PathBuf::from(dir)),
         None => home.map(|h| h.join(".local/share/audiocap")),
     }
+}
+
+/// `name[i]` (a top-level array's element) as `(name, i)`.
+fn element_at(at: &str) -> Option<(&str, usize)> {
+    let (name, index) = at.strip_suffix(']')?.rsplit_once('[')?;
+    if name.is_empty() || name.contains('.') {
+        return None;
+    }
+    Some((name, index.parse().ok()?))
 }
 
 /// Where a model runs: the one device grammar of every settings file and flag.
@@ -413,6 +504,50 @@ mod tests {
                 .starts_with("f.toml: 5 problems\n  - --set job: "),
             "{err}"
         );
+    }
+
+    #[test]
+    fn each_bad_record_of_an_array_of_tables_is_its_own_problem_and_set_aside() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct Item {
+            id: String,
+        }
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        struct List {
+            #[serde(default)]
+            item: Vec<Item>,
+        }
+        let schema = Schema::<List> {
+            check_keys: |t| {
+                t.iter()
+                    .flat_map(|(k, v)| match k.as_str() {
+                        "item" => check_records::<Item>(k, v),
+                        _ => vec![problem(k.as_str(), "unknown")],
+                    })
+                    .collect()
+            },
+            validate: |_| Ok(()),
+            flat: true,
+        };
+        let text = "[[item]]\nid = \"a\"\n[[item]]\nid = 2\n[[item]]\nid = \"c\"\n\
+                    [[item]]\nname = \"d\"\n[[item]]\nid = \"e\"\n";
+        let (list, problems) = parse_partial(text, &[], &schema);
+        let ats: Vec<&str> = problems.iter().map(|p| p.at.as_str()).collect();
+        assert_eq!(ats, ["item[1]", "item[3]"], "{problems:?}");
+        assert!(
+            problems[1].message.contains("unknown field `name`"),
+            "{problems:?}"
+        );
+        // The good records are still read, the bad ones left out.
+        let ids: Vec<String> = list.unwrap().item.into_iter().map(|i| i.id).collect();
+        assert_eq!(ids, ["a", "c", "e"]);
+        let err = parse("item = 3\n", "l.toml", &[], &schema).unwrap_err();
+        assert_eq!(err.problems[0].at, "item", "{err}");
+        assert!(err.problems[0].message.contains("array of tables"), "{err}");
+        let one = check_record::<Item>("x", &toml_value("{ id = \"a\" }"));
+        assert!(one.is_empty(), "{one:?}");
     }
 
     #[test]

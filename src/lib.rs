@@ -17,7 +17,7 @@
 //! manifest
 //! model storage output
 //! audio
-//! config rng onnx graph_io
+//! config rng onnx graph_io atomic
 //! layers:end
 //!
 //! From the top layer down:
@@ -57,7 +57,11 @@
 //!   models), for the exporter's graphs and the engine's small helper graphs.
 //! - [`graph_io`]: the contract between export and engine: the names of the graphs'
 //!   inputs and outputs and the limits both hold to.
+//! - [`rng`]: the one seeded random-number generator (SplitMix64).
+//! - [`atomic`]: writing a file or folder beside its final name and renaming it into
+//!   place (one staging-name rule).
 
+pub mod atomic;
 pub mod audio;
 pub mod bench;
 pub mod caption;
@@ -73,6 +77,7 @@ pub mod model;
 pub mod onnx;
 pub mod output;
 pub mod pipeline;
+pub mod rng;
 pub mod stages;
 pub mod storage;
 pub mod train;

@@ -334,9 +334,8 @@ impl ModelManifest {
                 if let Some(parent) = cache.parent() {
                     std::fs::create_dir_all(parent)?;
                 }
-                let staging = cache.with_extension(format!("{}.partial", std::process::id()));
-                std::fs::write(&staging, serde_json::to_vec(&known)?)?;
-                std::fs::rename(&staging, cache)
+                let bytes = serde_json::to_vec(&known)?;
+                crate::atomic::write_file(cache, |staging| std::fs::write(staging, &bytes), |e| e)
             };
             if let Err(e) = write() {
                 tracing::warn!(cache = %cache.display(), error = %e, "cannot record the verified model files");

@@ -17,6 +17,8 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
+use crate::atomic;
+
 /// One output row: a caption or an error for one segment of one input.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct CaptionRow {
@@ -205,11 +207,12 @@ pub fn writer_properties(metadata: Vec<(String, String)>) -> WriterProperties {
         .build()
 }
 
-/// A zstd Parquet file of any schema, written under `<name>.partial` and renamed to
-/// its final name by [`ParquetFileWriter::finish`], so a reader never sees half a file.
+/// A zstd Parquet file of any schema, written under a staging name beside it
+/// ([`atomic`]) and renamed to its final name by [`ParquetFileWriter::finish`], so a
+/// reader never sees half a file; dropped unfinished, the staging file is removed.
 pub struct ParquetFileWriter {
     path: PathBuf,
-    staging: PathBuf,
+    staging: atomic::Staging,
     writer: ArrowWriter<File>,
     rows: usize,
 }
@@ -227,16 +230,14 @@ impl ParquetFileWriter {
                 source,
             })?;
         }
-        let mut staging = path.as_os_str().to_owned();
-        staging.push(".partial");
-        let staging = PathBuf::from(staging);
-        let file = File::create(&staging).map_err(|source| OutputError::Io {
-            path: staging.clone(),
+        let staging = atomic::Staging::new(path);
+        let file = File::create(staging.path()).map_err(|source| OutputError::Io {
+            path: staging.path().to_path_buf(),
             source,
         })?;
         let writer = ArrowWriter::try_new(file, schema, Some(writer_properties(metadata)))
             .map_err(|source| OutputError::Parquet {
-                path: staging.clone(),
+                path: staging.path().to_path_buf(),
                 source,
             })?;
         Ok(Self {
@@ -251,7 +252,7 @@ impl ParquetFileWriter {
         self.writer
             .write(batch)
             .map_err(|source| OutputError::Parquet {
-                path: self.staging.clone(),
+                path: self.staging.path().to_path_buf(),
                 source,
             })?;
         self.rows += batch.num_rows();
@@ -265,10 +266,10 @@ impl ParquetFileWriter {
     /// Closes the file and renames it into place.
     pub fn finish(self) -> Result<PathBuf, OutputError> {
         self.writer.close().map_err(|source| OutputError::Parquet {
-            path: self.staging.clone(),
+            path: self.staging.path().to_path_buf(),
             source,
         })?;
-        std::fs::rename(&self.staging, &self.path).map_err(|source| OutputError::Io {
+        self.staging.commit().map_err(|source| OutputError::Io {
             path: self.path.clone(),
             source,
         })?;
@@ -295,7 +296,7 @@ impl CaptionFileWriter {
             return Ok(());
         }
         let batch = to_record_batch(rows).map_err(|source| OutputError::Arrow {
-            path: self.file.staging.clone(),
+            path: self.file.staging.path().to_path_buf(),
             source,
         })?;
         self.file.write_batch(&batch)

@@ -224,7 +224,13 @@ fn clotho_csv_references_with_csv_predictions() {
             .as_str()
             .is_some_and(|r| r.contains("--no-java-metrics"))
     );
-    assert!(!out.with_extension("json.partial").exists());
+    // Nothing staged is left beside it (any staging name: `.metrics.json.*`).
+    let left: Vec<String> = std::fs::read_dir(out.parent().unwrap())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".partial") || n.ends_with(".staging"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 
     // Per-clip Parquet
     let per_clip = args.per_clip.as_ref().expect("per-clip path");

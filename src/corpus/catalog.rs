@@ -2,15 +2,21 @@
 //! pinned packages, sources, speech, synthetic signals, mixtures, split) and
 //! `sounds/<source>.toml` (rules that caption the recordings of one source).
 //!
-//! [`Catalog::load`] reads every file and validates everything before any download,
-//! listing every problem at once.
+//! [`Catalog::load`] reads every file through the one settings loader ([`config`])
+//! and validates everything before any download, listing every problem of every
+//! file at once; each problem's `at` names the file and the place in it
+//! (`corpus.toml: clips.sample_rate`, `sounds/bells.toml: sound #3 (bell*.wav)`).
 
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 use std::path::{Path, PathBuf};
 
 use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 use serde::Deserialize;
+use serde::de::IgnoredAny;
 
+use crate::config::{
+    self, ConfigProblem, Schema, check_record, check_records, check_section, problem,
+};
 use crate::eval::baselines::mentions_label;
 
 /// The shortest clip the captioner can encode (16 fbank frames).
@@ -302,39 +308,50 @@ impl CaptionText {
     }
 
     /// Problems with the labels and captions (`at` names the rule).
-    fn check(&self, at: &str, min_captions: usize, problems: &mut Vec<String>) {
+    fn check(&self, at: &str, min_captions: usize, problems: &mut Vec<ConfigProblem>) {
         if self.labels.is_empty() {
-            problems.push(format!("{at}: no labels"));
+            problems.push(problem(at, "no labels"));
         }
         for label in &self.labels {
             if label.trim().is_empty() || label.chars().any(|c| c.is_uppercase()) {
-                problems.push(format!(
-                    "{at}: label `{label}` must be a lower-case word or phrase"
+                problems.push(problem(
+                    at,
+                    format!("label `{label}` must be a lower-case word or phrase"),
                 ));
             }
         }
         if self.subjects.is_empty() != self.actions.is_empty() {
-            problems.push(format!(
-                "{at}: `subjects` and `actions` go together (captions are \"{{subject}} {{action}}\")"
+            problems.push(problem(
+                at,
+                "`subjects` and `actions` go together (captions are \"{subject} {action}\")",
             ));
         }
         let pool = self.pool();
         if pool.len() < min_captions {
-            problems.push(format!(
-                "{at}: {} distinct caption(s), at least {min_captions} needed",
-                pool.len()
+            problems.push(problem(
+                at,
+                format!(
+                    "{} distinct caption(s), at least {min_captions} needed",
+                    pool.len()
+                ),
             ));
         }
         for caption in &pool {
             if !mentions_label(caption, &self.labels) {
-                problems.push(format!(
-                    "{at}: caption \"{caption}\" contains none of the labels [{}]",
-                    self.labels.join(", ")
+                problems.push(problem(
+                    at,
+                    format!(
+                        "caption \"{caption}\" contains none of the labels [{}]",
+                        self.labels.join(", ")
+                    ),
                 ));
             }
             if caption.ends_with('.') || caption.chars().next().is_some_and(char::is_uppercase) {
-                problems.push(format!(
-                    "{at}: caption \"{caption}\" should be a lower-case clause without a final period"
+                problems.push(problem(
+                    at,
+                    format!(
+                        "caption \"{caption}\" should be a lower-case clause without a final period"
+                    ),
                 ));
             }
         }
@@ -380,12 +397,15 @@ pub struct Catalog {
 
 impl Catalog {
     /// Reads and validates `dir/corpus.toml` and `dir/sounds/*.toml`; `Err` lists
-    /// every problem found.
-    pub fn load(dir: &Path) -> Result<Catalog, Vec<String>> {
-        let mut problems = Vec::new();
-        let corpus_path = dir.join("corpus.toml");
-        let corpus: Option<CorpusFile> = read_toml(&corpus_path, &mut problems);
-        let sounds_dir = dir.join("sounds");
+    /// every problem found, in every file.
+    pub fn load(dir: &Path) -> Result<Catalog, Vec<ConfigProblem>> {
+        let (corpus, corpus_problems) =
+            config::load_partial(&dir.join(CORPUS_FILE), &[], &CORPUS_SCHEMA);
+        // A `[[source]]` that could not be read is left out of `corpus`: its sounds
+        // file is not then reported as belonging to no source.
+        let sources_complete = !corpus_problems.iter().any(|p| p.at.starts_with("source["));
+        let mut problems = in_file(CORPUS_FILE, corpus_problems);
+        let sounds_dir = dir.join(SOUNDS_DIR);
         let mut sound_files = Vec::new();
         match std::fs::read_dir(&sounds_dir) {
             Ok(entries) => {
@@ -395,42 +415,60 @@ impl Catalog {
                     .collect();
                 paths.sort();
                 for path in paths {
-                    if let Some(file) = read_toml::<SoundsFile>(&path, &mut problems) {
-                        sound_files.push((path, file));
+                    let name = path
+                        .strip_prefix(dir)
+                        .unwrap_or(&path)
+                        .display()
+                        .to_string();
+                    let (file, file_problems) = config::load_partial(&path, &[], &SOUNDS_SCHEMA);
+                    // A `[[sound]]` that could not be read is left out of `file`; the
+                    // others keep their numbers in the file (and so their rule ids).
+                    let unread: BTreeSet<usize> = file_problems
+                        .iter()
+                        .filter_map(|p| element("sound", &p.at))
+                        .collect();
+                    problems.extend(in_file(&name, file_problems));
+                    if let Some(file) = file {
+                        let numbers: Vec<usize> = (1..)
+                            .filter(|n| !unread.contains(&(n - 1)))
+                            .take(file.sound.len())
+                            .collect();
+                        sound_files.push((name, file, numbers));
                     }
                 }
             }
-            Err(e) => problems.push(format!("{}: {e}", sounds_dir.display())),
+            Err(e) => problems.push(problem(SOUNDS_DIR, e.to_string())),
         }
         let Some(corpus) = corpus else {
             return Err(problems);
         };
-        corpus.validate(&mut problems);
 
         let source_ids: BTreeSet<&str> = corpus.sources.iter().map(|s| s.id.as_str()).collect();
         let mut rules = BTreeMap::new();
         let min = corpus.clips.captions_per_clip;
-        for (path, file) in &sound_files {
-            let name = path.display();
-            if !source_ids.contains(file.source.as_str()) {
-                problems.push(format!(
-                    "{name}: source `{}` is not a [[source]] of corpus.toml",
-                    file.source
+        for (name, file, numbers) in &sound_files {
+            if sources_complete && !source_ids.contains(file.source.as_str()) {
+                problems.push(problem(
+                    name.as_str(),
+                    format!(
+                        "source `{}` is not a [[source]] of {CORPUS_FILE}",
+                        file.source
+                    ),
                 ));
             }
             if rules.contains_key(&file.source) {
-                problems.push(format!(
-                    "{name}: a second sounds file for source `{}`",
-                    file.source
+                problems.push(problem(
+                    name.as_str(),
+                    format!("a second sounds file for source `{}`", file.source),
                 ));
                 continue;
             }
             let mut compiled = Vec::new();
-            for (i, rule) in file.sound.iter().enumerate() {
-                let at = format!("{name}: sound #{} ({})", i + 1, rule.globs.join(", "));
+            for (rule, n) in file.sound.iter().zip(numbers.iter()) {
+                let at = format!("{name}: sound #{n} ({})", rule.globs.join(", "));
                 let mut builder = GlobSetBuilder::new();
                 if rule.globs.is_empty() {
-                    problems.push(format!("{at}: `match` is empty"));
+                    problems.push(problem(at.as_str(), "`match` is empty"));
                 }
                 for glob in &rule.globs {
                     // `*` stays inside one path segment; `**` crosses them.
@@ -438,7 +476,9 @@ impl Catalog {
                         Ok(g) => {
                             builder.add(g);
                         }
-                        Err(e) => problems.push(format!("{at}: bad glob `{glob}`: {e}")),
+                        Err(e) => {
+                            problems.push(problem(at.as_str(), format!("bad glob `{glob}`: {e}")))
+                        }
                     }
                 }
                 if !rule.skip {
@@ -446,7 +486,7 @@ impl Catalog {
                 }
                 match builder.build() {
                     Ok(matcher) => compiled.push(Rule {
-                        id: format!("{}#{}", file.source, i + 1),
+                        id: format!("{}#{n}", file.source),
                         skip: rule.skip,
                         labels: rule.text.labels.clone(),
                         pool: rule.text.pool(),
@@ -454,16 +494,16 @@ impl Catalog {
                         attribution: rule.attribution.clone(),
                         matcher,
                     }),
-                    Err(e) => problems.push(format!("{at}: {e}")),
+                    Err(e) => problems.push(problem(at.as_str(), e.to_string())),
                 }
             }
             rules.insert(file.source.clone(), SourceRules { rules: compiled });
         }
         for id in &source_ids {
             if !rules.contains_key(*id) {
-                problems.push(format!(
-                    "source `{id}` has no sounds file ({}/{id}.toml)",
-                    sounds_dir.display()
+                problems.push(problem(
+                    CORPUS_FILE,
+                    format!("source `{id}` has no sounds file ({SOUNDS_DIR}/{id}.toml)"),
                 ));
             }
         }
@@ -488,73 +528,197 @@ impl Catalog {
     }
 }
 
+/// The definition's main file, in the catalog folder.
+const CORPUS_FILE: &str = "corpus.toml";
+/// The folder of the sounds files, in the catalog folder.
+const SOUNDS_DIR: &str = "sounds";
+
+const CORPUS_SCHEMA: Schema<CorpusFile> = Schema {
+    check_keys: check_corpus_keys,
+    validate: CorpusFile::validate,
+    flat: false,
+};
+
+/// The sounds files' values are checked in [`Catalog::load`], against `corpus.toml`.
+const SOUNDS_SCHEMA: Schema<SoundsFile> = Schema {
+    check_keys: check_sounds_keys,
+    validate: |_| Ok(()),
+    flat: false,
+};
+
+/// The top-level keys of `corpus.toml`, each checked on its own (sections and arrays
+/// of tables are checked by [`check_corpus_keys`]).
+#[derive(Default, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+#[allow(dead_code)] // only deserialised, to check them
+struct CorpusKeys {
+    name: String,
+    version: String,
+    seed: u64,
+    clips: IgnoredAny,
+    split: IgnoredAny,
+    package: IgnoredAny,
+    source: IgnoredAny,
+    speech: IgnoredAny,
+    synthetic: IgnoredAny,
+    mixtures: IgnoredAny,
+}
+
+/// Unknown keys and wrong types of `corpus.toml`: `[clips]`, `[split]` and
+/// `[mixtures]` key by key, every `[[package]]`, `[[source]]` and `[[synthetic]]` and
+/// the `[speech]` table each as one record.
+fn check_corpus_keys(table: &toml::Table) -> Vec<ConfigProblem> {
+    let mut problems = check_section::<CorpusKeys>("", table);
+    for (key, value) in table {
+        problems.extend(match key.as_str() {
+            "clips" => check_table(key, value, check_section::<ClipSettings>),
+            "split" => check_table(key, value, check_section::<SplitSettings>),
+            "mixtures" => check_table(key, value, check_section::<MixtureSettings>),
+            "speech" => check_record::<SpeechSpec>(key, value),
+            "package" => check_records::<Package>(key, value),
+            "source" => check_records::<SourceSpec>(key, value),
+            "synthetic" => check_records::<SyntheticSpec>(key, value),
+            _ => Vec::new(),
+        });
+    }
+    problems
+}
+
+/// Unknown keys and wrong types of a sounds file; every `[[sound]]` is one record.
+fn check_sounds_keys(table: &toml::Table) -> Vec<ConfigProblem> {
+    #[derive(Default, Deserialize)]
+    #[serde(default, deny_unknown_fields)]
+    #[allow(dead_code)] // only deserialised, to check them
+    struct SoundsKeys {
+        source: String,
+        sound: IgnoredAny,
+    }
+    let mut problems = check_section::<SoundsKeys>("", table);
+    if let Some(sound) = table.get("sound") {
+        problems.extend(check_records::<SoundRule>("sound", sound));
+    }
+    problems
+}
+
+/// A section checked key by key; a value that is not a table is one problem.
+fn check_table(name: &str, value: &toml::Value, check: config::SectionCheck) -> Vec<ConfigProblem> {
+    match value {
+        toml::Value::Table(t) => check(name, t),
+        _ => vec![problem(name, format!("must be a table (`[{name}]`)"))],
+    }
+}
+
+/// Problems of one file, their `at` naming the file first; the loader's `name[i]`
+/// (a record of an array of tables) is `name #n`, numbered from 1 as rule ids are.
+fn in_file(file: &str, problems: Vec<ConfigProblem>) -> Vec<ConfigProblem> {
+    problems
+        .into_iter()
+        .map(|p| {
+            let place = match p.at.split_once('[') {
+                Some((name, _)) if element(name, &p.at).is_some() => {
+                    format!("{name} #{}", element(name, &p.at).unwrap_or_default() + 1)
+                }
+                _ => p.at,
+            };
+            ConfigProblem {
+                at: if place.is_empty() {
+                    file.to_string()
+                } else {
+                    format!("{file}: {place}")
+                },
+                message: p.message,
+            }
+        })
+        .collect()
+}
+
+/// `i` when `at` is the loader's `name[i]`.
+fn element(name: &str, at: &str) -> Option<usize> {
+    at.strip_prefix(name)?
+        .strip_prefix('[')?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
 impl CorpusFile {
-    fn validate(&self, problems: &mut Vec<String>) {
+    /// The values and their combinations (no I/O), every problem listed.
+    fn validate(&self) -> Result<(), Vec<ConfigProblem>> {
+        let mut problems = Vec::new();
+        let p = &mut problems;
         let c = &self.clips;
         if c.sample_rate < 8_000 {
-            problems.push(format!(
-                "clips.sample_rate = {}: at least 8000",
-                c.sample_rate
+            p.push(problem(
+                "clips.sample_rate",
+                format!("at least 8000 (is {})", c.sample_rate),
             ));
         }
         if !(c.min_seconds > 0.0 && c.min_seconds < c.max_seconds) {
-            problems.push(format!(
-                "clips: need 0 < min_seconds ({}) < max_seconds ({})",
-                c.min_seconds, c.max_seconds
+            p.push(problem(
+                "clips",
+                format!(
+                    "need 0 < min_seconds ({}) < max_seconds ({})",
+                    c.min_seconds, c.max_seconds
+                ),
             ));
         }
         // One encoder patch is 16 fbank frames: 25 ms + 15 shifts of 10 ms.
         if c.min_seconds < MIN_ENCODABLE_SECONDS {
-            problems.push(format!(
-                "clips.min_seconds = {}: at least {MIN_ENCODABLE_SECONDS} (16 fbank frames, \
-                 the encoder's one patch; shorter clips cannot be captioned)",
-                c.min_seconds
+            p.push(problem(
+                "clips.min_seconds",
+                format!(
+                    "at least {MIN_ENCODABLE_SECONDS} (is {}; 16 fbank frames, the encoder's \
+                     one patch: shorter clips cannot be captioned)",
+                    c.min_seconds
+                ),
             ));
         }
         if c.max_crops == 0 {
-            problems.push("clips.max_crops must be at least 1".to_string());
+            p.push(problem("clips.max_crops", "must be at least 1"));
         }
         if c.silence_db.is_nan() || c.silence_db >= 0.0 {
-            problems.push(format!(
-                "clips.silence_db = {}: a level below full scale (negative dB)",
-                c.silence_db
+            p.push(problem(
+                "clips.silence_db",
+                format!(
+                    "a level below full scale (negative dB), not {}",
+                    c.silence_db
+                ),
             ));
         }
         if c.captions_per_clip == 0 {
-            problems.push("clips.captions_per_clip must be at least 1".to_string());
+            p.push(problem("clips.captions_per_clip", "must be at least 1"));
         }
         let s = &self.split;
         let fractions_ok = (0.0..1.0).contains(&s.test_fraction)
             && (0.0..1.0).contains(&s.validation_fraction)
             && s.test_fraction + s.validation_fraction < 1.0;
         if !fractions_ok {
-            problems.push(format!(
-                "split: test_fraction ({}) and validation_fraction ({}) must be in [0, 1) and sum below 1",
-                s.test_fraction, s.validation_fraction
+            p.push(problem(
+                "split",
+                format!(
+                    "test_fraction ({}) and validation_fraction ({}) must be in [0, 1) and sum below 1",
+                    s.test_fraction, s.validation_fraction
+                ),
             ));
         }
         let mut names = HashSet::new();
-        for p in &self.packages {
-            if !names.insert(p.name.as_str()) {
-                problems.push(format!("package `{}` is listed twice", p.name));
+        for pkg in &self.packages {
+            let at = format!("package `{}`", pkg.name);
+            if !names.insert(pkg.name.as_str()) {
+                p.push(problem("", format!("{at} is listed twice")));
             }
-            if p.sha256.len() != 64 || !p.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
-                problems.push(format!(
-                    "package `{}`: sha256 must be 64 hex digits",
-                    p.name
-                ));
+            if pkg.sha256.len() != 64 || !pkg.sha256.chars().all(|c| c.is_ascii_hexdigit()) {
+                p.push(problem(at.as_str(), "sha256 must be 64 hex digits"));
             }
-            if p.licence.trim().is_empty() || p.attribution.trim().is_empty() {
-                problems.push(format!(
-                    "package `{}`: licence and attribution are required",
-                    p.name
-                ));
+            if pkg.licence.trim().is_empty() || pkg.attribution.trim().is_empty() {
+                p.push(problem(at.as_str(), "licence and attribution are required"));
             }
         }
         let mut ids = HashSet::new();
         for src in &self.sources {
+            let at = format!("source `{}`", src.id);
             if !ids.insert(src.id.as_str()) {
-                problems.push(format!("source `{}` is listed twice", src.id));
+                p.push(problem("", format!("{at} is listed twice")));
             }
             if src.id.is_empty()
                 || !src
@@ -562,79 +726,70 @@ impl CorpusFile {
                     .chars()
                     .all(|c| c.is_ascii_alphanumeric() || c == '-')
             {
-                problems.push(format!(
-                    "source `{}`: ids are letters, digits and `-` (they go into file names)",
-                    src.id
+                p.push(problem(
+                    at.as_str(),
+                    "ids are letters, digits and `-` (they go into file names)",
                 ));
             }
             if !names.contains(src.package.as_str()) {
-                problems.push(format!(
-                    "source `{}`: package `{}` is not a [[package]]",
-                    src.id, src.package
+                p.push(problem(
+                    at.as_str(),
+                    format!("package `{}` is not a [[package]]", src.package),
                 ));
             }
             if src.max_crops == Some(0) {
-                problems.push(format!("source `{}`: max_crops must be at least 1", src.id));
+                p.push(problem(at.as_str(), "max_crops must be at least 1"));
             }
         }
         if let Some(speech) = &self.speech {
-            for p in &speech.packages {
-                if !names.contains(p.as_str()) {
-                    problems.push(format!("speech: package `{p}` is not a [[package]]"));
+            for pkg in &speech.packages {
+                if !names.contains(pkg.as_str()) {
+                    p.push(problem(
+                        "speech",
+                        format!("package `{pkg}` is not a [[package]]"),
+                    ));
                 }
             }
             if speech.sentences.is_empty() {
-                problems.push("speech: no sentences".to_string());
+                p.push(problem("speech", "no sentences"));
             }
             for (i, group) in speech.groups.iter().enumerate() {
                 let at = format!("speech.voices #{}", i + 1);
                 if group.voices.is_empty() || group.utterances == 0 {
-                    problems.push(format!("{at}: needs voices and utterances ≥ 1"));
+                    p.push(problem(at.as_str(), "needs voices and utterances ≥ 1"));
                 }
-                group
-                    .text
-                    .check(&at, self.clips.captions_per_clip, problems);
+                group.text.check(&at, self.clips.captions_per_clip, p);
             }
         }
         for (i, synth) in self.synthetic.iter().enumerate() {
             let at = format!("synthetic #{} ({:?})", i + 1, synth.kind);
-            synth
-                .text
-                .check(&at, self.clips.captions_per_clip, problems);
+            synth.text.check(&at, self.clips.captions_per_clip, p);
         }
         let m = &self.mixtures;
         if m.joiners.is_empty() && m.train + m.validation + m.test > 0 {
-            problems.push("mixtures: no joiners".to_string());
+            p.push(problem("mixtures", "no joiners"));
         }
         for j in &m.joiners {
             if !(j.contains("{a}") && j.contains("{b}")) {
-                problems.push(format!(
-                    "mixtures: joiner \"{j}\" needs both {{a}} and {{b}}"
+                p.push(problem(
+                    "mixtures",
+                    format!("joiner \"{j}\" needs both {{a}} and {{b}}"),
                 ));
             }
         }
         if !(m.quieter_db[0] >= 0.0 && m.quieter_db[0] <= m.quieter_db[1]) {
-            problems.push(format!(
-                "mixtures.quieter_db = {:?}: a range [low, high] with 0 <= low <= high",
-                m.quieter_db
+            p.push(problem(
+                "mixtures.quieter_db",
+                format!(
+                    "a range [low, high] with 0 <= low <= high, not {:?}",
+                    m.quieter_db
+                ),
             ));
         }
-    }
-}
-
-fn read_toml<T: serde::de::DeserializeOwned>(path: &Path, problems: &mut Vec<String>) -> Option<T> {
-    let text = match std::fs::read_to_string(path) {
-        Ok(t) => t,
-        Err(e) => {
-            problems.push(format!("{}: {e}", path.display()));
-            return None;
-        }
-    };
-    match toml::from_str(&text) {
-        Ok(v) => Some(v),
-        Err(e) => {
-            problems.push(format!("{}: {e}", path.display()));
-            None
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
         }
     }
 }
@@ -680,5 +835,110 @@ mod tests {
         );
         // Too few captions, one without a label, one capitalised with a period.
         assert_eq!(problems.len(), 3, "{problems:#?}");
+    }
+    /// A small valid definition: one package, one source, its sounds file.
+    fn write_definition(dir: &Path, corpus_extra: &str, sounds: &str) {
+        std::fs::create_dir_all(dir.join("sounds")).unwrap();
+        std::fs::write(
+            dir.join("corpus.toml"),
+            format!(
+                "name = \"t\"\nversion = \"1\"\nseed = 1\n{corpus_extra}\n\
+                 [[package]]\nname = \"p\"\nversion = \"1\"\nsha256 = \"{}\"\n\
+                 licence = \"CC0-1.0\"\nattribution = \"a\"\n\
+                 [[source]]\nid = \"bells\"\npackage = \"p\"\nkind = \"dir\"\npath = \"x\"\n",
+                "0".repeat(64)
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("sounds/bells.toml"),
+            format!("source = \"bells\"\n{sounds}"),
+        )
+        .unwrap();
+    }
+
+    const GOOD_RULE: &str = "[[sound]]\nmatch = [\"bell*.wav\"]\nlabels = [\"bell\"]\n\
+        captions = [\"a bell rings\", \"a bell tolls\", \"bell chimes\", \"a bell sounds\", \"the bell rings\"]\n";
+
+    #[test]
+    fn a_valid_definition_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        write_definition(dir.path(), "", GOOD_RULE);
+        let catalog = Catalog::load(dir.path()).unwrap();
+        assert_eq!(catalog.rules["bells"].rules.len(), 1);
+        assert!(catalog.rules["bells"].find("bell1.wav").is_some());
+    }
+
+    #[test]
+    fn every_problem_of_every_file_is_listed_with_its_file_and_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let sounds = format!(
+            "{GOOD_RULE}[[sound]]\nmatch = [\"a[\"]\nskip = true\n\
+             [[sound]]\nmatch = [\"b*.wav\"]\nlables = [\"b\"]\n\
+             [[sound]]\nmatch = [\"c*.wav\"]\nlabels = [\"Chime\"]\ncaptions = [\"a gong\"]\n"
+        );
+        write_definition(
+            dir.path(),
+            "colour = \"red\"\n[clips]\nsample_rate = \"fast\"\nmax_crops = 0\n",
+            &sounds,
+        );
+        let problems = Catalog::load(dir.path()).unwrap_err();
+        let shown: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
+        let has = |at: &str, text: &str| {
+            problems
+                .iter()
+                .any(|p| p.at == at && p.message.contains(text))
+        };
+        // corpus.toml: an unknown key, a wrong type, a bad value.
+        assert!(
+            has("corpus.toml: colour", "unknown field `colour`"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("corpus.toml: clips.sample_rate", "invalid type"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("corpus.toml: clips.max_crops", "at least 1"),
+            "{shown:#?}"
+        );
+        // sounds/bells.toml: a misspelt key (its rule is left out), a bad glob, bad labels.
+        assert!(
+            has("sounds/bells.toml: sound #3", "unknown field `lables`"),
+            "{shown:#?}"
+        );
+        assert!(
+            has("sounds/bells.toml: sound #2 (a[)", "bad glob `a[`"),
+            "{shown:#?}"
+        );
+        let at = "sounds/bells.toml: sound #4 (c*.wav)";
+        assert!(has(at, "label `Chime`"), "{shown:#?}");
+        assert!(has(at, "at least 5 needed"), "{shown:#?}");
+        assert!(has(at, "contains none of the labels"), "{shown:#?}");
+        assert_eq!(problems.len(), 8, "{shown:#?}");
+        assert!(
+            shown.contains(&"corpus.toml: clips.max_crops: must be at least 1".to_string()),
+            "{shown:#?}"
+        );
+    }
+
+    #[test]
+    fn unreadable_files_and_missing_sounds_files_are_problems() {
+        let dir = tempfile::tempdir().unwrap();
+        let problems = Catalog::load(dir.path()).unwrap_err();
+        assert!(
+            problems[0]
+                .to_string()
+                .starts_with("corpus.toml: cannot read the file"),
+            "{problems:?}"
+        );
+        assert_eq!(problems[1].at, "sounds", "{problems:?}");
+        write_definition(dir.path(), "", GOOD_RULE);
+        std::fs::remove_file(dir.path().join("sounds/bells.toml")).unwrap();
+        let problems = Catalog::load(dir.path()).unwrap_err();
+        assert_eq!(
+            problems[0].to_string(),
+            "corpus.toml: source `bells` has no sounds file (sounds/bells.toml)"
+        );
     }
 }

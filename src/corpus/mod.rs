@@ -27,8 +27,9 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 
+use crate::atomic;
 use crate::config::audiocap_home;
-use crate::model::init::SplitMix64;
+use crate::rng::SplitMix64;
 use catalog::{Catalog, SignalKind};
 use sources::{Recording, RecordingReader};
 
@@ -208,10 +209,9 @@ pub fn build(catalog: &Catalog, options: &BuildOptions) -> Result<BuildReport, C
     if options.out.exists() && !options.overwrite {
         return Err(CorpusError::Exists(options.out.clone()));
     }
-    let staging = options.out.with_extension("partial");
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
-    }
+    // Removed again if the build fails; committed in place of `out` at the end.
+    let staged = atomic::Staging::new(&options.out);
+    let staging = staged.path().to_path_buf();
     for dir in SPLITS
         .iter()
         .map(|s| staging.join("audio").join(s))
@@ -544,10 +544,7 @@ pub fn build(catalog: &Catalog, options: &BuildOptions) -> Result<BuildReport, C
         std::fs::write(&test_list_path, text).map_err(io(&test_list_path))?;
     }
 
-    if options.out.exists() {
-        std::fs::remove_dir_all(&options.out).map_err(io(&options.out))?;
-    }
-    std::fs::rename(&staging, &options.out).map_err(io(&options.out))?;
+    staged.commit_dir().map_err(io(&options.out))?;
     Ok(report)
 }
 

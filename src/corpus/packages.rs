@@ -9,6 +9,7 @@ use std::process::Command;
 use sha2::{Digest, Sha256};
 
 use super::catalog::Package;
+use crate::atomic;
 
 #[derive(Debug, thiserror::Error)]
 pub enum PackageError {
@@ -74,15 +75,13 @@ pub fn unpacked(
         return Ok(root);
     }
     let deb = find_or_download(package, debs, cache)?;
-    let staging = root.with_extension("partial");
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
-    }
-    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
+    let staged = atomic::Staging::new(&root);
+    let staging = staged.path();
+    std::fs::create_dir_all(staging).map_err(io(staging))?;
     let output = Command::new("dpkg")
         .arg("-x")
         .arg(&deb)
-        .arg(&staging)
+        .arg(staging)
         .output()
         .map_err(|e| PackageError::Unpack {
             name: package.name.clone(),
@@ -96,11 +95,8 @@ pub fn unpacked(
             why: String::from_utf8_lossy(&output.stderr).trim().to_string(),
         });
     }
-    std::fs::write(staging.join(".complete"), &package.sha256).map_err(io(&staging))?;
-    if root.exists() {
-        std::fs::remove_dir_all(&root).map_err(io(&root))?;
-    }
-    std::fs::rename(&staging, &root).map_err(io(&root))?;
+    std::fs::write(staging.join(".complete"), &package.sha256).map_err(io(staging))?;
+    staged.commit_dir().map_err(io(&root))?;
     Ok(root)
 }
 

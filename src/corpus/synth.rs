@@ -4,7 +4,7 @@
 use std::f64::consts::TAU;
 
 use super::catalog::SignalKind;
-use crate::model::init::SplitMix64;
+use crate::rng::SplitMix64;
 
 /// One generated recording.
 pub fn generate(kind: SignalKind, rate: u32, max_seconds: f64, rng: &mut SplitMix64) -> Vec<f32> {

@@ -297,7 +297,11 @@ struct OpenPart {
 }
 
 enum PartWriter {
-    /// Encoded into `staging`, renamed to `final_path` to commit.
+    /// Encoded into `staging`, renamed to `final_path` to commit. Not
+    /// `crate::atomic`'s staging name: a part stages under `_staging/` with its own
+    /// (already unique) part name, because that is where the next open of the same
+    /// shard finds and removes a killed run's parts, and where resume ignores them;
+    /// the commit also syncs the folder after the rename (see [`close_and_rename`]).
     Local {
         writer: ArrowWriter<File>,
         staging: PathBuf,

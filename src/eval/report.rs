@@ -2,7 +2,6 @@
 //! scores as Parquet. Files are written under a staging name and renamed into place,
 //! so a reader never sees half a file.
 
-use std::fs::File;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,6 +13,7 @@ use arrow_schema::{DataType, Field, Schema, SchemaRef};
 use super::files::Pair;
 use super::jvm::Unavailable;
 use super::{CorpusScores, JavaScores};
+use crate::atomic;
 use crate::output::ParquetFileWriter;
 
 /// Separator between the reference captions in the per-clip file's `references` column.
@@ -172,45 +172,31 @@ pub fn write_per_clip(
     Ok(())
 }
 
-/// Writes `value` as pretty JSON.
+/// Writes `value` as pretty JSON (synced to disk before it is renamed into place).
 pub fn write_json(path: &Path, value: &serde_json::Value) -> Result<(), ReportError> {
-    let staging = staging_name(path);
-    let mut file = create(&staging)?;
-    serde_json::to_writer_pretty(&mut file, value).map_err(|source| ReportError::Json {
-        path: staging.clone(),
-        source,
-    })?;
-    file.write_all(b"\n")
-        .and_then(|()| file.sync_all())
-        .map_err(|source| ReportError::Io {
-            path: staging.clone(),
-            source,
-        })?;
-    rename(&staging, path)
-}
-
-fn staging_name(path: &Path) -> PathBuf {
-    let mut name = path.as_os_str().to_owned();
-    name.push(".partial");
-    PathBuf::from(name)
-}
-
-fn create(path: &Path) -> Result<File, ReportError> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         std::fs::create_dir_all(parent).map_err(|source| ReportError::Io {
             path: parent.to_path_buf(),
             source,
         })?;
     }
-    File::create(path).map_err(|source| ReportError::Io {
-        path: path.to_path_buf(),
-        source,
-    })
-}
-
-fn rename(from: &Path, to: &Path) -> Result<(), ReportError> {
-    std::fs::rename(from, to).map_err(|source| ReportError::Io {
-        path: to.to_path_buf(),
-        source,
-    })
+    atomic::write_synced(
+        path,
+        |file, staging| {
+            serde_json::to_writer_pretty(&mut *file, value).map_err(|source| {
+                ReportError::Json {
+                    path: staging.to_path_buf(),
+                    source,
+                }
+            })?;
+            file.write_all(b"\n").map_err(|source| ReportError::Io {
+                path: staging.to_path_buf(),
+                source,
+            })
+        },
+        |path, source| ReportError::Io {
+            path: path.to_path_buf(),
+            source,
+        },
+    )
 }

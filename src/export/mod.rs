@@ -94,31 +94,12 @@ pub fn export_model(options: &ExportOptions) -> Result<ModelManifest, ExportErro
         .filter(|p| !p.as_os_str().is_empty())
         .unwrap_or(Path::new("."));
     std::fs::create_dir_all(parent).map_err(io_error(parent))?;
-    let staging = parent.join(format!(
-        ".{}.partial-{}",
-        out.file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io_error(&staging))?;
-    }
-    std::fs::create_dir_all(&staging).map_err(io_error(&staging))?;
-    let result = write_model_dir(options, &staging);
-    match result {
-        Ok(manifest) => {
-            if out.exists() {
-                std::fs::remove_dir_all(out).map_err(io_error(out))?;
-            }
-            std::fs::rename(&staging, out).map_err(io_error(out))?;
-            Ok(manifest)
-        }
-        Err(e) => {
-            let _ = std::fs::remove_dir_all(&staging);
-            Err(e)
-        }
-    }
+    // Removed when the export fails (dropped uncommitted).
+    let staging = crate::atomic::Staging::new(out);
+    std::fs::create_dir_all(staging.path()).map_err(io_error(staging.path()))?;
+    let manifest = write_model_dir(options, staging.path())?;
+    staging.commit_dir().map_err(io_error(out))?;
+    Ok(manifest)
 }
 
 fn write_model_dir(options: &ExportOptions, dir: &Path) -> Result<ModelManifest, ExportError> {

@@ -16,8 +16,8 @@ use candle_core::{DType, Device, Module, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
-use super::init::SplitMix64;
 use super::weights::{LoadError, Result, Weights};
+use crate::rng::SplitMix64;
 
 /// The prefix PEFT puts in front of module paths of a `CAUSAL_LM` model.
 const PEFT_PREFIX: &str = "base_model.model.";

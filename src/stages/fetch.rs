@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use async_channel::{Receiver, Sender};
 
 use super::{BusyClock, InputTask, RunCounters};
-use crate::model::init::SplitMix64;
+use crate::rng::SplitMix64;
 use crate::storage::{FetchError, Fetched, SpoolOptions, fetch};
 
 /// An input with what fetching it gave.

@@ -114,17 +114,22 @@ impl FeatureCache {
     /// Stores `features` for `key` (atomically: temporary name, then rename).
     pub fn put(&self, key: &str, features: &Tensor) -> Result<(), CacheError> {
         let path = self.entry(key);
-        let staging = self
-            .dir
-            .join(format!(".{key}.{}.partial", std::process::id()));
         let tensors = std::collections::HashMap::from([("features".to_string(), features.clone())]);
-        candle_core::safetensors::save(&tensors, &staging).map_err(|source| {
-            CacheError::Tensor {
-                path: staging.clone(),
+        crate::atomic::write_file(
+            &path,
+            |staging| {
+                candle_core::safetensors::save(&tensors, staging).map_err(|source| {
+                    CacheError::Tensor {
+                        path: staging.to_path_buf(),
+                        source,
+                    }
+                })
+            },
+            |source| CacheError::Io {
+                path: path.clone(),
                 source,
-            }
-        })?;
-        std::fs::rename(&staging, &path).map_err(|source| CacheError::Io { path, source })
+            },
+        )
     }
 
     /// The cache entry of the audio file at `audio`: its key and features' shape,
@@ -216,7 +221,7 @@ mod tests {
         let left: Vec<_> = std::fs::read_dir(dir.path().join("cache/enc1"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .filter(|n| n.ends_with(".partial"))
+            .filter(|n| n.ends_with(".staging"))
             .collect();
         assert!(left.is_empty(), "{left:?}");
     }

@@ -27,12 +27,13 @@ pub use super::pretrain::PretrainError as LmError;
 use super::pretrain::{load_settings, optimizer_step, publish_dir, schedule_problems, write_json};
 use super::schedule::CosineSchedule;
 use crate::config::{ConfigErrors, ConfigProblem, Schema, check_section, problem};
-use crate::model::init::{SplitMix64, normal};
+use crate::model::init::normal;
 use crate::model::llama::Llama;
 use crate::model::lora::Adaptation;
 use crate::model::prompt::{DEFAULT_PROMPT_TEMPLATE, PromptIds, PromptTemplate};
 use crate::model::synthetic::{Init, LlamaSpec, SourceDtype};
 use crate::model::weights::Weights;
+use crate::rng::SplitMix64;
 
 /// The decoder's shape and how it is trained (`audiocap pretrain decoder --settings
 /// FILE.toml`: any of these keys; the rest keep their defaults).

@@ -15,7 +15,7 @@ use candle_core::{DType, Device, Tensor, Var};
 use tokenizers::Tokenizer;
 
 use crate::caption::{Caption, CaptionError, greedy_decode};
-use crate::model::init::{SplitMix64, kaiming_uniform, uniform};
+use crate::model::init::{kaiming_uniform, uniform};
 use crate::model::llama::{Llama, LlamaConfig, open_checkpoint};
 use crate::model::lora::{
     Adaptation, AdapterConfig, LoraDropout, LoraModule, PeftAdapter, TargetModules,
@@ -24,6 +24,7 @@ use crate::model::projector::{Pooling, Projector};
 use crate::model::prompt::{PromptIds, PromptTemplate, load_tokenizer};
 use crate::model::sources::read_stop_ids;
 use crate::model::weights::{LoadError, Weights};
+use crate::rng::SplitMix64;
 
 /// The LoRA settings of a run (PEFT's `LoraConfig` fields the recipe sets).
 #[derive(Debug, Clone, PartialEq)]

@@ -92,22 +92,17 @@ pub fn optimizer_step(
     Ok(loss.to_dtype(candle_core::DType::F64)?.to_scalar::<f64>()?)
 }
 
-/// Writes the output folder under `<out>.partial` with `fill`, then renames it to
-/// `out` (replacing an older one), so `out` is never half written.
+/// Writes the output folder under a staging name beside `out` ([`crate::atomic`])
+/// with `fill`, then renames it to `out` (replacing an older one), so `out` is never
+/// half written; when `fill` fails, the staging folder is removed.
 pub fn publish_dir(
     out: &Path,
     fill: impl FnOnce(&Path) -> Result<(), PretrainError>,
 ) -> Result<(), PretrainError> {
-    let staging = out.with_extension("partial");
-    if staging.exists() {
-        std::fs::remove_dir_all(&staging).map_err(io(&staging))?;
-    }
-    std::fs::create_dir_all(&staging).map_err(io(&staging))?;
-    fill(&staging)?;
-    if out.exists() {
-        std::fs::remove_dir_all(out).map_err(io(out))?;
-    }
-    std::fs::rename(&staging, out).map_err(io(out))
+    let staging = crate::atomic::Staging::new(out);
+    std::fs::create_dir_all(staging.path()).map_err(io(staging.path()))?;
+    fill(staging.path())?;
+    staging.commit_dir().map_err(io(out))
 }
 
 /// `dir/name` as pretty JSON.

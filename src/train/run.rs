@@ -31,11 +31,12 @@ use super::model::{
 };
 use super::optim::{AdamW, AdamWSettings, GradAccumulator};
 use super::schedule::CosineSchedule;
+use crate::atomic;
 use crate::config::DeviceSpec;
-use crate::model::init::SplitMix64;
 use crate::model::llama::LlamaConfig;
 use crate::model::lora::PeftAdapter;
 use crate::model::prompt::load_tokenizer;
+use crate::rng::SplitMix64;
 
 /// How `audiocap train` was asked to run.
 #[derive(Debug, Clone, Default)]
@@ -683,12 +684,12 @@ fn run_one(
     bar.finish_and_clear();
 
     // The run's result: its best validated model, else its last.
-    let staging = run_dir.join("result.partial");
-    let _ = std::fs::remove_dir_all(&staging);
+    let staged = atomic::Staging::new(&result_dir);
+    let staging = staged.path();
     if state.best.is_some() && run_dir.join("best").is_dir() {
-        copy_model(&run_dir.join("best"), &staging)?;
+        copy_model(&run_dir.join("best"), staging)?;
     } else {
-        write_model_files(&staging, &params)?;
+        write_model_files(staging, &params)?;
     }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
     let summary = RunSummary {
@@ -709,8 +710,8 @@ fn run_one(
         serde_json::to_vec_pretty(&summary)?,
     )
     .with_context(|| format!("writing {}", staging.join("done.json").display()))?;
-    let _ = std::fs::remove_dir_all(&result_dir);
-    std::fs::rename(&staging, &result_dir)
+    staged
+        .commit_dir()
         .with_context(|| format!("renaming to {}", result_dir.display()))?;
     Ok(RunOutcome::Done(summary))
 }
@@ -875,11 +876,11 @@ fn log_metrics(ctx: &mut RunContext, value: serde_json::Value) -> anyhow::Result
 
 /// `projector.safetensors` + `adapter/` into `dir` (replaced as a whole).
 fn save_model(dir: &Path, params: &TrainableParams) -> anyhow::Result<()> {
-    let staging = dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    write_model_files(&staging, params)?;
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&staging, dir).with_context(|| format!("renaming to {}", dir.display()))?;
+    let staging = atomic::Staging::new(dir);
+    write_model_files(staging.path(), params)?;
+    staging
+        .commit_dir()
+        .with_context(|| format!("renaming to {}", dir.display()))?;
     Ok(())
 }
 
@@ -903,9 +904,14 @@ fn save_checkpoint(
     optimizer: &AdamW,
     state: &RunState,
 ) -> anyhow::Result<()> {
-    let staging = run_dir.join("checkpoint.partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    write_model_files(&staging, params)?;
+    let current = run_dir.join("checkpoint");
+    let old = run_dir.join("checkpoint.old");
+    // The staging name and clean-up of `atomic`, but not its `commit_dir`: the old
+    // checkpoint is kept as `checkpoint.old/` until the new one is in place, so a
+    // kill between the two renames still leaves one complete checkpoint.
+    let staged = atomic::Staging::new(&current);
+    let staging = staged.path();
+    write_model_files(staging, params)?;
     optimizer
         .save(&staging.join("optimizer.safetensors"))
         .with_context(|| format!("writing {}", staging.display()))?;
@@ -914,13 +920,11 @@ fn save_checkpoint(
         staging.join("state.json"),
         serde_json::to_vec_pretty(state)?,
     )?;
-    let current = run_dir.join("checkpoint");
-    let old = run_dir.join("checkpoint.old");
     let _ = std::fs::remove_dir_all(&old);
     if current.exists() {
         std::fs::rename(&current, &old)?;
     }
-    std::fs::rename(&staging, &current)?;
+    staged.commit()?;
     let _ = std::fs::remove_dir_all(&old);
     Ok(())
 }
@@ -944,18 +948,21 @@ fn replace_file(from: &Path, to: &Path) -> anyhow::Result<()> {
     if let Some(parent) = to.parent() {
         std::fs::create_dir_all(parent)?;
     }
-    let staging = to.with_extension("partial");
-    std::fs::copy(from, &staging).with_context(|| format!("copying {}", from.display()))?;
-    std::fs::rename(&staging, to)?;
-    Ok(())
+    atomic::write_file(
+        to,
+        |staging| {
+            std::fs::copy(from, staging)
+                .map(|_| ())
+                .with_context(|| format!("copying {}", from.display()))
+        },
+        anyhow::Error::from,
+    )
 }
 
 fn replace_adapter(adapter: &PeftAdapter, dir: &Path) -> anyhow::Result<()> {
-    let staging = dir.with_extension("partial");
-    let _ = std::fs::remove_dir_all(&staging);
-    adapter.save(&staging)?;
-    let _ = std::fs::remove_dir_all(dir);
-    std::fs::rename(&staging, dir)?;
+    let staging = atomic::Staging::new(dir);
+    adapter.save(staging.path())?;
+    staging.commit_dir()?;
     Ok(())
 }
 

@@ -26,9 +26,10 @@ use crate::audio::frontend::FrontEnd;
 use crate::audio::segment::SegmentConfig;
 use crate::config::{ConfigErrors, ConfigProblem, Schema, check_section, problem};
 use crate::model::beats::{Beats, BeatsConfig};
-use crate::model::init::{SplitMix64, normal};
+use crate::model::init::normal;
 use crate::model::synthetic::{Init, beats_iter3_plus, beats_tensors};
 use crate::model::weights::Weights;
+use crate::rng::SplitMix64;
 
 /// The encoder's shape and how it is trained (`--settings FILE.toml`: any of these
 /// keys; the rest keep their defaults). The shape keys are BEATs' own cfg keys.
