@@ -16,7 +16,7 @@ Measures, for each batch size, on random prompt embeddings of the captioner's sh
 - peak_memory (with --peak-memory, CUDA only): torch.cuda.max_memory_allocated per batch size.
 
 Each figure has warm-up runs and then `--repetitions` timed runs (mean, min, max). These are
-the definitions of `audiocap bench` (src/bench/throughput.rs), so its "prefill", "decode" and
+the definitions of `audiocap bench` (src/bench/measure.rs), so its "prefill", "decode" and
 "generate" figures compare directly. `audiocap bench --preset real --device cuda` writes the
 same-shaped (Llama-3-8B) random checkpoint in WORK/sources/real-seed1/llm; point --llm at it:
 

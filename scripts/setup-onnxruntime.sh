@@ -4,7 +4,7 @@
 # audiocap uses `ort` with `load-dynamic`: it opens libonnxruntime.so when it starts
 # instead of linking it. This script takes that library from the official PyPI wheel
 # (`onnxruntime` for the CPU, `onnxruntime-gpu` for CUDA 13) and installs it where
-# audiocap looks for it by itself (see src/engine/runtime.rs):
+# audiocap looks for it by itself (see src/engine/runtime/library.rs):
 #
 #   ${AUDIOCAP_HOME:-$HOME/.local/share/audiocap}/onnxruntime/
 #     VERSION                          the wheel it came from, e.g. onnxruntime==1.31.1

@@ -20,9 +20,7 @@ pub(super) fn write_clips(
             let path = dir.join(format!("clip-{rate}hz-{seconds}s-{k}.wav"));
             if !path.is_file() {
                 let wav = synthetic_wav(rate, samples, k as u64);
-                let tmp = path.with_extension("wav.partial");
-                std::fs::write(&tmp, wav).with_context(|| format!("writing {}", tmp.display()))?;
-                std::fs::rename(&tmp, &path)
+                crate::atomic::write_file(&path, |staging| std::fs::write(staging, &wav), |e| e)
                     .with_context(|| format!("writing {}", path.display()))?;
             }
             Ok(path)

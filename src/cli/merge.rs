@@ -49,23 +49,12 @@ pub fn run(args: MergeArgs) -> anyhow::Result<Exit> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     let merged = PeftAdapter::cat(&adapters, &weights).context("merging the adapters")?;
     // Written beside the target and renamed, so a reader never sees half an adapter.
-    let name = args
-        .out
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "adapter".into());
-    let staging = args
-        .out
-        .with_file_name(format!(".{name}.partial-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&staging);
+    let staging = audiocap::atomic::Staging::new(&args.out);
     merged
-        .save(&staging)
-        .with_context(|| format!("writing {}", staging.display()))?;
-    if args.out.exists() {
-        std::fs::remove_dir_all(&args.out)
-            .with_context(|| format!("replacing {}", args.out.display()))?;
-    }
-    std::fs::rename(&staging, &args.out)
+        .save(staging.path())
+        .with_context(|| format!("writing {}", staging.path().display()))?;
+    staging
+        .commit_dir()
         .with_context(|| format!("moving the adapter into {}", args.out.display()))?;
     println!(
         "merged {k} adapters (weights {weights:?}) into {}: rank {}",

@@ -186,7 +186,7 @@ pub struct VoiceGroup {
     /// Utterances per voice.
     pub utterances: usize,
     #[serde(flatten)]
-    pub text: CaptionText,
+    pub text: SoundText,
 }
 
 /// The synthetic signal kinds our code generates.
@@ -219,7 +219,7 @@ pub struct SyntheticSpec {
     /// How many recordings to generate.
     pub count: usize,
     #[serde(flatten)]
-    pub text: CaptionText,
+    pub text: SoundText,
 }
 
 /// `[mixtures]`
@@ -271,12 +271,12 @@ pub struct SoundRule {
     /// Attribution of these recordings when it differs from their package's.
     pub attribution: Option<String>,
     #[serde(flatten)]
-    pub text: CaptionText,
+    pub text: SoundText,
 }
 
 /// Class labels and the caption pool of one kind of sound.
 #[derive(Debug, Clone, Default, Deserialize)]
-pub struct CaptionText {
+pub struct SoundText {
     /// Class words; every caption contains at least one.
     #[serde(default)]
     pub labels: Vec<String>,
@@ -290,7 +290,7 @@ pub struct CaptionText {
     pub actions: Vec<String>,
 }
 
-impl CaptionText {
+impl SoundText {
     /// Every distinct caption this sound may get, in a stable order.
     pub fn pool(&self) -> Vec<String> {
         let mut seen = HashSet::new();
@@ -798,8 +798,8 @@ impl CorpusFile {
 mod tests {
     use super::*;
 
-    fn text(labels: &[&str], captions: &[&str]) -> CaptionText {
-        CaptionText {
+    fn text(labels: &[&str], captions: &[&str]) -> SoundText {
+        SoundText {
             labels: labels.iter().map(|s| s.to_string()).collect(),
             captions: captions.iter().map(|s| s.to_string()).collect(),
             ..Default::default()
@@ -808,7 +808,7 @@ mod tests {
 
     #[test]
     fn composed_captions_join_subjects_and_actions_without_duplicates() {
-        let t = CaptionText {
+        let t = SoundText {
             labels: vec!["dog".into()],
             captions: vec!["a dog barks".into()],
             subjects: vec!["a dog".into(), "a small  dog".into()],

@@ -15,11 +15,11 @@ const AUDIO_EXTENSIONS: [&str; 7] = ["ogg", "oga", "wav", "wave", "flac", "mp3",
 pub struct Recording {
     /// Path inside the source (what the sound rules match), `/`-separated.
     pub path: String,
-    location: Location,
+    location: StoredAt,
 }
 
 #[derive(Debug, Clone)]
-enum Location {
+enum StoredAt {
     File(PathBuf),
     ZipMember {
         archive: PathBuf,
@@ -64,8 +64,8 @@ impl RecordingReader {
     /// The recording's bytes.
     pub fn read(&mut self, recording: &Recording) -> Result<Vec<u8>, SourceError> {
         match &recording.location {
-            Location::File(path) => std::fs::read(path).map_err(|e| read_err(path, e)),
-            Location::ZipMember { archive, name } => {
+            StoredAt::File(path) => std::fs::read(path).map_err(|e| read_err(path, e)),
+            StoredAt::ZipMember { archive, name } => {
                 if !self.zips.contains_key(archive) {
                     let file = std::fs::File::open(archive).map_err(|e| read_err(archive, e))?;
                     let zip = zip::ZipArchive::new(file).map_err(|e| read_err(archive, e))?;
@@ -81,7 +81,7 @@ impl RecordingReader {
                     .map_err(|e| read_err(archive, format!("{name}: {e}")))?;
                 Ok(bytes)
             }
-            Location::CatEntry { file, start, len } => {
+            StoredAt::CatEntry { file, start, len } => {
                 use std::io::{Seek, SeekFrom};
                 let mut f = std::fs::File::open(file).map_err(|e| read_err(file, e))?;
                 f.seek(SeekFrom::Start(*start))
@@ -125,7 +125,7 @@ fn list_dir(root: &Path) -> Result<Vec<Recording>, SourceError> {
             .join("/");
         out.push(Recording {
             path: rel,
-            location: Location::File(path),
+            location: StoredAt::File(path),
         });
     }
     Ok(out)
@@ -141,7 +141,7 @@ fn list_zip(archive: &Path, prefix: &str) -> Result<Vec<Recording>, SourceError>
             let rel = name.strip_prefix(prefix)?;
             is_audio(rel).then(|| Recording {
                 path: rel.to_string(),
-                location: Location::ZipMember {
+                location: StoredAt::ZipMember {
                     archive: archive.to_path_buf(),
                     name: name.to_string(),
                 },
@@ -162,7 +162,7 @@ fn list_cat(path: &Path) -> Result<Vec<Recording>, SourceError> {
         .filter(|e| is_audio(&e.name))
         .map(|e| Recording {
             path: e.name,
-            location: Location::CatEntry {
+            location: StoredAt::CatEntry {
                 file: path.to_path_buf(),
                 start: e.start as u64,
                 len: e.len as u64,

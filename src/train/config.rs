@@ -20,7 +20,7 @@ use crate::model::prompt::{AUDIO_PLACEHOLDER, DEFAULT_PROMPT_TEMPLATE};
 #[serde(default, deny_unknown_fields)]
 pub struct TrainConfig {
     /// Checkpoints the run starts from.
-    pub model: ModelSection,
+    pub model: CheckpointsSection,
     /// The LoRA adapters trained on the frozen decoder.
     pub lora: LoraSection,
     /// The cache of frozen encoder features.
@@ -36,7 +36,7 @@ pub struct TrainConfig {
 /// `[model]`
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
-pub struct ModelSection {
+pub struct CheckpointsSection {
     /// BEATs checkpoint (`.pt` as published, or `.safetensors`).
     pub beats: String,
     /// Hugging Face Llama directory (config.json, safetensors, tokenizer.json).
@@ -64,7 +64,7 @@ pub struct ModelSection {
     pub output: String,
 }
 
-impl Default for ModelSection {
+impl Default for CheckpointsSection {
     fn default() -> Self {
         Self {
             beats: String::new(),
@@ -513,7 +513,7 @@ fn check_keys(table: &toml::Table) -> Vec<ConfigProblem> {
     problems.extend(check_sections(
         &sections,
         &[
-            ("model", check_section::<ModelSection>),
+            ("model", check_section::<CheckpointsSection>),
             ("lora", check_section::<LoraSection>),
             ("features", check_section::<FeaturesSection>),
             ("optimizer", check_section::<OptimizerSection>),

@@ -258,7 +258,7 @@ pub struct LmSummary {
 
 /// One example: the whole token sequence, where its caption starts, and with a
 /// slot, its position and the ids whose mean embedding fills it (empty: zeros).
-struct Example {
+struct LmExample {
     ids: Vec<u32>,
     caption_start: usize,
     slot: Option<(usize, Vec<u32>)>,
@@ -296,7 +296,11 @@ impl TrainableDecoder {
 
     /// Summed cross-entropy over the caption tokens of `batch`, and their count.
     /// `drop_slot` says, per example, whether its slot hint is replaced by zeros.
-    fn loss_sum(&self, batch: &[&Example], drop_slot: &[bool]) -> Result<(Tensor, usize), LmError> {
+    fn loss_sum(
+        &self,
+        batch: &[&LmExample],
+        drop_slot: &[bool],
+    ) -> Result<(Tensor, usize), LmError> {
         let device = self.llm.device();
         let seq = batch.iter().map(|e| e.ids.len() - 1).max().unwrap_or(1);
         let pad = *batch[0].ids.last().unwrap_or(&0);
@@ -336,7 +340,7 @@ impl TrainableDecoder {
         &self,
         embeds: Tensor,
         slot: usize,
-        batch: &[&Example],
+        batch: &[&LmExample],
         drop_slot: &[bool],
     ) -> Result<Tensor, LmError> {
         let device = self.llm.device();
@@ -394,7 +398,7 @@ fn examples(
     prompt: &PromptIds,
     eot: u32,
     settings: &LmSettings,
-) -> Result<Vec<Example>, LmError> {
+) -> Result<Vec<LmExample>, LmError> {
     let with_slot = settings.audio_slot == AudioSlot::Labels;
     let tokenize = |text: &str| -> Result<Vec<u32>, LmError> {
         Ok(tokenizer
@@ -421,7 +425,7 @@ fn examples(
             let caption_start = ids.len();
             ids.extend(caption);
             ids.push(eot);
-            Ok(Example {
+            Ok(LmExample {
                 ids,
                 caption_start,
                 slot,
@@ -532,7 +536,7 @@ pub fn pretrain_decoder(
         rng.shuffle(&mut order);
         let (mut sum, mut count) = (0.0f64, 0usize);
         for chunk in order.chunks(settings.batch_size) {
-            let batch: Vec<&Example> = chunk.iter().map(|&i| &train_examples[i]).collect();
+            let batch: Vec<&LmExample> = chunk.iter().map(|&i| &train_examples[i]).collect();
             let drop: Vec<bool> = batch
                 .iter()
                 .map(|_| slot_rng.next_f64() < settings.audio_slot_dropout)
@@ -564,7 +568,7 @@ pub fn pretrain_decoder(
         if !validation_examples.is_empty() {
             let (mut vsum, mut vcount) = (0.0f64, 0usize);
             for chunk in validation_examples.chunks(settings.batch_size) {
-                let batch: Vec<&Example> = chunk.iter().collect();
+                let batch: Vec<&LmExample> = chunk.iter().collect();
                 let (l, n) = model.loss_sum(&batch, &vec![false; batch.len()])?;
                 vsum += l.detach().to_scalar::<f32>()? as f64;
                 vcount += n;
@@ -657,7 +661,7 @@ mod tests {
         let spec = settings.spec(300);
         let config = spec.config_json(SourceDtype::F32);
         let model = TrainableDecoder::new(&spec, &config, 1, &Device::Cpu).unwrap();
-        let ex = Example {
+        let ex = LmExample {
             ids: vec![1, 2, 3, 4, 5, 6],
             caption_start: 3,
             slot: Some((1, vec![7, 8])),

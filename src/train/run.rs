@@ -95,7 +95,7 @@ struct RunState {
 
 /// What one run did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct RunSummary {
+pub struct SeedRunSummary {
     pub stage: String,
     pub seed: u64,
     pub steps: u64,
@@ -133,14 +133,14 @@ pub struct StoppedAt {
 
 /// How one run ended.
 enum RunOutcome {
-    Done(RunSummary),
+    Done(SeedRunSummary),
     Stopped(StoppedAt),
 }
 
 /// What the whole training file did.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct TrainSummary {
-    pub runs: Vec<RunSummary>,
+    pub runs: Vec<SeedRunSummary>,
     /// `final/projector.safetensors`
     pub projector: PathBuf,
     /// `final/adapter`
@@ -339,7 +339,7 @@ fn make_device(text: &str) -> anyhow::Result<Device> {
 }
 
 /// A clip left out of a set: (key, why).
-type LeftOut = (String, String);
+type LeftOutClip = (String, String);
 
 /// Matches a captions table to its audio and encodes it; returns the usable clips
 /// and (key, why) of the ones left out.
@@ -348,7 +348,7 @@ fn load_and_encode(
     dataset: &DatasetSection,
     stage: &str,
     role: &str,
-) -> anyhow::Result<(Vec<EncodedClip>, Vec<LeftOut>)> {
+) -> anyhow::Result<(Vec<EncodedClip>, Vec<LeftOutClip>)> {
     let set = load_train_set(
         Path::new(&dataset.captions),
         Path::new(&dataset.audio),
@@ -417,10 +417,10 @@ fn run_one(
     let result_dir = run_dir.join("result");
     let done_file = result_dir.join("done.json");
     if done_file.is_file() {
-        let summary: RunSummary = serde_json::from_slice(&std::fs::read(&done_file)?)
+        let summary: SeedRunSummary = serde_json::from_slice(&std::fs::read(&done_file)?)
             .with_context(|| format!("reading {}", done_file.display()))?;
         eprintln!("stage {} seed {seed}: already complete", stage.name);
-        return Ok(RunOutcome::Done(RunSummary {
+        return Ok(RunOutcome::Done(SeedRunSummary {
             steps_this_session: 0,
             ..summary
         }));
@@ -692,7 +692,7 @@ fn run_one(
         write_model_files(staging, &params)?;
     }
     let elapsed = started.elapsed().as_secs_f64().max(1e-9);
-    let summary = RunSummary {
+    let summary = SeedRunSummary {
         stage: stage.name.clone(),
         seed,
         steps: state.steps,
