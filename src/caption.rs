@@ -188,6 +188,21 @@ impl Captioner {
             .to_vec1::<f32>()?)
     }
 
+    /// Caption of an audio file at [`Self::sample_rate`] (the reference path does not
+    /// resample: a file at another rate is an error saying so).
+    pub fn caption_file(&self, path: &std::path::Path, max_new_tokens: usize) -> Result<Caption> {
+        let audio = crate::audio::decode::decode_file(path)
+            .map_err(|e| CaptionError::Audio(format!("{}: {e}", path.display())))?;
+        if audio.info.sample_rate != self.sample_rate() {
+            return Err(CaptionError::Audio(format!(
+                "sample rate {} Hz; reference-caption takes {} Hz audio only: resample it first",
+                audio.info.sample_rate,
+                self.sample_rate()
+            )));
+        }
+        self.caption(&audio.samples, max_new_tokens)
+    }
+
     /// Caption of a mono waveform at [`Self::sample_rate`].
     pub fn caption(&self, waveform: &[f32], max_new_tokens: usize) -> Result<Caption> {
         let audio = self.audio_embedding(waveform)?;

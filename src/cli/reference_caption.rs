@@ -3,8 +3,7 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, bail};
-use audiocap::audio::decode::decode_file;
+use anyhow::Context;
 use audiocap::caption::Captioner;
 use candle_core::Device;
 
@@ -28,7 +27,7 @@ pub fn run(args: ReferenceCaptionArgs) -> anyhow::Result<Exit> {
     let captioner = Captioner::load(&sources, &Device::Cpu).context("loading the model")?;
     let mut failed = 0usize;
     for input in &args.inputs {
-        let row = match caption_file(&captioner, input, args.max_new_tokens) {
+        let row = match captioner.caption_file(input, args.max_new_tokens) {
             Ok(caption) => serde_json::json!({
                 "uri": input.display().to_string(),
                 "caption": caption.text,
@@ -53,20 +52,4 @@ pub fn run(args: ReferenceCaptionArgs) -> anyhow::Result<Exit> {
     } else {
         Exit::Ok
     })
-}
-
-fn caption_file(
-    captioner: &Captioner,
-    path: &std::path::Path,
-    max_new_tokens: usize,
-) -> anyhow::Result<audiocap::caption::Caption> {
-    let audio = decode_file(path)?;
-    if audio.info.sample_rate != captioner.sample_rate() {
-        bail!(
-            "sample rate {} Hz; reference-caption takes {} Hz audio only: resample it first",
-            audio.info.sample_rate,
-            captioner.sample_rate()
-        );
-    }
-    Ok(captioner.caption(&audio.samples, max_new_tokens)?)
 }
