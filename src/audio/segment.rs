@@ -4,6 +4,11 @@ use std::ops::ControlFlow;
 
 use serde::{Deserialize, Serialize};
 
+/// Longest window (and `max_seconds`) a segmentation may ask for, in seconds.
+pub const MAX_WINDOW_SECONDS: f64 = 3600.0;
+/// Shortest hop between windows, in seconds.
+pub const MIN_HOP_SECONDS: f64 = 0.1;
+
 /// How recordings are cut. A recording no longer than `max_seconds` is one segment.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
 // Every field has a default, so a pipeline file may set only some of them.
@@ -34,26 +39,32 @@ impl SegmentConfig {
     /// Every problem, at once.
     pub fn validate(&self) -> Result<(), Vec<String>> {
         let mut problems = Vec::new();
-        let positive = |v: f64| v.is_finite() && v > 0.0;
-        if !positive(self.max_seconds) {
+        // Bounded so a typo cannot ask for an hour-long encoder window or a billion
+        // segments per recording.
+        let within = |v: f64, low: f64, high: f64| v.is_finite() && v > low && v <= high;
+        if !within(self.max_seconds, 0.0, MAX_WINDOW_SECONDS) {
             problems.push(format!(
-                "max_seconds must be positive, got {}",
+                "max_seconds must be positive and at most {MAX_WINDOW_SECONDS}, got {}",
                 self.max_seconds
             ));
         }
-        if !positive(self.window_seconds) {
+        if !within(self.window_seconds, 0.0, MAX_WINDOW_SECONDS) {
             problems.push(format!(
-                "window_seconds must be positive, got {}",
+                "window_seconds must be positive and at most {MAX_WINDOW_SECONDS}, got {}",
                 self.window_seconds
             ));
         }
-        if !positive(self.hop_seconds) {
+        if !(within(self.hop_seconds, 0.0, MAX_WINDOW_SECONDS)
+            && self.hop_seconds >= MIN_HOP_SECONDS)
+        {
             problems.push(format!(
-                "hop_seconds must be positive, got {}",
+                "hop_seconds must be between {MIN_HOP_SECONDS} and {MAX_WINDOW_SECONDS}, got {}",
                 self.hop_seconds
             ));
         }
-        if !(self.min_last_seconds.is_finite() && self.min_last_seconds >= 0.0) {
+        if !(self.min_last_seconds.is_finite()
+            && (0.0..=MAX_WINDOW_SECONDS).contains(&self.min_last_seconds))
+        {
             problems.push(format!(
                 "min_last_seconds must be >= 0, got {}",
                 self.min_last_seconds

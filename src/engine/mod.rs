@@ -2,10 +2,10 @@
 //! there is a GPU and the CPU elsewhere.
 //!
 //! Files, lowest first (each uses only those above it): `runtime` (the library,
-//! devices, session builders), `error`, `session` (runs bound on the device, helper
-//! graphs), `kv_cache` and `audio` (values kept where the model runs), `model` (an
-//! export's sessions), `generate` and `continuous` (decoding), `captioner` (files to
-//! rows).
+//! session builders, the doctor report), `error`, `session` (runs bound on the
+//! device, helper graphs), `kv_cache` and `audio` (values kept where the model runs),
+//! `model` (an export's sessions), `generate` and `continuous` (decoding),
+//! `captioner` (a batch of segments to rows).
 
 pub mod audio;
 pub mod captioner;
