@@ -315,11 +315,8 @@ impl PipelineConfig {
         if let Err(e) = self.model.device.parse::<DeviceSpec>() {
             p.push(problem("model.device", e.to_string()));
         }
-        if self.model.intra_threads == Some(0) {
-            p.push(problem(
-                "model.intra_threads",
-                "must be >= 1 (leave it unset for ONNX Runtime's default)",
-            ));
+        if let Some(n) = self.model.intra_threads {
+            count_in(&mut p, "model.intra_threads", n, 1..=MAX_THREADS);
         }
 
         if self.input.sources.is_empty() && self.input.manifests.is_empty() {
@@ -411,23 +408,31 @@ impl PipelineConfig {
             ));
         }
 
-        if self.batching.batch_size == 0 {
-            p.push(problem("batching.batch_size", "must be >= 1"));
+        let b = &self.batching;
+        count_in(&mut p, "batching.batch_size", b.batch_size, 1..=MAX_BATCH);
+        count_in(
+            &mut p,
+            "batching.max_inflight_batches",
+            b.max_inflight_batches,
+            1..=256,
+        );
+        count_in(
+            &mut p,
+            "batching.sort_pool_batches",
+            b.sort_pool_batches,
+            1..=256,
+        );
+        if let Some(rows) = b.decoder_rows {
+            count_in(&mut p, "batching.decoder_rows", rows, 1..=MAX_BATCH);
         }
-        if self.batching.max_inflight_batches == 0 {
-            p.push(problem("batching.max_inflight_batches", "must be >= 1"));
-        }
-        if self.batching.sort_pool_batches == 0 {
-            p.push(problem("batching.sort_pool_batches", "must be >= 1"));
-        }
-        if self.batching.decoder_rows == Some(0) {
-            p.push(problem("batching.decoder_rows", "must be >= 1"));
-        }
-        if self.generation.beams == 0 {
-            p.push(problem("generation.beams", "must be >= 1 (1 is greedy)"));
-        }
-        if self.generation.max_new_tokens == Some(0) {
-            p.push(problem("generation.max_new_tokens", "must be >= 1"));
+        count_in(
+            &mut p,
+            "generation.beams",
+            self.generation.beams,
+            1..=MAX_BEAMS,
+        );
+        if let Some(n) = self.generation.max_new_tokens {
+            count_in(&mut p, "generation.max_new_tokens", n, 1..=MAX_NEW_TOKENS);
         }
         if let Some(max) = self.generation.max_new_tokens
             && self.generation.min_new_tokens > max
@@ -437,15 +442,21 @@ impl PipelineConfig {
                 "must be <= generation.max_new_tokens",
             ));
         }
-        if self.workers.decode_threads == Some(0) {
-            p.push(problem(
-                "workers.decode_threads",
-                "must be >= 1 (leave it unset for one per core)",
-            ));
+        if let Some(n) = self.workers.decode_threads {
+            count_in(&mut p, "workers.decode_threads", n, 1..=MAX_THREADS);
         }
-        if self.workers.fetch_concurrency == 0 {
-            p.push(problem("workers.fetch_concurrency", "must be >= 1"));
-        }
+        count_in(
+            &mut p,
+            "workers.fetch_concurrency",
+            self.workers.fetch_concurrency,
+            1..=MAX_THREADS,
+        );
+        count_in(
+            &mut p,
+            "workers.max_in_memory_mb",
+            self.workers.max_in_memory_mb,
+            0..=MAX_MEGABYTES,
+        );
 
         if self.output.uri.trim().is_empty() {
             p.push(problem(
@@ -457,23 +468,24 @@ impl PipelineConfig {
         } else if self.output.uri.contains(['*', '?', '[']) {
             p.push(problem("output.uri", "must be a folder, not a glob"));
         }
-        if self.output.target_part_mb == 0 {
-            p.push(problem("output.target_part_mb", "must be >= 1"));
-        }
-        if self.output.max_rows_per_part == 0 {
-            p.push(problem("output.max_rows_per_part", "must be >= 1"));
-        }
-        if !(self.output.commit_interval_seconds.is_finite()
-            && self.output.commit_interval_seconds > 0.0)
-        {
-            p.push(problem(
-                "output.commit_interval_seconds",
-                format!(
-                    "must be a positive number of seconds, got {}",
-                    self.output.commit_interval_seconds
-                ),
-            ));
-        }
+        count_in(
+            &mut p,
+            "output.target_part_mb",
+            self.output.target_part_mb,
+            1..=MAX_MEGABYTES,
+        );
+        count_in(
+            &mut p,
+            "output.max_rows_per_part",
+            self.output.max_rows_per_part,
+            1..=1_000_000_000,
+        );
+        seconds_in(
+            &mut p,
+            "output.commit_interval_seconds",
+            self.output.commit_interval_seconds,
+            0.001..=MAX_SECONDS,
+        );
 
         match (self.run.shard_index, self.run.shard_count) {
             (_, Some(0)) => p.push(problem("run.shard_count", "must be >= 1")),
@@ -483,17 +495,12 @@ impl PipelineConfig {
             )),
             _ => {}
         }
-        if !(self.run.transient_retry_seconds.is_finite()
-            && (0.0..=86_400.0).contains(&self.run.transient_retry_seconds))
-        {
-            p.push(problem(
-                "run.transient_retry_seconds",
-                format!(
-                    "{}: between 0 and 86400 seconds",
-                    self.run.transient_retry_seconds
-                ),
-            ));
-        }
+        seconds_in(
+            &mut p,
+            "run.transient_retry_seconds",
+            self.run.transient_retry_seconds,
+            0.0..=86_400.0,
+        );
         if !(0.0..=1.0).contains(&self.run.max_failed_fraction) {
             p.push(problem(
                 "run.max_failed_fraction",
@@ -503,12 +510,12 @@ impl PipelineConfig {
                 ),
             ));
         }
-        if !(self.logging.interval_seconds.is_finite() && self.logging.interval_seconds > 0.0) {
-            p.push(problem(
-                "logging.interval_seconds",
-                "must be a positive number of seconds",
-            ));
-        }
+        seconds_in(
+            &mut p,
+            "logging.interval_seconds",
+            self.logging.interval_seconds,
+            0.1..=86_400.0,
+        );
         if tracing_subscriber::EnvFilter::try_new(&self.logging.level).is_err() {
             p.push(problem(
                 "logging.level",
@@ -551,6 +558,54 @@ impl PipelineConfig {
         })
         .unwrap_or_default();
         hex::encode(Sha256::digest(text.as_bytes()))
+    }
+}
+
+// Upper bounds on counts and sizes: far beyond any real setting, low enough that no
+// product of them overflows or sizes an absurd allocation (channel capacities, byte
+// counts, durations).
+const MAX_THREADS: usize = 1024;
+const MAX_BATCH: usize = 4096;
+const MAX_BEAMS: usize = 64;
+const MAX_NEW_TOKENS: usize = 4096;
+/// Sizes in MiB: 64 GiB.
+const MAX_MEGABYTES: u64 = 65_536;
+/// Durations: a year.
+const MAX_SECONDS: f64 = 31_536_000.0;
+
+/// A count that must lie in `range`.
+fn count_in<T>(p: &mut Vec<ConfigProblem>, at: &str, value: T, range: std::ops::RangeInclusive<T>)
+where
+    T: PartialOrd + std::fmt::Display,
+{
+    if !range.contains(&value) {
+        p.push(problem(
+            at,
+            format!(
+                "{value}: must be between {} and {}",
+                range.start(),
+                range.end()
+            ),
+        ));
+    }
+}
+
+/// A number of seconds that must lie in `range` (NaN and infinities never do).
+fn seconds_in(
+    p: &mut Vec<ConfigProblem>,
+    at: &str,
+    value: f64,
+    range: std::ops::RangeInclusive<f64>,
+) {
+    if !(value.is_finite() && range.contains(&value)) {
+        p.push(problem(
+            at,
+            format!(
+                "{value}: must be between {} and {} seconds",
+                range.start(),
+                range.end()
+            ),
+        ));
     }
 }
 
@@ -623,6 +678,57 @@ mod tests {
         [output]
         uri = "out/"
     "#;
+
+    /// Values that would overflow a duration, size a channel or an allocation
+    /// absurdly, or make a timer spin are problems of the file, not panics later.
+    #[test]
+    fn values_that_would_overflow_or_spin_are_problems() {
+        let set: Vec<String> = [
+            "output.commit_interval_seconds=1e20",
+            "logging.interval_seconds=1e-12",
+            "run.transient_retry_seconds=nan",
+            "batching.batch_size=18446744073709551615",
+            "batching.max_inflight_batches=100000",
+            "workers.fetch_concurrency=9223372036854775807",
+            "workers.max_in_memory_mb=18446744073709551615",
+            "output.target_part_mb=17592186044416",
+            "generation.beams=100000",
+            "generation.max_new_tokens=1000000",
+            "segments.hop_seconds=1e-9",
+            "segments.window_seconds=1e20",
+        ]
+        .map(String::from)
+        .into();
+        let err = PipelineConfig::parse(MINIMAL, "m.toml", &set).unwrap_err();
+        let ats: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
+        for key in [
+            "output.commit_interval_seconds",
+            "logging.interval_seconds",
+            "run.transient_retry_seconds",
+            "batching.batch_size",
+            "batching.max_inflight_batches",
+            "workers.fetch_concurrency",
+            "workers.max_in_memory_mb",
+            "output.target_part_mb",
+            "generation.beams",
+            "generation.max_new_tokens",
+        ] {
+            assert!(ats.contains(&key), "{key} not in {err}");
+        }
+        let segments = err.problems.iter().filter(|p| p.at == "segments").count();
+        assert!(segments >= 2, "{err}");
+        // The edges themselves are fine.
+        let edges: Vec<String> = [
+            "output.commit_interval_seconds=31536000",
+            "logging.interval_seconds=0.1",
+            "batching.batch_size=4096",
+            "workers.max_in_memory_mb=0",
+            "segments.hop_seconds=0.1",
+        ]
+        .map(String::from)
+        .into();
+        PipelineConfig::parse(MINIMAL, "m.toml", &edges).unwrap_or_else(|e| panic!("{e}"));
+    }
 
     #[test]
     fn a_minimal_file_fills_defaults() {
