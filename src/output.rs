@@ -35,6 +35,9 @@ pub struct CaptionRow {
     pub score: Option<f32>,
     pub num_tokens: Option<u32>,
     pub error: Option<String>,
+    /// What a reader should know about the audio behind a caption (a truncated
+    /// file, skipped corrupt packets), `; `-joined.
+    pub warnings: Option<String>,
     /// `name@manifest-hash` of the model.
     pub model: String,
     pub run_id: String,
@@ -109,6 +112,7 @@ pub fn schema() -> SchemaRef {
         Field::new("score", DataType::Float32, true),
         Field::new("num_tokens", DataType::UInt32, true),
         Field::new("error", DataType::Utf8, true),
+        Field::new("warnings", DataType::Utf8, true),
         Field::new("model", DataType::Utf8, false),
         Field::new("run_id", DataType::Utf8, false),
         Field::new(
@@ -134,6 +138,7 @@ pub fn to_record_batch(rows: &[CaptionRow]) -> Result<RecordBatch, arrow_schema:
     let mut score = Float32Builder::with_capacity(n);
     let mut tokens = UInt32Builder::with_capacity(n);
     let mut error = StringBuilder::with_capacity(n, 0);
+    let mut warnings = StringBuilder::with_capacity(n, 0);
     let mut model = StringBuilder::with_capacity(n, n * 24);
     let mut run = StringBuilder::with_capacity(n, n * 24);
     let mut at = TimestampMicrosecondBuilder::with_capacity(n).with_timezone("UTC");
@@ -150,6 +155,7 @@ pub fn to_record_batch(rows: &[CaptionRow]) -> Result<RecordBatch, arrow_schema:
         score.append_option(r.score);
         tokens.append_option(r.num_tokens);
         error.append_option(r.error.as_deref());
+        warnings.append_option(r.warnings.as_deref());
         model.append_value(&r.model);
         run.append_value(&r.run_id);
         at.append_value(r.processed_at_us);
@@ -167,6 +173,7 @@ pub fn to_record_batch(rows: &[CaptionRow]) -> Result<RecordBatch, arrow_schema:
         Arc::new(score.finish()),
         Arc::new(tokens.finish()),
         Arc::new(error.finish()),
+        Arc::new(warnings.finish()),
         Arc::new(model.finish()),
         Arc::new(run.finish()),
         Arc::new(at.finish()),

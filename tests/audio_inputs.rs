@@ -94,6 +94,8 @@ fn lossless_codecs_decode_to_the_encoded_samples() {
                 codec: codec.to_owned(),
                 frames,
                 skipped_packets: 0,
+                declared_frames: decoded.info.declared_frames,
+                truncated: false,
             },
             "{file}"
         );
@@ -126,6 +128,8 @@ fn lossy_codecs_keep_duration_and_tone_levels() {
             "{file}"
         );
         assert_eq!(info.skipped_packets, 0, "{file}");
+        // Whole files: nothing to warn about (a codec's padding is not truncation).
+        assert_eq!(info.warnings(), None, "{file}: {info:?}");
         assert!(
             (66_150..=66_150 + 2 * 1_152 + 1_105).contains(&info.frames),
             "{file}: {} frames",
@@ -146,6 +150,37 @@ fn lossy_codecs_keep_duration_and_tone_levels() {
         assert!(db(a1000 / 0.125).abs() < 0.5, "{file}: 1 kHz at {a1000}");
         // Coding noise and any misplaced content stay well below the tones.
         assert!(db(noise / 0.25) < -30.0, "{file}: residual {noise}");
+    }
+}
+
+/// A file cut short (an interrupted copy) still decodes what is there, and says so,
+/// in every container that declares its length.
+#[test]
+fn truncated_files_keep_what_is_there_and_are_flagged() {
+    for file in [
+        "tone_s16.wav",
+        "tone.flac",
+        "tone.mp3",
+        "bench_3s.flac",
+        "bench_10s.mp3",
+    ] {
+        let bytes = std::fs::read(data(file)).unwrap();
+        let whole = audiocap::audio::decode::decode_bytes(&bytes, file.rsplit('.').next())
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        assert_eq!(whole.info.warnings(), None, "{file}: {:?}", whole.info);
+        let cut = &bytes[..bytes.len() * 6 / 10];
+        let part = audiocap::audio::decode::decode_bytes(cut, file.rsplit('.').next())
+            .unwrap_or_else(|e| panic!("{file} cut: {e}"));
+        assert!(
+            part.info.frames > 0 && part.info.frames < whole.info.frames,
+            "{file}"
+        );
+        let warnings = part.info.warnings().unwrap_or_default();
+        assert!(
+            warnings.starts_with("truncated: the data ends"),
+            "{file}: {warnings:?} {:?}",
+            part.info
+        );
     }
 }
 

@@ -45,6 +45,9 @@ fn export_then_caption_a_folder_with_bad_inputs() {
     write_wav(&audio.join("long.wav"), 16_000, 1, &long);
     // Ignored: not an audio extension.
     std::fs::write(audio.join("notes.txt"), b"hello").unwrap();
+    // Cut short (an interrupted copy): captioned from what is there, and flagged.
+    let sine = std::fs::read(f.join("e2e-tiny/audio/sine_1s.wav")).unwrap();
+    std::fs::write(audio.join("cut.wav"), &sine[..sine.len() * 6 / 10]).unwrap();
 
     let parquet = dir.path().join("captions.parquet");
     let out = audiocap(&[
@@ -89,7 +92,27 @@ fn export_then_caption_a_folder_with_bad_inputs() {
         let seg = seg.as_any().downcast_ref::<UInt32Array>().unwrap();
         let score = col("score");
         let score = score.as_any().downcast_ref::<Float32Array>().unwrap();
+        let warnings = col("warnings");
+        let warnings = warnings.as_any().downcast_ref::<StringArray>().unwrap();
         for i in 0..b.num_rows() {
+            let name = Path::new(uri.value(i))
+                .file_name()
+                .unwrap()
+                .to_string_lossy();
+            let warned = !warnings.is_null(i);
+            assert_eq!(
+                warned,
+                name == "cut.wav",
+                "{name}: {:?}",
+                warned.then(|| warnings.value(i))
+            );
+            if warned {
+                assert!(
+                    warnings.value(i).starts_with("truncated: "),
+                    "{}",
+                    warnings.value(i)
+                );
+            }
             let name = Path::new(uri.value(i))
                 .file_name()
                 .unwrap()
@@ -123,6 +146,7 @@ fn export_then_caption_a_folder_with_bad_inputs() {
         vec![
             ("chirp_2p5s.wav", 0),
             ("corrupt.wav", 0),
+            ("cut.wav", 0),
             ("long.wav", 0),
             ("long.wav", 1),
             ("long.wav", 2),

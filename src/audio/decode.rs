@@ -66,12 +66,54 @@ pub struct AudioInfo {
     /// demuxer (seen as a jump in the packet timestamps; a corrupt run at the very end of
     /// the stream is not seen). Non-zero means the samples have gaps.
     pub skipped_packets: u64,
+    /// Frames the container's header declares, when it declares them.
+    pub declared_frames: Option<u64>,
+    /// The data ended before the stream did: inside a packet, or short of the frames
+    /// the header declares (by more than a codec's padding). What is there is kept.
+    pub truncated: bool,
 }
 
 impl AudioInfo {
     /// Duration of the decoded audio in seconds.
     pub fn duration_secs(&self) -> f64 {
         self.frames as f64 / f64::from(self.sample_rate)
+    }
+
+    /// What a reader of the captions should know about the audio behind them
+    /// (truncated, corrupt packets skipped), `; `-joined; `None` when nothing.
+    pub fn warnings(&self) -> Option<String> {
+        let mut warnings = Vec::new();
+        if self.truncated {
+            let rate = f64::from(self.sample_rate.max(1));
+            warnings.push(match self.declared_frames {
+                Some(declared) if declared > self.frames => format!(
+                    "truncated: the data ends after {:.2} s of the {:.2} s the header declares",
+                    self.frames as f64 / rate,
+                    declared as f64 / rate
+                ),
+                _ => format!(
+                    "truncated: the data ends inside a packet, after {:.2} s",
+                    self.frames as f64 / rate
+                ),
+            });
+        }
+        if self.skipped_packets > 0 {
+            warnings.push(format!(
+                "{} corrupt packet(s) skipped: the audio has gaps",
+                self.skipped_packets
+            ));
+        }
+        (!warnings.is_empty()).then(|| warnings.join("; "))
+    }
+}
+
+/// Frames a lossy stream may fall short of its header by without being truncated
+/// (encoder delay and padding trimmed by the decoder).
+fn padding_slack(codec: &str) -> u64 {
+    if codec.starts_with("pcm") || codec == "flac" || codec == "alac" {
+        0
+    } else {
+        4096
     }
 }
 
@@ -483,7 +525,10 @@ fn decode_packets(
         codec: decoder.codec_info().short_name.to_owned(),
         frames: 0,
         skipped_packets: 0,
+        declared_frames: track.declared_frames.filter(|&n| n > 0),
+        truncated: false,
     };
+    let mut stopped = false;
     let mut first_skip_reason: Option<String> = None;
     let mut rate_seen = false;
     // Where the next packet should start, in the track's time base.
@@ -497,6 +542,7 @@ fn decode_packets(
             Ok(None) => break,
             // The input ends part-way through a packet: the end of the stream.
             Err(SymphoniaError::IoError(error)) if error.kind() == io::ErrorKind::UnexpectedEof => {
+                info.truncated = true;
                 break;
             }
             Err(error) => return Err(stream_error(error, info.frames)),
@@ -572,8 +618,15 @@ fn decode_packets(
         }
         info.frames += frames as u64;
         if on_samples(info.sample_rate, &mono).is_break() {
+            stopped = true;
             break;
         }
+    }
+    if !stopped
+        && let Some(declared) = info.declared_frames
+        && info.frames + padding_slack(&info.codec) < declared
+    {
+        info.truncated = true;
     }
 
     if info.frames == 0 {
@@ -1097,6 +1150,8 @@ mod tests {
                 codec: "pcm_s16le".to_owned(),
                 frames: 3000,
                 skipped_packets: 0,
+                declared_frames: Some(3000),
+                truncated: false,
             }
         );
         assert_close(&decoded.samples, &written, TOLERANCE);
@@ -1300,7 +1355,17 @@ mod tests {
             let decoded = decode_bytes(&bytes[..cut], Some("wav")).unwrap();
             assert_eq!(decoded.info.frames, 3000, "cut at {cut}");
             assert_eq!(decoded.samples, exact[..3000]);
+            // ... and says so.
+            assert!(decoded.info.truncated, "cut at {cut}");
+            let warnings = decoded.info.warnings().unwrap();
+            assert!(
+                warnings.starts_with("truncated: the data ends after 0.19 s of the 0.31 s"),
+                "{warnings}"
+            );
         }
+        let whole = decode_bytes(&bytes, Some("wav")).unwrap();
+        assert!(!whole.info.truncated);
+        assert_eq!(whole.info.warnings(), None);
     }
 
     #[test]
@@ -1387,6 +1452,8 @@ mod tests {
                 codec: "flac".to_owned(),
                 frames: 1000,
                 skipped_packets: 0,
+                declared_frames: Some(1000),
+                truncated: false,
             }
         );
         assert_close(&decoded.samples, &expected, 1e-7);

@@ -331,5 +331,6 @@ pub fn complete_rows(rows: &mut [CaptionRow], info: &AudioInfo) {
         row.source_sample_rate_hz = Some(info.sample_rate);
         row.channels = u16::try_from(info.channels).ok();
         row.codec = Some(info.codec.clone());
+        row.warnings = info.warnings();
     }
 }
