@@ -43,17 +43,19 @@ pub struct CaptionRow {
     pub run_id: String,
     /// Microseconds since the Unix epoch, UTC.
     pub processed_at_us: i64,
-    /// What kind of failure `error` is (not a column: the run summary counts rows by
-    /// it). Set by [`CaptionRow::failed`] together with `error`.
+    /// What kind of failure `error` is (the `error_kind` column; the run summary
+    /// counts rows by it). Set by [`CaptionRow::failed`] together with `error`.
     pub failure: Option<RowFailure>,
 }
 
-/// Why a row has no caption, as the run summary counts it.
+/// Why a row has no caption, as the run summary counts it and the `error_kind`
+/// column records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum RowFailure {
     /// The input could not be listed, fetched or decoded (the row stands for the
-    /// whole input, or for what is left of it).
-    Input,
+    /// whole input, or for what is left of it), with the input's own kind
+    /// (`not_found`, `unsupported_codec`, ...).
+    Input(&'static str),
     /// The segment is shorter than the encoder's one patch.
     TooShort,
     /// The model failed on the segment's batch.
@@ -63,13 +65,22 @@ pub enum RowFailure {
 }
 
 impl RowFailure {
-    /// The name in the run summary's `failed_segments`.
-    pub fn as_str(self) -> &'static str {
+    /// The name in the run summary's `failed_segments` (`input` for every kind of
+    /// input failure).
+    pub fn segment_kind(self) -> &'static str {
         match self {
-            Self::Input => "input",
+            Self::Input(_) => "input",
             Self::TooShort => "too_short",
             Self::Model => "model",
             Self::Tokenizer => "tokenizer",
+        }
+    }
+
+    /// The row's `error_kind`: an input failure's own kind, else the segment kind.
+    pub fn kind(self) -> &'static str {
+        match self {
+            Self::Input(kind) => kind,
+            other => other.segment_kind(),
         }
     }
 }
@@ -112,6 +123,7 @@ pub fn schema() -> SchemaRef {
         Field::new("score", DataType::Float32, true),
         Field::new("num_tokens", DataType::UInt32, true),
         Field::new("error", DataType::Utf8, true),
+        Field::new("error_kind", DataType::Utf8, true),
         Field::new("warnings", DataType::Utf8, true),
         Field::new("model", DataType::Utf8, false),
         Field::new("run_id", DataType::Utf8, false),
@@ -138,6 +150,7 @@ pub fn to_record_batch(rows: &[CaptionRow]) -> Result<RecordBatch, arrow_schema:
     let mut score = Float32Builder::with_capacity(n);
     let mut tokens = UInt32Builder::with_capacity(n);
     let mut error = StringBuilder::with_capacity(n, 0);
+    let mut error_kind = StringBuilder::with_capacity(n, 0);
     let mut warnings = StringBuilder::with_capacity(n, 0);
     let mut model = StringBuilder::with_capacity(n, n * 24);
     let mut run = StringBuilder::with_capacity(n, n * 24);
@@ -155,6 +168,7 @@ pub fn to_record_batch(rows: &[CaptionRow]) -> Result<RecordBatch, arrow_schema:
         score.append_option(r.score);
         tokens.append_option(r.num_tokens);
         error.append_option(r.error.as_deref());
+        error_kind.append_option(r.failure.map(RowFailure::kind));
         warnings.append_option(r.warnings.as_deref());
         model.append_value(&r.model);
         run.append_value(&r.run_id);
@@ -173,6 +187,7 @@ pub fn to_record_batch(rows: &[CaptionRow]) -> Result<RecordBatch, arrow_schema:
         Arc::new(score.finish()),
         Arc::new(tokens.finish()),
         Arc::new(error.finish()),
+        Arc::new(error_kind.finish()),
         Arc::new(warnings.finish()),
         Arc::new(model.finish()),
         Arc::new(run.finish()),
@@ -355,7 +370,7 @@ mod tests {
                 run_id: "r".into(),
                 ..Default::default()
             }
-            .failed(RowFailure::Input, "corrupt", 2),
+            .failed(RowFailure::Input("corrupt"), "corrupt", 2),
         ];
         w.write(&rows).unwrap();
         assert!(!path.exists(), "visible before finish");

@@ -94,11 +94,20 @@ fn export_then_caption_a_folder_with_bad_inputs() {
         let score = score.as_any().downcast_ref::<Float32Array>().unwrap();
         let warnings = col("warnings");
         let warnings = warnings.as_any().downcast_ref::<StringArray>().unwrap();
+        let kinds = col("error_kind");
+        let kinds = kinds.as_any().downcast_ref::<StringArray>().unwrap();
         for i in 0..b.num_rows() {
             let name = Path::new(uri.value(i))
                 .file_name()
                 .unwrap()
                 .to_string_lossy();
+            let kind = (!kinds.is_null(i)).then(|| kinds.value(i));
+            let expected = match name.as_ref() {
+                "corrupt.wav" => Some("not_audio"),
+                "short.wav" => Some("too_short"),
+                _ => None,
+            };
+            assert_eq!(kind, expected, "{name}");
             let warned = !warnings.is_null(i);
             assert_eq!(
                 warned,
@@ -229,6 +238,7 @@ fn export_then_caption_a_folder_with_bad_inputs() {
             .collect::<Vec<_>>()
     };
     let (uris, captions, errors) = (strings("uri"), strings("caption"), strings("error"));
+    let kinds = strings("error_kind");
     let at = |name: &str| {
         uris.iter()
             .position(|u| u.as_deref().unwrap().ends_with(name))
@@ -244,6 +254,9 @@ fn export_then_caption_a_folder_with_bad_inputs() {
         error.contains("not found") || error.contains("No such file"),
         "{error}"
     );
+    // The kind of every error is a column of its own.
+    assert_eq!(kinds[at("sine_1s.wav")], None);
+    assert_eq!(kinds[at("missing.wav")].as_deref(), Some("not_found"));
 }
 
 #[test]

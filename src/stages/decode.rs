@@ -129,7 +129,7 @@ fn fail_input(
         segment_index: rows_before as u32,
         ..context.base_row.clone()
     }
-    .failed(RowFailure::Input, message, now_us());
+    .failed(RowFailure::Input(kind), message, now_us());
     send(
         sink,
         SinkMessage::Rows {

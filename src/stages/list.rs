@@ -110,7 +110,7 @@ async fn list(
                     uri: uri.clone(),
                     ..plan.base_row.clone()
                 }
-                .failed(RowFailure::Input, list_error, now_us());
+                .failed(RowFailure::Input("unlistable"), list_error, now_us());
                 sink.send(SinkMessage::Rows {
                     input_id: id,
                     rows: vec![row],

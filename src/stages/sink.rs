@@ -157,10 +157,8 @@ fn record(done: &InputDone, rows: &[CaptionRow], counters: &RunCounters, out: &m
         return;
     }
     for r in rows.iter().filter(|r| r.error.is_some()) {
-        let kind = r.failure.unwrap_or(RowFailure::Input);
-        *out.failed_segments
-            .entry(kind.as_str().to_string())
-            .or_default() += 1;
+        let kind = r.failure.map_or("input", RowFailure::segment_kind);
+        *out.failed_segments.entry(kind.to_string()).or_default() += 1;
     }
 }
 
