@@ -342,6 +342,46 @@ fn set_aside(table: &mut toml::Table, problems: &[ConfigProblem]) {
     }
 }
 
+/// A count that must lie in `range`.
+pub fn count_in<T>(
+    p: &mut Vec<ConfigProblem>,
+    at: &str,
+    value: T,
+    range: std::ops::RangeInclusive<T>,
+) where
+    T: PartialOrd + std::fmt::Display,
+{
+    if !range.contains(&value) {
+        p.push(problem(
+            at,
+            format!(
+                "{value}: must be between {} and {}",
+                range.start(),
+                range.end()
+            ),
+        ));
+    }
+}
+
+/// A number of seconds that must lie in `range` (NaN and infinities never do).
+pub fn seconds_in(
+    p: &mut Vec<ConfigProblem>,
+    at: &str,
+    value: f64,
+    range: std::ops::RangeInclusive<f64>,
+) {
+    if !(value.is_finite() && range.contains(&value)) {
+        p.push(problem(
+            at,
+            format!(
+                "{value}: must be between {} and {} seconds",
+                range.start(),
+                range.end()
+            ),
+        ));
+    }
+}
+
 /// The variable that names audiocap's own folder.
 pub const AUDIOCAP_HOME: &str = "AUDIOCAP_HOME";
 

@@ -13,7 +13,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::audio::segment::SegmentConfig;
 use crate::config::{
-    self, ConfigErrors, ConfigProblem, DeviceSpec, Schema, check_section, check_sections, problem,
+    self, ConfigErrors, ConfigProblem, DeviceSpec, Schema, check_section, check_sections, count_in,
+    problem, seconds_in,
 };
 
 /// A whole pipeline file.
@@ -572,42 +573,6 @@ const MAX_NEW_TOKENS: usize = 4096;
 const MAX_MEGABYTES: u64 = 65_536;
 /// Durations: a year.
 const MAX_SECONDS: f64 = 31_536_000.0;
-
-/// A count that must lie in `range`.
-fn count_in<T>(p: &mut Vec<ConfigProblem>, at: &str, value: T, range: std::ops::RangeInclusive<T>)
-where
-    T: PartialOrd + std::fmt::Display,
-{
-    if !range.contains(&value) {
-        p.push(problem(
-            at,
-            format!(
-                "{value}: must be between {} and {}",
-                range.start(),
-                range.end()
-            ),
-        ));
-    }
-}
-
-/// A number of seconds that must lie in `range` (NaN and infinities never do).
-fn seconds_in(
-    p: &mut Vec<ConfigProblem>,
-    at: &str,
-    value: f64,
-    range: std::ops::RangeInclusive<f64>,
-) {
-    if !(value.is_finite() && range.contains(&value)) {
-        p.push(problem(
-            at,
-            format!(
-                "{value}: must be between {} and {} seconds",
-                range.start(),
-                range.end()
-            ),
-        ));
-    }
-}
 
 /// URL schemes a location may have (see `storage::Location::parse`).
 const SCHEMES: &[&str] = &[

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 use crate::config::{
-    self, ConfigErrors, ConfigProblem, DeviceSpec, Schema, check_section, check_sections, problem,
+    self, ConfigErrors, ConfigProblem, DeviceSpec, Schema, check_section, check_sections, count_in,
+    problem,
 };
 use crate::model::prompt::{AUDIO_PLACEHOLDER, DEFAULT_PROMPT_TEMPLATE};
 
@@ -334,9 +335,7 @@ impl TrainConfig {
             p.push(problem("model.device", e.to_string()));
         }
         let l = &self.lora;
-        if l.r == 0 {
-            p.push(problem("lora.r", "must be at least 1"));
-        }
+        count_in(&mut p, "lora.r", l.r, 1..=1024);
         if !positive(l.alpha) {
             p.push(problem("lora.alpha", "must be positive"));
         }
@@ -357,8 +356,11 @@ impl TrainConfig {
                 ));
             }
         }
-        if !positive(self.features.max_seconds) {
-            p.push(problem("features.max_seconds", "must be positive"));
+        if !(positive(self.features.max_seconds) && self.features.max_seconds <= 3600.0) {
+            p.push(problem(
+                "features.max_seconds",
+                "must be positive and at most 3600",
+            ));
         }
         let o = &self.optimizer;
         if !positive(o.peak_lr) {
@@ -385,19 +387,22 @@ impl TrainConfig {
             ));
         }
         let t = &self.training;
+        // Upper bounds far beyond real runs keep step counts and buffer sizes from
+        // overflowing.
         for (key, value) in [
             ("training.batch_size", t.batch_size),
             ("training.grad_accumulation", t.grad_accumulation),
             ("training.max_caption_tokens", t.max_caption_tokens),
             ("training.eval_max_new_tokens", t.eval_max_new_tokens),
         ] {
-            if value == 0 {
-                p.push(problem(key, "must be at least 1"));
-            }
+            count_in(&mut p, key, value, 1..=4096);
         }
-        if t.log_every_steps == 0 {
-            p.push(problem("training.log_every_steps", "must be at least 1"));
-        }
+        count_in(
+            &mut p,
+            "training.log_every_steps",
+            t.log_every_steps,
+            1..=1_000_000_000,
+        );
         if self.stages.is_empty() {
             p.push(problem("stages", "add at least one [[stages]] table"));
         }
@@ -428,9 +433,7 @@ impl TrainConfig {
                     p.push(problem(at(&format!("{key}.audio")), "missing"));
                 }
             }
-            if s.epochs == 0 {
-                p.push(problem(at("epochs"), "must be at least 1"));
-            }
+            count_in(&mut p, &at("epochs"), s.epochs, 1..=100_000);
             if s.peak_lr.is_some_and(|lr| !positive(lr)) {
                 p.push(problem(at("peak_lr"), "must be positive"));
             }
@@ -538,6 +541,33 @@ mod tests {
         epochs = 2
         train = { captions = "dev.csv", audio = "dev/" }
     "#;
+
+    #[test]
+    fn counts_beyond_any_real_run_are_problems_not_overflows() {
+        let set: Vec<String> = [
+            "training.batch_size=18446744073709551615",
+            "training.grad_accumulation=100000",
+            "training.log_every_steps=0",
+            "lora.r=100000",
+            "features.max_seconds=1e20",
+        ]
+        .map(String::from)
+        .into();
+        let mut text = MINIMAL.replace("epochs = 2", "epochs = 9223372036854775807");
+        text.push('\n');
+        let err = TrainConfig::parse(&text, "t.toml", &set).unwrap_err();
+        let ats: Vec<&str> = err.problems.iter().map(|p| p.at.as_str()).collect();
+        for key in [
+            "training.batch_size",
+            "training.grad_accumulation",
+            "training.log_every_steps",
+            "lora.r",
+            "features.max_seconds",
+            "stages[0].epochs",
+        ] {
+            assert!(ats.contains(&key), "{key} not in {err}");
+        }
+    }
 
     #[test]
     fn a_minimal_file_takes_the_recipe_defaults() {
