@@ -238,6 +238,11 @@ impl OnnxModel {
 
     /// Hands the encoder over (to a thread of its own: see the model stage); the
     /// decoder side stays here.
+    /// Whether the encoder is still here (not handed to its own thread).
+    pub fn has_encoder(&self) -> bool {
+        self.encoder.is_some()
+    }
+
     pub fn take_encoder(&mut self) -> Option<AudioEncoder> {
         self.encoder.take()
     }

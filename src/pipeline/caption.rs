@@ -176,6 +176,12 @@ pub fn caption_files(options: &CaptionOptions) -> anyhow::Result<CaptionSummary>
     if ran.model_panicked {
         anyhow::bail!("the model thread panicked");
     }
+    if ran.model_faults.gave_up() {
+        anyhow::bail!(
+            "the model kept failing (last error: {}); no file written",
+            ran.model_faults.last_error().unwrap_or_default()
+        );
+    }
     if ran.faults.any_given_up() {
         anyhow::bail!(
             "reading inputs kept failing (last error: {}); no file written",

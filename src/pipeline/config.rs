@@ -220,7 +220,8 @@ pub struct RunSection {
     /// How long an input whose fetch keeps failing transiently (network,
     /// throttling, 5xx, timeouts) is fetched again, with exponential backoff and
     /// jitter, before the run gives it up: it is then not committed, the run stops
-    /// taking inputs and exits with code 1, and the next run takes it again.
+    /// taking inputs and exits with code 1, and the next run takes it again. A model
+    /// that keeps failing (`crate::stages::recover`) is waited for as long.
     pub transient_retry_seconds: f64,
 }
 

@@ -270,17 +270,9 @@ async fn run_async(
         let _ = writer.flush().await;
         return Err(e);
     }
-    if ran.faults.any_given_up() {
-        // As for a failed listing: parts are committed, the shard is not (its commit
-        // record would call it complete), the run fails and the next one resumes.
-        let mut writer = writer;
-        writer
-            .flush()
-            .await
-            .context("committing the last part")
-            .map_err(RunError::Fatal)?;
+    let gave_up = if ran.faults.any_given_up() {
         let get = |c: &std::sync::atomic::AtomicU64| c.load(Ordering::Relaxed);
-        return Err(RunError::Fatal(anyhow::anyhow!(
+        Some(format!(
             "storage kept failing: {} input(s) given up after {} s of retries and {} \
              not fetched, none of them committed; {} written inputs are committed and the \
              next run takes the rest (last error: {})",
@@ -289,7 +281,28 @@ async fn run_async(
             get(&ran.faults.left),
             summary.inputs.written,
             ran.faults.last_error().unwrap_or_default()
-        )));
+        ))
+    } else if ran.model_faults.gave_up() {
+        Some(format!(
+            "the model kept failing for {} s (last error: {}): the inputs in flight are \
+             not committed; {} written inputs are committed and the next run takes the rest",
+            config.run.transient_retry_seconds,
+            ran.model_faults.last_error().unwrap_or_default(),
+            summary.inputs.written,
+        ))
+    } else {
+        None
+    };
+    if let Some(why) = gave_up {
+        // As for a failed listing: parts are committed, the shard is not (its commit
+        // record would call it complete), the run fails and the next one resumes.
+        let mut writer = writer;
+        writer
+            .flush()
+            .await
+            .context("committing the last part")
+            .map_err(RunError::Fatal)?;
+        return Err(RunError::Fatal(anyhow::anyhow!(why)));
     }
     let record = serde_json::to_value(&summary).unwrap_or_default();
     let committed = writer

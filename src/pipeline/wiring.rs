@@ -19,7 +19,8 @@ use crate::engine::model::OnnxModel;
 use crate::output::CaptionRow;
 use crate::stages::fetch::{FetchContext, TransientFaults, TransientRetry};
 use crate::stages::list::ListPlan;
-use crate::stages::model::{DecoderMode, ModelClocks};
+use crate::stages::model::{DecoderMode, ModelClocks, ModelThread, Recovery};
+use crate::stages::recover::{ModelFaults, ModelRetry};
 use crate::stages::sink::{RowTarget, SinkError, SinkOutcome};
 use crate::stages::{self, BusyClock, RunCounters};
 use crate::storage::{SpoolOptions, StorageError};
@@ -36,7 +37,8 @@ pub struct StageSettings {
     pub fetch_concurrency: usize,
     /// Objects up to this size are fetched into memory, larger ones spooled.
     pub max_in_memory_bytes: u64,
-    /// How long a transiently failing fetch is retried before it is given up.
+    /// How long a transiently failing fetch, or a failing model, is retried before
+    /// the run gives up.
     pub transient_retry: Duration,
     pub progress: ProgressMode,
     pub progress_interval: Duration,
@@ -50,7 +52,10 @@ pub struct StagesRun {
     pub listing: Result<(), StorageError>,
     pub model_panicked: bool,
     pub counters: Arc<RunCounters>,
+    /// Inputs whose fetch kept failing.
     pub faults: Arc<TransientFaults>,
+    /// A model that kept failing.
+    pub model_faults: Arc<ModelFaults>,
     pub mode: DecoderMode,
     pub busy: StagesBusy,
 }
@@ -133,16 +138,20 @@ pub async fn run_stages(
         );
     }
     tracing::info!(?mode, attention = ?model.attention(), "decoder");
-    let model_thread = stages::model::spawn(
-        model,
-        settings.params.clone(),
+    let model_faults = Arc::new(ModelFaults::default());
+    let thread = ModelThread {
+        params: settings.params.clone(),
         mode,
-        batch_rx,
-        sink_tx.clone(),
-        model_idle.clone(),
-        busy.model.clone(),
-    )
-    .context("starting the model thread")?;
+        idle: model_idle.clone(),
+        clocks: busy.model.clone(),
+        recovery: Recovery {
+            retry: ModelRetry::with_budget(settings.transient_retry),
+            faults: model_faults.clone(),
+            stop: stop.clone(),
+        },
+    };
+    let model_thread = stages::model::spawn(model, thread, batch_rx, sink_tx.clone())
+        .context("starting the model thread")?;
     let batcher = tokio::spawn(stages::batch::run(
         segment_rx,
         batch_tx,
@@ -220,6 +229,7 @@ pub async fn run_stages(
         model_panicked,
         counters,
         faults,
+        model_faults,
         mode,
         busy,
     }))

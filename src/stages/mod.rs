@@ -13,6 +13,7 @@ pub mod decode;
 pub mod fetch;
 pub mod list;
 pub mod model;
+pub mod recover;
 pub mod sink;
 
 use std::sync::atomic::{AtomicU64, Ordering};

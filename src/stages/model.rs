@@ -19,6 +19,7 @@ use std::thread::JoinHandle;
 
 use async_channel::{Receiver, Sender, TryRecvError};
 
+use super::recover::{ModelFaults, ModelRetry, recover};
 use super::{BusyClock, SegmentJob, SinkMessage};
 use crate::engine::audio::{AudioEmbeds, AudioEncoder, AudioQueue};
 use crate::engine::captioner::{caption_segments, captioned_row};
@@ -71,28 +72,45 @@ pub struct ModelClocks {
     pub encoder: Arc<BusyClock>,
 }
 
+/// What the model thread is told besides its model and channels.
+pub struct ModelThread {
+    pub params: GenerationParams,
+    pub mode: DecoderMode,
+    /// True while it waits for a batch (with continuous batching: while decoder rows
+    /// are free and no clip waits for them).
+    pub idle: Arc<AtomicBool>,
+    /// Time spent in the model.
+    pub clocks: ModelClocks,
+    pub recovery: Recovery,
+}
+
 /// Starts the model thread. It ends when the batch channel closes (or the sink
-/// is gone); `idle` is true while it waits for a batch (with continuous batching:
-/// while decoder rows are free and no clip waits for them), `clocks` count the
-/// time spent in the model.
+/// is gone, or the model kept failing).
 pub fn spawn(
     model: OnnxModel,
-    params: GenerationParams,
-    mode: DecoderMode,
+    thread: ModelThread,
     batches: Receiver<Vec<SegmentJob>>,
     sink: Sender<SinkMessage>,
-    idle: Arc<AtomicBool>,
-    clocks: ModelClocks,
 ) -> std::io::Result<JoinHandle<()>> {
+    let ModelThread {
+        params,
+        mode,
+        idle,
+        clocks,
+        recovery,
+    } = thread;
     std::thread::Builder::new()
         .name("audiocap-model".into())
         .spawn(move || {
+            let probe = probe_segment(&model);
             let stage = Stage {
                 model,
                 params,
                 sink,
                 idle,
                 busy: clocks.model,
+                recovery,
+                probe,
             };
             match mode {
                 DecoderMode::FixedBatches => stage.run_fixed(batches),
@@ -107,18 +125,53 @@ pub fn spawn(
         })
 }
 
+/// How the stage meets a failing model ([`super::recover`]).
+#[derive(Debug, Clone)]
+pub struct Recovery {
+    pub retry: ModelRetry,
+    pub faults: Arc<ModelFaults>,
+    /// Set when the stage gives up, so the listing stops too.
+    pub stop: Arc<AtomicBool>,
+}
+
 struct Stage {
     model: OnnxModel,
     params: GenerationParams,
     sink: Sender<SinkMessage>,
     idle: Arc<AtomicBool>,
     busy: Arc<BusyClock>,
+    recovery: Recovery,
+    /// The probe's fbank: silence, one encoder patch long.
+    probe: (Vec<f32>, usize),
+}
+
+/// A segment no model has a reason to refuse: silence (normalised fbank zeros) as
+/// long as the encoder's shortest input.
+fn probe_segment(model: &OnnxModel) -> (Vec<f32>, usize) {
+    let frames = model.manifest.encoder.min_frames.max(1);
+    let bins = model.manifest.front_end.num_mel_bins;
+    (vec![0.0; frames * bins], frames)
 }
 
 /// A clip encoded and waiting for a decoder row (or in one).
 struct Waiting {
     input_id: u64,
     row: CaptionRow,
+    /// Kept until the caption is done, so a clip a failing model dropped can be
+    /// captioned again.
+    fbank: Vec<f32>,
+    frames: usize,
+}
+
+impl Waiting {
+    fn into_job(self) -> SegmentJob {
+        SegmentJob {
+            input_id: self.input_id,
+            row: self.row,
+            fbank: self.fbank,
+            frames: self.frames,
+        }
+    }
 }
 
 /// A batch's clips and their audio embeddings, where the model runs.
@@ -152,20 +205,69 @@ impl Stage {
                 break;
             };
             self.idle.store(false, Ordering::Release);
-            let segments: Vec<(&CaptionRow, &[f32], usize)> = batch
-                .iter()
-                .map(|s| (&s.row, s.fbank.as_slice(), s.frames))
-                .collect();
-            let (model, params) = (&mut self.model, &self.params);
-            let rows = self
-                .busy
-                .time(|| caption_segments(model, &segments, params));
+            let Some(rows) = self.caption_recovering(&batch) else {
+                // The model is gone: what is queued is left for the next run.
+                return self.drain(batches);
+            };
             tracing::debug!(segments = rows.len(), "batch captioned");
             let done = batch.iter().map(|s| s.input_id).zip(rows).collect();
             if !self.send(done) {
                 return;
             }
         }
+        self.idle.store(true, Ordering::Release);
+    }
+
+    /// The rows of `batch`; a failure is met as [`super::recover`] says. `None` when
+    /// the stage gave up.
+    fn caption_recovering(&mut self, batch: &[SegmentJob]) -> Option<Vec<CaptionRow>> {
+        let (model, params) = (&mut self.model, &self.params);
+        let first = self.busy.time(|| caption_jobs(model, batch, params));
+        let error = match first {
+            Ok(rows) => return Some(rows),
+            Err(e) => e,
+        };
+        let Stage {
+            model,
+            params,
+            busy,
+            recovery,
+            probe,
+            ..
+        } = self;
+        let model = std::cell::RefCell::new(model);
+        recover(
+            batch,
+            error,
+            |jobs| busy.time(|| caption_jobs(&mut model.borrow_mut(), jobs, params)),
+            || {
+                let row = CaptionRow::default();
+                let segment = [(&row, probe.0.as_slice(), probe.1)];
+                caption_segments(&mut model.borrow_mut(), &segment, params)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            },
+            |job, error| {
+                job.row
+                    .failed(RowFailure::Model, format!("model: {error}"), now_us())
+            },
+            &recovery.retry,
+            &recovery.faults,
+        )
+        .or_else(|| {
+            recovery.stop.store(true, Ordering::Relaxed);
+            None
+        })
+    }
+
+    /// Takes the batches left without captioning them (their inputs are not
+    /// committed), so the stages before can finish.
+    fn drain(&self, batches: Receiver<Vec<SegmentJob>>) {
+        let mut left = 0usize;
+        while let Ok(batch) = batches.recv_blocking() {
+            left += batch.len();
+        }
+        tracing::warn!(segments = left, "segments left for the next run");
         self.idle.store(true, Ordering::Release);
     }
 
@@ -206,11 +308,12 @@ impl Stage {
         let (tx, rx) = async_channel::bounded(ENCODED_AHEAD);
         let (give, receive) = std::sync::mpsc::sync_channel::<AudioEncoder>(1);
         let (batches, sink) = (batches.clone(), self.sink.clone());
+        let (recovery, probe) = (self.recovery.clone(), self.probe.clone());
         let thread = std::thread::Builder::new()
             .name("audiocap-encoder".into())
             .spawn(move || {
                 if let Ok(encoder) = receive.recv() {
-                    run_encoder(encoder, batches, tx, sink, clock);
+                    run_encoder(encoder, batches, tx, sink, clock, recovery, probe);
                 }
             });
         let handle = match thread {
@@ -270,16 +373,11 @@ impl Stage {
                         }
                     }
                     Err(e) => {
-                        // Their audio is lost; the clips in the decoder go on.
-                        let stamp = now_us();
-                        let rows = tags
-                            .into_iter()
-                            .map(|w| {
-                                let error = format!("model: {e}");
-                                (w.input_id, w.row.failed(RowFailure::Model, error, stamp))
-                            })
-                            .collect();
-                        if !self.send(rows) {
+                        // Their audio is lost; they are captioned apart, and the clips
+                        // in the decoder go on.
+                        tracing::warn!("joining clips to the decoder failed: {e}");
+                        let jobs = tags.into_iter().map(Waiting::into_job).collect();
+                        if !self.recover_jobs(jobs) {
                             return;
                         }
                     }
@@ -329,21 +427,21 @@ impl Stage {
             let model = &mut self.model;
             match self.busy.time(|| encode_batch(batch, |c| model.encode(c))) {
                 Ok(encoded) => return Some(Next::Clips(encoded)),
-                Err(failed) => {
-                    if !self.send(failed) {
+                Err((jobs, _)) => {
+                    // Captioned apart (whole, one by one) or the stage gives up.
+                    if !self.recover_jobs(jobs) {
                         return None;
                     }
-                    // A failed batch: try the next one.
                 }
             }
         }
     }
 
-    /// Keeps the captions a decoder call finished; when it failed, every clip in
-    /// flight (joining ones too) becomes an error row for the sink. False when the
-    /// sink is gone.
+    /// Keeps the captions a decoder call finished; when it failed, the clips in
+    /// flight (joining ones too) are captioned apart ([`Self::recover_jobs`]). False
+    /// when the sink is gone or the stage gave up.
     fn collect(
-        &self,
+        &mut self,
         result: crate::engine::error::Result<Vec<(Waiting, Generated)>>,
         batcher: &mut ContinuousBatcher<Waiting>,
         done: &mut Vec<(Waiting, Generated)>,
@@ -356,15 +454,36 @@ impl Stage {
             }
             Err(e) => {
                 tracing::warn!("decoder {call} failed: {e}");
-                let stamp = now_us();
-                let error = format!("model: {e}");
-                let rows = batcher
+                let jobs = batcher
                     .abandon()
                     .into_iter()
-                    .map(|w| (w.input_id, w.row.failed(RowFailure::Model, &error, stamp)))
+                    .map(Waiting::into_job)
                     .collect();
-                self.send(rows)
+                self.recover_jobs(jobs)
             }
+        }
+    }
+
+    /// Clips a failed model call dropped, captioned apart as [`super::recover`]
+    /// says and sent. False when the sink is gone or the stage gave up (the rows
+    /// are not sent: their inputs are left for the next run).
+    fn recover_jobs(&mut self, jobs: Vec<SegmentJob>) -> bool {
+        if jobs.is_empty() {
+            return true;
+        }
+        if !self.model.has_encoder() {
+            // The encoder runs on its own thread: the clips cannot be encoded again
+            // here. Never an error row: the run gives up and the next one takes them.
+            tracing::error!("a decoder call failed with the encoder on its own thread; giving up");
+            self.recovery
+                .faults
+                .give_up("a decoder call failed (the encoder runs on its own thread)".into());
+            self.recovery.stop.store(true, Ordering::Relaxed);
+            return false;
+        }
+        match self.caption_recovering(&jobs) {
+            Some(rows) => self.send(jobs.iter().map(|j| j.input_id).zip(rows).collect()),
+            None => false,
         }
     }
 
@@ -372,6 +491,19 @@ impl Stage {
     fn send(&self, rows: Vec<(u64, CaptionRow)>) -> bool {
         send_rows(&self.sink, rows)
     }
+}
+
+/// The rows of some jobs, or the model's failure (as text).
+fn caption_jobs(
+    model: &mut OnnxModel,
+    jobs: &[SegmentJob],
+    params: &GenerationParams,
+) -> Result<Vec<CaptionRow>, String> {
+    let segments: Vec<(&CaptionRow, &[f32], usize)> = jobs
+        .iter()
+        .map(|s| (&s.row, s.fbank.as_slice(), s.frames))
+        .collect();
+    caption_segments(model, &segments, params).map_err(|e| e.to_string())
 }
 
 /// Rows to the sink, grouped by input. False when the sink is gone.
@@ -404,38 +536,30 @@ fn wait_or_try<T>(rx: &Receiver<T>, block: bool, idle: &AtomicBool) -> Option<Re
     }
 }
 
-/// Encodes a batch's fbank into clips waiting for decoder rows; on failure, every
-/// clip of the batch as an error row.
+/// Encodes a batch's fbank into clips waiting for decoder rows; on failure, the
+/// batch back with the error.
 fn encode_batch(
     batch: Vec<SegmentJob>,
     encode: impl FnOnce(&[(&[f32], usize)]) -> crate::engine::error::Result<AudioEmbeds>,
-) -> Result<Encoded, Vec<(u64, CaptionRow)>> {
+) -> Result<Encoded, (Vec<SegmentJob>, String)> {
     let inputs: Vec<(&[f32], usize)> = batch
         .iter()
         .map(|s| (s.fbank.as_slice(), s.frames))
         .collect();
-    let result = encode(&inputs);
-    let stamp = now_us();
-    match result {
+    match encode(&inputs) {
         Ok(audio) => Ok(Encoded {
             clips: batch
                 .into_iter()
                 .map(|job| Waiting {
                     input_id: job.input_id,
                     row: job.row,
+                    fbank: job.fbank,
+                    frames: job.frames,
                 })
                 .collect(),
             audio,
         }),
-        Err(e) => Err(batch
-            .iter()
-            .map(|job| {
-                let row = job
-                    .row
-                    .failed(RowFailure::Model, format!("model: {e}"), stamp);
-                (job.input_id, row)
-            })
-            .collect()),
+        Err(e) => Err((batch, e.to_string())),
     }
 }
 
@@ -448,18 +572,63 @@ fn run_encoder(
     encoded: Sender<Encoded>,
     sink: Sender<SinkMessage>,
     busy: Arc<BusyClock>,
+    recovery: Recovery,
+    probe: (Vec<f32>, usize),
 ) {
+    /// A clip (or a batch of them) encoded, or one that failed on its own.
+    enum Outcome {
+        Encoded(Encoded),
+        AtFault(u64, Box<CaptionRow>),
+    }
     while let Ok(batch) = batches.recv_blocking() {
-        match busy.time(|| encode_batch(batch, |c| encoder.encode(c))) {
+        let (jobs, error) = match busy.time(|| encode_batch(batch, |c| encoder.encode(c))) {
             Ok(clips) => {
                 if encoded.send_blocking(clips).is_err() {
                     return;
                 }
+                continue;
             }
-            Err(failed) => {
-                if !send_rows(&sink, failed) {
-                    return;
-                }
+            Err(failed) => failed,
+        };
+        let encoder = std::cell::RefCell::new(&mut encoder);
+        let outcomes = recover(
+            &jobs,
+            error,
+            |some| {
+                busy.time(|| encode_batch(some.to_vec(), |c| encoder.borrow_mut().encode(c)))
+                    .map(|e| vec![Outcome::Encoded(e)])
+                    .map_err(|(_, error)| error)
+            },
+            || {
+                let clip = [(probe.0.as_slice(), probe.1)];
+                encoder
+                    .borrow_mut()
+                    .encode(&clip)
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            },
+            |job, error| {
+                let row = job
+                    .row
+                    .failed(RowFailure::Model, format!("model: {error}"), now_us());
+                Outcome::AtFault(job.input_id, Box::new(row))
+            },
+            &recovery.retry,
+            &recovery.faults,
+        );
+        let Some(outcomes) = outcomes else {
+            recovery.stop.store(true, Ordering::Relaxed);
+            // What is queued is left for the next run.
+            while batches.recv_blocking().is_ok() {}
+            return;
+        };
+        for outcome in outcomes {
+            let sent = match outcome {
+                Outcome::Encoded(clips) => encoded.send_blocking(clips).is_ok(),
+                Outcome::AtFault(input_id, row) => send_rows(&sink, vec![(input_id, *row)]),
+            };
+            if !sent {
+                return;
             }
         }
     }
