@@ -17,10 +17,10 @@ use crate::config::DeviceSpec;
 use crate::engine::generate::GenerationParams;
 use crate::engine::model::OnnxModel;
 use crate::output::CaptionRow;
-use crate::stages::fetch::{FetchContext, TransientFaults, TransientRetry};
+use crate::stages::fetch::{FetchContext, TransientFaults};
 use crate::stages::list::ListPlan;
 use crate::stages::model::{DecoderMode, ModelClocks, ModelThread, Recovery};
-use crate::stages::recover::{ModelFaults, ModelRetry};
+use crate::stages::recover::{ModelFaults, TransientRetry};
 use crate::stages::sink::{RowTarget, SinkError, SinkOutcome};
 use crate::stages::{self, BusyClock, RunCounters};
 use crate::storage::{SpoolOptions, StorageError};
@@ -145,7 +145,7 @@ pub async fn run_stages(
         idle: model_idle.clone(),
         clocks: busy.model.clone(),
         recovery: Recovery {
-            retry: ModelRetry::with_budget(settings.transient_retry),
+            retry: TransientRetry::with_budget(settings.transient_retry),
             faults: model_faults.clone(),
             stop: stop.clone(),
         },

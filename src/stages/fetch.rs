@@ -12,10 +12,11 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_channel::{Receiver, Sender};
 
+use super::recover::TransientRetry;
 use super::{BusyClock, InputTask, RunCounters};
 use crate::rng::SplitMix64;
 use crate::storage::{FetchError, Fetched, SpoolOptions, fetch};
@@ -25,26 +26,6 @@ use crate::storage::{FetchError, Fetched, SpoolOptions, fetch};
 pub struct FetchedInput {
     pub task: InputTask,
     pub result: Result<Fetched, FetchError>,
-}
-
-/// How long transient failures of one input are retried.
-#[derive(Debug, Clone, Copy)]
-pub struct TransientRetry {
-    /// Time from an input's first failed fetch after which it is given up.
-    pub budget: Duration,
-    /// First wait between fetches; doubled each time up to `max_backoff`.
-    pub first_backoff: Duration,
-    pub max_backoff: Duration,
-}
-
-impl TransientRetry {
-    pub fn with_budget(budget: Duration) -> Self {
-        Self {
-            budget,
-            first_backoff: Duration::from_millis(250),
-            max_backoff: Duration::from_secs(8),
-        }
-    }
 }
 
 /// Inputs given up after transient failures: shared by the fetch workers and read

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 
 use async_channel::{Receiver, Sender, TryRecvError};
 
-use super::recover::{ModelFaults, ModelRetry, recover};
+use super::recover::{ModelFaults, TransientRetry, recover};
 use super::{BusyClock, SegmentJob, SinkMessage};
 use crate::engine::audio::{AudioEmbeds, AudioEncoder, AudioQueue};
 use crate::engine::captioner::{caption_segments, captioned_row};
@@ -128,7 +128,7 @@ pub fn spawn(
 /// How the stage meets a failing model ([`super::recover`]).
 #[derive(Debug, Clone)]
 pub struct Recovery {
-    pub retry: ModelRetry,
+    pub retry: TransientRetry,
     pub faults: Arc<ModelFaults>,
     /// Set when the stage gives up, so the listing stops too.
     pub stop: Arc<AtomicBool>,

@@ -5,7 +5,7 @@
 //! 1. The same batch once more, after a short pause (a blip).
 //! 2. A probe, a synthetic segment the model has no reason to refuse: while it
 //!    fails the device is at fault; it is probed again with exponential backoff for
-//!    [`ModelRetry::budget`]. When the budget runs out the stage gives up: the
+//!    [`TransientRetry::budget`]. When the budget runs out the stage gives up: the
 //!    batch's rows are never sent, so their inputs are not committed, the run stops
 //!    taking inputs and fails (exit code 1), and the next run takes them again.
 //! 3. Once the probe answers, the batch's segments one by one: one that still fails
@@ -15,18 +15,18 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-/// How long a failing model is waited for.
+/// How long a transient fault is retried: an input's failing fetch (the fetch
+/// stage), a failing model (here).
 #[derive(Debug, Clone, Copy)]
-pub struct ModelRetry {
-    /// Time from a batch's failure after which a probe that keeps failing gives the
-    /// run up.
+pub struct TransientRetry {
+    /// Time from the first failure after which the run gives up.
     pub budget: Duration,
-    /// First wait between probes; doubled each time up to `max_backoff`.
+    /// First wait between tries; doubled each time up to `max_backoff`.
     pub first_backoff: Duration,
     pub max_backoff: Duration,
 }
 
-impl ModelRetry {
+impl TransientRetry {
     pub fn with_budget(budget: Duration) -> Self {
         Self {
             budget,
@@ -75,7 +75,7 @@ pub fn recover<T, R>(
     mut run: impl FnMut(&[T]) -> Result<Vec<R>, String>,
     mut probe: impl FnMut() -> Result<(), String>,
     at_fault: impl Fn(&T, &str) -> R,
-    retry: &ModelRetry,
+    retry: &TransientRetry,
     faults: &ModelFaults,
 ) -> Option<Vec<R>> {
     let started = Instant::now();
@@ -116,7 +116,7 @@ pub fn recover<T, R>(
 fn wait_for_probe(
     probe: &mut impl FnMut() -> Result<(), String>,
     started: Instant,
-    retry: &ModelRetry,
+    retry: &TransientRetry,
     faults: &ModelFaults,
 ) -> Option<()> {
     let mut backoff = retry.first_backoff;
@@ -147,8 +147,8 @@ mod tests {
     use super::*;
     use std::cell::Cell;
 
-    fn quick(budget_ms: u64) -> ModelRetry {
-        ModelRetry {
+    fn quick(budget_ms: u64) -> TransientRetry {
+        TransientRetry {
             budget: Duration::from_millis(budget_ms),
             first_backoff: Duration::from_millis(1),
             max_backoff: Duration::from_millis(4),
@@ -199,38 +199,40 @@ mod tests {
         format!("error {item}: {error}")
     }
 
-    #[test]
-    fn a_blip_is_retried_and_every_segment_captioned() {
-        let down = Cell::new(0);
-        let (run, probe) = model(&down, None);
+    /// `recover` of items 1..=n on a fake model down for `down` calls and failing on
+    /// any batch holding `poison`.
+    fn recover_fake(
+        n: u32,
+        down: u32,
+        poison: Option<u32>,
+        budget_ms: u64,
+    ) -> (Option<Vec<String>>, ModelFaults) {
+        let down = Cell::new(down);
+        let (run, probe) = model(&down, poison);
         let faults = ModelFaults::default();
+        let items: Vec<u32> = (1..=n).collect();
         let rows = recover(
-            &[1, 2, 3],
-            "blip".into(),
+            &items,
+            "x".into(),
             run,
             probe,
             at_fault,
-            &quick(500),
+            &quick(budget_ms),
             &faults,
         );
+        (rows, faults)
+    }
+
+    #[test]
+    fn a_blip_is_retried_and_every_segment_captioned() {
+        let (rows, faults) = recover_fake(3, 0, None, 500);
         assert_eq!(rows.unwrap(), ["caption 1", "caption 2", "caption 3"]);
         assert!(!faults.gave_up());
     }
 
     #[test]
     fn a_segment_at_fault_is_an_error_row_and_the_others_are_captioned() {
-        let down = Cell::new(0);
-        let (run, probe) = model(&down, Some(2));
-        let faults = ModelFaults::default();
-        let rows = recover(
-            &[1, 2, 3],
-            "x".into(),
-            run,
-            probe,
-            at_fault,
-            &quick(500),
-            &faults,
-        );
+        let (rows, faults) = recover_fake(3, 0, Some(2), 500);
         assert_eq!(
             rows.unwrap(),
             ["caption 1", "error 2: shape mismatch", "caption 3"]
@@ -242,36 +244,15 @@ mod tests {
     #[test]
     fn a_device_that_comes_back_within_the_budget_loses_nothing() {
         // Down for the retry and a few probes, then up again.
-        let down = Cell::new(4);
-        let (run, probe) = model(&down, None);
-        let faults = ModelFaults::default();
-        let rows = recover(
-            &[1, 2],
-            "x".into(),
-            run,
-            probe,
-            at_fault,
-            &quick(5_000),
-            &faults,
-        );
+        let (rows, faults) = recover_fake(2, 4, None, 5_000);
         assert_eq!(rows.unwrap(), ["caption 1", "caption 2"]);
+        assert!(!faults.gave_up());
     }
 
     #[test]
     fn a_device_that_stays_down_gives_up_without_error_rows() {
-        let down = Cell::new(u32::MAX);
-        let (run, probe) = model(&down, None);
-        let faults = ModelFaults::default();
         let started = Instant::now();
-        let rows = recover(
-            &[1, 2],
-            "x".into(),
-            run,
-            probe,
-            at_fault,
-            &quick(50),
-            &faults,
-        );
+        let (rows, faults) = recover_fake(2, u32::MAX, None, 50);
         assert!(rows.is_none());
         assert!(faults.gave_up());
         assert_eq!(faults.last_error().as_deref(), Some("device lost"));
