@@ -16,12 +16,14 @@
 #   ldd             the C library's loader tools (Debian: libc-bin, always there)
 #   java            for METEOR (Java 8 or later; .ci/run installs
 #                   default-jre-headless where it is missing)
+#   node, npm       for the Azure tests, which install Azurite with npm (Node.js 18
+#                   or later; .ci/run installs nodejs npm where they are missing)
 #
 # The check: clone the committed HEAD into a new folder with ../shared beside it,
 # give it an empty HOME (no ONNX Runtime, corpus or pip cache from earlier runs), a
 # Python virtual environment without the machine's site-packages (no PyPI package
 # the README does not install) and a target folder of its own, then run the README's
-# two commands verbatim, read out of README.md. Java is taken as found.
+# two commands verbatim, read out of README.md. Java and Node.js are taken as found.
 #
 # Usage: scripts/fresh-machine-check.sh [--keep] [--target DIR]
 #   --keep        keep the scratch folder (printed at the end)
@@ -58,7 +60,7 @@ done
 
 # 1. What is assumed to be there.
 missing=()
-for tool in cargo rustc cc python3 git apt-get dpkg dpkg-deb ldd java; do
+for tool in cargo rustc cc python3 git apt-get dpkg dpkg-deb ldd java node npm; do
     if command -v "$tool" >/dev/null 2>&1; then
         printf '  %-9s %s\n' "$tool" "$(command -v "$tool")"
     else

@@ -13,7 +13,11 @@ use arrow_array::{Array, StringArray, UInt32Array};
 use audiocap::pipeline::PipelineConfig;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 
+use crate::common::azurite::Azurite;
 use crate::common::fixtures;
+use crate::common::gcs::FakeGcs;
+use crate::common::s3::MotoServer;
+use crate::common::servers::TestStore;
 
 /// The fixture model (BEATs-tiny + Llama-tiny + adapter a0), exported once.
 pub fn tiny_model() -> &'static Path {
@@ -44,6 +48,11 @@ fn write_pipeline(dir: &Path, audio: &Path, out: &str) -> PathBuf {
 
 /// [`write_pipeline`] for several sources, listed in this order.
 fn write_pipeline_of(dir: &Path, sources: &[String], out: &str) -> PathBuf {
+    write_pipeline_with(dir, sources, out, "")
+}
+
+/// [`write_pipeline_of`] with these lines in its `[storage]` section.
+fn write_pipeline_with(dir: &Path, sources: &[String], out: &str, storage: &str) -> PathBuf {
     let text = format!(
         r#"
 [model]
@@ -67,7 +76,8 @@ uri = "{out}"
 commit_interval_seconds = 0.2
 [logging]
 progress = "off"
-"#,
+[storage]
+{storage}"#,
         model = tiny_model().display(),
     );
     let path = dir.join("pipeline.toml");
@@ -792,71 +802,62 @@ async fn read_remote_dataset(
     rows
 }
 
-#[test]
-fn s3_in_and_out_with_resume() {
-    use object_store::{ObjectStoreExt, PutPayload};
-    let server = crate::common::s3::MotoServer::start("archive");
-    let store = server.store();
-    let runtime = tokio::runtime::Runtime::new().unwrap();
+/// Inputs from `server`'s bucket (good clips, a broken one, a file that is not
+/// audio) captioned into a dataset in the same bucket (locally where the emulator
+/// cannot hold one: GCS), then run again: everything is committed, nothing added.
+fn store_in_and_out_with_resume(server: &dyn TestStore) {
     let f = fixtures();
-    let mut uploads: Vec<(String, Vec<u8>)> = ["sine_1s.wav", "chirp_2p5s.wav", "noise_0p3s.wav"]
-        .iter()
-        .map(|c| {
-            (
-                format!("audio/clips/{c}"),
-                std::fs::read(f.join("e2e-tiny/audio").join(c)).unwrap(),
-            )
-        })
-        .collect();
-    uploads.push(("audio/broken.wav".into(), b"RIFF....WAVEjunk".to_vec()));
-    uploads.push(("audio/readme.txt".into(), b"not listed: not audio".to_vec()));
-    runtime.block_on(async {
-        for (key, bytes) in &uploads {
-            store
-                .put(
-                    &object_store::path::Path::from(key.as_str()),
-                    PutPayload::from(bytes.clone()),
-                )
-                .await
-                .unwrap();
-        }
-    });
+    for c in ["sine_1s.wav", "chirp_2p5s.wav", "noise_0p3s.wav"] {
+        let bytes = std::fs::read(f.join("e2e-tiny/audio").join(c)).unwrap();
+        server.put(&format!("audio/clips/{c}"), bytes);
+    }
+    server.put("audio/broken.wav", b"RIFF....WAVEjunk".to_vec());
+    server.put("audio/readme.txt", b"not listed: not audio".to_vec());
 
     let dir = tempfile::tempdir().unwrap();
-    let pipeline = write_pipeline(
+    let base = server.base();
+    let local_out = dir.path().join("captions");
+    let out = match server.holds_datasets() {
+        true => format!("{base}/captions/"),
+        false => local_out.display().to_string(),
+    };
+    let pipeline = write_pipeline_with(
         dir.path(),
-        Path::new("s3://archive/audio/"),
-        "s3://archive/captions/",
+        &[format!("{base}/audio/")],
+        &out,
+        &server.storage_toml(),
     );
     let go = || {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiocap"));
-        cmd.arg("run").arg(&pipeline).env("RUST_LOG", "warn");
-        for (k, v) in server.env() {
-            cmd.env(k, v);
-        }
+        cmd.arg("run")
+            .arg(&pipeline)
+            .env("RUST_LOG", "warn")
+            .envs(server.env());
         cmd.output().unwrap()
     };
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    let rows = || match server.holds_datasets() {
+        true => runtime.block_on(read_remote_dataset(server.store().as_ref(), "captions")),
+        false => read_dataset(&local_out)
+            .into_iter()
+            .map(|(uri, _, caption, error)| (uri, caption, error))
+            .collect(),
+    };
     let out = go();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(
-        out.status.code(),
-        Some(3),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let rows = runtime.block_on(read_remote_dataset(store.as_ref(), "captions"));
-    let mut uris: Vec<&str> = rows.iter().map(|r| r.0.as_str()).collect();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
+    let first = rows();
+    let mut uris: Vec<String> = first.iter().map(|r| r.0.clone()).collect();
     uris.sort();
     assert_eq!(
         uris,
         [
-            "s3://archive/audio/broken.wav",
-            "s3://archive/audio/clips/chirp_2p5s.wav",
-            "s3://archive/audio/clips/noise_0p3s.wav",
-            "s3://archive/audio/clips/sine_1s.wav",
+            format!("{base}/audio/broken.wav"),
+            format!("{base}/audio/clips/chirp_2p5s.wav"),
+            format!("{base}/audio/clips/noise_0p3s.wav"),
+            format!("{base}/audio/clips/sine_1s.wav"),
         ]
     );
-    for (uri, caption, error) in &rows {
+    for (uri, caption, error) in &first {
         assert_eq!(
             uri.ends_with("broken.wav"),
             error.is_some(),
@@ -868,41 +869,49 @@ fn s3_in_and_out_with_resume() {
     // Again: everything is committed, nothing is added.
     let out = go();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
     assert!(stdout.contains("4 already in the dataset"), "{stdout}");
-    let again = runtime.block_on(read_remote_dataset(store.as_ref(), "captions"));
-    assert_eq!(again.len(), rows.len());
+    assert_eq!(rows().len(), first.len());
 }
 
-/// Issue #9's scale-out check on a local S3 server: three shard processes at once
-/// (Kubernetes Indexed Job style, `JOB_COMPLETION_INDEX`), one killed with SIGKILL
-/// after its first committed part, then restarted; `status` and `finalize` by URI
-/// see every input exactly once in one consistent dataset. Shard 1's last input
-/// comes from the test's HTTP server, which holds it: the kill lands while that
-/// shard is mid-run however fast the machine is.
 #[test]
-fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
-    use object_store::{ObjectStoreExt, PutPayload};
-    let server = crate::common::s3::MotoServer::start("archive");
+fn s3_in_and_out_with_resume() {
+    store_in_and_out_with_resume(&MotoServer::start("archive"));
+}
+
+#[test]
+fn gcs_in_and_local_out_with_resume() {
+    store_in_and_out_with_resume(&FakeGcs::start("archive"));
+}
+
+#[test]
+fn azure_in_and_out_with_resume() {
+    store_in_and_out_with_resume(&Azurite::start("archive"));
+}
+
+/// Issue #9's scale-out check on a local store emulator: three shard processes at
+/// once (Kubernetes Indexed Job style, `JOB_COMPLETION_INDEX`), one killed with
+/// SIGKILL after its first committed part, then restarted; `status` and `finalize`
+/// by URI see every input exactly once in one consistent dataset. Shard 1's last
+/// input comes from the test's HTTP server, which holds it: the kill lands while
+/// that shard is mid-run however fast the machine is. `clip_count` inputs in all.
+fn concurrent_shards_one_killed_and_restarted_then_finalized(
+    server: &dyn TestStore,
+    clip_count: usize,
+) {
     let store = server.store();
+    let base = server.base();
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let local_audio = dir.path().join("audio");
-    let names = clips(&local_audio, 36);
-    let expected: HashSet<String> = runtime.block_on(async {
-        let mut uris = HashSet::new();
-        for path in &names {
-            let name = Path::new(path).file_name().unwrap().to_str().unwrap();
-            let key = format!("audio/{name}");
-            let bytes = std::fs::read(path).unwrap();
-            store
-                .put(&key.as_str().into(), PutPayload::from(bytes))
-                .await
-                .unwrap();
-            uris.insert(format!("s3://archive/{key}"));
-        }
-        uris
-    });
+    let names = clips(&local_audio, clip_count);
+    let mut expected = HashSet::new();
+    for path in &names {
+        let name = Path::new(path).file_name().unwrap().to_str().unwrap();
+        let key = format!("audio/{name}");
+        server.put(&key, std::fs::read(path).unwrap());
+        expected.insert(format!("{base}/{key}"));
+    }
     // An input of shard 1's that the run cannot finish until the test says so.
     let gate = crate::common::gate::GateServer::start();
     let held = (0..)
@@ -911,12 +920,12 @@ fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
         .unwrap();
     gate.put(&held, wav(16_000, 1, &tone(16_000, 1.0, 150.0)));
     gate.hold(&held);
-    let mut expected = expected;
     expected.insert(gate.url(&held));
-    let pipeline = write_pipeline_of(
+    let pipeline = write_pipeline_with(
         dir.path(),
-        &["s3://archive/audio/".to_string(), gate.url(&held)],
-        "s3://archive/captions/",
+        &[format!("{base}/audio/"), gate.url(&held)],
+        &format!("{base}/captions/"),
+        &server.storage_toml(),
     );
     let shard = |index: u32| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiocap"));
@@ -930,11 +939,9 @@ fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
         ])
         .env("JOB_COMPLETION_INDEX", index.to_string())
         .env("RUST_LOG", "warn")
+        .envs(server.env())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped());
-        for (k, v) in server.env() {
-            cmd.env(k, v);
-        }
         cmd.spawn().unwrap()
     };
     let objects = |prefix: &str| {
@@ -984,11 +991,9 @@ fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
 
     let dataset = |command: &str| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiocap"));
-        cmd.args([command, "s3://archive/captions/", "--json"])
-            .env("RUST_LOG", "warn");
-        for (k, v) in server.env() {
-            cmd.env(k, v);
-        }
+        cmd.args([command, &format!("{base}/captions/"), "--json"])
+            .env("RUST_LOG", "warn")
+            .envs(server.env());
         cmd.output().unwrap()
     };
     let status = dataset("status");
@@ -1031,6 +1036,17 @@ fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
         .collect();
     assert_eq!(named, parts);
     assert!(objects("captions").iter().any(|k| k == "captions/_SUCCESS"));
+}
+
+#[test]
+fn concurrent_shards_on_s3_one_killed_and_restarted_then_finalized() {
+    concurrent_shards_one_killed_and_restarted_then_finalized(&MotoServer::start("archive"), 36);
+}
+
+/// The same on Azurite, with fewer clips: the kill and the restart are what it checks.
+#[test]
+fn concurrent_shards_on_azure_one_killed_and_restarted_then_finalized() {
+    concurrent_shards_one_killed_and_restarted_then_finalized(&Azurite::start("archive"), 12);
 }
 
 /// The run is held at a known point, not raced: its one fetch worker waits at an

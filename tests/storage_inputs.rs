@@ -1,5 +1,6 @@
 //! Input listing and fetching (`audiocap::storage`): local trees, an in-memory store,
-//! manifests in every format, and a real S3-compatible server (moto).
+//! manifests in every format, and the same checks on emulators of each object store
+//! (S3: moto, GCS: fake-gcs-server, Azure Blob: Azurite).
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -14,8 +15,11 @@ use futures::StreamExt;
 use object_store::memory::InMemory;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload};
 
+use crate::common::azurite::Azurite;
 use crate::common::fixtures;
+use crate::common::gcs::FakeGcs;
 use crate::common::s3::MotoServer;
+use crate::common::servers::TestStore;
 
 /// Every item of a listing as `ok <uri> <size>` / `failed <uri>` / `ERROR <message>`.
 async fn listed(
@@ -379,24 +383,24 @@ fn fixture_audio() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
-/// Starts moto, uploads audio and a manifest, then runs [`s3_checks_in_child`] in a
-/// child process whose environment points object_store at moto (`AWS_ENDPOINT`,
-/// dummy keys, ...), exactly as a real run gets its credentials: this process's own
-/// environment is never modified (other tests run in parallel).
-#[test]
-fn s3_listing_globs_manifests_and_fetches() {
-    let server = MotoServer::start("audio-bucket");
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    runtime.block_on(upload(server.store()));
+/// Uploads audio and a manifest to `server`, then runs [`store_checks_in_child`] in
+/// a child process whose environment points object_store at the emulator (endpoint,
+/// keys, ...) exactly as a real run gets its credentials, and whose storage options
+/// are the pipeline's `[storage]` lines for it: this process's own environment is
+/// never modified (other tests run in parallel).
+fn listing_globs_manifests_and_fetches(server: &dyn TestStore) {
+    upload(server);
     let out = std::process::Command::new(std::env::current_exe().unwrap())
         .args([
-            "storage_inputs::s3_checks_in_child",
+            "storage_inputs::store_checks_in_child",
             "--exact",
             "--ignored",
             "--nocapture",
         ])
         .envs(server.env())
         .env(CHILD, "1")
+        .env(CHILD_BASE, server.base())
+        .env(CHILD_STORAGE, server.storage_toml())
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -405,45 +409,55 @@ fn s3_listing_globs_manifests_and_fetches() {
     assert!(stdout.contains("1 passed"), "child ran no test:\n{stdout}");
 }
 
-const CHILD: &str = "AUDIOCAP_S3_TEST_CHILD";
+#[test]
+fn s3_listing_globs_manifests_and_fetches() {
+    listing_globs_manifests_and_fetches(&MotoServer::start("audio-bucket"));
+}
 
-async fn upload(store: Arc<dyn ObjectStore>) {
+#[test]
+fn gcs_listing_globs_manifests_and_fetches() {
+    listing_globs_manifests_and_fetches(&FakeGcs::start("audio-bucket"));
+}
+
+#[test]
+fn azure_listing_globs_manifests_and_fetches() {
+    listing_globs_manifests_and_fetches(&Azurite::start("audio-bucket"));
+}
+
+const CHILD: &str = "AUDIOCAP_STORE_TEST_CHILD";
+/// `s3://audio-bucket` and the like.
+const CHILD_BASE: &str = "AUDIOCAP_STORE_TEST_BASE";
+/// `[storage]` options as TOML.
+const CHILD_STORAGE: &str = "AUDIOCAP_STORE_TEST_STORAGE";
+
+fn upload(server: &dyn TestStore) {
     let audio = fixture_audio();
     for (i, (name, bytes)) in audio.iter().enumerate() {
         let key = format!("set/{}/{name}", if i == 0 { "a" } else { "b" });
-        store
-            .put(&key.as_str().into(), PutPayload::from(bytes.clone()))
-            .await
-            .unwrap();
+        server.put(&key, bytes.clone());
     }
-    store
-        .put(&"set/readme.txt".into(), PutPayload::from_static(b"hi"))
-        .await
-        .unwrap();
-    store
-        .put(&"set/b/empty.wav".into(), PutPayload::from_static(b""))
-        .await
-        .unwrap();
-    store
-        .put(
-            &"lists/m.csv".into(),
-            PutPayload::from_static(b"uri\n../set/a/sine_1s.wav\ns3://audio-bucket/set/b/noise_0p3s.wav\n../set/missing.wav\n"),
-        )
-        .await
-        .unwrap();
+    server.put("set/readme.txt", b"hi".to_vec());
+    server.put("set/b/empty.wav", Vec::new());
+    let manifest = format!(
+        "uri\n../set/a/sine_1s.wav\n{}/set/b/noise_0p3s.wav\n../set/missing.wav\n",
+        server.base()
+    );
+    server.put("lists/m.csv", manifest.into_bytes());
 }
 
 #[tokio::test]
-#[ignore = "run by s3_listing_globs_manifests_and_fetches, with moto's environment"]
-async fn s3_checks_in_child() {
-    if std::env::var_os(CHILD).is_none() {
-        eprintln!("skipped: runs inside s3_listing_globs_manifests_and_fetches");
+#[ignore = "run by the *_listing_globs_manifests_and_fetches tests, with an emulator's environment"]
+async fn store_checks_in_child() {
+    let (Some(_), Ok(b)) = (std::env::var_os(CHILD), std::env::var(CHILD_BASE)) else {
+        eprintln!("skipped: runs inside the *_listing_globs_manifests_and_fetches tests");
         return;
-    }
+    };
+    let b = b.as_str();
+    let scheme = b.split("://").next().unwrap();
+    let storage: StorageOptions =
+        toml::from_str(&std::env::var(CHILD_STORAGE).unwrap_or_default()).unwrap();
     let audio = fixture_audio();
-    let storage = StorageOptions::default();
     let options = ListOptions::default();
-    let b = "s3://audio-bucket";
     let size = |name: &str| audio.iter().find(|(n, _)| n == name).unwrap().1.len();
 
     let folder = list(&[Source::Path(format!("{b}/set/"))], &options, &storage).await;
@@ -533,14 +547,16 @@ async fn s3_checks_in_child() {
 
     // A missing bucket fails the listing as a whole, with the location in the message.
     let missing = list(
-        &[Source::Path("s3://no-such-bucket/x/".into())],
+        &[Source::Path(format!("{scheme}://no-such-bucket/x/"))],
         &options,
         &storage,
     )
     .await;
     assert_eq!(missing.len(), 1, "{missing:?}");
     assert!(
-        missing[0].starts_with("ERROR listing s3://no-such-bucket/x/ failed"),
+        missing[0].starts_with(&format!(
+            "ERROR listing {scheme}://no-such-bucket/x/ failed"
+        )),
         "{missing:?}"
     );
 }

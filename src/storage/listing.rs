@@ -319,10 +319,17 @@ fn path_source(
         .boxed()),
         LocationKind::Object { base } if base.starts_with("http") && !is_azure(&base) => {
             // A plain web server cannot list: an http(s) source is one file, read as is.
-            if is_glob || location.prefix.as_ref().is_empty() {
+            // A folder (`https://host/audio/`) would otherwise be fetched as a file.
+            let folder = spec.split(['?', '#']).next().unwrap_or(spec).ends_with('/');
+            if is_glob || folder || location.prefix.as_ref().is_empty() {
+                let what = if is_glob { "a glob" } else { "a folder" };
                 return Err(StorageError::InvalidLocation {
                     spec: shown,
-                    reason: "http(s) sources must name single files (a web server cannot be listed); use a manifest".into(),
+                    reason: format!(
+                        "{what} over http(s) needs a manifest: a web server cannot be \
+                         listed, so an http(s) source names one file; list the files in a \
+                         manifest (`[input] manifests`) instead"
+                    ),
                 });
             }
             Ok(single(Listed::Input(InputRef {
@@ -640,6 +647,39 @@ mod tests {
         assert!(g.accepts("a/x.wav"));
         assert!(!g.accepts("a/b/x.wav"), "* stays within one folder");
         assert!(!g.accepts("x.wav"));
+    }
+
+    #[test]
+    fn http_folders_and_globs_say_they_need_a_manifest() {
+        for (spec, what) in [
+            ("http://127.0.0.1:9/audio/", "a folder"),
+            ("https://example.com/", "a folder"),
+            ("https://example.com", "a folder"),
+            ("https://example.com/audio/?token=T", "a folder"),
+            ("https://example.com/audio/*.wav", "a glob"),
+        ] {
+            let err = list_inputs(
+                &[Source::Path(spec.into())],
+                &ListOptions::default(),
+                &StorageOptions::default(),
+            )
+            .err()
+            .unwrap_or_else(|| panic!("{spec} was listed"))
+            .to_string();
+            assert!(
+                err.contains(&format!("{what} over http(s) needs a manifest"))
+                    && err.contains("[input] manifests"),
+                "{spec}: {err}"
+            );
+            assert!(!err.contains("token=T"), "{err}");
+        }
+        // One file is one input, fetched as is (nothing is requested to list it).
+        let one = list_inputs(
+            &[Source::Path("https://example.com/audio/a.wav".into())],
+            &ListOptions::default(),
+            &StorageOptions::default(),
+        );
+        assert!(one.is_ok());
     }
 
     #[test]

@@ -32,7 +32,9 @@ use super::{StorageError, redact, scheme_of};
 #[serde(deny_unknown_fields)]
 pub struct StorageOptions {
     /// S3: endpoint of an S3-compatible server (MinIO, R2, Ceph, moto), e.g.
-    /// `http://127.0.0.1:9000`. Azure: the blob endpoint (Azurite, sovereign clouds).
+    /// `http://127.0.0.1:9000`. GCS: the API's base URL (a fake-gcs-server, a
+    /// private endpoint); default `https://storage.googleapis.com`. Azure: the blob
+    /// endpoint (sovereign clouds); Azurite's comes from `AZURITE_BLOB_STORAGE_URL`.
     pub endpoint: Option<String>,
     /// S3: the bucket's region, e.g. `eu-west-1`.
     pub region: Option<String>,
@@ -42,7 +44,10 @@ pub struct StorageOptions {
     pub anonymous: Option<bool>,
     /// S3: virtual-hosted-style requests (`bucket.endpoint/key`) instead of path style.
     pub virtual_hosted_style: Option<bool>,
-    /// Azure: talk to the local Azurite emulator.
+    /// Azure: talk to the local Azurite emulator (account `devstoreaccount1`, its
+    /// well-known key; URL from `AZURITE_BLOB_STORAGE_URL`, default
+    /// `http://127.0.0.1:10000`). Not together with `endpoint`, which the client
+    /// would ignore.
     pub azure_use_emulator: Option<bool>,
     /// Retries of a failed request (client default: 10).
     pub max_retries: Option<usize>,
@@ -358,6 +363,9 @@ fn build(
         }
         Service::Gcs => {
             let mut b = GoogleCloudStorageBuilder::from_env().with_url(base);
+            if let Some(v) = &options.endpoint {
+                b = b.with_base_url(v.trim_end_matches('/'));
+            }
             if let Some(v) = options.anonymous {
                 b = b.with_skip_signature(v);
             }
@@ -378,6 +386,15 @@ fn build(
                 .collect();
             if !sas.is_empty() {
                 b = b.with_sas_authorization(sas);
+            }
+            if options.endpoint.is_some() && options.azure_use_emulator == Some(true) {
+                // The client takes the emulator's URL from AZURITE_BLOB_STORAGE_URL
+                // only and would silently talk to 127.0.0.1:10000 instead.
+                return Err(invalid(
+                    spec,
+                    "[storage] endpoint is not used with azure_use_emulator: set \
+                     AZURITE_BLOB_STORAGE_URL to the emulator's URL instead",
+                ));
             }
             if let Some(v) = &options.endpoint {
                 b = b.with_endpoint(v.clone());
@@ -545,6 +562,25 @@ mod tests {
             let err = Location::parse(spec, &opts()).unwrap_err().to_string();
             assert!(err.contains(want), "{spec}: {err}");
         }
+    }
+
+    #[test]
+    fn an_endpoint_beside_the_azure_emulator_is_refused_not_ignored() {
+        let both = StorageOptions {
+            endpoint: Some("http://127.0.0.1:1234".into()),
+            ..opts()
+        };
+        let err = Location::parse("az://emu-cont/a.wav", &both)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("AZURITE_BLOB_STORAGE_URL"), "{err}");
+        // GCS takes the endpoint as its base URL (the emulator tests use it).
+        let gcs = StorageOptions {
+            endpoint: Some("http://127.0.0.1:1234/".into()),
+            anonymous: Some(true),
+            ..Default::default()
+        };
+        Location::parse("gs://emu-bkt/a.wav", &gcs).unwrap();
     }
 
     #[test]

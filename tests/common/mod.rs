@@ -1,7 +1,10 @@
 //! Helpers shared by the integration tests.
 
+pub mod azurite;
 pub mod gate;
+pub mod gcs;
 pub mod s3;
+pub mod servers;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
