@@ -254,7 +254,7 @@ impl Machine<'_> {
         match (&mut top.value, pairs) {
             (Value::List(list), false) => list.extend(items.into_iter().map(|i| i.value)),
             (Value::Dict(dict), true) => {
-                if items.len() % 2 != 0 {
+                if !items.len().is_multiple_of(2) {
                     return Err("SETITEMS with an odd number of values".into());
                 }
                 let mut values = items.into_iter().map(|i| i.value);
@@ -377,7 +377,7 @@ impl Machine<'_> {
             }
             b'd' => {
                 let items = self.pop_to_mark()?;
-                if items.len() % 2 != 0 {
+                if !items.len().is_multiple_of(2) {
                     return Err("DICT with an odd number of values".into());
                 }
                 self.push_leaf(Value::Dict(Vec::new()))?;
