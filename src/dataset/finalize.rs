@@ -20,7 +20,9 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::resume::read_footer;
-use super::{COMMITS_DIR, DatasetError, ShardCommitRecord, is_committed_part, list_objects};
+use super::{
+    COMMITS_DIR, DatasetError, MAX_SHARD_COUNT, ShardCommitRecord, is_committed_part, list_objects,
+};
 
 /// The dataset-level manifest, under the dataset prefix.
 pub const MANIFEST_FILE: &str = "_manifest.json";
@@ -155,6 +157,12 @@ struct PartFacts {
     model: Option<String>,
 }
 
+/// Counts from footers of files we did not necessarily write: a sum that would
+/// overflow stays at the maximum.
+fn saturating_sum(values: impl Iterator<Item = u64>) -> u64 {
+    values.fold(0, u64::saturating_add)
+}
+
 /// `part-{i}-of-{n}-…`: the shard and layout a part name says.
 fn part_layout(name: &str) -> Option<(u32, u32)> {
     let rest = name.strip_prefix("part-")?;
@@ -188,7 +196,7 @@ fn footer_counts(metadata: &ParquetMetaData, path: &str) -> Result<(u64, u64), D
                 path: path.to_string(),
                 what: "no null count for \"error\" in a row group's statistics".into(),
             })?;
-        errors += (rg.num_rows().max(0) as u64).saturating_sub(nulls);
+        errors = errors.saturating_add((rg.num_rows().max(0) as u64).saturating_sub(nulls));
     }
     Ok((rows, errors))
 }
@@ -311,6 +319,18 @@ async fn survey(
                 .join(", ")
         ));
     }
+    for r in records.iter().filter(|r| r.shard_index >= r.shard_count) {
+        problems.push(format!(
+            "the commit record of run {} says shard {} of {}: an index must be below the count",
+            r.run_id, r.shard_index, r.shard_count
+        ));
+    }
+    for p in parts.iter().filter(|p| p.shard >= p.shard_count) {
+        problems.push(format!(
+            "part {} says shard {} of {}: an index must be below the count",
+            p.name, p.shard, p.shard_count
+        ));
+    }
     let models: BTreeSet<String> = parts.iter().filter_map(|p| p.model.clone()).collect();
     if models.len() > 1 {
         problems.push(format!(
@@ -321,7 +341,14 @@ async fn survey(
     }
 
     let mut shards = Vec::new();
-    if let Some(n) = shard_count {
+    if let Some(n) = shard_count.filter(|&n| n > MAX_SHARD_COUNT) {
+        // A record (or part name) from a damaged or foreign file: one status per
+        // shard would be a list of billions.
+        problems.push(format!(
+            "a commit record or part name says {n} shards, more than the {MAX_SHARD_COUNT} \
+             a dataset may have: not a dataset audiocap wrote"
+        ));
+    } else if let Some(n) = shard_count {
         for index in 0..n {
             let mine: Vec<&PartFacts> = parts
                 .iter()
@@ -365,9 +392,9 @@ async fn survey(
         && shards.iter().all(|s| s.state == ShardState::Committed);
     let status = DatasetStatus {
         shard_count,
-        rows: shards.iter().map(|s| s.rows).sum(),
-        error_rows: shards.iter().map(|s| s.error_rows).sum(),
-        bytes: shards.iter().map(|s| s.bytes).sum(),
+        rows: saturating_sum(shards.iter().map(|s| s.rows)),
+        error_rows: saturating_sum(shards.iter().map(|s| s.error_rows)),
+        bytes: saturating_sum(shards.iter().map(|s| s.bytes)),
         shards,
         complete,
         finalized,
@@ -418,9 +445,9 @@ fn shard_status(index: u32, parts: &[&PartFacts], runs: &[&ShardCommitRecord]) -
         state,
         committed_runs: runs.iter().map(|r| r.run_id.clone()).collect(),
         parts: parts.len(),
-        rows: parts.iter().map(|p| p.rows).sum(),
-        error_rows: parts.iter().map(|p| p.error_rows).sum(),
-        bytes: parts.iter().map(|p| p.meta.size).sum(),
+        rows: saturating_sum(parts.iter().map(|p| p.rows)),
+        error_rows: saturating_sum(parts.iter().map(|p| p.error_rows)),
+        bytes: saturating_sum(parts.iter().map(|p| p.meta.size)),
         uncommitted_parts: uncommitted,
         missing_parts: missing,
     }
@@ -532,4 +559,116 @@ async fn put(store: &dyn ObjectStore, path: &Path, bytes: Vec<u8>) -> Result<(),
             path: path.to_string(),
             source,
         })
+}
+
+#[cfg(test)]
+mod tests {
+    use object_store::memory::InMemory;
+
+    use super::*;
+
+    async fn put_record(store: &InMemory, name: &str, json: &str) {
+        let path = Path::from(format!("out/{COMMITS_DIR}/{name}.json"));
+        store
+            .put(&path, PutPayload::from(json.to_string()))
+            .await
+            .unwrap();
+    }
+
+    fn record(index: u64, count: u64) -> String {
+        format!(
+            r#"{{"shard_index": {index}, "shard_count": {count}, "run_id": "r", "parts": [],
+               "rows": 0, "inputs": 0, "bytes": 0, "committed_at_us": 1, "run": null}}"#
+        )
+    }
+
+    #[tokio::test]
+    async fn an_absurd_shard_count_is_an_inconsistent_dataset_not_a_huge_list() {
+        let store = InMemory::new();
+        put_record(&store, "a", &record(0, 4_000_000_000)).await;
+        let status = dataset_status(&store, &Path::from("out")).await.unwrap();
+        assert!(status.shards.is_empty(), "{:?}", status.shards.len());
+        assert!(!status.complete);
+        assert!(
+            status
+                .problems
+                .iter()
+                .any(|p| p.contains("says 4000000000 shards")),
+            "{:?}",
+            status.problems
+        );
+        let outcome = finalize(&store, &Path::from("out")).await.unwrap();
+        assert!(
+            matches!(outcome, FinalizeOutcome::Inconsistent(_)),
+            "{outcome:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_index_beyond_the_count_is_a_problem() {
+        let store = InMemory::new();
+        put_record(&store, "a", &record(7, 4)).await;
+        let status = dataset_status(&store, &Path::from("out")).await.unwrap();
+        assert!(
+            status
+                .problems
+                .iter()
+                .any(|p| p.contains("says shard 7 of 4")),
+            "{:?}",
+            status.problems
+        );
+        assert!(!status.complete);
+    }
+
+    #[tokio::test]
+    async fn bad_records_are_errors_naming_the_record() {
+        for bad in [
+            record(0, 1)[..40].to_string(),
+            record(0, 1).replace("\"shard_count\": 1", "\"shard_count\": -1"),
+            record(0, 1).replace("\"shard_count\": 1", "\"shard_count\": 4e9"),
+            record(0, 1).replace("\"shard_count\": 1", "\"shard_count\": 99999999999"),
+            record(0, 1).replace("\"rows\": 0", "\"rows\": \"many\""),
+            "[]".to_string(),
+            "\u{0}\u{ff}".to_string(),
+        ] {
+            let store = InMemory::new();
+            put_record(&store, "bad", &bad).await;
+            let error = dataset_status(&store, &Path::from("out"))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(&error, DatasetError::Json { path, .. } if path.ends_with("bad.json")),
+                "{bad}: {error:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_part_that_is_not_parquet_or_not_named_as_ours_is_an_error() {
+        let store = InMemory::new();
+        let junk = PutPayload::from_static(b"PAR1 not a footer PAR1");
+        let part = Path::from("out/part-00000-of-00001-r-00000.zstd.parquet");
+        store.put(&part, junk.clone()).await.unwrap();
+        let error = dataset_status(&store, &Path::from("out"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, DatasetError::Parquet { .. }), "{error:?}");
+        let store = InMemory::new();
+        let part = Path::from("out/part-x-of-y.parquet");
+        store.put(&part, junk).await.unwrap();
+        let error = dataset_status(&store, &Path::from("out"))
+            .await
+            .unwrap_err();
+        assert!(matches!(error, DatasetError::BadPart { .. }), "{error:?}");
+    }
+
+    #[test]
+    fn sums_of_footer_counts_saturate() {
+        assert_eq!(saturating_sum([u64::MAX, 5].into_iter()), u64::MAX);
+        assert_eq!(
+            part_layout("part-00001-of-00004-r-00000.zstd.parquet"),
+            Some((1, 4))
+        );
+        assert_eq!(part_layout("part-99999999999-of-1-r"), None);
+    }
 }

@@ -37,6 +37,10 @@ pub use writer::DatasetWriter;
 pub const STAGING_DIR: &str = "_staging";
 /// Folder (under the prefix) of the per-shard commit records.
 pub const COMMITS_DIR: &str = "_commits";
+/// The most shards a dataset may have: `status` and `finalize` report on every shard,
+/// so a commit record that claims more (a damaged or foreign file) makes the dataset
+/// inconsistent instead of a list of billions.
+pub const MAX_SHARD_COUNT: u32 = 100_000;
 /// File name ending of every part.
 pub const PART_SUFFIX: &str = ".zstd.parquet";
 

@@ -159,14 +159,25 @@ async fn part_uris(store: &dyn ObjectStore, part: ObjectMeta) -> Result<Vec<Stri
         path: path.clone(),
         what: format!("no {URI:?} column"),
     })?;
+    // The footer may come from a file we did not write: a chunk must lie in the part.
     let ranges: Vec<Range<u64>> = metadata
         .row_groups()
         .iter()
         .map(|rg| {
             let (start, len) = rg.column(column).byte_range();
-            start..start + len
+            start
+                .checked_add(len)
+                .filter(|&end| end <= size)
+                .map(|end| start..end)
+                .ok_or_else(|| DatasetError::BadPart {
+                    path: path.clone(),
+                    what: format!(
+                        "the footer puts a {URI:?} chunk at bytes {start}+{len}, outside the \
+                         {size}-byte file"
+                    ),
+                })
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     let chunks = store
         .get_ranges(&part.location, &ranges)
         .await
@@ -254,7 +265,9 @@ impl SparseFile {
             }
             let from = (start - offset) as usize;
             let to = match len {
-                Some(len) if from + len <= bytes.len() => from + len,
+                Some(len) if from.checked_add(len).is_some_and(|to| to <= bytes.len()) => {
+                    from + len
+                }
                 Some(_) => continue,
                 None => bytes.len(),
             };
@@ -262,7 +275,7 @@ impl SparseFile {
         }
         Err(ParquetError::General(format!(
             "bytes {start}..{} were not fetched",
-            len.map_or(start, |l| start + l as u64)
+            len.map_or(start, |l| start.saturating_add(l as u64))
         )))
     }
 }
@@ -305,5 +318,16 @@ mod tests {
         let mut rest = Vec::new();
         std::io::Read::read_to_end(&mut file.get_read(13).unwrap(), &mut rest).unwrap();
         assert_eq!(rest, b"def");
+    }
+
+    #[test]
+    fn lengths_near_the_limits_are_errors_not_overflows() {
+        let file = SparseFile {
+            len: 100,
+            chunks: vec![(10, Bytes::from_static(b"abcdef"))],
+        };
+        assert!(file.get_bytes(12, usize::MAX).is_err());
+        assert!(file.get_bytes(u64::MAX, 2).is_err());
+        assert!(file.get_read(u64::MAX).is_err());
     }
 }

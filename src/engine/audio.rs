@@ -100,8 +100,15 @@ impl AudioEncoder {
                 enc_io::AUDIO_EMBEDS_MASK.to_string(),
             ],
         )?;
-        let embeds = outputs.remove(0);
-        AudioEmbeds::new(embeds, self.device)
+        let embeds = AudioEmbeds::new(outputs.remove(0), self.device)?;
+        if embeds.clips() != clips.len() {
+            return Err(EngineError::BadOutput {
+                graph: "audio_encoder",
+                name: enc_io::AUDIO_EMBEDS.to_string(),
+                problem: format!("holds {} clips for {}", embeds.clips(), clips.len()),
+            });
+        }
+        Ok(embeds)
     }
 }
 

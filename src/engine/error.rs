@@ -24,6 +24,13 @@ pub enum EngineError {
     },
     #[error("{graph}: output `{name}` is missing")]
     MissingOutput { graph: &'static str, name: String },
+    /// An output of the wrong shape or values (a graph that is not the export's).
+    #[error("{graph}: output `{name}` {problem}")]
+    BadOutput {
+        graph: &'static str,
+        name: String,
+        problem: String,
+    },
     #[error("{0}")]
     Input(String),
 }

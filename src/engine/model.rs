@@ -601,10 +601,12 @@ impl OnnxModel {
             let (_, logprobs) = logprobs
                 .try_extract_tensor::<f32>()
                 .map_err(run_error("decoder"))?;
-            Some(GreedyChoice {
-                tokens: tokens.iter().map(|&t| t as u32).collect(),
-                logprobs: logprobs.to_vec(),
-            })
+            Some(greedy_choice(
+                tokens,
+                logprobs,
+                batch,
+                self.manifest.decoder.vocab_size,
+            )?)
         } else {
             None
         };
@@ -625,16 +627,79 @@ impl OnnxModel {
         let (shape, data) = logits
             .try_extract_tensor::<f32>()
             .map_err(run_error("decoder"))?;
-        // [B, 1, V] from current exports, [B, S, V] from older ones: the last row.
-        let (rows, vocab) = (shape[1] as usize, shape[2] as usize);
-        let mut last = Array2::<f32>::zeros((batch, vocab));
-        for b in 0..batch {
-            let start = (b * rows + rows - 1) * vocab;
-            last.row_mut(b)
-                .assign(&ndarray::ArrayView1::from(&data[start..start + vocab]));
-        }
+        let last = last_logits(shape, data, batch, self.manifest.decoder.vocab_size)?;
         Ok((StepOutput::Logits(last), present))
     }
+}
+
+fn bad_output(name: &str, problem: String) -> EngineError {
+    EngineError::BadOutput {
+        graph: "decoder",
+        name: name.to_string(),
+        problem,
+    }
+}
+
+/// The last position's logits of each row: [B, 1, V] from current exports, [B, S, V]
+/// from older ones. Any other shape (a graph that is not the export's) is an error.
+fn last_logits(shape: &[i64], data: &[f32], batch: usize, vocab: usize) -> Result<Array2<f32>> {
+    let problem = |what: String| bad_output(dec_io::LOGITS, what);
+    let &[b, rows, v] = shape else {
+        return Err(problem(format!(
+            "has shape {shape:?}, expected [{batch}, positions, {vocab}]"
+        )));
+    };
+    if b != batch as i64 || rows < 1 || v != vocab as i64 {
+        return Err(problem(format!(
+            "has shape {shape:?}, expected [{batch}, positions, {vocab}]"
+        )));
+    }
+    let rows = rows as usize;
+    if batch.checked_mul(rows).and_then(|n| n.checked_mul(vocab)) != Some(data.len()) {
+        return Err(problem(format!(
+            "holds {} values for shape {shape:?}",
+            data.len()
+        )));
+    }
+    let mut last = Array2::<f32>::zeros((batch, vocab));
+    for b in 0..batch {
+        let start = (b * rows + rows - 1) * vocab;
+        last.row_mut(b)
+            .assign(&ndarray::ArrayView1::from(&data[start..start + vocab]));
+    }
+    Ok(last)
+}
+
+/// The device's greedy choice, checked: one token (a vocabulary id) and one
+/// log-probability per row.
+fn greedy_choice(
+    tokens: &[i64],
+    logprobs: &[f32],
+    batch: usize,
+    vocab: usize,
+) -> Result<GreedyChoice> {
+    if tokens.len() != batch {
+        return Err(bad_output(
+            dec_io::NEXT_TOKEN,
+            format!("holds {} tokens for {batch} rows", tokens.len()),
+        ));
+    }
+    if logprobs.len() != batch {
+        return Err(bad_output(
+            dec_io::NEXT_TOKEN_LOGPROB,
+            format!("holds {} values for {batch} rows", logprobs.len()),
+        ));
+    }
+    if let Some(bad) = tokens.iter().find(|&&t| t < 0 || t >= vocab as i64) {
+        return Err(bad_output(
+            dec_io::NEXT_TOKEN,
+            format!("holds token {bad}, outside the vocabulary of {vocab}"),
+        ));
+    }
+    Ok(GreedyChoice {
+        tokens: tokens.iter().map(|&t| t as u32).collect(),
+        logprobs: logprobs.to_vec(),
+    })
 }
 
 /// Cache value `i` (key then value, layer by layer) as a decoder input and output.
@@ -752,4 +817,51 @@ fn embed_ids(session: &mut Session, ids: &[u32]) -> Result<Array2<f32>> {
         .into_shape_with_order(IxDyn(&[n, hidden]))
         .and_then(|a| a.into_dimensionality::<ndarray::Ix2>())
         .map_err(|e| EngineError::Input(format!("embedding output: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_last_position_of_each_row_is_taken() {
+        let data: Vec<f32> = (0..12).map(|v| v as f32).collect();
+        let last = last_logits(&[2, 2, 3], &data, 2, 3).unwrap();
+        assert_eq!(last, ndarray::arr2(&[[3.0, 4.0, 5.0], [9.0, 10.0, 11.0]]));
+    }
+
+    #[test]
+    fn logits_of_an_unexpected_shape_are_an_error_not_an_index_panic() {
+        let data = vec![0f32; 12];
+        for (shape, batch, vocab) in [
+            (&[2i64, 6][..], 2, 6),
+            (&[2, 2, 3], 2, 4),
+            (&[1, 2, 3], 2, 3),
+            (&[2, 0, 3], 2, 3),
+            (&[2, 3, 3], 2, 3),
+            (&[2, -1, 3], 2, 3),
+            (&[2, 1, 3, 2], 2, 3),
+        ] {
+            let e = last_logits(shape, &data, batch, vocab).unwrap_err();
+            assert!(
+                matches!(&e, EngineError::BadOutput { graph: "decoder", name, .. } if name == dec_io::LOGITS),
+                "{shape:?}: {e}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_greedy_choice_must_hold_one_vocabulary_id_per_row() {
+        let ok = greedy_choice(&[3, 0], &[-0.5, -1.0], 2, 4).unwrap();
+        assert_eq!(ok.tokens, [3, 0]);
+        for (tokens, logprobs) in [
+            (&[3i64][..], &[-0.5f32, -1.0][..]),
+            (&[3, 0], &[-0.5]),
+            (&[4, 0], &[-0.5, -1.0]),
+            (&[-1, 0], &[-0.5, -1.0]),
+        ] {
+            let e = greedy_choice(tokens, logprobs, 2, 4).unwrap_err();
+            assert!(matches!(e, EngineError::BadOutput { .. }), "{e}");
+        }
+    }
 }

@@ -12,6 +12,7 @@ pub mod frozen;
 pub mod init;
 pub mod llama;
 pub mod lora;
+mod pickle;
 pub mod projector;
 pub mod prompt;
 pub mod sources;

@@ -39,6 +39,40 @@ pub const DEFAULT_COLUMNS: &[&str] = &["uri", "path", "file_name"];
 /// Rows per batch sent from the reader thread.
 const BATCH: usize = 1024;
 
+/// Longest line a text, CSV or JSON-lines manifest may have: a longer one (a file
+/// that is not a manifest) ends the listing with an error instead of being read
+/// into memory whole.
+const MAX_LINE: usize = 1 << 20;
+
+/// A reader that fails once more than [`MAX_LINE`] bytes pass without a newline.
+struct LineLimit<R> {
+    inner: R,
+    /// Bytes since the last newline.
+    run: usize,
+}
+
+impl<R> LineLimit<R> {
+    fn new(inner: R) -> Self {
+        LineLimit { inner, run: 0 }
+    }
+}
+
+impl<R: std::io::Read> std::io::Read for LineLimit<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        for &b in &buf[..n] {
+            self.run = if b == b'\n' { 0 } else { self.run + 1 };
+            if self.run > MAX_LINE {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    format!("a line longer than {MAX_LINE} bytes (is this a manifest?)"),
+                ));
+            }
+        }
+        Ok(n)
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Format {
     Parquet,
@@ -274,11 +308,11 @@ fn read_csv(
     shown: &str,
     sink: impl FnMut(Vec<Row>) -> bool,
 ) -> Result<(), StorageError> {
+    let file = File::open(path).map_err(|e| manifest_error(shown, e))?;
     let mut reader = csv::ReaderBuilder::new()
         .delimiter(delimiter)
         .flexible(true)
-        .from_path(path)
-        .map_err(|e| manifest_error(shown, e))?;
+        .from_reader(LineLimit::new(file));
     let names: Vec<String> = reader
         .headers()
         .map_err(|e| manifest_error(shown, e))?
@@ -293,6 +327,8 @@ fn read_csv(
                 .get(index)
                 .map(str::to_string)
                 .ok_or_else(|| format!("only {} fields", r.len())),
+            // The file cannot be read on (or a line is too long): not one bad row.
+            Err(e) if e.is_io_error() => return Err(manifest_error(shown, e)),
             Err(e) => Err(e.to_string()),
         };
         if !out.push((n as u64 + 1, value)) {
@@ -313,7 +349,7 @@ fn read_json_lines(
     let mut out = Batcher::new(sink);
     let mut key: Option<String> = None;
     let mut row = 0u64;
-    for line in BufReader::new(file).lines() {
+    for line in BufReader::new(LineLimit::new(file)).lines() {
         let line = line.map_err(|e| manifest_error(shown, e))?;
         if line.trim().is_empty() {
             continue;
@@ -355,7 +391,7 @@ fn read_text(
 ) -> Result<(), StorageError> {
     let file = File::open(path).map_err(|e| manifest_error(shown, e))?;
     let mut out = Batcher::new(sink);
-    for (n, line) in BufReader::new(file).lines().enumerate() {
+    for (n, line) in BufReader::new(LineLimit::new(file)).lines().enumerate() {
         let line = line.map_err(|e| manifest_error(shown, e))?;
         let entry = line.trim();
         if entry.is_empty() || entry.starts_with('#') {
@@ -515,5 +551,69 @@ mod tests {
         );
         let err = pick_column(&names[..1], None, "m.csv").unwrap_err();
         assert!(err.to_string().contains("uri / path / file_name"), "{err}");
+    }
+
+    /// Every row of manifest `bytes` read as `format`, or the error that ended it.
+    fn read_all(format: Format, bytes: &[u8]) -> Result<Vec<Row>, StorageError> {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m");
+        std::fs::write(&path, bytes).unwrap();
+        let mut rows = Vec::new();
+        let sink = |batch: Vec<Row>| {
+            rows.extend(batch);
+            true
+        };
+        match format {
+            Format::Parquet => read_parquet(&path, None, "m", sink),
+            Format::Csv(d) => read_csv(&path, d, None, "m", sink),
+            Format::JsonLines => read_json_lines(&path, None, "m", sink),
+            Format::Text => read_text(&path, "m", sink),
+        }?;
+        Ok(rows)
+    }
+
+    #[test]
+    fn a_huge_line_ends_the_listing_with_an_error_not_an_allocation() {
+        let mut huge = b"uri\n".to_vec();
+        huge.extend(std::iter::repeat_n(b'a', MAX_LINE + 10));
+        huge.extend(b"\nb.wav\n");
+        for format in [Format::Text, Format::JsonLines, Format::Csv(b',')] {
+            let e = match read_all(format, &huge) {
+                Ok(rows) => panic!("{format:?}: {} rows, no error", rows.len()),
+                Err(e) => e.to_string(),
+            };
+            assert!(
+                e.contains("a line longer than 1048576 bytes"),
+                "{format:?}: {e}"
+            );
+        }
+        let mut fine = b"uri\n".to_vec();
+        fine.extend(std::iter::repeat_n(b'a', 1000));
+        fine.extend(b"\nb.wav\n");
+        assert_eq!(read_all(Format::Text, &fine).unwrap().len(), 3);
+    }
+
+    #[test]
+    fn bad_bytes_are_bad_rows_or_a_clear_error() {
+        let e = read_all(Format::Text, b"a.wav\n\xff\xfe.wav\n").unwrap_err();
+        assert!(e.to_string().contains("UTF-8"), "{e}");
+        let rows = read_all(Format::Csv(b','), b"uri,n\n\"a.wav,1\nb\"\"c,2\n\"").unwrap();
+        assert!(rows.len() <= 2, "{rows:?}");
+        let rows = read_all(
+            Format::JsonLines,
+            b"{\"uri\": \"a.wav\"}\n{\"uri\": 3}\n{\n",
+        )
+        .unwrap();
+        assert_eq!(rows[0].1, Ok("a.wav".to_string()));
+        assert!(rows[1].1.is_err() && rows[2].1.is_err(), "{rows:?}");
+        for junk in [
+            &b""[..],
+            b"PAR1",
+            b"PAR1\x00\x00\x00\x00PAR1",
+            b"not parquet at all",
+        ] {
+            let e = read_all(Format::Parquet, junk).unwrap_err();
+            assert!(matches!(e, StorageError::Manifest { .. }), "{e:?}");
+        }
     }
 }
