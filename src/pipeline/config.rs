@@ -16,6 +16,7 @@ use crate::config::{
     self, ConfigErrors, ConfigProblem, DeviceSpec, Schema, check_section, check_sections, count_in,
     problem, seconds_in,
 };
+use crate::dataset::MAX_SHARD_COUNT;
 
 /// A whole pipeline file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -491,6 +492,10 @@ impl PipelineConfig {
 
         match (self.run.shard_index, self.run.shard_count) {
             (_, Some(0)) => p.push(problem("run.shard_count", "must be >= 1")),
+            (_, Some(n)) if n > MAX_SHARD_COUNT => p.push(problem(
+                "run.shard_count",
+                format!("{n}: at most {MAX_SHARD_COUNT} shards"),
+            )),
             (Some(i), Some(n)) if i >= n => p.push(problem(
                 "run.shard_index",
                 format!("{i} is not below shard_count {n} (indices are 0-based)"),
@@ -662,6 +667,7 @@ mod tests {
             "generation.max_new_tokens=1000000",
             "segments.hop_seconds=1e-9",
             "segments.window_seconds=1e20",
+            "run.shard_count=4000000000",
         ]
         .map(String::from)
         .into();
@@ -678,6 +684,7 @@ mod tests {
             "output.target_part_mb",
             "generation.beams",
             "generation.max_new_tokens",
+            "run.shard_count",
         ] {
             assert!(ats.contains(&key), "{key} not in {err}");
         }
