@@ -4,7 +4,7 @@ use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutPayload};
 use serde::{Deserialize, Serialize};
 
-use super::{COMMITS_DIR, DatasetError};
+use super::{COMMITS_DIR, DatasetError, retry_store};
 
 /// One committed part.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -80,25 +80,39 @@ pub fn commit_record_path(prefix: &Path, shard_index: u32, shard_count: u32, run
         .join(format!("{run_id}.json"))
 }
 
-/// Writes `record` at `path` only if nothing is there yet.
+/// Writes `record` at `path` only if nothing is there yet. A transient failure is
+/// tried again for `budget`; when a try that failed had in fact written the record,
+/// the next one finds it there: it is ours when it says our run.
 pub(super) async fn write_record(
     store: &dyn ObjectStore,
     path: &Path,
     record: &ShardCommitRecord,
+    budget: std::time::Duration,
 ) -> Result<(), DatasetError> {
     let json = serde_json::to_vec_pretty(record).map_err(|source| DatasetError::Json {
         path: path.to_string(),
         source,
     })?;
-    let put = store
-        .put_opts(path, PutPayload::from(json), PutMode::Create.into())
-        .await;
+    let payload = PutPayload::from(json.clone());
+    let mut tries = 0u32;
+    let put = retry_store(budget, "writing the commit record", || {
+        tries += 1;
+        store.put_opts(path, payload.clone(), PutMode::Create.into())
+    })
+    .await;
     match put {
         Ok(_) => Ok(()),
-        Err(object_store::Error::AlreadyExists { .. }) => Err(DatasetError::AlreadyCommitted {
-            path: path.to_string(),
-            run_id: record.run_id.clone(),
-        }),
+        Err(object_store::Error::AlreadyExists { .. }) => {
+            let ours = tries > 1 && stored_bytes(store, path).await.as_deref() == Some(&json[..]);
+            if ours {
+                Ok(())
+            } else {
+                Err(DatasetError::AlreadyCommitted {
+                    path: path.to_string(),
+                    run_id: record.run_id.clone(),
+                })
+            }
+        }
         Err(source) => Err(DatasetError::Store {
             op: "writing commit record",
             path: path.to_string(),
@@ -107,13 +121,20 @@ pub(super) async fn write_record(
     }
 }
 
+/// The bytes at `path`, if they can be read.
+async fn stored_bytes(store: &dyn ObjectStore, path: &Path) -> Option<Vec<u8>> {
+    let got = store.get(path).await.ok()?;
+    got.bytes().await.ok().map(|b| b.to_vec())
+}
+
 /// Fails with [`DatasetError::AlreadyCommitted`] when `path` exists.
 pub(super) async fn ensure_uncommitted(
     store: &dyn ObjectStore,
     path: &Path,
     run_id: &str,
+    budget: std::time::Duration,
 ) -> Result<(), DatasetError> {
-    match store.head(path).await {
+    match retry_store(budget, "checking the commit record", || store.head(path)).await {
         Ok(_) => Err(DatasetError::AlreadyCommitted {
             path: path.to_string(),
             run_id: run_id.to_string(),
@@ -131,6 +152,7 @@ pub(super) async fn ensure_uncommitted(
 mod tests {
     use super::*;
     use object_store::memory::InMemory;
+    use std::time::Duration;
 
     #[tokio::test]
     async fn records_are_create_only_and_sum_their_parts() {
@@ -151,14 +173,22 @@ mod tests {
             serde_json::json!({"config": "abc"}),
         );
         assert_eq!((record.rows, record.inputs, record.bytes), (14, 7, 150));
-        ensure_uncommitted(&store, &path, "r1").await.unwrap();
-        write_record(&store, &path, &record).await.unwrap();
-        let again = write_record(&store, &path, &record).await;
+        ensure_uncommitted(&store, &path, "r1", Duration::ZERO)
+            .await
+            .unwrap();
+        write_record(&store, &path, &record, Duration::ZERO)
+            .await
+            .unwrap();
+        let again = write_record(&store, &path, &record, Duration::ZERO).await;
         assert!(
             matches!(again, Err(DatasetError::AlreadyCommitted { .. })),
             "{again:?}"
         );
-        assert!(ensure_uncommitted(&store, &path, "r1").await.is_err());
+        assert!(
+            ensure_uncommitted(&store, &path, "r1", Duration::ZERO)
+                .await
+                .is_err()
+        );
         let stored = store.get(&path).await.unwrap().bytes().await.unwrap();
         let back: ShardCommitRecord = serde_json::from_slice(&stored).unwrap();
         assert_eq!(back, record);

@@ -55,6 +55,34 @@ pub enum StoreKind {
     Object,
 }
 
+/// `call` until it succeeds, fails for good, or keeps failing transiently (an
+/// `object_store::Error::Generic`: what the client reports once its own retries of a
+/// transport error are spent) past `budget`; waits between tries double from 250 ms
+/// up to 8 s.
+pub(crate) async fn retry_store<T, F, Fut>(
+    budget: Duration,
+    what: &str,
+    mut call: F,
+) -> Result<T, object_store::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<T, object_store::Error>>,
+{
+    let started = std::time::Instant::now();
+    let mut wait = Duration::from_millis(250);
+    loop {
+        match call().await {
+            Err(e @ object_store::Error::Generic { .. }) if started.elapsed() < budget => {
+                tracing::warn!(error = %crate::storage::redact_text(&e.to_string()), "{what} failed; trying again");
+                let left = budget.saturating_sub(started.elapsed());
+                tokio::time::sleep(wait.min(left)).await;
+                wait = (wait * 2).min(Duration::from_secs(8));
+            }
+            other => return other,
+        }
+    }
+}
+
 /// How one shard writes its parts.
 #[derive(Debug, Clone)]
 pub struct DatasetWriterOptions {
@@ -81,6 +109,11 @@ pub struct DatasetWriterOptions {
     pub upload_concurrency: usize,
     /// Key/value pairs for every part's footer (model manifest, pipeline config).
     pub metadata: Vec<(String, String)>,
+    /// How long a store call that fails transiently (the client's transport errors
+    /// after its own short retries: a refused connection, a reset, a 5xx) is tried
+    /// again, with backoff, before the run gives up. A short outage must not fail
+    /// a commit.
+    pub transient_retry: Duration,
     /// The model identity and the settings digest the commit record carries, for
     /// `audiocap finalize` to check that every shard wrote the same dataset.
     pub model: String,
@@ -102,6 +135,7 @@ impl DatasetWriterOptions {
             upload_chunk_bytes: 10 << 20,
             upload_concurrency: 4,
             metadata: Vec::new(),
+            transient_retry: Duration::from_secs(60),
             model: String::new(),
             config_digest: String::new(),
         }
@@ -264,6 +298,49 @@ pub enum DatasetError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn generic() -> object_store::Error {
+        object_store::Error::Generic {
+            store: "test",
+            source: "connection refused".into(),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_call_failing_transiently_is_tried_again_within_its_budget() {
+        let tries = std::cell::Cell::new(0);
+        let result = retry_store(Duration::from_secs(60), "putting", || {
+            tries.set(tries.get() + 1);
+            let n = tries.get();
+            async move { if n < 4 { Err(generic()) } else { Ok(n) } }
+        })
+        .await;
+        assert_eq!(result.unwrap(), 4);
+
+        // Past the budget the last error is the answer; a permanent one at once.
+        tries.set(0);
+        let result: Result<(), _> = retry_store(Duration::from_millis(600), "putting", || {
+            tries.set(tries.get() + 1);
+            async { Err(generic()) }
+        })
+        .await;
+        assert!(matches!(result, Err(object_store::Error::Generic { .. })));
+        // Tries at 0, 0.25 and 0.6 s (the last wait cut to what is left).
+        assert_eq!(tries.get(), 3);
+        tries.set(0);
+        let result: Result<(), _> = retry_store(Duration::from_secs(60), "putting", || {
+            tries.set(tries.get() + 1);
+            async {
+                Err(object_store::Error::NotFound {
+                    path: "x".into(),
+                    source: "gone".into(),
+                })
+            }
+        })
+        .await;
+        assert!(matches!(result, Err(object_store::Error::NotFound { .. })));
+        assert_eq!(tries.get(), 1);
+    }
 
     #[test]
     fn part_names_parse_back_only_for_their_shard_and_run() {

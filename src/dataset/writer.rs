@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use arrow_array::RecordBatch;
 use bytes::Bytes;
@@ -17,7 +17,7 @@ use super::commit::{ensure_uncommitted, write_record};
 use super::{
     CommittedPart, DatasetError, DatasetWriterOptions, STAGING_DIR, ShardCommitRecord, StoreKind,
     commit_record_path, is_committed_part, list_objects, local_path, part_name, part_seq,
-    shard_part_prefix,
+    retry_store, shard_part_prefix,
 };
 use crate::output::{CaptionRow, schema, to_record_batch, writer_properties};
 
@@ -59,7 +59,7 @@ impl DatasetWriter {
         options.validate()?;
         let (shard, shards, run_id) = (options.shard_index, options.shard_count, &options.run_id);
         let record = commit_record_path(&prefix, shard, shards, run_id);
-        ensure_uncommitted(store.as_ref(), &record, run_id).await?;
+        ensure_uncommitted(store.as_ref(), &record, run_id, options.transient_retry).await?;
         if let StoreKind::Local { root } = &kind {
             prepare_local(&local_path(root, &prefix), shard, shards)?;
         }
@@ -160,7 +160,7 @@ impl DatasetWriter {
         record.shard_parts = shard_parts;
         record.model = o.model.clone();
         record.config_digest = o.config_digest.clone();
-        write_record(self.store.as_ref(), &path, &record).await?;
+        write_record(self.store.as_ref(), &path, &record, o.transient_retry).await?;
         tracing::info!(
             path = %path,
             parts = record.parts.len(),
@@ -232,7 +232,8 @@ impl DatasetWriter {
         let Some(part) = self.open.take() else {
             return Ok(None);
         };
-        let committed = part.commit(self.store.as_ref()).await?;
+        let budget = self.options.transient_retry;
+        let committed = part.commit(self.store.as_ref(), budget).await?;
         tracing::info!(
             part = %committed.name,
             rows = committed.rows,
@@ -367,10 +368,14 @@ impl OpenPart {
                     None => {
                         pending.extend_from_slice(&encoded);
                         if pending.len() >= options.upload_chunk_bytes {
-                            let started = store
-                                .put_multipart(&self.location)
-                                .await
-                                .map_err(|e| store_err("starting multipart upload", e))?;
+                            let location = &self.location;
+                            let started = retry_store(
+                                options.transient_retry,
+                                "starting a multipart upload",
+                                || store.put_multipart(location),
+                            )
+                            .await
+                            .map_err(|e| store_err("starting multipart upload", e))?;
                             let mut multipart = WriteMultipart::new_with_chunk_size(
                                 started,
                                 options.upload_chunk_bytes,
@@ -392,7 +397,11 @@ impl OpenPart {
     }
 
     /// Closes the part and makes it visible; on failure nothing becomes visible.
-    async fn commit(self, store: &dyn ObjectStore) -> Result<CommittedPart, DatasetError> {
+    async fn commit(
+        self,
+        store: &dyn ObjectStore,
+        transient_retry: Duration,
+    ) -> Result<CommittedPart, DatasetError> {
         let OpenPart {
             name,
             location,
@@ -455,7 +464,11 @@ impl OpenPart {
                     }
                     None => {
                         pending.extend_from_slice(&tail);
-                        store.put(&location, PutPayload::from(pending)).await
+                        let payload = PutPayload::from(pending);
+                        retry_store(transient_retry, "committing a part", || {
+                            store.put(&location, payload.clone())
+                        })
+                        .await
                     }
                 };
                 done.map_err(|source| DatasetError::Store {

@@ -117,6 +117,8 @@ async fn run_async(
     options.max_rows_per_part = config.output.max_rows_per_part as u64;
     options.max_part_age =
         std::time::Duration::from_secs_f64(config.output.commit_interval_seconds);
+    options.transient_retry =
+        std::time::Duration::from_secs_f64(config.run.transient_retry_seconds);
     options.metadata = vec![
         (
             "audiocap.model_manifest".into(),
