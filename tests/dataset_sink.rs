@@ -705,7 +705,11 @@ async fn finalize_commits_the_dataset_once_every_shard_has() {
     w.write_input(&input("s0/x", 2, "a")).await.unwrap();
     let mut failed = input("s0/bad", 1, "a");
     failed[0].caption = None;
-    failed[0].error = Some("decode: not audio".into());
+    failed[0] = failed[0].failed(
+        audiocap::output::RowFailure::Input("not_audio"),
+        "decode: not audio",
+        1,
+    );
     w.write_input(&failed).await.unwrap();
     w.finish(serde_json::json!({})).await.unwrap();
     // Shard 1: killed after committing one part.
@@ -719,6 +723,13 @@ async fn finalize_commits_the_dataset_once_every_shard_has() {
     use ShardState::*;
     assert_eq!(states(&status), vec![Committed, InProgress, Missing]);
     assert_eq!((status.rows, status.error_rows), (6, 1));
+    // Error rows by kind, from the parts' footers.
+    let kinds = std::collections::BTreeMap::from([("not_audio".to_string(), 1)]);
+    assert_eq!(status.error_rows_by_kind, kinds);
+    assert_eq!(status.shards[0].error_rows_by_kind, kinds);
+    assert!(status.shards[1].error_rows_by_kind.is_empty());
+    let text = audiocap::dataset::render_status("ds", &status);
+    assert!(text.contains("error rows by kind: not_audio 1\n"), "{text}");
     assert!(status.problems.is_empty(), "{:?}", status.problems);
     let outcome = finalize(store.as_ref(), &prefix).await.unwrap();
     assert!(
@@ -753,6 +764,7 @@ async fn finalize_commits_the_dataset_once_every_shard_has() {
         (manifest.rows, manifest.error_rows, manifest.shard_count),
         (8, 1, 3)
     );
+    assert_eq!(manifest.error_rows_by_kind, kinds);
     assert_eq!(manifest.model, "m@1");
     assert_eq!(manifest.config_digest, "digest-1");
     let visible = listed(store.as_ref(), &prefix).await;

@@ -21,7 +21,8 @@ use sha2::{Digest, Sha256};
 
 use super::resume::read_footer;
 use super::{
-    COMMITS_DIR, DatasetError, MAX_SHARD_COUNT, ShardCommitRecord, is_committed_part, list_objects,
+    COMMITS_DIR, DatasetError, ERROR_KINDS_KEY, MAX_SHARD_COUNT, ShardCommitRecord,
+    is_committed_part, list_objects,
 };
 
 /// The dataset-level manifest, under the dataset prefix.
@@ -71,6 +72,9 @@ pub struct ShardStatus {
     pub rows: u64,
     /// Rows whose `error` is set (from the parts' column statistics).
     pub error_rows: u64,
+    /// Error rows by `error_kind`, from the parts' footers (`unrecorded`: parts
+    /// written before kinds were recorded).
+    pub error_rows_by_kind: BTreeMap<String, u64>,
     pub bytes: u64,
     /// Visible parts the newest commit record does not name.
     pub uncommitted_parts: Vec<String>,
@@ -87,6 +91,8 @@ pub struct DatasetStatus {
     pub shards: Vec<ShardStatus>,
     pub rows: u64,
     pub error_rows: u64,
+    /// Error rows by `error_kind`, over every shard.
+    pub error_rows_by_kind: BTreeMap<String, u64>,
     pub bytes: u64,
     /// Every shard committed and no problem.
     pub complete: bool,
@@ -129,6 +135,10 @@ pub struct DatasetManifest {
     pub config_digest: String,
     pub rows: u64,
     pub error_rows: u64,
+    /// Error rows by `error_kind` (absent from manifests written before kinds were
+    /// recorded).
+    #[serde(default)]
+    pub error_rows_by_kind: BTreeMap<String, u64>,
     pub bytes: u64,
     pub parts: Vec<ManifestPart>,
 }
@@ -154,7 +164,18 @@ struct PartFacts {
     shard_count: u32,
     rows: u64,
     error_rows: u64,
+    error_kinds: BTreeMap<String, u64>,
     model: Option<String>,
+}
+
+/// Counts by kind, summed (saturating, as [`saturating_sum`]).
+fn sum_kinds<'a>(counts: impl Iterator<Item = &'a BTreeMap<String, u64>>) -> BTreeMap<String, u64> {
+    let mut total = BTreeMap::new();
+    for (kind, n) in counts.flatten() {
+        let slot: &mut u64 = total.entry(kind.clone()).or_default();
+        *slot = slot.saturating_add(*n);
+    }
+    total
 }
 
 /// Counts from footers of files we did not necessarily write: a sum that would
@@ -210,11 +231,22 @@ async fn part_facts(store: &dyn ObjectStore, meta: ObjectMeta) -> Result<PartFac
     })?;
     let metadata = read_footer(store, &meta).await?;
     let (rows, error_rows) = footer_counts(&metadata, &path)?;
-    let model = metadata
-        .file_metadata()
-        .key_value_metadata()
-        .and_then(|kv| kv.iter().find(|e| e.key == MODEL_KEY))
-        .and_then(|e| e.value.clone());
+    let footer = |key: &str| {
+        metadata
+            .file_metadata()
+            .key_value_metadata()
+            .and_then(|kv| kv.iter().find(|e| e.key == key))
+            .and_then(|e| e.value.clone())
+    };
+    let model = footer(MODEL_KEY);
+    let error_kinds = match footer(ERROR_KINDS_KEY) {
+        Some(json) => serde_json::from_str(&json).map_err(|e| DatasetError::BadPart {
+            path: path.clone(),
+            what: format!("{ERROR_KINDS_KEY} is not a JSON object of counts: {e}"),
+        })?,
+        None if error_rows > 0 => BTreeMap::from([("unrecorded".to_string(), error_rows)]),
+        None => BTreeMap::new(),
+    };
     Ok(PartFacts {
         meta,
         name,
@@ -222,6 +254,7 @@ async fn part_facts(store: &dyn ObjectStore, meta: ObjectMeta) -> Result<PartFac
         shard_count,
         rows,
         error_rows,
+        error_kinds,
         model,
     })
 }
@@ -394,6 +427,7 @@ async fn survey(
         shard_count,
         rows: saturating_sum(shards.iter().map(|s| s.rows)),
         error_rows: saturating_sum(shards.iter().map(|s| s.error_rows)),
+        error_rows_by_kind: sum_kinds(shards.iter().map(|s| &s.error_rows_by_kind)),
         bytes: saturating_sum(shards.iter().map(|s| s.bytes)),
         shards,
         complete,
@@ -447,6 +481,7 @@ fn shard_status(index: u32, parts: &[&PartFacts], runs: &[&ShardCommitRecord]) -
         parts: parts.len(),
         rows: saturating_sum(parts.iter().map(|p| p.rows)),
         error_rows: saturating_sum(parts.iter().map(|p| p.error_rows)),
+        error_rows_by_kind: sum_kinds(parts.iter().map(|p| &p.error_kinds)),
         bytes: saturating_sum(parts.iter().map(|p| p.meta.size)),
         uncommitted_parts: uncommitted,
         missing_parts: missing,
@@ -502,6 +537,7 @@ pub async fn finalize(
             .unwrap_or_default(),
         rows: status.rows,
         error_rows: status.error_rows,
+        error_rows_by_kind: status.error_rows_by_kind.clone(),
         bytes: status.bytes,
         parts: parts
             .iter()

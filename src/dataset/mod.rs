@@ -55,6 +55,9 @@ pub enum StoreKind {
     Object,
 }
 
+/// The footer key of a part's error rows by `error_kind` (a JSON object).
+pub const ERROR_KINDS_KEY: &str = "audiocap.error_kinds";
+
 /// `call` until it succeeds, fails for good, or keeps failing transiently (an
 /// `object_store::Error::Generic`: what the client reports once its own retries of a
 /// transport error are spent) past `budget`; waits between tries double from 250 ms

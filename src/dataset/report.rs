@@ -44,7 +44,7 @@ pub fn render_finalize(uri: &str, outcome: &FinalizeOutcome) -> String {
             } else {
                 "already finalized (unchanged)"
             };
-            format!(
+            let mut out = format!(
                 "{uri}: {done}: {} shards, {} parts, {} rows ({} with errors), {}; {} then {} written last\n",
                 m.shard_count,
                 m.parts.len(),
@@ -53,10 +53,26 @@ pub fn render_finalize(uri: &str, outcome: &FinalizeOutcome) -> String {
                 bytes_text(m.bytes),
                 MANIFEST_FILE,
                 SUCCESS_FILE,
-            )
+            );
+            if !m.error_rows_by_kind.is_empty() {
+                let kinds = kinds_text(&m.error_rows_by_kind);
+                out.push_str(&format!("error rows by kind: {kinds}\n"));
+            }
+            out
         }
         FinalizeOutcome::Incomplete(s) | FinalizeOutcome::Inconsistent(s) => render_status(uri, s),
     }
+}
+
+/// `not_found 3, too_short 1`: most first, then by name.
+fn kinds_text(kinds: &std::collections::BTreeMap<String, u64>) -> String {
+    let mut sorted: Vec<(&String, &u64)> = kinds.iter().collect();
+    sorted.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    sorted
+        .iter()
+        .map(|(k, n)| format!("{k} {n}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn bytes_text(bytes: u64) -> String {
@@ -91,6 +107,12 @@ pub fn render_status(uri: &str, status: &DatasetStatus) -> String {
             (false, false) => "not complete",
         }
     );
+    if !status.error_rows_by_kind.is_empty() {
+        out.push_str(&format!(
+            "error rows by kind: {}\n",
+            kinds_text(&status.error_rows_by_kind)
+        ));
+    }
     out.push_str("shard  state        runs  parts       rows  errors  size\n");
     for s in &status.shards {
         out.push_str(&format!(

@@ -1,5 +1,6 @@
 //! One shard's writer: inputs go into size-targeted parts, each committed atomically.
 
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::io::Write;
 use std::path::{Path as FsPath, PathBuf};
@@ -11,15 +12,16 @@ use bytes::Bytes;
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutPayload, WriteMultipart};
 use parquet::arrow::ArrowWriter;
+use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
 use super::commit::{ensure_uncommitted, write_record};
 use super::{
-    CommittedPart, DatasetError, DatasetWriterOptions, STAGING_DIR, ShardCommitRecord, StoreKind,
-    commit_record_path, is_committed_part, list_objects, local_path, part_name, part_seq,
-    retry_store, shard_part_prefix,
+    CommittedPart, DatasetError, DatasetWriterOptions, ERROR_KINDS_KEY, STAGING_DIR,
+    ShardCommitRecord, StoreKind, commit_record_path, is_committed_part, list_objects, local_path,
+    part_name, part_seq, retry_store, shard_part_prefix,
 };
-use crate::output::{CaptionRow, schema, to_record_batch, writer_properties};
+use crate::output::{CaptionRow, RowFailure, schema, to_record_batch, writer_properties};
 
 /// Writes one shard's inputs as parts of the dataset under `prefix`.
 ///
@@ -115,6 +117,10 @@ impl DatasetWriter {
         }
         part.rows += rows.len() as u64;
         part.inputs += distinct_uris(rows);
+        for row in rows.iter().filter(|r| r.error.is_some()) {
+            let kind = row.failure.map_or("unknown", RowFailure::kind);
+            *part.error_kinds.entry(kind.to_string()).or_default() += 1;
+        }
         let due = part.encoded_bytes() >= self.options.target_part_bytes
             || part.rows >= self.options.max_rows_per_part
             || part.opened.elapsed() >= self.options.max_part_age;
@@ -225,6 +231,7 @@ impl DatasetWriter {
             opened: Instant::now(),
             rows: 0,
             inputs: 0,
+            error_kinds: BTreeMap::new(),
         })
     }
 
@@ -295,6 +302,9 @@ struct OpenPart {
     opened: Instant,
     rows: u64,
     inputs: u64,
+    /// Error rows by `error_kind`, recorded in the footer at commit
+    /// ([`super::ERROR_KINDS_KEY`]) so status and finalize need not read the rows.
+    error_kinds: BTreeMap<String, u64>,
 }
 
 enum PartWriter {
@@ -405,11 +415,18 @@ impl OpenPart {
         let OpenPart {
             name,
             location,
-            writer,
+            mut writer,
             rows,
             inputs,
+            error_kinds,
             ..
         } = self;
+        let kinds = serde_json::to_string(&error_kinds).unwrap_or_default();
+        let kinds = KeyValue::new(ERROR_KINDS_KEY.to_string(), kinds);
+        match &mut writer {
+            PartWriter::Local { writer, .. } => writer.append_key_value_metadata(kinds),
+            PartWriter::Object { writer, .. } => writer.append_key_value_metadata(kinds),
+        }
         let bytes = match writer {
             PartWriter::Local {
                 writer,
