@@ -509,14 +509,22 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
         format!("({}, 17)", rows.len())
     );
 
-    // The same pipeline again: everything is in the dataset already.
+    // The same pipeline again: everything is in the dataset already. The failures
+    // are the shard's still (committed by the first run), so the exit code stays 3
+    // and the summary counts them.
     let out = run(
         &pipeline,
         &[format!("input.manifests=[\"{}\"]", manifest.display())],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{stdout}");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stdout}\n{stderr}");
     assert!(stdout.contains("17 already in the dataset"), "{stdout}");
+    assert!(stdout.contains("shard so far: 17 inputs, "), "{stdout}");
+    assert!(
+        stderr.contains("of the shard's 17 inputs failed"),
+        "{stderr}"
+    );
     assert_eq!(read_dataset(&out_dir).len(), rows.len());
 
     // Commit records: one per run of the shard, beside the parts.
@@ -866,11 +874,16 @@ fn store_in_and_out_with_resume(server: &dyn TestStore) {
         assert_eq!(caption.is_some(), error.is_none());
     }
 
-    // Again: everything is committed, nothing is added.
+    // Again: everything is committed, nothing is added; broken.wav's error row is
+    // the shard's still, so the exit code stays 3.
     let out = go();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out));
     assert!(stdout.contains("4 already in the dataset"), "{stdout}");
+    assert!(
+        stdout.contains("shard so far: 4 inputs, 1 failed, 1 error rows ("),
+        "{stdout}"
+    );
     assert_eq!(rows().len(), first.len());
 }
 

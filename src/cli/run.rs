@@ -71,11 +71,15 @@ pub fn run(args: RunArgs) -> anyhow::Result<Exit> {
         Ok(summary) => {
             println!("{}", summary.render());
             let fraction = summary.failed_fraction();
-            if summary.inputs.failed > 0 && fraction > threshold {
+            let (failed, written) = summary.failed_of_written();
+            let of = if summary.shard.is_some() {
+                "the shard's"
+            } else {
+                "this run's"
+            };
+            if failed > 0 && fraction > threshold {
                 eprintln!(
-                    "{} of {} inputs failed ({:.2}% > run.max_failed_fraction {:.2}%): exit code {}",
-                    summary.inputs.failed,
-                    summary.inputs.written,
+                    "{failed} of {of} {written} inputs failed ({:.2}% > run.max_failed_fraction {:.2}%): exit code {}",
                     fraction * 100.0,
                     threshold * 100.0,
                     Exit::SomeInputsFailed.code()

@@ -21,8 +21,8 @@ use sha2::{Digest, Sha256};
 
 use super::resume::read_footer;
 use super::{
-    COMMITS_DIR, DatasetError, ERROR_KINDS_KEY, MAX_SHARD_COUNT, ShardCommitRecord,
-    is_committed_part, list_objects,
+    COMMITS_DIR, DatasetError, ERROR_KINDS_KEY, FAILED_INPUTS_KEY, INPUTS_KEY, MAX_SHARD_COUNT,
+    ShardCommitRecord, is_committed_part, list_objects,
 };
 
 /// The dataset-level manifest, under the dataset prefix.
@@ -165,6 +165,8 @@ struct PartFacts {
     rows: u64,
     error_rows: u64,
     error_kinds: BTreeMap<String, u64>,
+    /// Inputs and inputs without a caption, when the footer records them.
+    inputs: Option<(u64, u64)>,
     model: Option<String>,
 }
 
@@ -247,6 +249,8 @@ async fn part_facts(store: &dyn ObjectStore, meta: ObjectMeta) -> Result<PartFac
         None if error_rows > 0 => BTreeMap::from([("unrecorded".to_string(), error_rows)]),
         None => BTreeMap::new(),
     };
+    let count = |key: &str| footer(key).and_then(|v| v.parse::<u64>().ok());
+    let inputs = count(INPUTS_KEY).zip(count(FAILED_INPUTS_KEY));
     Ok(PartFacts {
         meta,
         name,
@@ -255,7 +259,56 @@ async fn part_facts(store: &dyn ObjectStore, meta: ObjectMeta) -> Result<PartFac
         rows,
         error_rows,
         error_kinds,
+        inputs,
         model,
+    })
+}
+
+/// What the committed parts of one shard hold, from their footers: what a resumed
+/// run adds its own counts to, so its summary and exit code speak for the shard.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ShardHistory {
+    pub parts: u64,
+    pub rows: u64,
+    pub error_rows: u64,
+    pub error_rows_by_kind: BTreeMap<String, u64>,
+    /// Inputs and inputs without a caption, over the parts that record them.
+    pub inputs: u64,
+    pub failed_inputs: u64,
+    /// Parts written before inputs were recorded in footers (not in the two above).
+    pub unrecorded_parts: u64,
+}
+
+/// The [`ShardHistory`] of shard `index` of `count` under `prefix`.
+pub async fn shard_history(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    index: u32,
+    count: u32,
+) -> Result<ShardHistory, DatasetError> {
+    let metas: Vec<ObjectMeta> = list_objects(store, prefix)
+        .await?
+        .into_iter()
+        .filter(|o| {
+            o.location
+                .filename()
+                .is_some_and(|n| is_committed_part(n) && part_layout(n) == Some((index, count)))
+        })
+        .collect();
+    let parts: Vec<PartFacts> = futures::stream::iter(metas)
+        .map(|meta| part_facts(store, meta))
+        .buffer_unordered(PARALLEL_PARTS)
+        .try_collect()
+        .await?;
+    let recorded = || parts.iter().filter_map(|p| p.inputs);
+    Ok(ShardHistory {
+        parts: parts.len() as u64,
+        rows: saturating_sum(parts.iter().map(|p| p.rows)),
+        error_rows: saturating_sum(parts.iter().map(|p| p.error_rows)),
+        error_rows_by_kind: sum_kinds(parts.iter().map(|p| &p.error_kinds)),
+        inputs: saturating_sum(recorded().map(|(n, _)| n)),
+        failed_inputs: saturating_sum(recorded().map(|(_, f)| f)),
+        unrecorded_parts: parts.iter().filter(|p| p.inputs.is_none()).count() as u64,
     })
 }
 

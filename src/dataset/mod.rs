@@ -26,8 +26,8 @@ use object_store::{ObjectMeta, ObjectStore};
 
 pub use commit::{CommittedPart, ShardCommitRecord, commit_record_path};
 pub use finalize::{
-    DatasetManifest, DatasetStatus, FinalizeOutcome, MANIFEST_FILE, SUCCESS_FILE, ShardState,
-    ShardStatus, dataset_status, finalize,
+    DatasetManifest, DatasetStatus, FinalizeOutcome, MANIFEST_FILE, SUCCESS_FILE, ShardHistory,
+    ShardState, ShardStatus, dataset_status, finalize, shard_history,
 };
 pub use report::{finalize_json, render_finalize, render_status};
 pub use resume::committed_inputs;
@@ -57,6 +57,9 @@ pub enum StoreKind {
 
 /// The footer key of a part's error rows by `error_kind` (a JSON object).
 pub const ERROR_KINDS_KEY: &str = "audiocap.error_kinds";
+/// The footer keys of a part's inputs and of those with no caption at all.
+pub const INPUTS_KEY: &str = "audiocap.inputs";
+pub const FAILED_INPUTS_KEY: &str = "audiocap.failed_inputs";
 
 /// `call` until it succeeds, fails for good, or keeps failing transiently (an
 /// `object_store::Error::Generic`: what the client reports once its own retries of a

@@ -17,9 +17,9 @@ use parquet::file::properties::WriterProperties;
 
 use super::commit::{ensure_uncommitted, write_record};
 use super::{
-    CommittedPart, DatasetError, DatasetWriterOptions, ERROR_KINDS_KEY, STAGING_DIR,
-    ShardCommitRecord, StoreKind, commit_record_path, is_committed_part, list_objects, local_path,
-    part_name, part_seq, retry_store, shard_part_prefix,
+    CommittedPart, DatasetError, DatasetWriterOptions, ERROR_KINDS_KEY, FAILED_INPUTS_KEY,
+    INPUTS_KEY, STAGING_DIR, ShardCommitRecord, StoreKind, commit_record_path, is_committed_part,
+    list_objects, local_path, part_name, part_seq, retry_store, shard_part_prefix,
 };
 use crate::output::{CaptionRow, RowFailure, schema, to_record_batch, writer_properties};
 
@@ -117,6 +117,9 @@ impl DatasetWriter {
         }
         part.rows += rows.len() as u64;
         part.inputs += distinct_uris(rows);
+        if rows.iter().all(|r| r.caption.is_none()) {
+            part.failed_inputs += 1;
+        }
         for row in rows.iter().filter(|r| r.error.is_some()) {
             let kind = row.failure.map_or("unknown", RowFailure::kind);
             *part.error_kinds.entry(kind.to_string()).or_default() += 1;
@@ -232,6 +235,7 @@ impl DatasetWriter {
             rows: 0,
             inputs: 0,
             error_kinds: BTreeMap::new(),
+            failed_inputs: 0,
         })
     }
 
@@ -305,6 +309,8 @@ struct OpenPart {
     /// Error rows by `error_kind`, recorded in the footer at commit
     /// ([`super::ERROR_KINDS_KEY`]) so status and finalize need not read the rows.
     error_kinds: BTreeMap<String, u64>,
+    /// Inputs of the part with no caption at all ([`super::FAILED_INPUTS_KEY`]).
+    failed_inputs: u64,
 }
 
 enum PartWriter {
@@ -419,13 +425,20 @@ impl OpenPart {
             rows,
             inputs,
             error_kinds,
+            failed_inputs,
             ..
         } = self;
         let kinds = serde_json::to_string(&error_kinds).unwrap_or_default();
-        let kinds = KeyValue::new(ERROR_KINDS_KEY.to_string(), kinds);
-        match &mut writer {
-            PartWriter::Local { writer, .. } => writer.append_key_value_metadata(kinds),
-            PartWriter::Object { writer, .. } => writer.append_key_value_metadata(kinds),
+        let footer = [
+            KeyValue::new(ERROR_KINDS_KEY.to_string(), kinds),
+            KeyValue::new(INPUTS_KEY.to_string(), inputs.to_string()),
+            KeyValue::new(FAILED_INPUTS_KEY.to_string(), failed_inputs.to_string()),
+        ];
+        for kv in footer {
+            match &mut writer {
+                PartWriter::Local { writer, .. } => writer.append_key_value_metadata(kv),
+                PartWriter::Object { writer, .. } => writer.append_key_value_metadata(kv),
+            }
         }
         let bytes = match writer {
             PartWriter::Local {

@@ -213,8 +213,9 @@ pub struct RunSection {
     pub shard_count: Option<u32>,
     /// Skip inputs already committed to the output dataset.
     pub resume: bool,
-    /// Exit with code 3 when more than this fraction of the inputs failed (each
-    /// failure is still a row with an error). 0 flags any failure.
+    /// Exit with code 3 when more than this fraction of the shard's inputs failed
+    /// (each failure is still a row with an error; with `resume`, earlier runs'
+    /// committed failures count too). 0 flags any failure.
     pub max_failed_fraction: f64,
     /// Stop after this many new inputs (for trials); unset takes all.
     pub limit: Option<u64>,

@@ -8,10 +8,12 @@ use std::time::Instant;
 use anyhow::Context;
 
 use super::config::PipelineConfig;
-use super::summary::{InputCounts, RunSummary, StageBusy};
+use super::summary::{InputCounts, RunSummary, ShardTotals, StageBusy};
 use super::wiring::{self, StageSettings};
 use crate::config::DeviceSpec;
-use crate::dataset::{DatasetWriter, DatasetWriterOptions, StoreKind, committed_inputs};
+use crate::dataset::{
+    DatasetWriter, DatasetWriterOptions, StoreKind, committed_inputs, shard_history,
+};
 use crate::engine::generate::GenerationParams;
 use crate::engine::model::{EngineOptions, OnnxModel};
 use crate::stages::sink::RowTarget;
@@ -99,15 +101,26 @@ async fn run_async(
     .map_err(RunError::Fatal)?;
     tracing::info!(model = %model.identity, %device, "model loaded");
 
-    let committed = if config.run.resume {
+    let (committed, history) = if config.run.resume {
         let set = committed_inputs(output.store.clone(), &output.prefix, &store_kind)
             .await
             .context("reading the inputs already in the dataset")
             .map_err(fatal("resume"))?;
         tracing::info!(inputs = set.len(), "inputs already in the dataset");
-        set
+        // What this shard's earlier runs committed: the summary and exit code 3 speak
+        // for the shard, not only for this run.
+        let history = shard_history(
+            output.store.as_ref(),
+            &output.prefix,
+            shard.index,
+            shard.count,
+        )
+        .await
+        .context("reading the shard's committed parts")
+        .map_err(fatal("resume"))?;
+        (set, Some(history))
     } else {
-        Default::default()
+        (Default::default(), None)
     };
 
     let mut options = DatasetWriterOptions::new(shard.index, shard.count, &run_id);
@@ -265,6 +278,19 @@ async fn run_async(
         },
         parts: Vec::new(),
         stopped_early: stop.load(Ordering::Relaxed),
+        shard: history.map(|h| {
+            let mut kinds = h.error_rows_by_kind;
+            for (kind, n) in &ran.outcome.error_rows {
+                *kinds.entry(kind.clone()).or_default() += n;
+            }
+            ShardTotals {
+                inputs: h.inputs + get(&counters.inputs_done),
+                failed_inputs: h.failed_inputs + get(&counters.inputs_failed),
+                error_rows: h.error_rows + get(&counters.rows) - get(&counters.captions),
+                error_rows_by_kind: kinds,
+                unrecorded_parts: h.unrecorded_parts,
+            }
+        }),
     };
     if let Err(e) = listing {
         // What was written is committed so the next run resumes; the run fails.

@@ -66,15 +66,41 @@ pub struct RunSummary {
     pub parts: Vec<String>,
     /// Whether the run was stopped early (signal or `run.limit`).
     pub stopped_early: bool,
+    /// The shard as a whole once this run is committed: what earlier runs it
+    /// resumed from committed, plus this run. `None` without resume.
+    pub shard: Option<ShardTotals>,
+}
+
+/// A shard's inputs and failures over every run that wrote it.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ShardTotals {
+    /// Inputs written (by parts that record it) and those with no caption at all.
+    pub inputs: u64,
+    pub failed_inputs: u64,
+    pub error_rows: u64,
+    pub error_rows_by_kind: std::collections::BTreeMap<String, u64>,
+    /// Parts from before inputs were recorded (their inputs are not counted).
+    pub unrecorded_parts: u64,
 }
 
 impl RunSummary {
-    /// Fraction of the inputs written by this run that failed.
+    /// Fraction of the shard's inputs that failed: over every run it resumed from
+    /// when it resumed, else over this run's. What `run.max_failed_fraction` (exit
+    /// code 3) is held to.
     pub fn failed_fraction(&self) -> f64 {
-        if self.inputs.written == 0 {
+        let (failed, written) = self.failed_of_written();
+        if written == 0 {
             0.0
         } else {
-            self.inputs.failed as f64 / self.inputs.written as f64
+            failed as f64 / written as f64
+        }
+    }
+
+    /// (failed, written) inputs of the shard (or of this run, without resume).
+    pub fn failed_of_written(&self) -> (u64, u64) {
+        match &self.shard {
+            Some(t) => (t.failed_inputs, t.inputs),
+            None => (self.inputs.failed, self.inputs.written),
         }
     }
 
@@ -121,6 +147,26 @@ impl RunSummary {
             if !kinds.is_empty() {
                 let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
                 s.push_str(&format!("\n{title}: {}", list.join(", ")));
+            }
+        }
+        if let Some(t) = &self.shard {
+            s.push_str(&format!(
+                "\nshard so far: {} inputs, {} failed, {} error rows",
+                t.inputs, t.failed_inputs, t.error_rows
+            ));
+            if !t.error_rows_by_kind.is_empty() {
+                let list: Vec<String> = t
+                    .error_rows_by_kind
+                    .iter()
+                    .map(|(k, n)| format!("{k} {n}"))
+                    .collect();
+                s.push_str(&format!(" ({})", list.join(", ")));
+            }
+            if t.unrecorded_parts > 0 {
+                s.push_str(&format!(
+                    "; {} older part(s) do not record their inputs",
+                    t.unrecorded_parts
+                ));
             }
         }
         if self.stopped_early {

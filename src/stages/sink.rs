@@ -65,6 +65,8 @@ pub struct SinkOutcome {
     pub failed_inputs: FailureCounts,
     /// Failed segments (inputs that decoded but a segment did not caption) by kind.
     pub failed_segments: FailureCounts,
+    /// Every error row by its `error_kind`.
+    pub error_rows: FailureCounts,
 }
 
 /// Writes rows until the channel closes; commits an open part whenever it is due.
@@ -152,6 +154,10 @@ fn record(done: &InputDone, rows: &[CaptionRow], counters: &RunCounters, out: &m
         if done.failure.is_none() {
             *out.failed_inputs.entry("no_caption".into()).or_default() += 1;
         }
+    }
+    for r in rows.iter().filter(|r| r.error.is_some()) {
+        let kind = r.failure.map_or("unknown", RowFailure::kind);
+        *out.error_rows.entry(kind.to_string()).or_default() += 1;
     }
     if done.failure.is_some() && captions == 0 {
         return;
