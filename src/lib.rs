@@ -17,7 +17,7 @@
 //! manifest
 //! model storage output
 //! audio
-//! config rng onnx graph_io atomic
+//! config rng onnx graph_io atomic retry
 //! layers:end
 //!
 //! From the top layer down:
@@ -58,6 +58,7 @@
 //! - [`graph_io`]: the contract between export and engine: the names of the graphs'
 //!   inputs and outputs and the limits both hold to.
 //! - [`rng`]: the one seeded random-number generator (SplitMix64).
+//! - [`retry`]: the one policy for transient faults (a budget, doubling waits).
 //! - [`atomic`]: writing a file or folder beside its final name and renaming it into
 //!   place (one staging-name rule).
 
@@ -77,6 +78,7 @@ pub mod model;
 pub mod onnx;
 pub mod output;
 pub mod pipeline;
+pub mod retry;
 pub mod rng;
 pub mod stages;
 pub mod storage;

@@ -90,10 +90,7 @@ fn key(item: &Result<PathBuf, Unreadable>) -> &Path {
 mod tests {
     use super::*;
 
-    fn touch(path: &Path) {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, b"RIFF").unwrap();
-    }
+    use crate::test_util::touch;
 
     #[test]
     fn audio_files_come_sorted_from_every_depth_and_links_never_loop() {

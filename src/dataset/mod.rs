@@ -24,6 +24,8 @@ use std::time::Duration;
 use object_store::path::Path;
 use object_store::{ObjectMeta, ObjectStore};
 
+use crate::retry::{Backoff, TransientRetry};
+
 pub use commit::{CommittedPart, ShardCommitRecord, commit_record_path};
 pub use finalize::{
     DatasetManifest, DatasetStatus, FinalizeOutcome, MANIFEST_FILE, SUCCESS_FILE, ShardHistory,
@@ -63,8 +65,7 @@ pub const FAILED_INPUTS_KEY: &str = "audiocap.failed_inputs";
 
 /// `call` until it succeeds, fails for good, or keeps failing transiently (an
 /// `object_store::Error::Generic`: what the client reports once its own retries of a
-/// transport error are spent) past `budget`; waits between tries double from 250 ms
-/// up to 8 s.
+/// transport error are spent) past `budget` ([`crate::retry`]'s waits).
 pub(crate) async fn retry_store<T, F, Fut>(
     budget: Duration,
     what: &str,
@@ -74,15 +75,15 @@ where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = Result<T, object_store::Error>>,
 {
-    let started = std::time::Instant::now();
-    let mut wait = Duration::from_millis(250);
+    let mut backoff = Backoff::start(TransientRetry::with_budget(budget));
     loop {
         match call().await {
-            Err(e @ object_store::Error::Generic { .. }) if started.elapsed() < budget => {
+            Err(e @ object_store::Error::Generic { .. }) => {
+                let Some(wait) = backoff.next_wait() else {
+                    return Err(e);
+                };
                 tracing::warn!(error = %crate::storage::redact_text(&e.to_string()), "{what} failed; trying again");
-                let left = budget.saturating_sub(started.elapsed());
-                tokio::time::sleep(wait.min(left)).await;
-                wait = (wait * 2).min(Duration::from_secs(8));
+                tokio::time::sleep(wait).await;
             }
             other => return other,
         }

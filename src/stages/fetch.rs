@@ -16,8 +16,8 @@ use std::time::Instant;
 
 use async_channel::{Receiver, Sender};
 
-use super::recover::TransientRetry;
 use super::{BusyClock, InputTask, RunCounters};
+use crate::retry::{Backoff, TransientRetry};
 use crate::rng::SplitMix64;
 use crate::storage::{FetchError, Fetched, SpoolOptions, fetch};
 
@@ -96,8 +96,8 @@ async fn fetch_retrying(
     retry: TransientRetry,
     faults: &TransientFaults,
 ) -> Option<Result<Fetched, FetchError>> {
-    let mut first_failure: Option<Instant> = None;
-    let mut backoff = retry.first_backoff;
+    // Counted from the input's first failure.
+    let mut backoff: Option<Backoff> = None;
     let mut jitter = SplitMix64::new(task.id ^ 0x5DEE_CE66_D1CE_4E5B);
     loop {
         let result = fetch(&task.input, spool).await;
@@ -105,8 +105,8 @@ async fn fetch_retrying(
             Err(e) if e.is_transient() => e.to_string(),
             _ => return Some(result),
         };
-        let since = *first_failure.get_or_insert_with(Instant::now);
-        if since.elapsed() >= retry.budget {
+        let backoff = backoff.get_or_insert_with(|| Backoff::start(retry));
+        let Some(wait) = backoff.next_wait() else {
             tracing::error!(
                 uri = %task.input.uri,
                 error = %error,
@@ -116,13 +116,11 @@ async fn fetch_retrying(
             RunCounters::bump(&faults.given_up, 1);
             *faults.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(error);
             return None;
-        }
+        };
         tracing::warn!(uri = %task.input.uri, error = %error, "transient failure, fetching again");
         RunCounters::bump(&faults.retries, 1);
-        // Full jitter over [backoff/2, backoff], never past the budget's end.
-        let wait = backoff.mul_f64(0.5 + 0.5 * jitter.next_f64());
-        let left = retry.budget.saturating_sub(since.elapsed());
-        tokio::time::sleep(wait.min(left)).await;
-        backoff = (backoff * 2).min(retry.max_backoff);
+        // Full jitter over [wait/2, wait], so workers that failed together do not
+        // all come back at once.
+        tokio::time::sleep(wait.mul_f64(0.5 + 0.5 * jitter.next_f64())).await;
     }
 }

@@ -19,7 +19,7 @@ use std::thread::JoinHandle;
 
 use async_channel::{Receiver, Sender, TryRecvError};
 
-use super::recover::{ModelFaults, TransientRetry, recover};
+use super::recover::{ModelFaults, recover};
 use super::{BusyClock, SegmentJob, SinkMessage};
 use crate::engine::audio::{AudioEmbeds, AudioEncoder, AudioQueue};
 use crate::engine::captioner::{caption_segments, captioned_row};
@@ -28,6 +28,7 @@ use crate::engine::generate::{Generated, GenerationParams};
 use crate::engine::model::OnnxModel;
 use crate::manifest::Attention;
 use crate::output::{CaptionRow, RowFailure, now_us};
+use crate::retry::TransientRetry;
 
 /// Encoded batches the encoder thread may hold ready for the decoder.
 const ENCODED_AHEAD: usize = 4;

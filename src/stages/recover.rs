@@ -5,7 +5,7 @@
 //! 1. The same batch once more, after a short pause (a blip).
 //! 2. A probe, a synthetic segment the model has no reason to refuse: while it
 //!    fails the device is at fault; it is probed again with exponential backoff for
-//!    [`TransientRetry::budget`]. When the budget runs out the stage gives up: the
+//!    [`TransientRetry::budget`](crate::retry::TransientRetry::budget). When the budget runs out the stage gives up: the
 //!    batch's rows are never sent, so their inputs are not committed, the run stops
 //!    taking inputs and fails (exit code 1), and the next run takes them again.
 //! 3. Once the probe answers, the batch's segments one by one: one that still fails
@@ -13,28 +13,9 @@
 
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-/// How long a transient fault is retried: an input's failing fetch (the fetch
-/// stage), a failing model (here).
-#[derive(Debug, Clone, Copy)]
-pub struct TransientRetry {
-    /// Time from the first failure after which the run gives up.
-    pub budget: Duration,
-    /// First wait between tries; doubled each time up to `max_backoff`.
-    pub first_backoff: Duration,
-    pub max_backoff: Duration,
-}
-
-impl TransientRetry {
-    pub fn with_budget(budget: Duration) -> Self {
-        Self {
-            budget,
-            first_backoff: Duration::from_millis(250),
-            max_backoff: Duration::from_secs(8),
-        }
-    }
-}
+use crate::retry::{Backoff, TransientRetry};
 
 /// What the model stage met, read by the run at its end.
 #[derive(Debug, Default)]
@@ -119,13 +100,13 @@ fn wait_for_probe(
     retry: &TransientRetry,
     faults: &ModelFaults,
 ) -> Option<()> {
-    let mut backoff = retry.first_backoff;
+    let mut backoff = Backoff::since(*retry, started);
     loop {
         let error = match probe() {
             Ok(()) => return Some(()),
             Err(error) => error,
         };
-        if started.elapsed() >= retry.budget {
+        let Some(wait) = backoff.next_wait() else {
             tracing::error!(
                 %error,
                 budget_s = retry.budget.as_secs_f64(),
@@ -134,11 +115,9 @@ fn wait_for_probe(
             );
             faults.give_up(error);
             return None;
-        }
+        };
         tracing::warn!(%error, "the model fails on a probe too; waiting for it");
-        let left = retry.budget.saturating_sub(started.elapsed());
-        std::thread::sleep(backoff.min(left));
-        backoff = (backoff * 2).min(retry.max_backoff);
+        std::thread::sleep(wait);
     }
 }
 
@@ -146,6 +125,7 @@ fn wait_for_probe(
 mod tests {
     use super::*;
     use std::cell::Cell;
+    use std::time::Duration;
 
     fn quick(budget_ms: u64) -> TransientRetry {
         TransientRetry {

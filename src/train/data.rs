@@ -130,10 +130,7 @@ impl AudioIndex {
 mod tests {
     use super::*;
 
-    fn touch(path: &Path) {
-        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
-        std::fs::write(path, b"RIFF").unwrap();
-    }
+    use crate::test_util::touch;
 
     #[test]
     fn clotho_layout_finds_files_and_reports_missing_ones() {
