@@ -886,3 +886,129 @@ async fn finalize_refuses_shards_that_are_not_one_dataset() {
         vec![record.parts[0].name.clone()]
     );
 }
+
+/// Rows of an input whose single segment failed with `kind`.
+fn failed_input(uri: &str, run_id: &str, kind: &'static str) -> Vec<CaptionRow> {
+    let mut rows = input(uri, 1, run_id);
+    rows[0].caption = None;
+    rows[0] = rows[0].failed(
+        audiocap::output::RowFailure::Input(kind),
+        format!("decode: {kind}"),
+        1,
+    );
+    rows
+}
+
+/// `--retry-failed` on one store: failed inputs leave the committed parts (the
+/// others' rows are carried into replacements), so a run that captions them again
+/// leaves each input's newest rows only, for readers, status and the manifest; a
+/// finalized dataset is withdrawn first; a run stopped between committing a
+/// replacement and deleting the part it replaces is completed by the next open.
+async fn retry_failed_keeps_only_the_newest_rows(store: Arc<dyn ObjectStore>, kind: StoreKind) {
+    let prefix = Path::from("ds");
+    let mut o = stamped(0, 1, "a", "m@1");
+    o.max_rows_per_part = 3;
+    let mut w = open(&store, &prefix, &kind, o).await;
+    // Part 0: ok1 (2 rows) + bad1; part 1: ok2 (2) + half (a captioned and a failed
+    // segment); part 2: bad3 alone (nothing to carry).
+    w.write_input(&input("ok1", 2, "a")).await.unwrap();
+    w.write_input(&failed_input("bad1", "a", "not_audio"))
+        .await
+        .unwrap();
+    w.write_input(&input("ok2", 2, "a")).await.unwrap();
+    let mut half = input("half", 2, "a");
+    half[1].caption = None;
+    half[1] = half[1].failed(audiocap::output::RowFailure::Model, "model: device lost", 1);
+    w.write_input(&half).await.unwrap();
+    w.write_input(&failed_input("bad3", "a", "not_found"))
+        .await
+        .unwrap();
+    w.finish(serde_json::json!({})).await.unwrap();
+    let before = listed(store.as_ref(), &prefix).await;
+    assert_eq!(before.len(), 3, "{before:?}");
+    let first_part = store
+        .get(&prefix.clone().join(before[0].as_str()))
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(matches!(
+        finalize(store.as_ref(), &prefix).await.unwrap(),
+        FinalizeOutcome::Finalized(_)
+    ));
+
+    // The retry run takes the three failed inputs out before anything else.
+    let mut w = open(&store, &prefix, &kind, stamped(0, 1, "b", "m@1")).await;
+    let report = w.supersede_failed().await.unwrap();
+    assert_eq!((report.parts, report.failed_inputs), (3, 3));
+    for marker in [SUCCESS_FILE, MANIFEST_FILE] {
+        let gone = store.head(&prefix.clone().join(marker)).await;
+        assert!(gone.is_err(), "{marker} survived a change of the parts");
+    }
+    let done = committed_inputs(store.clone(), &prefix, &kind)
+        .await
+        .unwrap();
+    assert_eq!(done, HashSet::from(["ok1".into(), "ok2".into()]));
+    let rows = rows_by_uri(store.as_ref(), &prefix).await;
+    assert_eq!(rows, HashMap::from([("ok1".into(), 2), ("ok2".into(), 2)]));
+    // Mid-run, the shard is in progress, not damaged: the parts its record names
+    // are carried by replacements.
+    let status = dataset_status(store.as_ref(), &prefix).await.unwrap();
+    assert_eq!(states(&status), vec![ShardState::InProgress]);
+    assert!(status.shards[0].missing_parts.is_empty(), "{status:?}");
+    assert_eq!(status.error_rows, 0);
+
+    // Captioned again, then committed: one set of rows per input.
+    for uri in ["bad1", "half", "bad3"] {
+        w.write_input(&input(uri, 2, "b")).await.unwrap();
+    }
+    let record = w.finish(serde_json::json!({})).await.unwrap();
+    assert!(
+        record.shard_parts.iter().all(|p| !before.contains(p)),
+        "{:?}",
+        record.shard_parts
+    );
+    let rows = rows_by_uri(store.as_ref(), &prefix).await;
+    let expected: HashMap<String, usize> = ["ok1", "ok2", "bad1", "half", "bad3"]
+        .iter()
+        .map(|u| (u.to_string(), 2))
+        .collect();
+    assert_eq!(rows, expected);
+    let FinalizeOutcome::Finalized(manifest) = finalize(store.as_ref(), &prefix).await.unwrap()
+    else {
+        panic!("not finalized after the retry");
+    };
+    assert_eq!((manifest.rows, manifest.error_rows), (10, 0));
+    let names: Vec<String> = manifest.parts.iter().map(|p| p.name.clone()).collect();
+    assert_eq!(names, listed(store.as_ref(), &prefix).await);
+
+    // Nothing failed: a second retry changes nothing and keeps the dataset final.
+    let mut w = open(&store, &prefix, &kind, stamped(0, 1, "c", "m@1")).await;
+    assert_eq!(w.supersede_failed().await.unwrap().parts, 0);
+    drop(w);
+    assert!(store.head(&prefix.clone().join(SUCCESS_FILE)).await.is_ok());
+
+    // A run killed after committing a replacement, before deleting what it
+    // replaced: both are visible (ok1 twice) until the shard's next open.
+    let restored = prefix.clone().join(before[0].as_str());
+    store.put(&restored, first_part.into()).await.unwrap();
+    assert_eq!(rows_by_uri(store.as_ref(), &prefix).await["ok1"], 4);
+    let w = open(&store, &prefix, &kind, stamped(0, 1, "d", "m@1")).await;
+    drop(w);
+    assert!(store.head(&restored).await.is_err(), "not cleaned up");
+    assert_eq!(rows_by_uri(store.as_ref(), &prefix).await, expected);
+}
+
+#[tokio::test]
+async fn retry_failed_supersedes_failed_inputs_in_memory() {
+    let (store, kind) = memory();
+    retry_failed_keeps_only_the_newest_rows(store, kind).await;
+}
+
+#[tokio::test]
+async fn retry_failed_supersedes_failed_inputs_on_local_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, kind) = local(dir.path());
+    retry_failed_keeps_only_the_newest_rows(store, kind).await;
+}

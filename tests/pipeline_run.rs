@@ -532,6 +532,88 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
         .unwrap()
         .count();
     assert_eq!(records, 2);
+
+    // Two of the failed inputs are mended; `--retry-failed` captions every failed
+    // input again and each keeps only its newest rows: the mended ones captioned,
+    // the rest failing as before, nothing duplicated for any reader.
+    std::fs::write(
+        audio.join("not_audio.wav"),
+        wav(16_000, 1, &tone(16_000, 1.0, 700.0)),
+    )
+    .unwrap();
+    std::fs::create_dir_all(missing.parent().unwrap()).unwrap();
+    std::fs::write(&missing, wav(16_000, 1, &tone(16_000, 1.0, 900.0))).unwrap();
+    let failed_before = rows.iter().filter(|r| r.3.is_some()).count();
+    let out = Command::new(env!("CARGO_BIN_EXE_audiocap"))
+        .arg("run")
+        .arg(&pipeline)
+        .arg("--retry-failed")
+        .args([
+            "--set",
+            &format!("input.manifests=[\"{}\"]", manifest.display()),
+        ])
+        .env("RUST_LOG", "warn")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stdout}\n{stderr}");
+    let retried = stdout
+        .lines()
+        .find(|l| l.starts_with("retried: "))
+        .unwrap_or_else(|| panic!("{stdout}"));
+    let failed_inputs = by_name
+        .values()
+        .filter(|rows| rows.iter().any(|r| r.3.is_some()));
+    let failed_inputs = failed_inputs.count();
+    assert!(
+        retried.starts_with(&format!("retried: {failed_inputs} failed input(s)")),
+        "{retried}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "{failed_inputs} taken, {} already in the dataset",
+            17 - failed_inputs
+        )),
+        "{stdout}"
+    );
+    let after = read_dataset(&out_dir);
+    let mut keys: Vec<(String, u32)> = after.iter().map(|r| (r.0.clone(), r.1)).collect();
+    keys.sort();
+    let before_dedup = keys.len();
+    keys.dedup();
+    assert_eq!(keys.len(), before_dedup, "a row appears twice: {after:?}");
+    let mended = |name: &str| {
+        let rows: Vec<_> = after.iter().filter(|r| r.0.ends_with(name)).collect();
+        assert_eq!(rows.len(), 1, "{name}: {rows:?}");
+        rows[0].2.is_some() && rows[0].3.is_none()
+    };
+    assert!(mended("/not_audio.wav") && mended("/missing.wav"));
+    assert_eq!(
+        after.iter().filter(|r| r.3.is_some()).count(),
+        failed_before - 2
+    );
+    assert_eq!(after.len(), rows.len());
+    let duck = Command::new("python3")
+        .args([
+            "-c",
+            &query.replace(
+                "count(distinct uri)",
+                "count(distinct (uri, segment_index)), count(distinct uri)",
+            ),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&duck.stdout).trim(),
+        format!("({0}, {0}, 17)", after.len())
+    );
+    let out = dataset_cli("finalize", &out_dir, &[]);
+    assert!(out.status.success(), "{}", text(&out));
+    let manifest: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out_dir.join("_manifest.json")).unwrap()).unwrap();
+    assert_eq!(manifest["rows"], after.len() as u64);
+    assert_eq!(manifest["error_rows"], (failed_before - 2) as u64);
 }
 
 /// `audiocap run` in the background with batches of one (many small commits).
@@ -835,14 +917,16 @@ fn store_in_and_out_with_resume(server: &dyn TestStore) {
         &out,
         &server.storage_toml(),
     );
-    let go = || {
+    let go_with = |flags: &[&str]| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiocap"));
         cmd.arg("run")
             .arg(&pipeline)
+            .args(flags)
             .env("RUST_LOG", "warn")
             .envs(server.env());
         cmd.output().unwrap()
     };
+    let go = || go_with(&[]);
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let rows = || match server.holds_datasets() {
         true => runtime.block_on(read_remote_dataset(server.store().as_ref(), "captions")),
@@ -885,6 +969,25 @@ fn store_in_and_out_with_resume(server: &dyn TestStore) {
         "{stdout}"
     );
     assert_eq!(rows().len(), first.len());
+
+    // broken.wav mended, then `--retry-failed`: its error row is replaced by a
+    // caption in the store itself; every input has one row; exit 0.
+    let mended = std::fs::read(f.join("e2e-tiny/audio/sine_1s.wav")).unwrap();
+    server.put("audio/broken.wav", mended);
+    let out = go_with(&["--retry-failed"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(stdout.contains("retried: 1 failed input(s)"), "{stdout}");
+    assert!(
+        stdout.contains("shard so far: 4 inputs, 0 failed, 0 error rows"),
+        "{stdout}"
+    );
+    let last = rows();
+    assert_eq!(last.len(), first.len(), "{last:?}");
+    assert!(
+        last.iter().all(|r| r.1.is_some() && r.2.is_none()),
+        "{last:?}"
+    );
 }
 
 #[test]

@@ -26,6 +26,10 @@ pub struct RunArgs {
     /// Run id recorded in every row and part name (default: time and process id).
     #[arg(long)]
     run_id: Option<String>,
+    /// Caption again the inputs whose committed rows failed (run.retry_failed): each
+    /// keeps only its newest rows. Finalize again afterwards.
+    #[arg(long)]
+    retry_failed: bool,
     /// Validate the pipeline and print it with every default filled in; run nothing.
     #[arg(long)]
     check: bool,
@@ -41,6 +45,9 @@ pub fn run(args: RunArgs) -> anyhow::Result<Exit> {
     }
     if let Some(n) = args.shard_count {
         overrides.push(format!("run.shard_count={n}"));
+    }
+    if args.retry_failed {
+        overrides.push("run.retry_failed=true".to_string());
     }
     let config = match PipelineConfig::load(&args.pipeline, &overrides) {
         Ok(c) => c,

@@ -6,9 +6,10 @@
 //! own). Finalizing checks that all N shards are committed, that one model and one set
 //! of row-shaping settings wrote every part, then writes `_manifest.json` (every part
 //! with its rows, error rows, bytes and SHA-256) and `_SUCCESS` last. Both are
-//! deterministic, so finalizing twice, or twice at once, writes the same bytes; parts
-//! are never deleted, so a reader that read `_SUCCESS` and then the manifest always
-//! finds every part it lists, complete.
+//! deterministic, so finalizing twice, or twice at once, writes the same bytes. Parts
+//! are deleted only by `run --retry-failed` ([`super::supersede`]), which removes
+//! `_SUCCESS` and then the manifest first, so a reader that read `_SUCCESS` and then
+//! the manifest finds every part it lists, complete (unless a retry starts between).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -20,6 +21,7 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::resume::read_footer;
+use super::supersede::{footer_value, replaced_part};
 use super::{
     COMMITS_DIR, DatasetError, ERROR_KINDS_KEY, FAILED_INPUTS_KEY, INPUTS_KEY, MAX_SHARD_COUNT,
     ShardCommitRecord, is_committed_part, list_objects,
@@ -168,6 +170,8 @@ struct PartFacts {
     /// Inputs and inputs without a caption, when the footer records them.
     inputs: Option<(u64, u64)>,
     model: Option<String>,
+    /// The part whose rows this one carries (`--retry-failed`).
+    replaces: Option<String>,
 }
 
 /// Counts by kind, summed (saturating, as [`saturating_sum`]).
@@ -196,7 +200,10 @@ fn part_layout(name: &str) -> Option<(u32, u32)> {
 
 /// Rows and error rows of a footer: `error` non-null counts from the column
 /// statistics (the writer always writes them).
-fn footer_counts(metadata: &ParquetMetaData, path: &str) -> Result<(u64, u64), DatasetError> {
+pub(super) fn footer_counts(
+    metadata: &ParquetMetaData,
+    path: &str,
+) -> Result<(u64, u64), DatasetError> {
     let rows = metadata.file_metadata().num_rows().max(0) as u64;
     let schema = metadata.file_metadata().schema_descr();
     let Some(column) = schema
@@ -233,14 +240,9 @@ async fn part_facts(store: &dyn ObjectStore, meta: ObjectMeta) -> Result<PartFac
     })?;
     let metadata = read_footer(store, &meta).await?;
     let (rows, error_rows) = footer_counts(&metadata, &path)?;
-    let footer = |key: &str| {
-        metadata
-            .file_metadata()
-            .key_value_metadata()
-            .and_then(|kv| kv.iter().find(|e| e.key == key))
-            .and_then(|e| e.value.clone())
-    };
+    let footer = |key: &str| footer_value(&metadata, key);
     let model = footer(MODEL_KEY);
+    let replaces = replaced_part(&metadata);
     let error_kinds = match footer(ERROR_KINDS_KEY) {
         Some(json) => serde_json::from_str(&json).map_err(|e| DatasetError::BadPart {
             path: path.clone(),
@@ -261,6 +263,7 @@ async fn part_facts(store: &dyn ObjectStore, meta: ObjectMeta) -> Result<PartFac
         error_kinds,
         inputs,
         model,
+        replaces,
     })
 }
 
@@ -513,8 +516,12 @@ fn shard_status(index: u32, parts: &[&PartFacts], runs: &[&ShardCommitRecord]) -
                 .difference(&expected)
                 .map(|s| s.to_string())
                 .collect();
+            // A part a visible replacement carries is not lost (`--retry-failed`).
+            let replaced: BTreeSet<&str> =
+                parts.iter().filter_map(|p| p.replaces.as_deref()).collect();
             let missing: Vec<String> = expected
                 .difference(&visible)
+                .filter(|name| !replaced.contains(*name))
                 .map(|s| s.to_string())
                 .collect();
             let state = if !missing.is_empty() {

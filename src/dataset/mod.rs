@@ -16,6 +16,7 @@ mod commit;
 mod finalize;
 mod report;
 mod resume;
+mod supersede;
 mod writer;
 
 use std::path::PathBuf;
@@ -33,7 +34,7 @@ pub use finalize::{
 };
 pub use report::{finalize_json, render_finalize, render_status};
 pub use resume::committed_inputs;
-pub use writer::DatasetWriter;
+pub use writer::{DatasetWriter, SupersedeReport};
 
 /// Folder (under the prefix) of parts being written on local disk.
 pub const STAGING_DIR: &str = "_staging";
@@ -62,6 +63,9 @@ pub const ERROR_KINDS_KEY: &str = "audiocap.error_kinds";
 /// The footer keys of a part's inputs and of those with no caption at all.
 pub const INPUTS_KEY: &str = "audiocap.inputs";
 pub const FAILED_INPUTS_KEY: &str = "audiocap.failed_inputs";
+/// The footer key of a part that carries another's rows (`--retry-failed`): the name
+/// of the part it replaces ([`supersede`]).
+pub const REPLACES_KEY: &str = "audiocap.replaces";
 
 /// `call` until it succeeds, fails for good, or keeps failing transiently (an
 /// `object_store::Error::Generic`: what the client reports once its own retries of a
@@ -198,6 +202,11 @@ fn shard_part_prefix(shard_index: u32, shard_count: u32) -> String {
     format!("part-{shard_index:05}-of-{shard_count:05}-")
 }
 
+/// Whether `name` is a committed part of shard `index` of `count`.
+fn is_shard_part(name: &str, index: u32, count: u32) -> bool {
+    is_committed_part(name) && name.starts_with(&shard_part_prefix(index, count))
+}
+
 /// The file name of part `seq` of one shard and run.
 pub fn part_name(shard_index: u32, shard_count: u32, run_id: &str, seq: u32) -> String {
     format!(
@@ -206,13 +215,34 @@ pub fn part_name(shard_index: u32, shard_count: u32, run_id: &str, seq: u32) -> 
     )
 }
 
-/// The `seq` of `name` when it is a part of this shard and run.
+/// The file name of the part that replaces another (`--retry-failed`): `r` before the
+/// sequence number marks it, so an open finds replacements by name
+/// ([`is_replacement_name`]) without reading every footer. Numbered with the run's
+/// other parts.
+fn replacement_part_name(shard_index: u32, shard_count: u32, run_id: &str, seq: u32) -> String {
+    format!(
+        "{}{run_id}-r{seq:05}{PART_SUFFIX}",
+        shard_part_prefix(shard_index, shard_count)
+    )
+}
+
+/// Whether a part name is a replacement's: its last `-` field is `r` and digits (a
+/// run's own parts end in digits alone, whatever the run id).
+fn is_replacement_name(name: &str) -> bool {
+    name.strip_suffix(PART_SUFFIX)
+        .and_then(|stem| stem.rsplit_once('-'))
+        .and_then(|(_, last)| last.strip_prefix('r'))
+        .is_some_and(|digits| !digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit()))
+}
+
+/// The `seq` of `name` when it is a part (or a replacement) of this shard and run.
 fn part_seq(name: &str, shard_index: u32, shard_count: u32, run_id: &str) -> Option<u32> {
     let rest = name.strip_prefix(&shard_part_prefix(shard_index, shard_count))?;
-    let digits = rest
+    let rest = rest
         .strip_prefix(run_id)?
         .strip_prefix('-')?
         .strip_suffix(PART_SUFFIX)?;
+    let digits = rest.strip_prefix('r').unwrap_or(rest);
     if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
@@ -361,6 +391,15 @@ mod tests {
         let longer = part_name(3, 16, "run-1-00007", 1);
         assert_eq!(part_seq(&longer, 3, 16, "run-1"), None);
         assert_eq!(part_seq(&longer, 3, 16, "run-1-00007"), Some(1));
+        let replacement = replacement_part_name(3, 16, "run-1", 43);
+        assert_eq!(replacement, "part-00003-of-00016-run-1-r00043.zstd.parquet");
+        assert_eq!(part_seq(&replacement, 3, 16, "run-1"), Some(43));
+        assert!(is_replacement_name(&replacement));
+        assert!(!is_replacement_name(&name));
+        // A run id ending in `-r` or holding `-r1` is still an ordinary part.
+        assert!(!is_replacement_name(&part_name(3, 16, "x-r", 1)));
+        assert!(!is_replacement_name(&part_name(3, 16, "x-r1", 1)));
+        assert_eq!(part_seq(&part_name(3, 16, "x-r1", 2), 3, 16, "x"), None);
         assert!(is_committed_part(&name));
         assert!(!is_committed_part("_staging"));
         assert!(!is_committed_part(".part.parquet"));

@@ -15,11 +15,20 @@ use parquet::arrow::ArrowWriter;
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
+use std::collections::BTreeSet;
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::ObjectMeta;
+
 use super::commit::{ensure_uncommitted, write_record};
+use super::finalize::footer_counts;
+use super::resume::read_footer;
+use super::supersede::{Carried, carry_kept_rows, count_inputs, replaced_part};
 use super::{
     CommittedPart, DatasetError, DatasetWriterOptions, ERROR_KINDS_KEY, FAILED_INPUTS_KEY,
-    INPUTS_KEY, STAGING_DIR, ShardCommitRecord, StoreKind, commit_record_path, is_committed_part,
-    list_objects, local_path, part_name, part_seq, retry_store, shard_part_prefix,
+    INPUTS_KEY, MANIFEST_FILE, REPLACES_KEY, STAGING_DIR, SUCCESS_FILE, ShardCommitRecord,
+    StoreKind, commit_record_path, is_replacement_name, is_shard_part, list_objects, local_path,
+    part_name, part_seq, replacement_part_name, retry_store, shard_part_prefix,
 };
 use crate::output::{CaptionRow, RowFailure, schema, to_record_batch, writer_properties};
 
@@ -45,7 +54,7 @@ pub struct DatasetWriter {
     open: Option<OpenPart>,
     committed: Vec<CommittedPart>,
     /// This shard's parts (any run) that were already committed when it opened.
-    inherited: Vec<String>,
+    inherited: Vec<ObjectMeta>,
 }
 
 impl DatasetWriter {
@@ -67,16 +76,19 @@ impl DatasetWriter {
         }
         let listed = list_objects(store.as_ref(), &prefix).await?;
         let names = listed.iter().filter_map(|o| o.location.filename());
-        let mine = shard_part_prefix(shard, shards);
-        let inherited: Vec<String> = names
-            .clone()
-            .filter(|name| name.starts_with(&mine) && is_committed_part(name))
-            .map(str::to_owned)
-            .collect();
         let next_seq = names
             .filter_map(|name| part_seq(name, shard, shards, run_id))
             .max()
             .map_or(0, |seq| seq + 1);
+        let mine: Vec<ObjectMeta> = listed
+            .into_iter()
+            .filter(|o| {
+                o.location
+                    .filename()
+                    .is_some_and(|name| is_shard_part(name, shard, shards))
+            })
+            .collect();
+        let inherited = finish_replacements(store.as_ref(), mine, options.transient_retry).await?;
         let props = writer_properties(options.metadata.clone());
         Ok(Self {
             store,
@@ -99,7 +111,7 @@ impl DatasetWriter {
         };
         let mut part = match self.open.take() {
             Some(part) => part,
-            None => self.new_part()?,
+            None => self.new_part(None)?,
         };
         let batch = match to_record_batch(rows) {
             Ok(batch) => batch,
@@ -160,7 +172,7 @@ impl DatasetWriter {
         let o = &self.options;
         let path = commit_record_path(&self.prefix, o.shard_index, o.shard_count, &o.run_id);
         let parts = std::mem::take(&mut self.committed);
-        let mut shard_parts: Vec<String> = self.inherited.clone();
+        let mut shard_parts: Vec<String> = self.inherited.iter().map(part_file_name).collect();
         shard_parts.extend(parts.iter().map(|p| p.name.clone()));
         shard_parts.sort();
         shard_parts.dedup();
@@ -181,6 +193,94 @@ impl DatasetWriter {
         Ok(record)
     }
 
+    /// `--retry-failed`: takes every input with an error row out of this shard's
+    /// committed parts, so that this run (which then finds them not done) captions
+    /// them again and the dataset keeps only the new rows. Call it after `open`,
+    /// before reading what the dataset holds. Each part with failed inputs is
+    /// replaced by one of this run's holding its other rows ([`super::supersede`]);
+    /// a finalized dataset loses its `_SUCCESS` and `_manifest.json` first, since the
+    /// parts they list change (finalize again once every shard is done).
+    pub async fn supersede_failed(&mut self) -> Result<SupersedeReport, DatasetError> {
+        let budget = self.options.transient_retry;
+        let store = self.store.clone();
+        let mut report = SupersedeReport::default();
+        let candidates: Vec<ObjectMeta> = std::mem::take(&mut self.inherited);
+        let mut withdrawn = false;
+        for (i, part) in candidates.iter().enumerate() {
+            let name = part_file_name(part);
+            let footer = read_footer(store.as_ref(), part).await?;
+            let (_, error_rows) = footer_counts(&footer, part.location.as_ref())?;
+            let carried = if error_rows == 0 {
+                None
+            } else {
+                carry_kept_rows(store.as_ref(), &self.kind, part, budget).await?
+            };
+            let Some(carried) = carried else {
+                self.inherited.push(part.clone());
+                continue;
+            };
+            if !withdrawn {
+                withdraw_finalized(store.as_ref(), &self.prefix, budget).await?;
+                withdrawn = true;
+            }
+            let failed = carried.failed.len() as u64;
+            let replacement = match self.replace(&name, carried).await {
+                Ok(replacement) => replacement,
+                Err(e) => {
+                    // What was not replaced is still this shard's.
+                    self.inherited.extend(candidates[i..].iter().cloned());
+                    return Err(e);
+                }
+            };
+            delete_part(store.as_ref(), &part.location, budget).await?;
+            tracing::info!(
+                part = %name,
+                replacement = %replacement.name,
+                failed_inputs = failed,
+                "failed inputs taken out of a committed part, to be captioned again"
+            );
+            report.parts += 1;
+            report.failed_inputs += failed;
+        }
+        Ok(report)
+    }
+
+    /// Writes `carried` (the kept rows of part `replaced`) as a replacement part and
+    /// commits it.
+    async fn replace(
+        &mut self,
+        replaced: &str,
+        mut carried: Carried,
+    ) -> Result<CommittedPart, DatasetError> {
+        if let Some(open) = self.open.take() {
+            // Replacements come before any new rows; a part open now is a bug, but
+            // its rows must not be lost.
+            self.open = Some(open);
+            self.commit_open().await?;
+        }
+        let mut part = self.new_part(Some(replaced.to_string()))?;
+        let mut last_uri = None;
+        while let Some(batch) = carried.batches.recv().await {
+            let batch = match batch {
+                Ok(batch) => batch,
+                Err(e) => return Err(part.discard(e).await),
+            };
+            if let Err(e) = part.write(&batch, self.store.as_ref(), &self.options).await {
+                return Err(part.discard(e).await);
+            }
+            part.rows += batch.num_rows() as u64;
+            part.inputs += count_inputs(&batch, &mut last_uri);
+        }
+        // The kept inputs each have no error row, so no failed inputs and no error
+        // kinds: the footer's counts stay zero.
+        self.open = Some(part);
+        let committed = self.commit_open().await?;
+        committed.ok_or_else(|| DatasetError::BadPart {
+            path: replaced.to_string(),
+            what: "its replacement was not committed".into(),
+        })
+    }
+
     /// Parts committed so far by this writer.
     pub fn committed(&self) -> &[CommittedPart] {
         &self.committed
@@ -191,9 +291,14 @@ impl DatasetWriter {
         self.open.as_ref().map_or(0, |p| p.rows)
     }
 
-    fn new_part(&mut self) -> Result<OpenPart, DatasetError> {
+    /// A new part; `replaces` names the part whose rows it carries.
+    fn new_part(&mut self, replaces: Option<String>) -> Result<OpenPart, DatasetError> {
         let o = &self.options;
-        let name = part_name(o.shard_index, o.shard_count, &o.run_id, self.next_seq);
+        let name = if replaces.is_some() {
+            replacement_part_name(o.shard_index, o.shard_count, &o.run_id, self.next_seq)
+        } else {
+            part_name(o.shard_index, o.shard_count, &o.run_id, self.next_seq)
+        };
         self.next_seq += 1;
         let location = self.prefix.clone().join(name.as_str());
         let parquet_err = |op, source| DatasetError::Parquet {
@@ -236,6 +341,7 @@ impl DatasetWriter {
             inputs: 0,
             error_kinds: BTreeMap::new(),
             failed_inputs: 0,
+            replaces,
         })
     }
 
@@ -291,6 +397,102 @@ fn prepare_local(dir: &FsPath, shard: u32, shards: u32) -> Result<(), DatasetErr
     Ok(())
 }
 
+/// What [`DatasetWriter::supersede_failed`] took out.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct SupersedeReport {
+    /// Parts replaced.
+    pub parts: u64,
+    /// Inputs taken out of them, to be captioned again.
+    pub failed_inputs: u64,
+}
+
+fn part_file_name(part: &ObjectMeta) -> String {
+    part.location.filename().unwrap_or_default().to_string()
+}
+
+/// This shard's parts left once those that a visible replacement names are deleted
+/// (a `--retry-failed` run killed after committing a replacement, before deleting
+/// what it replaced), by name. Only replacements' footers are read.
+async fn finish_replacements(
+    store: &dyn ObjectStore,
+    mine: Vec<ObjectMeta>,
+    budget: Duration,
+) -> Result<Vec<ObjectMeta>, DatasetError> {
+    let replacements = mine
+        .iter()
+        .filter(|o| is_replacement_name(&part_file_name(o)));
+    let replaced: BTreeSet<String> = futures::stream::iter(replacements)
+        .map(|part| async move { read_footer(store, part).await.map(|f| replaced_part(&f)) })
+        .buffer_unordered(8)
+        .try_collect::<Vec<Option<String>>>()
+        .await?
+        .into_iter()
+        .flatten()
+        .collect();
+    let mut left = Vec::new();
+    for part in mine {
+        let name = part_file_name(&part);
+        if replaced.contains(&name) {
+            delete_part(store, &part.location, budget).await?;
+            tracing::info!(part = %name, "removed a part that a replacement already carries (a --retry-failed run was stopped)");
+        } else {
+            left.push(part);
+        }
+    }
+    left.sort_by(|a, b| a.location.cmp(&b.location));
+    Ok(left)
+}
+
+/// Deletes a committed part; one already gone is fine.
+async fn delete_part(
+    store: &dyn ObjectStore,
+    location: &Path,
+    budget: Duration,
+) -> Result<(), DatasetError> {
+    match retry_store(budget, "deleting a replaced part", || {
+        store.delete(location)
+    })
+    .await
+    {
+        Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(()),
+        Err(source) => Err(DatasetError::Store {
+            op: "deleting replaced part",
+            path: location.to_string(),
+            source,
+        }),
+    }
+}
+
+/// Removes `_SUCCESS`, then `_manifest.json`: the dataset is no longer final once
+/// its parts change.
+async fn withdraw_finalized(
+    store: &dyn ObjectStore,
+    prefix: &Path,
+    budget: Duration,
+) -> Result<(), DatasetError> {
+    for file in [SUCCESS_FILE, MANIFEST_FILE] {
+        let location = prefix.clone().join(file);
+        match retry_store(budget, "withdrawing the finalized marker", || {
+            store.delete(&location)
+        })
+        .await
+        {
+            Ok(()) => {
+                tracing::info!(file = %location, "removed: the dataset changes, finalize it again")
+            }
+            Err(object_store::Error::NotFound { .. }) => {}
+            Err(source) => {
+                return Err(DatasetError::Store {
+                    op: "removing finalized marker",
+                    path: location.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
 fn distinct_uris(rows: &[CaptionRow]) -> u64 {
     let mut uris: Vec<&str> = rows.iter().map(|r| r.uri.as_str()).collect();
     uris.sort_unstable();
@@ -311,6 +513,8 @@ struct OpenPart {
     error_kinds: BTreeMap<String, u64>,
     /// Inputs of the part with no caption at all ([`super::FAILED_INPUTS_KEY`]).
     failed_inputs: u64,
+    /// The part whose rows this one carries ([`super::REPLACES_KEY`]).
+    replaces: Option<String>,
 }
 
 enum PartWriter {
@@ -426,14 +630,18 @@ impl OpenPart {
             inputs,
             error_kinds,
             failed_inputs,
+            replaces,
             ..
         } = self;
         let kinds = serde_json::to_string(&error_kinds).unwrap_or_default();
-        let footer = [
+        let mut footer = vec![
             KeyValue::new(ERROR_KINDS_KEY.to_string(), kinds),
             KeyValue::new(INPUTS_KEY.to_string(), inputs.to_string()),
             KeyValue::new(FAILED_INPUTS_KEY.to_string(), failed_inputs.to_string()),
         ];
+        if let Some(replaced) = replaces {
+            footer.push(KeyValue::new(REPLACES_KEY.to_string(), replaced));
+        }
         for kv in footer {
             match &mut writer {
                 PartWriter::Local { writer, .. } => writer.append_key_value_metadata(kv),

@@ -225,6 +225,10 @@ pub struct RunSection {
     /// taking inputs and exits with code 1, and the next run takes it again. A model
     /// that keeps failing (`crate::stages::recover`) is waited for as long.
     pub transient_retry_seconds: f64,
+    /// Caption again the inputs whose committed rows failed (`--retry-failed`): they
+    /// are taken out of the shard's parts first, so each input keeps only its newest
+    /// rows. Needs `resume`.
+    pub retry_failed: bool,
 }
 
 impl Default for RunSection {
@@ -236,6 +240,7 @@ impl Default for RunSection {
             max_failed_fraction: 0.0,
             limit: None,
             transient_retry_seconds: 60.0,
+            retry_failed: false,
         }
     }
 }
@@ -509,6 +514,12 @@ impl PipelineConfig {
             self.run.transient_retry_seconds,
             0.0..=86_400.0,
         );
+        if self.run.retry_failed && !self.run.resume {
+            p.push(problem(
+                "run.retry_failed",
+                "needs run.resume = true: the failed inputs are found among the committed ones",
+            ));
+        }
         if !(0.0..=1.0).contains(&self.run.max_failed_fraction) {
             p.push(problem(
                 "run.max_failed_fraction",
@@ -802,6 +813,22 @@ mod tests {
         ] {
             assert!(at.contains(&expected), "{expected} missing from {err}");
         }
+    }
+
+    #[test]
+    fn retrying_failed_inputs_needs_resume() {
+        let retry = "run.retry_failed=true".to_string();
+        let c = PipelineConfig::parse(MINIMAL, "m.toml", std::slice::from_ref(&retry)).unwrap();
+        assert!(c.run.retry_failed && c.run.resume);
+        let err = PipelineConfig::parse(MINIMAL, "m.toml", &[retry, "run.resume=false".into()])
+            .unwrap_err();
+        assert!(
+            err.problems.iter().any(|p| p.at == "run.retry_failed"),
+            "{err}"
+        );
+        // It only chooses which inputs to caption: the rows' shape is unchanged.
+        let plain = PipelineConfig::parse(MINIMAL, "m.toml", &[]).unwrap();
+        assert_eq!(c.dataset_digest(1), plain.dataset_digest(1));
     }
 
     #[test]

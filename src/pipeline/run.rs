@@ -101,28 +101,6 @@ async fn run_async(
     .map_err(RunError::Fatal)?;
     tracing::info!(model = %model.identity, %device, "model loaded");
 
-    let (committed, history) = if config.run.resume {
-        let set = committed_inputs(output.store.clone(), &output.prefix, &store_kind)
-            .await
-            .context("reading the inputs already in the dataset")
-            .map_err(fatal("resume"))?;
-        tracing::info!(inputs = set.len(), "inputs already in the dataset");
-        // What this shard's earlier runs committed: the summary and exit code 3 speak
-        // for the shard, not only for this run.
-        let history = shard_history(
-            output.store.as_ref(),
-            &output.prefix,
-            shard.index,
-            shard.count,
-        )
-        .await
-        .context("reading the shard's committed parts")
-        .map_err(fatal("resume"))?;
-        (set, Some(history))
-    } else {
-        (Default::default(), None)
-    };
-
     let mut options = DatasetWriterOptions::new(shard.index, shard.count, &run_id);
     options.model = model.identity.clone();
     options.config_digest = config.dataset_digest(shard.count);
@@ -149,15 +127,53 @@ async fn run_async(
             format!("{}/{}", shard.index, shard.count),
         ),
     ];
-    let writer = DatasetWriter::open(
+    let mut writer = DatasetWriter::open(
         output.store.clone(),
         output.prefix.clone(),
-        store_kind,
+        store_kind.clone(),
         options,
     )
     .await
     .with_context(|| format!("opening the dataset {output}"))
     .map_err(RunError::Fatal)?;
+    // Before resume reads the dataset: inputs taken out here are then not done.
+    let retried = if config.run.retry_failed {
+        let report = writer
+            .supersede_failed()
+            .await
+            .context("taking failed inputs out of the shard's parts (--retry-failed)")
+            .map_err(fatal("retry failed"))?;
+        tracing::info!(
+            inputs = report.failed_inputs,
+            parts = report.parts,
+            "failed inputs to caption again"
+        );
+        Some(report)
+    } else {
+        None
+    };
+
+    let (committed, history) = if config.run.resume {
+        let set = committed_inputs(output.store.clone(), &output.prefix, &store_kind)
+            .await
+            .context("reading the inputs already in the dataset")
+            .map_err(fatal("resume"))?;
+        tracing::info!(inputs = set.len(), "inputs already in the dataset");
+        // What this shard's earlier runs committed: the summary and exit code 3 speak
+        // for the shard, not only for this run.
+        let history = shard_history(
+            output.store.as_ref(),
+            &output.prefix,
+            shard.index,
+            shard.count,
+        )
+        .await
+        .context("reading the shard's committed parts")
+        .map_err(fatal("resume"))?;
+        (set, Some(history))
+    } else {
+        (Default::default(), None)
+    };
 
     let stop = Arc::new(AtomicBool::new(false));
     spawn_signal_watch(stop.clone());
@@ -278,6 +294,7 @@ async fn run_async(
         },
         parts: Vec::new(),
         stopped_early: stop.load(Ordering::Relaxed),
+        retried,
         shard: history.map(|h| {
             let mut kinds = h.error_rows_by_kind;
             for (kind, n) in &ran.outcome.error_rows {

@@ -66,6 +66,10 @@ pub struct RunSummary {
     pub parts: Vec<String>,
     /// Whether the run was stopped early (signal or `run.limit`).
     pub stopped_early: bool,
+    /// With `--retry-failed`: the failed inputs taken out of committed parts to be
+    /// captioned again (each is then among `inputs.taken`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub retried: Option<crate::dataset::SupersedeReport>,
     /// The shard as a whole once this run is committed: what earlier runs it
     /// resumed from committed, plus this run. `None` without resume.
     pub shard: Option<ShardTotals>,
@@ -148,6 +152,12 @@ impl RunSummary {
                 let list: Vec<String> = kinds.iter().map(|(k, n)| format!("{k} {n}")).collect();
                 s.push_str(&format!("\n{title}: {}", list.join(", ")));
             }
+        }
+        if let Some(r) = &self.retried {
+            s.push_str(&format!(
+                "\nretried: {} failed input(s) taken out of {} committed part(s) to caption again",
+                r.failed_inputs, r.parts
+            ));
         }
         if let Some(t) = &self.shard {
             s.push_str(&format!(
