@@ -1423,3 +1423,102 @@ fn a_changed_model_file_is_refused_and_verified_files_are_hashed_once() {
     assert!(text(&out).contains("half-copied"), "{}", text(&out));
     assert!(read_dataset(&out_dir).is_empty());
 }
+
+/// A copy of the tiny model broken by `tests/data/craft_model.py CRAFT...` (its
+/// model.json re-records the changed files, as a consistent directory would).
+fn crafted_model(dir: &Path, craft: &[&str]) -> PathBuf {
+    let model = dir.join("model");
+    std::fs::create_dir_all(&model).unwrap();
+    for entry in std::fs::read_dir(tiny_model()).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, model.join(path.file_name().unwrap())).unwrap();
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/craft_model.py");
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(&model)
+        .args(craft)
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "crafting the model (pip install onnx): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    model
+}
+
+/// Real ONNX Runtime failures, end to end. An encoder that fails on every batch
+/// holding a clip past 280 frames (3 s): the batch is retried, the probe answers, the
+/// segments go one by one, and only the 3 s segment becomes an error row (kind
+/// `model`); its input's other segment and every other input are captioned. A
+/// decoder whose outputs have the wrong shapes is refused before anything is listed
+/// or written: exit 1, a clear message, no panic.
+#[test]
+fn a_segment_the_model_fails_on_is_one_error_row_and_a_misshapen_model_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let audio = dir.path().join("audio");
+    std::fs::create_dir_all(&audio).unwrap();
+    let f = fixtures();
+    for clip in ["sine_1s.wav", "chirp_2p5s.wav"] {
+        std::fs::copy(f.join("e2e-tiny/audio").join(clip), audio.join(clip)).unwrap();
+    }
+    std::fs::write(
+        audio.join("long.wav"),
+        wav(16_000, 1, &tone(16_000, 4.0, 300.0)),
+    )
+    .unwrap();
+    let out_dir = dir.path().join("captions");
+    let pipeline = write_pipeline(dir.path(), &audio, out_dir.to_str().unwrap());
+
+    let poisoned = crafted_model(&dir.path().join("poisoned"), &["poison-encoder", "280"]);
+    // Clips past 3.5 s go in 3 s windows: long.wav is 0-3 s (298 frames) and 3-4 s.
+    let out = run(
+        &pipeline,
+        &[
+            format!("model.path=\"{}\"", poisoned.display()),
+            "segments.max_seconds=3.5".into(),
+        ],
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out));
+    assert!(stdout.contains("failed segments: model 1"), "{stdout}");
+    let mut rows = read_dataset(&out_dir);
+    rows.sort();
+    assert_eq!(rows.len(), 4, "{rows:?}");
+    for (uri, segment, caption, error) in &rows {
+        if uri.ends_with("/long.wav") && *segment == 0 {
+            let error = error.as_deref().unwrap_or_default();
+            assert!(
+                error.starts_with("model: ") && error.contains("Reshape"),
+                "{error}"
+            );
+            assert!(caption.is_none());
+        } else {
+            assert!(
+                caption.is_some() && error.is_none(),
+                "{uri} {segment}: {error:?}"
+            );
+        }
+    }
+
+    let misshapen = crafted_model(&dir.path().join("misshapen"), &["misshape-decoder"]);
+    let fresh = dir.path().join("captions-2");
+    let out = run(
+        &pipeline,
+        &[
+            format!("model.path=\"{}\"", misshapen.display()),
+            format!("output.uri=\"{}\"", fresh.display()),
+        ],
+    );
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        stderr.contains("the model cannot caption a silent clip")
+            && stderr.contains("decoder: output `next_token`"),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(read_dataset(&fresh).is_empty());
+}

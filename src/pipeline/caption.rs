@@ -120,8 +120,14 @@ pub fn caption_files(options: &CaptionOptions) -> anyhow::Result<CaptionSummary>
         ModelManifest::verify_dir(&options.model)
             .with_context(|| format!("verifying {}", options.model.display()))?;
     }
-    let model = OnnxModel::load(&options.model, &options.engine)
+    let mut model = OnnxModel::load(&options.model, &options.engine)
         .with_context(|| format!("loading {}", options.model.display()))?;
+    crate::stages::model::check_model(&mut model).with_context(|| {
+        format!(
+            "{}: the model cannot caption a silent clip",
+            options.model.display()
+        )
+    })?;
     let metadata = vec![
         ("audiocap.model".to_string(), model.identity.clone()),
         (

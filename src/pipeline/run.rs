@@ -93,7 +93,9 @@ async fn run_async(
                 "model files verified against model.json"
             );
         }
-        anyhow::Ok(OnnxModel::load(&model_dir, &engine_options)?)
+        let mut model = OnnxModel::load(&model_dir, &engine_options)?;
+        stages::model::check_model(&mut model).context("the model cannot caption a silent clip")?;
+        anyhow::Ok(model)
     })
     .await
     .map_err(|e| RunError::Fatal(anyhow::Error::new(e)))?

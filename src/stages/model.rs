@@ -154,6 +154,21 @@ fn probe_segment(model: &OnnxModel) -> (Vec<f32>, usize) {
     (vec![0.0; frames * bins], frames)
 }
 
+/// Captions the probe once, two tokens long. A model that cannot caption silence (a
+/// graph whose outputs have other shapes than its manifest says, or that fails on
+/// every input) is refused before any input is listed or written, rather than waited
+/// for as a failing device mid-run.
+pub fn check_model(model: &mut OnnxModel) -> Result<(), crate::engine::error::EngineError> {
+    let (fbank, frames) = probe_segment(model);
+    let row = CaptionRow::default();
+    let params = GenerationParams {
+        max_new_tokens: 2,
+        beams: 1,
+        min_new_tokens: 0,
+    };
+    caption_segments(model, &[(&row, fbank.as_slice(), frames)], &params).map(|_| ())
+}
+
 /// A clip encoded and waiting for a decoder row (or in one).
 struct Waiting {
     input_id: u64,
