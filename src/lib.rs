@@ -17,7 +17,7 @@
 //! manifest
 //! model storage output
 //! audio
-//! config rng onnx graph_io atomic retry
+//! config rng onnx graph_io atomic retry keyset
 //! layers:end
 //!
 //! From the top layer down:
@@ -58,6 +58,8 @@
 //! - [`graph_io`]: the contract between export and engine: the names of the graphs'
 //!   inputs and outputs and the limits both hold to.
 //! - [`rng`]: the one seeded random-number generator (SplitMix64).
+//! - [`keyset`]: sets of input URIs at a hash and an offset per key in memory, the
+//!   keys spilled to local disk (resume and the listing's duplicate check).
 //! - [`retry`]: the one policy for transient faults (a budget, doubling waits).
 //! - [`atomic`]: writing a file or folder beside its final name and renaming it into
 //!   place (one staging-name rule).
@@ -73,6 +75,7 @@ pub mod engine;
 pub mod eval;
 pub mod export;
 pub mod graph_io;
+pub mod keyset;
 pub mod manifest;
 pub mod model;
 pub mod onnx;

@@ -111,6 +111,30 @@ async fn part_bytes(rows: &[CaptionRow]) -> bytes::Bytes {
     store.get(&path).await.unwrap().bytes().await.unwrap()
 }
 
+/// The inputs shard `index` of `count` already committed under `prefix`, as a set.
+async fn committed(
+    store: &Arc<dyn ObjectStore>,
+    prefix: &Path,
+    index: u32,
+    count: u32,
+    candidates: impl IntoIterator<Item = String>,
+) -> HashSet<String> {
+    let spill = tempfile::tempdir().unwrap();
+    let mut set = committed_inputs(store.clone(), prefix, index, count, spill.path())
+        .await
+        .unwrap();
+    let found: HashSet<String> = candidates
+        .into_iter()
+        .filter(|k| set.contains(k).unwrap())
+        .collect();
+    assert_eq!(
+        found.len(),
+        set.len(),
+        "the set holds keys beyond the candidates"
+    );
+    found
+}
+
 /// Every object in the store.
 async fn all_objects(store: &dyn ObjectStore) -> Vec<String> {
     use futures::TryStreamExt;
@@ -426,12 +450,10 @@ async fn a_killed_local_writer_leaves_no_part_and_the_next_open_cleans_staging()
     drop(w0); // killed mid-part
     assert_eq!(listed(store.as_ref(), &prefix).await, Vec::<String>::new());
     assert_eq!(std::fs::read_dir(&staging).unwrap().count(), 2);
-    assert!(
-        committed_inputs(store.clone(), &prefix, &kind)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    for shard in 0..2 {
+        let done = committed(&store, &prefix, shard, 2, ["a".to_string(), "b".into()]).await;
+        assert!(done.is_empty());
+    }
 
     // Shard 0 restarts: its stale file goes, shard 1's live one stays.
     let w0 = open(&store, &prefix, &kind, options(0, 2, "r2")).await;
@@ -498,14 +520,36 @@ async fn resume_is_exact(store: Arc<dyn ObjectStore>, kind: StoreKind) {
         store.put(&path, decoy.clone().into()).await.unwrap();
     }
 
-    let done = committed_inputs(store.clone(), &prefix, &kind)
-        .await
-        .unwrap();
+    let candidates = || {
+        (0..30)
+            .map(uri)
+            .chain(["decoy://never-committed".to_string()])
+    };
+    let done = committed(&store, &prefix, 0, 2, candidates()).await;
     let expected: HashSet<String> = (0..20).map(uri).collect();
     assert_eq!(done, expected);
+    // Shard 1 reads its own parts only (none).
+    assert!(
+        committed(&store, &prefix, 1, 2, candidates())
+            .await
+            .is_empty()
+    );
 
-    // Shard count changes on the next run: resume reads every shard's parts.
-    let mut w = open(&store, &prefix, &kind, options(0, 1, "r2")).await;
+    // Another shard count on the same dataset is refused: resume could not see the
+    // other layout's inputs.
+    let other = DatasetWriter::open(
+        store.clone(),
+        prefix.clone(),
+        kind.clone(),
+        options(0, 1, "x"),
+    )
+    .await
+    .map(|_| ())
+    .unwrap_err()
+    .to_string();
+    assert!(other.contains("shard count"), "{other}");
+
+    let mut w = open(&store, &prefix, &kind, options(0, 2, "r2")).await;
     for i in (0..30).filter(|i| !done.contains(&uri(*i))) {
         w.write_input(&input(&uri(i), 2, "r2")).await.unwrap();
     }
@@ -517,7 +561,7 @@ async fn resume_is_exact(store: Arc<dyn ObjectStore>, kind: StoreKind) {
         let segments = if i < 20 { 1 + i % 3 } else { 2 };
         assert_eq!(counts[&uri(i)], segments as usize, "{}", uri(i));
     }
-    assert_eq!(committed_inputs(store, &prefix, &kind).await.unwrap(), all);
+    assert_eq!(committed(&store, &prefix, 0, 2, candidates()).await, all);
 }
 
 #[tokio::test]
@@ -530,21 +574,11 @@ async fn resume_returns_exactly_the_committed_inputs() {
 
 #[tokio::test]
 async fn resume_of_an_empty_or_missing_dataset_is_empty() {
-    let (store, kind) = memory();
-    assert!(
-        committed_inputs(store, &Path::from("none"), &kind)
-            .await
-            .unwrap()
-            .is_empty()
-    );
     let dir = tempfile::tempdir().unwrap();
-    let (store, kind) = local(dir.path());
-    assert!(
-        committed_inputs(store, &Path::from("none"), &kind)
-            .await
-            .unwrap()
-            .is_empty()
-    );
+    for (store, _) in [memory(), local(dir.path())] {
+        let none = committed(&store, &Path::from("none"), 0, 1, ["a".to_string()]).await;
+        assert!(none.is_empty());
+    }
 }
 
 /// A local dataset of two shards, several parts each; returns the folder.
@@ -850,9 +884,25 @@ async fn finalize_refuses_shards_that_are_not_one_dataset() {
         w.finish(serde_json::json!({})).await.unwrap();
         let mut o = stamped(1, 2, "b", "m@1");
         change(&mut o);
-        let mut w = open(&store, &prefix, &kind, o).await;
+        // A run refuses to add another shard count to a dataset, so that shard is
+        // written elsewhere and copied in (as by hand, or by an older version).
+        let elsewhere = Path::from("elsewhere");
+        let target = if what == "shard count" {
+            &elsewhere
+        } else {
+            &prefix
+        };
+        let mut w = open(&store, target, &kind, o).await;
         w.write_input(&input("y", 1, "b")).await.unwrap();
         w.finish(serde_json::json!({})).await.unwrap();
+        for object in all_objects(store.as_ref()).await {
+            if let Some(rest) = object.strip_prefix("elsewhere/") {
+                let bytes = store.get(&Path::from(object.as_str())).await.unwrap();
+                let bytes = bytes.bytes().await.unwrap();
+                let to = Path::from(format!("ds/{rest}"));
+                store.put(&to, bytes.into()).await.unwrap();
+            }
+        }
         let outcome = finalize(store.as_ref(), &prefix).await.unwrap();
         let FinalizeOutcome::Inconsistent(status) = outcome else {
             panic!("{what}: {outcome:?}");
@@ -946,9 +996,8 @@ async fn retry_failed_keeps_only_the_newest_rows(store: Arc<dyn ObjectStore>, ki
         let gone = store.head(&prefix.clone().join(marker)).await;
         assert!(gone.is_err(), "{marker} survived a change of the parts");
     }
-    let done = committed_inputs(store.clone(), &prefix, &kind)
-        .await
-        .unwrap();
+    let names = ["ok1", "ok2", "bad1", "half", "bad3"].map(String::from);
+    let done = committed(&store, &prefix, 0, 1, names).await;
     assert_eq!(done, HashSet::from(["ok1".into(), "ok2".into()]));
     let rows = rows_by_uri(store.as_ref(), &prefix).await;
     assert_eq!(rows, HashMap::from([("ok1".into(), 2), ("ok2".into(), 2)]));

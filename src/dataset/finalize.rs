@@ -24,7 +24,7 @@ use super::resume::read_footer;
 use super::supersede::{footer_value, replaced_part};
 use super::{
     COMMITS_DIR, DatasetError, ERROR_KINDS_KEY, FAILED_INPUTS_KEY, INPUTS_KEY, MAX_SHARD_COUNT,
-    ShardCommitRecord, is_committed_part, list_objects,
+    ShardCommitRecord, is_committed_part, list_objects, part_layout,
 };
 
 /// The dataset-level manifest, under the dataset prefix.
@@ -188,14 +188,6 @@ fn sum_kinds<'a>(counts: impl Iterator<Item = &'a BTreeMap<String, u64>>) -> BTr
 /// overflow stays at the maximum.
 fn saturating_sum(values: impl Iterator<Item = u64>) -> u64 {
     values.fold(0, u64::saturating_add)
-}
-
-/// `part-{i}-of-{n}-…`: the shard and layout a part name says.
-fn part_layout(name: &str) -> Option<(u32, u32)> {
-    let rest = name.strip_prefix("part-")?;
-    let (index, rest) = rest.split_once("-of-")?;
-    let (count, _) = rest.split_once('-')?;
-    Some((index.parse().ok()?, count.parse().ok()?))
 }
 
 /// Rows and error rows of a footer: `error` non-null counts from the column

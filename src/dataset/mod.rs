@@ -202,6 +202,14 @@ fn shard_part_prefix(shard_index: u32, shard_count: u32) -> String {
     format!("part-{shard_index:05}-of-{shard_count:05}-")
 }
 
+/// `part-{i}-of-{n}-…`: the shard and layout a part name says.
+fn part_layout(name: &str) -> Option<(u32, u32)> {
+    let rest = name.strip_prefix("part-")?;
+    let (index, rest) = rest.split_once("-of-")?;
+    let (count, _) = rest.split_once('-')?;
+    Some((index.parse().ok()?, count.parse().ok()?))
+}
+
 /// Whether `name` is a committed part of shard `index` of `count`.
 fn is_shard_part(name: &str, index: u32, count: u32) -> bool {
     is_committed_part(name) && name.starts_with(&shard_part_prefix(index, count))
@@ -309,13 +317,24 @@ pub enum DatasetError {
         path: String,
         source: arrow_schema::ArrowError,
     },
-    #[error("reading the uri column of {path} with polars: {source}")]
-    Polars {
-        path: String,
-        source: polars::error::PolarsError,
+    #[error("keeping {what}: {source}")]
+    Keys {
+        what: &'static str,
+        source: crate::keyset::KeySetError,
     },
     #[error("{path}: {what}")]
     BadPart { path: String, what: String },
+    #[error(
+        "{prefix} holds parts of {found} shards (e.g. {part}), not {asked}: a dataset keeps \
+         one shard count (resume reads a shard's own parts); run with shard_count = {found}, \
+         or write the new count to a new output prefix"
+    )]
+    OtherLayout {
+        prefix: String,
+        part: String,
+        found: u32,
+        asked: u32,
+    },
     #[error(
         "commit record {path} already exists: run {run_id} of this shard was already committed (use a new run id)"
     )]

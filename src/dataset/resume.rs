@@ -1,8 +1,7 @@
-//! Resume: the inputs (URIs) the committed parts already hold.
+//! Resume: the inputs (URIs) a shard's committed parts already hold.
 
-use std::collections::HashSet;
 use std::ops::Range;
-use std::path::PathBuf;
+use std::path::Path as FsPath;
 use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
@@ -18,95 +17,56 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::reader::{ChunkReader, Length};
 
-use super::{DatasetError, StoreKind, is_committed_part, list_objects, local_path};
+use super::{DatasetError, is_shard_part, list_objects};
+use crate::keyset::KeySet;
 
 /// The column resume reads.
 const URI: &str = "uri";
 /// Bytes fetched from the end of a part, first try at its footer.
 const FOOTER_GUESS: u64 = 64 << 10;
-/// Parts read at once from an object store.
+/// Parts read at once.
 const PARALLEL_PARTS: usize = 8;
 
-/// Every `uri` in the committed parts directly under `prefix`, from every shard and
-/// run (shard counts may change between runs). Anything hidden (`_staging/`,
-/// `_commits/`, `.`-names) is not a part; a visible part is complete.
+/// Every `uri` in the committed parts of shard `index` of `count` under `prefix`: a
+/// dataset has one shard layout (`finalize` refuses several), and an input belongs
+/// to one shard, so the other shards' parts cannot hold this shard's inputs. Anything
+/// hidden (`_staging/`, `_commits/`, `.`-names) is not a part; a visible part is
+/// complete.
 ///
-/// Local disk: polars scans the parts lazily, reading only the `uri` column. Object
-/// stores (polars has no cloud support in this build): each part's footer and its
-/// `uri` column chunks are fetched with ranged reads and decoded with `parquet`, so
-/// resuming downloads the URI column, not the dataset.
+/// Each part's footer and its `uri` column chunks are fetched with ranged reads (on
+/// local disk as on object stores) and decoded with `parquet`, so resuming reads the
+/// URI column, not the dataset; the URIs go into a [`KeySet`] spilling under
+/// `spill_dir`, so memory grows by a few dozen bytes per input, not by the URIs.
 pub async fn committed_inputs(
     store: Arc<dyn ObjectStore>,
     prefix: &Path,
-    kind: &StoreKind,
-) -> Result<HashSet<String>, DatasetError> {
+    index: u32,
+    count: u32,
+    spill_dir: &FsPath,
+) -> Result<KeySet, DatasetError> {
     let parts: Vec<ObjectMeta> = list_objects(store.as_ref(), prefix)
         .await?
         .into_iter()
-        .filter(|o| o.location.filename().is_some_and(is_committed_part))
+        .filter(|o| {
+            o.location
+                .filename()
+                .is_some_and(|n| is_shard_part(n, index, count))
+        })
         .collect();
-    let mut uris = HashSet::new();
-    if parts.is_empty() {
-        return Ok(uris);
-    }
-    match kind {
-        StoreKind::Local { root } => {
-            let files: Vec<PathBuf> = parts
-                .iter()
-                .map(|p| local_path(root, &p.location))
-                .collect();
-            let task = tokio::task::spawn_blocking(move || local_uris(&files));
-            uris = task.await.map_err(|source| DatasetError::Task {
-                op: "reading committed URIs",
-                source,
-            })??;
-        }
-        StoreKind::Object => {
-            let mut reads = futures::stream::iter(parts)
-                .map(|part| part_uris(store.as_ref(), part))
-                .buffer_unordered(PARALLEL_PARTS);
-            while let Some(part) = reads.try_next().await? {
-                uris.extend(part);
-            }
+    let spill_err = |source| DatasetError::Keys {
+        what: "the inputs already in the dataset",
+        source,
+    };
+    let mut uris = KeySet::new(spill_dir).map_err(spill_err)?;
+    let mut reads = futures::stream::iter(parts)
+        .map(|part| part_uris(store.as_ref(), part))
+        .buffer_unordered(PARALLEL_PARTS);
+    while let Some(part) = reads.try_next().await? {
+        for uri in part {
+            uris.insert(&uri).map_err(spill_err)?;
         }
     }
     Ok(uris)
-}
-
-fn local_uris(files: &[PathBuf]) -> Result<HashSet<String>, DatasetError> {
-    use polars::prelude::{LazyFrame, PlRefPath, ScanArgsParquet, col};
-    let what = || match files {
-        [one] => one.display().to_string(),
-        _ => format!("{} parts in {}", files.len(), parent_of(files)),
-    };
-    let polars_err = |source| DatasetError::Polars {
-        path: what(),
-        source,
-    };
-    let paths = files
-        .iter()
-        .map(|f| PlRefPath::try_from_path(f))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(polars_err)?;
-    let args = ScanArgsParquet {
-        glob: false,
-        ..Default::default()
-    };
-    let frame = LazyFrame::scan_parquet_files(paths.into(), args)
-        .and_then(|lf| lf.select([col(URI)]).collect())
-        .map_err(polars_err)?;
-    let column = frame
-        .column(URI)
-        .and_then(|c| c.str())
-        .map_err(polars_err)?;
-    Ok(column.iter().flatten().map(str::to_owned).collect())
-}
-
-fn parent_of(files: &[PathBuf]) -> String {
-    files
-        .first()
-        .and_then(|f| f.parent())
-        .map_or_else(String::new, |p| p.display().to_string())
 }
 
 /// The footer (metadata) of one part, with one ranged read when it fits the first
@@ -231,16 +191,22 @@ fn decode_uris(
         .with_projection(mask)
         .build()
         .map_err(UriColumnError::Parquet)?;
-    let mut uris = Vec::new();
+    // An input's rows are together in a part: one URI per input.
+    let mut uris: Vec<String> = Vec::new();
+    let mut push = |uri: &str| {
+        if uris.last().map(String::as_str) != Some(uri) {
+            uris.push(uri.to_owned());
+        }
+    };
     for batch in batches {
         let batch = batch.map_err(|e| UriColumnError::Parquet(e.into()))?;
         let array = batch.column(0);
         if let Some(strings) = array.as_string_opt::<i32>() {
-            uris.extend(strings.iter().flatten().map(str::to_owned));
+            strings.iter().flatten().for_each(&mut push);
         } else if let Some(strings) = array.as_string_opt::<i64>() {
-            uris.extend(strings.iter().flatten().map(str::to_owned));
+            strings.iter().flatten().for_each(&mut push);
         } else if let Some(strings) = array.as_string_view_opt() {
-            uris.extend(strings.iter().flatten().map(str::to_owned));
+            strings.iter().flatten().for_each(&mut push);
         } else {
             return Err(UriColumnError::NotStrings);
         }

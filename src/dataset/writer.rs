@@ -27,8 +27,9 @@ use super::supersede::{Carried, carry_kept_rows, count_inputs, replaced_part};
 use super::{
     CommittedPart, DatasetError, DatasetWriterOptions, ERROR_KINDS_KEY, FAILED_INPUTS_KEY,
     INPUTS_KEY, MANIFEST_FILE, REPLACES_KEY, STAGING_DIR, SUCCESS_FILE, ShardCommitRecord,
-    StoreKind, commit_record_path, is_replacement_name, is_shard_part, list_objects, local_path,
-    part_name, part_seq, replacement_part_name, retry_store, shard_part_prefix,
+    StoreKind, commit_record_path, is_committed_part, is_replacement_name, is_shard_part,
+    list_objects, local_path, part_layout, part_name, part_seq, replacement_part_name, retry_store,
+    shard_part_prefix,
 };
 use crate::output::{CaptionRow, RowFailure, schema, to_record_batch, writer_properties};
 
@@ -40,7 +41,7 @@ use crate::output::{CaptionRow, RowFailure, schema, to_record_batch, writer_prop
 /// inputs are simply not committed.
 ///
 /// Encoding runs on the calling task (cheap per input; a row-group flush writes up to
-/// `row_group_bytes`); closing a part and polars run on the blocking pool.
+/// `row_group_bytes`); closing a part runs on the blocking pool.
 ///
 /// The async methods are not cancel-safe: a cancelled call, or one that fails,
 /// discards the open part (its inputs are not committed, as after a kill).
@@ -76,6 +77,22 @@ impl DatasetWriter {
         }
         let listed = list_objects(store.as_ref(), &prefix).await?;
         let names = listed.iter().filter_map(|o| o.location.filename());
+        let other = names
+            .clone()
+            .filter(|n| is_committed_part(n))
+            .find_map(|n| {
+                part_layout(n)
+                    .filter(|&(_, count)| count != shards)
+                    .map(|(_, count)| (n, count))
+            });
+        if let Some((part, found)) = other {
+            return Err(DatasetError::OtherLayout {
+                prefix: prefix.to_string(),
+                part: part.to_string(),
+                found,
+                asked: shards,
+            });
+        }
         let next_seq = names
             .filter_map(|name| part_seq(name, shard, shards, run_id))
             .max()

@@ -163,7 +163,8 @@ pub fn caption_files(options: &CaptionOptions) -> anyhow::Result<CaptionSummary>
     let plan = ListPlan {
         inputs: Inputs::Given(caption_inputs(&options.inputs)),
         shard: ShardSpec { index: 0, count: 1 },
-        committed: Default::default(),
+        committed: None,
+        spill_dir: std::env::temp_dir(),
         limit: None,
         base_row: wiring::base_row(&model, &wiring::new_run_id()),
     };

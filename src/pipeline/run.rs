@@ -136,8 +136,16 @@ async fn run_async(
         options,
     )
     .await
-    .with_context(|| format!("opening the dataset {output}"))
-    .map_err(RunError::Fatal)?;
+    .map_err(|e| match e {
+        // Not worth a retry: the settings and the dataset disagree.
+        e @ crate::dataset::DatasetError::OtherLayout { .. } => {
+            RunError::Config(anyhow::Error::new(e))
+        }
+        e => {
+            RunError::Fatal(anyhow::Error::new(e).context(format!("opening the dataset {output}")))
+        }
+    })?;
+    let spill_dir = std::env::temp_dir();
     // Before resume reads the dataset: inputs taken out here are then not done.
     let retried = if config.run.retry_failed {
         let report = writer
@@ -156,10 +164,16 @@ async fn run_async(
     };
 
     let (committed, history) = if config.run.resume {
-        let set = committed_inputs(output.store.clone(), &output.prefix, &store_kind)
-            .await
-            .context("reading the inputs already in the dataset")
-            .map_err(fatal("resume"))?;
+        let set = committed_inputs(
+            output.store.clone(),
+            &output.prefix,
+            shard.index,
+            shard.count,
+            &spill_dir,
+        )
+        .await
+        .context("reading the inputs already in the dataset")
+        .map_err(fatal("resume"))?;
         tracing::info!(inputs = set.len(), "inputs already in the dataset");
         // What this shard's earlier runs committed: the summary and exit code 3 speak
         // for the shard, not only for this run.
@@ -172,9 +186,9 @@ async fn run_async(
         .await
         .context("reading the shard's committed parts")
         .map_err(fatal("resume"))?;
-        (set, Some(history))
+        (Some(set), Some(history))
     } else {
-        (Default::default(), None)
+        (None, None)
     };
 
     let stop = Arc::new(AtomicBool::new(false));
@@ -222,6 +236,7 @@ async fn run_async(
         },
         shard,
         committed,
+        spill_dir,
         limit: config.run.limit,
         base_row: wiring::base_row(&model, &run_id),
     };

@@ -2,7 +2,7 @@
 //! dataset already has (resume) and those listed twice, and numbers the rest.
 //! Inputs that cannot even be listed become error rows straight away.
 
-use std::collections::HashSet;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -10,6 +10,7 @@ use async_channel::Sender;
 use futures::StreamExt;
 
 use super::{InputDone, InputTask, RunCounters, SinkMessage};
+use crate::keyset::{KeySet, KeySetError};
 use crate::output::{CaptionRow, RowFailure, now_us};
 use crate::storage::{
     InputRef, ListOptions, Listed, ShardSpec, Source, StorageError, StorageOptions,
@@ -31,8 +32,10 @@ pub enum Inputs {
 pub struct ListPlan {
     pub inputs: Inputs,
     pub shard: ShardSpec,
-    /// URIs already committed to the dataset.
-    pub committed: HashSet<String>,
+    /// URIs already committed to the dataset (none: a fresh dataset, or no resume).
+    pub committed: Option<KeySet>,
+    /// Where the duplicate check spills the URIs it has seen (local disk).
+    pub spill_dir: PathBuf,
     /// Stop after this many new inputs.
     pub limit: Option<u64>,
     /// Model and run fields of error rows.
@@ -42,19 +45,19 @@ pub struct ListPlan {
 /// Lists until the sources end, `limit` is reached or `stop` is set. An `Err` is a
 /// listing that failed as a whole (missing bucket, bad credentials).
 pub async fn run(
-    plan: ListPlan,
+    mut plan: ListPlan,
     inputs: Sender<InputTask>,
     sink: Sender<SinkMessage>,
     counters: Arc<RunCounters>,
     stop: Arc<AtomicBool>,
 ) -> Result<(), StorageError> {
-    let result = list(&plan, &inputs, &sink, &counters, &stop).await;
+    let result = list(&mut plan, &inputs, &sink, &counters, &stop).await;
     counters.listing_done.store(true, Ordering::Relaxed);
     result
 }
 
 async fn list(
-    plan: &ListPlan,
+    plan: &mut ListPlan,
     inputs: &Sender<InputTask>,
     sink: &Sender<SinkMessage>,
     counters: &RunCounters,
@@ -70,8 +73,12 @@ async fn list(
             futures::stream::iter(given.iter().cloned().map(|i| Ok(Listed::Input(i)))).boxed()
         }
     };
+    let keys_err = |e: KeySetError| StorageError::ListFailed {
+        spec: "the inputs".into(),
+        message: format!("keeping the URIs listed: {e}"),
+    };
     // URIs taken by this run; a URI listed again (two sources) is taken once.
-    let mut taken: HashSet<String> = HashSet::new();
+    let mut taken = KeySet::new(&plan.spill_dir).map_err(keys_err)?;
     let mut next_id = 0u64;
     while let Some(item) = stream.next().await {
         if stop.load(Ordering::Relaxed) {
@@ -88,11 +95,13 @@ async fn list(
         if !plan.shard.owns(&uri) {
             continue;
         }
-        if plan.committed.contains(&uri) {
+        if let Some(committed) = &mut plan.committed
+            && committed.contains(&uri).map_err(keys_err)?
+        {
             RunCounters::bump(&counters.already_done, 1);
             continue;
         }
-        if !taken.insert(uri.clone()) {
+        if !taken.insert(&uri).map_err(keys_err)? {
             RunCounters::bump(&counters.duplicates, 1);
             continue;
         }
