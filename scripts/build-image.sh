@@ -141,7 +141,11 @@ for want in "${wheels[@]}"; do
 done
 # Unpacks the shared libraries (and licences) of each wheel: onnxruntime's into lib/,
 # NVIDIA's into lib/cuda/.
-python3 - "$opt" "$variant" $(for w in "${wheels[@]}"; do wheel_file "$w"; done) <<'EOF'
+files=()
+for want in "${wheels[@]}"; do
+    files+=("$(wheel_file "$want")")
+done
+python3 - "$opt" "$variant" "${files[@]}" <<'EOF'
 import os, shutil, sys, zipfile
 
 opt, variant, wheels = sys.argv[1], sys.argv[2], sys.argv[3:]

@@ -283,6 +283,7 @@ fn airflow_runs_the_dag_end_to_end() {
             .env("AIRFLOW_HOME", dir.path().join("airflow"))
             .env("AIRFLOW__CORE__DAGS_FOLDER", deploy().join("airflow"))
             .env("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+            // No deploy/airflow/__pycache__ when Airflow imports the DAG.
             .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("AUDIOCAP_PIPELINE", &pipeline)
             .env("AUDIOCAP_SHARDS", "2")
