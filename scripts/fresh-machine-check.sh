@@ -18,6 +18,10 @@
 #                   default-jre-headless where it is missing)
 #   node, npm       for the Azure tests, which install Azurite with npm (Node.js 18
 #                   or later; .ci/run installs nodejs npm where they are missing)
+#   buildah, mmdebstrap
+#                   for the image test, run as root (tests/container_image.rs;
+#                   .ci/run installs them where they are missing); it also uses
+#                   strip and nm (binutils, which gcc brings) and flock (util-linux)
 #
 # The check: clone the committed HEAD into a new folder with ../shared beside it,
 # give it an empty HOME (no ONNX Runtime, corpus or pip cache from earlier runs), a
@@ -47,7 +51,7 @@ while [ $# -gt 0 ]; do
             shift
             ;;
         -h | --help)
-            sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'
+            sed -n '2,39p' "$0" | sed 's/^# \{0,1\}//'
             exit 0
             ;;
         *)
@@ -60,7 +64,8 @@ done
 
 # 1. What is assumed to be there.
 missing=()
-for tool in cargo rustc cc python3 git apt-get dpkg dpkg-deb ldd java node npm; do
+for tool in cargo rustc cc python3 git apt-get dpkg dpkg-deb ldd java node npm buildah mmdebstrap \
+    strip nm flock; do
     if command -v "$tool" >/dev/null 2>&1; then
         printf '  %-9s %s\n' "$tool" "$(command -v "$tool")"
     else

@@ -2,7 +2,11 @@
 //! against the Kubernetes API schemas (`kubernetes-validate`, strict) and say what the
 //! README promises (indexed shards, per-index retries, no retry of configuration
 //! errors, finalize after); the AWS Batch definitions, the Slurm scripts and the
-//! Airflow DAG parse and map audiocap's exit codes the same way.
+//! Airflow DAG parse and map audiocap's exit codes the same way; every recipe runs
+//! the image `scripts/build-image.sh --gpu` builds (tests/container_image.rs builds
+//! and runs the CPU one), with pipeline files that pass `audiocap run --check`; the
+//! DAG runs in a real Airflow. No test writes into the source tree (Python's
+//! bytecode caches included).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -17,6 +21,7 @@ fn deploy() -> PathBuf {
 /// installs).
 fn yaml_documents(path: &Path) -> Vec<Value> {
     let out = Command::new("python3")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .args([
             "-c",
             "import json, sys, yaml; print(json.dumps(list(yaml.safe_load_all(open(sys.argv[1])))))",
@@ -35,6 +40,7 @@ fn yaml_documents(path: &Path) -> Vec<Value> {
 fn kubernetes_validate(files: &[&Path]) -> std::process::Output {
     // As a module: pip's console scripts are not always on PATH (pyenv, --user).
     Command::new("python3")
+        .env("PYTHONDONTWRITEBYTECODE", "1")
         .args([
             "-m",
             "kubernetes_validate",
@@ -205,9 +211,16 @@ fn slurm_scripts_parse_and_retry_only_transient_failures() {
 #[test]
 fn airflow_dag_compiles_and_maps_exit_codes() {
     let dag = deploy().join("airflow/audiocap_dag.py");
+    // Compiled into a temporary file: `python3 -m py_compile` would write
+    // deploy/airflow/__pycache__/ into the source tree.
+    let dir = tempfile::tempdir().unwrap();
     let out = Command::new("python3")
-        .args(["-m", "py_compile"])
+        .args([
+            "-c",
+            "import py_compile, sys; py_compile.compile(sys.argv[1], cfile=sys.argv[2], doraise=True)",
+        ])
         .arg(&dag)
+        .arg(dir.path().join("dag.pyc"))
         .output()
         .unwrap();
     assert!(
@@ -222,20 +235,32 @@ fn airflow_dag_compiles_and_maps_exit_codes() {
     assert!(text.contains("if code == 3:\n            raise AirflowSkipException"));
 }
 
+/// The `airflow` executable: `AUDIOCAP_AIRFLOW`, else the one scripts/airflow-venv.sh
+/// installs into target/airflow-venv (pinned, on first use: ~30 s with pip's cache).
+fn airflow() -> PathBuf {
+    if let Some(path) = std::env::var_os("AUDIOCAP_AIRFLOW") {
+        return path.into();
+    }
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/airflow-venv.sh"))
+        .output()
+        .expect("scripts/airflow-venv.sh");
+    assert!(
+        out.status.success(),
+        "scripts/airflow-venv.sh (installs apache-airflow from PyPI into target/airflow-venv; \
+         needs python3 with venv): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
 /// The DAG run by a real Airflow (`airflow dags test`, SQLite) with the bundled model
 /// over the bundled samples:
 /// two mapped shard tasks, then finalize, and the dataset is finalized with every
-/// clip once. Opt-in: `scripts/test-airflow-dag.sh` installs Airflow into a
-/// virtualenv and runs this with `AUDIOCAP_AIRFLOW` set (~40 s, plus ~2 min for the
-/// first install).
+/// clip once (~10 s once Airflow is installed; scripts/test-airflow-dag.sh runs only
+/// this).
 #[test]
-fn airflow_runs_the_dag_end_to_end_when_installed() {
-    let Some(airflow) = std::env::var_os("AUDIOCAP_AIRFLOW") else {
-        eprintln!(
-            "AUDIOCAP_AIRFLOW not set: the real Airflow run is skipped (scripts/test-airflow-dag.sh)"
-        );
-        return;
-    };
+fn airflow_runs_the_dag_end_to_end() {
+    let airflow = airflow();
     let dir = tempfile::tempdir().unwrap();
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let audio = repo.join("exported_models/samples");
@@ -258,6 +283,8 @@ fn airflow_runs_the_dag_end_to_end_when_installed() {
             .env("AIRFLOW_HOME", dir.path().join("airflow"))
             .env("AIRFLOW__CORE__DAGS_FOLDER", deploy().join("airflow"))
             .env("AIRFLOW__CORE__LOAD_EXAMPLES", "False")
+            // No deploy/airflow/__pycache__ when Airflow imports the DAG.
+            .env("PYTHONDONTWRITEBYTECODE", "1")
             .env("AUDIOCAP_PIPELINE", &pipeline)
             .env("AUDIOCAP_SHARDS", "2")
             .env("AUDIOCAP_BIN", env!("CARGO_BIN_EXE_audiocap"))
@@ -290,4 +317,123 @@ fn airflow_runs_the_dag_end_to_end_when_installed() {
         .count();
     assert_eq!(manifest["error_rows"], 0);
     assert_eq!(manifest["rows"].as_u64().unwrap() as usize, clips);
+}
+
+/// The image every recipe names: `scripts/build-image.sh --gpu`'s, pushed to the
+/// user's registry (the name and tag kept, the registry theirs).
+fn image_name() -> String {
+    let out = Command::new(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/build-image.sh"))
+        .args(["--gpu", "--print-tag"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let tag = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert_eq!(
+        tag,
+        format!("localhost/audiocap:{}-cuda", env!("CARGO_PKG_VERSION"))
+    );
+    tag.trim_start_matches("localhost/").to_string()
+}
+
+#[test]
+fn every_recipe_runs_the_image_the_script_builds() {
+    let image = image_name();
+    let pushed = |reference: &str, what: &str| {
+        let (registry, name) = reference.split_once('/').unwrap();
+        assert!(
+            registry.contains('.'),
+            "{what}: {reference} names no registry"
+        );
+        assert_eq!(name, image, "{what}");
+    };
+    for file in ["captions-job.yaml", "finalize-job.yaml"] {
+        let job = &yaml_documents(&deploy().join("kubernetes").join(file))[0];
+        let container = &job["spec"]["template"]["spec"]["containers"][0];
+        pushed(container["image"].as_str().unwrap(), file);
+        // The pipeline comes from the ConfigMap made of pipelines/s3-archive.toml.
+        assert_eq!(container["args"][1], "/etc/audiocap/pipeline.toml");
+        assert!(
+            container.get("workingDir").is_none(),
+            "{file}: the image's working directory holds the model the pipeline names"
+        );
+    }
+    let captions = std::fs::read_to_string(deploy().join("kubernetes/captions-job.yaml")).unwrap();
+    assert!(captions.contains("--from-file=pipeline.toml=pipelines/s3-archive.toml"));
+    assert!(captions.contains(&format!("buildah push localhost/{image} docker://")));
+
+    for file in ["job-definition.json", "finalize-job-definition.json"] {
+        let def: Value =
+            serde_json::from_slice(&std::fs::read(deploy().join("aws-batch").join(file)).unwrap())
+                .unwrap();
+        pushed(def["containerProperties"]["image"].as_str().unwrap(), file);
+        assert!(
+            def["containerProperties"]["jobRoleArn"].is_string(),
+            "credentials: the job role"
+        );
+    }
+    let def: Value = serde_json::from_slice(
+        &std::fs::read(deploy().join("aws-batch/job-definition.json")).unwrap(),
+    )
+    .unwrap();
+    // The default pipeline is the image's copy of pipelines/s3-archive.toml.
+    let pipeline = def["parameters"]["pipeline"].as_str().unwrap();
+    let in_repo = pipeline.strip_prefix("/opt/audiocap/").unwrap();
+    assert!(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join(in_repo)
+            .is_file(),
+        "{pipeline}"
+    );
+
+    let sif = format!("{}.sif", image.replace(':', "-"));
+    for file in ["captions.sbatch", "finalize.sbatch"] {
+        let text = std::fs::read_to_string(deploy().join("slurm").join(file)).unwrap();
+        assert!(
+            text.contains(&format!("image=${{AUDIOCAP_IMAGE:-{sif}}}")),
+            "{file}"
+        );
+        assert!(
+            text.contains("srun apptainer exec ")
+                && text
+                    .contains("--pwd /opt/audiocap --bind \"$(dirname \"$PIPELINE\")\" \"$image\""),
+            "{file}"
+        );
+    }
+    let captions = std::fs::read_to_string(deploy().join("slurm/captions.sbatch")).unwrap();
+    assert!(captions.contains("apptainer exec --nv"), "the GPU");
+}
+
+/// Every `audiocap run` pipeline file (pipelines/, and any in deploy/) passes
+/// `audiocap run --check`, model included, from the repository root as from the
+/// image's working directory (tests/container_image.rs checks them there).
+#[test]
+fn every_run_pipeline_passes_check_with_its_model() {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = crate::container_image::run_pipeline_files();
+    let mut stack = vec![deploy()];
+    while let Some(dir) = stack.pop() {
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.is_dir() {
+                stack.push(path);
+            } else if path.extension().is_some_and(|e| e == "toml") {
+                files.push(path);
+            }
+        }
+    }
+    for file in &files {
+        let out = Command::new(env!("CARGO_BIN_EXE_audiocap"))
+            .args(["run", "--check"])
+            .arg(file.strip_prefix(repo).unwrap())
+            .current_dir(repo)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}: {}{}",
+            file.display(),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
 }

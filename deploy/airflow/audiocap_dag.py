@@ -1,8 +1,10 @@
 """audiocap on Airflow: one mapped task per shard, then the dataset-level commit.
 
 Copy this file into the DAGs folder of a deployment whose workers have the
-`audiocap` binary (or run `audiocap` in a KubernetesPodOperator with the same exit
-code handling). Settings come from the environment of the scheduler and workers:
+`audiocap` binary (or run the image, scripts/build-image.sh --gpu's
+registry.example.com/audiocap:0.1.0-cuda once pushed, in a KubernetesPodOperator
+with the same exit code handling). Settings come from the environment of the
+scheduler and workers:
 
   AUDIOCAP_PIPELINE  the pipeline file (required), e.g. pipelines/s3-archive.toml
   AUDIOCAP_SHARDS    shards per run (default 4): one mapped task each

@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Submits one dataset as an AWS Batch array job (one child per shard; each reads
 # AWS_BATCH_JOB_ARRAY_INDEX, the shard count is passed), then the finalize job,
-# which depends on the whole array. Register the definitions first:
+# which depends on the whole array. Push the image (scripts/build-image.sh --gpu) to
+# ECR, name it in both definitions, then register them:
 #
+#   aws ecr get-login-password | buildah login --username AWS --password-stdin 123456789012.dkr.ecr.us-east-1.amazonaws.com
+#   buildah push localhost/audiocap:0.1.0-cuda docker://123456789012.dkr.ecr.us-east-1.amazonaws.com/audiocap:0.1.0-cuda
 #   aws batch register-job-definition --cli-input-json file://deploy/aws-batch/job-definition.json
 #   aws batch register-job-definition --cli-input-json file://deploy/aws-batch/finalize-job-definition.json
 #   deploy/aws-batch/submit.sh QUEUE s3://my-bucket/audio/ s3://my-bucket/captions/ 16

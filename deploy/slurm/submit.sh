@@ -3,6 +3,9 @@
 # code: finalize is the check), the finalize job.
 #
 #   deploy/slurm/submit.sh pipelines/s3-archive.toml [SHARDS]
+#
+# The tasks run the image file AUDIOCAP_IMAGE (default audiocap-0.1.0-cuda.sif in the
+# submit directory; see captions.sbatch for how to make it).
 set -euo pipefail
 pipeline=$(realpath "$1") shards=${2:-16}
 here=$(dirname "$0")
