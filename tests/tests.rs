@@ -7,6 +7,7 @@ mod audio_inputs;
 mod beats_parity;
 mod captioning;
 mod cli;
+mod codecs;
 mod corpus_build;
 mod dataset_sink;
 mod default_model;

@@ -146,6 +146,7 @@ pub fn caption_files(options: &CaptionOptions) -> anyhow::Result<CaptionSummary>
             min_new_tokens: 0,
         },
         segments: options.segments,
+        ffmpeg: Default::default(),
         decode_threads,
         // Local files: a few reads at once keep the decoders fed.
         fetch_concurrency: decode_threads.clamp(2, 16),
