@@ -665,3 +665,33 @@ fn a_run_captions_every_codec_and_says_what_it_skipped() {
     );
     assert_eq!(by_name(&out).len(), 4);
 }
+
+#[test]
+fn doctor_reports_the_decoders_and_where_ffmpeg_is() {
+    let doctor = |ffmpeg: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_audiocap"))
+            .args(["doctor", "--ffmpeg", ffmpeg])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let found = doctor(ffmpeg().to_str().unwrap());
+    assert!(
+        found.starts_with("decoders:\n  native:\n    WAV (.wav, .wave, .bwf)\n"),
+        "{found}"
+    );
+    assert!(found.contains("  opus: opus-pure 0.2.2 (pure Rust; Ogg, Matroska/WebM and MP4)\n"));
+    let line = found.lines().find(|l| l.starts_with("  ffmpeg: ")).unwrap();
+    assert!(
+        line.starts_with(&format!(
+            "  ffmpeg: {} (ffmpeg version ",
+            ffmpeg().display()
+        )),
+        "{line}"
+    );
+    let off = doctor("false");
+    assert!(
+        off.contains("  ffmpeg: not available (switched off by `[decode] ffmpeg = false`); the formats below give error rows\n    Windows Media Audio (ASF) (.wma, .asf, .wmv)\n"),
+        "{off}"
+    );
+}

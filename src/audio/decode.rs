@@ -7,9 +7,13 @@
 //! file's sample rate (resampling is a separate step) and symphonia's scaling to
 //! `[-1, 1)` (a 16-bit sample `s` becomes `s / 32768`).
 //!
-//! Supported: WAV (8/16/24/32-bit integer PCM, 32/64-bit float PCM, A-law, µ-law,
-//! MS and IMA ADPCM), FLAC, MP3, Ogg Vorbis, and AAC or ALAC in MP4/M4A. Anything else
-//! (Opus, AC-3, WMA, ...) is refused with an error that names the container or codec.
+//! Supported natively: WAV and AIFF (8/16/24/32-bit integer PCM, 32/64-bit float PCM,
+//! A-law, µ-law, MS and IMA ADPCM), CAF, FLAC, MPEG layer 1/2/3, AAC (ADTS or MP4),
+//! ALAC, Vorbis and Opus (in Ogg, MP4/M4A and Matroska/WebM; Opus through
+//! [`super::opus`]). Anything else (AC-3, WMA, WavPack, ...) is refused by
+//! [`decode_stream`] with an error that names the container or codec;
+//! [`decode_stream_or_ffmpeg`] hands it to the ffmpeg fallback ([`super::ffmpeg`])
+//! instead, or says that ffmpeg would read it.
 //!
 //! Many channels: every channel counts equally in the mono mean (an LFE channel
 //! included), and [`AudioInfo::channels`] reports how many there were. WAV carries up to

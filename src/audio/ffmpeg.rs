@@ -74,6 +74,18 @@ impl<'de> Deserialize<'de> for FfmpegSetting {
     }
 }
 
+impl FfmpegSetting {
+    /// A command-line value: `true` (find it on PATH), `false` (off) or a path.
+    pub fn from_flag(value: &str) -> Result<Self, String> {
+        match value.trim() {
+            "true" => Ok(Self::Search),
+            "false" => Ok(Self::Off),
+            "" => Err("expected `true`, `false` or the path of the ffmpeg executable".into()),
+            path => Ok(Self::Path(PathBuf::from(path))),
+        }
+    }
+}
+
 /// The fallback's settings.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FfmpegOptions {

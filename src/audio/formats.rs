@@ -239,6 +239,32 @@ mod tests {
     }
 
     #[test]
+    fn the_reported_opus_decoder_is_the_one_built_in() {
+        let lock =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.lock")).unwrap();
+        let entry = format!("name = \"opus-pure\"\nversion = \"{OPUS_DECODER_VERSION}\"");
+        assert!(lock.contains(&entry), "Cargo.lock has no {entry:?}");
+    }
+
+    #[test]
+    fn the_report_says_what_reads_what_and_why_ffmpeg_is_missing() {
+        let report = decoder_report(&FfmpegSetting::Off);
+        assert_eq!(
+            report.ffmpeg,
+            FfmpegReport::Unavailable {
+                reason: "switched off by `[decode] ffmpeg = false`".to_string()
+            }
+        );
+        let text = report.render();
+        assert!(
+            text.contains("    Matroska / WebM (.mka, .mkv, .webm, .weba)\n"),
+            "{text}"
+        );
+        assert!(text.contains("  opus: opus-pure "), "{text}");
+        assert!(text.contains("    WavPack (.wv)\n"), "{text}");
+    }
+
+    #[test]
     fn magic_numbers_name_what_only_ffmpeg_reads() {
         let asf = [0x30, 0x26, 0xb2, 0x75, 0x8e, 0x66, 0xcf, 0x11, 0xa6, 0xd9];
         assert_eq!(sniff_ffmpeg_only(&asf), Some("Windows Media Audio (ASF)"));

@@ -1,5 +1,7 @@
 //! From an audio file (or object bytes) to mono samples at the model's rate:
-//! streaming decode, down-mix, resampling as packets arrive, and segmentation.
+//! streaming decode (native, or the ffmpeg fallback for what no native decoder reads:
+//! [`FrontEnd::with_ffmpeg`], on by default when `ffmpeg` is on PATH), down-mix,
+//! resampling as packets arrive, and segmentation.
 //!
 //! The pipeline's decode stage calls [`FrontEnd::decode_segments`] (or the one-shot
 //! [`decode_segments`]) on a blocking thread: it streams the input packet by packet and

@@ -694,6 +694,48 @@ mod tests {
         uri = "out/"
     "#;
 
+    #[test]
+    fn the_decode_section_takes_a_switch_or_a_path_and_lists_bad_values_with_the_rest() {
+        let parsed = |set: &[&str]| {
+            let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+            PipelineConfig::parse(MINIMAL, "m.toml", &set)
+        };
+        assert_eq!(parsed(&[]).unwrap().decode.ffmpeg, FfmpegSetting::Search);
+        assert_eq!(
+            parsed(&["decode.ffmpeg=false"]).unwrap().decode.ffmpeg,
+            FfmpegSetting::Off
+        );
+        let path = parsed(&["decode.ffmpeg=\"/opt/ffmpeg/bin/ffmpeg\""]).unwrap();
+        assert_eq!(
+            path.decode.ffmpeg,
+            FfmpegSetting::Path("/opt/ffmpeg/bin/ffmpeg".into())
+        );
+        // Written back as it was read (the dataset's metadata keeps the pipeline).
+        assert!(
+            path.to_toml()
+                .contains("ffmpeg = \"/opt/ffmpeg/bin/ffmpeg\"")
+        );
+        let err = parsed(&[
+            "decode.ffmpeg=3",
+            "decode.ffmpeg_timeout_seconds=0",
+            "decode.ffmpeg_path=\"x\"",
+            "batching.batch_size=0",
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        for at in [
+            "decode.ffmpeg:",
+            "decode.ffmpeg_timeout_seconds",
+            "decode.ffmpeg_path",
+            "batching.batch_size",
+        ] {
+            assert!(text.contains(at), "{at} not in {text}");
+        }
+        assert!(text.contains("the path of the ffmpeg executable"), "{text}");
+        let empty = parsed(&["decode.ffmpeg=\"\""]).unwrap_err().to_string();
+        assert!(empty.contains("an empty path"), "{empty}");
+    }
+
     /// Values that would overflow a duration, size a channel or an allocation
     /// absurdly, or make a timer spin are problems of the file, not panics later.
     #[test]
