@@ -695,3 +695,38 @@ fn doctor_reports_the_decoders_and_where_ffmpeg_is() {
         "{off}"
     );
 }
+
+/// ffmpeg opens nothing but the input: a playlist that names a URL is refused, not
+/// fetched.
+#[test]
+fn ffmpeg_opens_nothing_but_the_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let playlist = dir.path().join("playlist.wma");
+    std::fs::write(
+        &playlist,
+        "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nhttp://127.0.0.1:9/a.wav\n#EXT-X-ENDLIST\n",
+    )
+    .unwrap();
+    let ffmpeg = FfmpegOptions {
+        setting: FfmpegSetting::Path(ffmpeg()),
+        ..FfmpegOptions::default()
+    };
+    for from_file in [true, false] {
+        let mut front_end = front_end(ffmpeg.clone());
+        let result = if from_file {
+            front_end.decode_file_segments(&playlist, |_| ControlFlow::Continue(()))
+        } else {
+            let bytes = std::fs::read(&playlist).unwrap();
+            front_end.decode_segments(std::io::Cursor::new(bytes), Some("wma"), |_| {
+                ControlFlow::Continue(())
+            })
+        };
+        let Err(FrontEndError::Decode(error)) = result else {
+            panic!("the playlist decoded: {result:?}");
+        };
+        assert!(
+            matches!(error, DecodeError::FfmpegFailed { .. }),
+            "{error:?}"
+        );
+    }
+}

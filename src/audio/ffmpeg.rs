@@ -216,6 +216,8 @@ pub enum FfmpegError {
 /// Samples read from stdout at a time, and chunks queued.
 const CHUNK_BYTES: usize = 64 << 10;
 const QUEUED_CHUNKS: usize = 4;
+/// How long ffmpeg may take to exit once its output has ended.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
 /// Lines of stderr kept for the error message, and the longest kept of each.
 const KEPT_LINES: usize = 16;
 const MAX_LINE: usize = 1024;
@@ -231,14 +233,25 @@ pub fn decode<R: Read + Send>(
 ) -> Result<FfmpegDecoded, FfmpegError> {
     let mut command = Command::new(program);
     command.args(["-hide_banner", "-nostats", "-loglevel", "info"]);
+    // The input is untrusted: ffmpeg may open nothing but it (no network, no other
+    // protocol a playlist-like input could name). A path is given as a `file:` URL so
+    // that a colon in it is not read as a protocol.
     let (input_arg, from_stdin) = match &input {
-        FfmpegInput::Path(path) => (path.as_os_str().to_owned(), false),
+        FfmpegInput::Path(path) => {
+            let mut url = std::ffi::OsString::from("file:");
+            url.push(path.as_os_str());
+            (url, false)
+        }
         FfmpegInput::Reader(_) => ("pipe:0".into(), true),
     };
     if !from_stdin {
         command.arg("-nostdin");
     }
     command
+        .args([
+            "-protocol_whitelist",
+            if from_stdin { "pipe" } else { "file" },
+        ])
         .arg("-i")
         .arg(input_arg)
         .args(["-map", "0:a:0", "-vn", "-sn", "-dn", "-af"])
@@ -293,7 +306,6 @@ pub fn decode<R: Read + Send>(
             });
         }
 
-        let started = Instant::now();
         let mut waited = Duration::ZERO;
         let mut frames = 0u64;
         let mut carry: Vec<u8> = Vec::with_capacity(4);
@@ -341,11 +353,8 @@ pub fn decode<R: Read + Send>(
             kill(&mut child);
         }
         // After the end of its output ffmpeg only closes its files; wait for it
-        // within what is left of the time limit.
-        let status = wait_within(
-            &mut child,
-            timeout.saturating_sub(started.elapsed().min(waited)),
-        );
+        // within what is left of the time limit (and a moment more).
+        let status = wait_within(&mut child, timeout.saturating_sub(waited).max(EXIT_GRACE));
         let log = log.join().unwrap_or_default();
         outcome?;
         let codec = format!("ffmpeg:{}", log.codec.as_deref().unwrap_or("unknown"));
