@@ -804,9 +804,9 @@ fn decode_packets(
             }
             TrackDecoder::Opus(stream) => {
                 let trim_end = usize::try_from(packet.trim_end.get()).unwrap_or(usize::MAX);
-                let channels = stream.channels();
+                let (channels, decoded) = (stream.channels(), stream.decoded_channels());
                 match stream.decode(&packet.data, trim_end) {
-                    Ok(interleaved) => downmix_interleaved(interleaved, channels, &mut mono),
+                    Ok(interleaved) => downmix_interleaved(interleaved, decoded, &mut mono),
                     Err(error) => {
                         info.skipped_packets += 1;
                         first_skip_reason.get_or_insert_with(|| format!("opus: {error}"));

@@ -149,7 +149,9 @@ enum Inner {
 /// Decodes the packets of one Opus track, in order.
 pub struct OpusStream {
     inner: Inner,
+    /// The stream's channels, and the channels decoded (1 for mono and stereo).
     channels: usize,
+    out_channels: usize,
     /// Pre-skip frames still to drop.
     to_skip: usize,
     /// Linear output gain from the header (1 for 0 dB).
@@ -172,10 +174,12 @@ impl OpusStream {
     /// A decoder for the stream `head` describes, at 48 kHz.
     pub fn new(head: &OpusHead) -> Result<Self, OpusHeadError> {
         let refused = |e: OpusError| OpusHeadError::Mapping(e.to_string());
-        let inner = if head.family == 0 {
-            Inner::Single(Box::new(
-                OpusDecoder::new(OPUS_RATE as i32, head.channels).map_err(refused)?,
-            ))
+        let (inner, out_channels) = if head.family == 0 {
+            // One stream, decoded straight to mono: the decoder mixes the channels
+            // before synthesis (CELT averages the two spectra, SILK gives its mid
+            // channel), the mean of the channels at about half the cost of stereo.
+            let decoder = OpusDecoder::new(OPUS_RATE as i32, 1).map_err(refused)?;
+            (Inner::Single(Box::new(decoder)), 1)
         } else {
             // The decoder knows the standard layouts only; the header must be one.
             let standard = ChannelLayout::surround(head.channels, head.family).map_err(refused)?;
@@ -191,24 +195,30 @@ impl OpusStream {
                     head.streams, head.coupled, head.mapping, head.channels
                 )));
             }
-            Inner::Multi(Box::new(
-                OpusMSDecoder::new(OPUS_RATE as i32, head.channels, head.family)
-                    .map_err(refused)?,
-            ))
+            let decoder = OpusMSDecoder::new(OPUS_RATE as i32, head.channels, head.family)
+                .map_err(refused)?;
+            (Inner::Multi(Box::new(decoder)), head.channels)
         };
         Ok(Self {
             inner,
             channels: head.channels,
+            out_channels,
             to_skip: usize::from(head.pre_skip),
             // RFC 7845 §5.1: gain in Q7.8 dB, applied to the decoded output.
             gain: 10f32.powf(f32::from(head.gain_q8) / (20.0 * 256.0)),
-            pcm: vec![0.0; MAX_PACKET_FRAMES * head.channels],
+            pcm: vec![0.0; MAX_PACKET_FRAMES * out_channels],
         })
     }
 
-    /// Output channels (interleaved in what [`OpusStream::decode`] returns).
+    /// The stream's channels (the header's count).
     pub fn channels(&self) -> usize {
         self.channels
+    }
+
+    /// Channels interleaved in what [`OpusStream::decode`] returns: 1 for mono and
+    /// stereo streams (mixed by the decoder), every channel of a surround stream.
+    pub fn decoded_channels(&self) -> usize {
+        self.out_channels
     }
 
     /// Decodes one packet to interleaved frames, less the pre-skip still due and
@@ -227,7 +237,7 @@ impl OpusStream {
         let skip = self.to_skip.min(frames);
         self.to_skip -= skip;
         let end = frames.saturating_sub(trim_end).max(skip);
-        let out = &mut self.pcm[skip * self.channels..end * self.channels];
+        let out = &mut self.pcm[skip * self.out_channels..end * self.out_channels];
         if self.gain != 1.0 {
             for sample in out.iter_mut() {
                 *sample *= self.gain;
