@@ -5,8 +5,9 @@
 //!
 //! The demuxers (symphonia's Ogg, Matroska/WebM and MP4 readers) hand over the
 //! `OpusHead` as the track's extra data and one Opus packet at a time; this module
-//! turns each packet into interleaved `f32` frames at 48 kHz (the rate Opus always
-//! decodes at), drops the encoder's pre-skip from the start of the stream, trims the
+//! turns each packet into `f32` frames at 48 kHz (the rate Opus always decodes at;
+//! mono and stereo streams straight to mono, surround interleaved), drops the
+//! encoder's pre-skip from the start of the stream, trims the
 //! end padding the container signals, and applies the header's output gain.
 //! Channel mapping family 0 (mono, stereo) and family 1 in its standard Vorbis
 //! layouts (up to 7.1) are decoded; other mappings are refused as unsupported (the
