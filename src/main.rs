@@ -35,9 +35,10 @@ enum Command {
     /// Throughput benchmark: builds (or reuses) a preset model with random weights,
     /// exports it and measures the front end, encoder, prefill, decode and end to end.
     Bench(cli::bench::BenchArgs),
-    /// Report which ONNX Runtime library is used, how it was found, its version and
-    /// execution providers, and the GPUs the driver shows.
-    Doctor,
+    /// Report which decoders read audio here (native formats, Opus, the ffmpeg
+    /// fallback's path and version), which ONNX Runtime library is used, how it was
+    /// found, its version and execution providers, and the GPUs the driver shows.
+    Doctor(cli::doctor::DoctorArgs),
     /// Export a model (BEATs + projector + Llama with merged LoRA adapters) to an
     /// ONNX model directory that `audiocap caption` and `audiocap run` execute.
     Export(cli::export::ExportArgs),
@@ -92,7 +93,7 @@ fn try_main(cli: Cli) -> anyhow::Result<Exit> {
         Command::Caption(args) => cli::caption::run(args),
         Command::Eval(args) => cli::eval::run(args),
         Command::Bench(args) => cli::bench::run(args),
-        Command::Doctor => cli::doctor::run(),
+        Command::Doctor(args) => cli::doctor::run(args),
         Command::Export(args) => cli::export::run(args),
         Command::ReferenceCaption(args) => cli::reference_caption::run(args),
         Command::Merge(args) => cli::merge::run(args),

@@ -268,6 +268,14 @@ fn audio_front_end() {
         "tone.ogg",
         "tone_aac.m4a",
         "tone_alac.m4a",
+        // Issue 28: AIFF, CAF, MPEG layer 2, Matroska, and Opus in its three containers.
+        "tone.aiff",
+        "tone.caf",
+        "tone.mp2",
+        "tone_vorbis.mka",
+        "tone_opus.ogg",
+        "tone_opus.webm",
+        "tone_opus.mp4",
     ] {
         corpus.push(read(repo("tests/data/audio").join(name)));
     }

@@ -40,7 +40,7 @@ pub fn tiny_model() -> &'static Path {
     })
 }
 
-fn run(pipeline: &Path, sets: &[String]) -> Output {
+pub(crate) fn run(pipeline: &Path, sets: &[String]) -> Output {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_audiocap"));
     cmd.arg("run").arg(pipeline);
     for s in sets {
@@ -52,7 +52,7 @@ fn run(pipeline: &Path, sets: &[String]) -> Output {
 }
 
 /// A pipeline file for `audio` → `out` on the tiny model, fast settings.
-fn write_pipeline(dir: &Path, audio: &Path, out: &str) -> PathBuf {
+pub(crate) fn write_pipeline(dir: &Path, audio: &Path, out: &str) -> PathBuf {
     write_pipeline_of(dir, &[audio.display().to_string()], out)
 }
 
@@ -394,7 +394,7 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
         wav_bytes(1, 16, 5_000_000, 1, &pcm),
     )
     .unwrap();
-    // Real encoded files: every codec end to end, 8 channels, and a codec we lack.
+    // Real encoded files: every codec end to end (Opus included), 8 channels.
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/audio");
     for name in [
         "tone.mp3",
@@ -470,6 +470,7 @@ fn good_and_bad_inputs_become_one_row_each_and_a_rerun_resumes() {
         "tone_aac.m4a",
         "tone.flac",
         "tone_8ch.flac",
+        "tone_opus.ogg",
     ] {
         assert!(captioned(name), "{name}: {:?}", by_name[name]);
     }

@@ -21,8 +21,20 @@ use crate::common::gcs::FakeGcs;
 use crate::common::s3::MotoServer;
 use crate::common::servers::TestStore;
 
-/// Every item of a listing as `ok <uri> <size>` / `failed <uri>` / `ERROR <message>`.
+/// Every item of a listing as `ok <uri> <size>` / `failed <uri>` / `ERROR <message>`
+/// (files skipped for their extension left out: `listed_with_skips` shows them).
 async fn listed(
+    stream: futures::stream::BoxStream<'static, Result<Listed, StorageError>>,
+) -> Vec<String> {
+    listed_with_skips(stream)
+        .await
+        .into_iter()
+        .filter(|line| !line.starts_with("skipped "))
+        .collect()
+}
+
+/// [`listed`] with `skipped <uri> .<extension>` lines too.
+async fn listed_with_skips(
     stream: futures::stream::BoxStream<'static, Result<Listed, StorageError>>,
 ) -> Vec<String> {
     stream
@@ -32,6 +44,7 @@ async fn listed(
                 None => format!("ok {}", input.uri),
             },
             Ok(Listed::Failed { uri, error }) => format!("failed {uri}: {error}"),
+            Ok(Listed::Skipped { uri, extension }) => format!("skipped {uri} .{extension}"),
             Err(e) => format!("ERROR {e}"),
         })
         .collect()
@@ -107,6 +120,22 @@ async fn local_folders_are_walked_sorted_with_filters() {
     assert_eq!(
         list(&[path(root)], &txt, &storage).await,
         [format!("ok {r}/b.txt 1")]
+    );
+    // What the extensions leave out is listed as skipped, for the run's summary;
+    // what include/exclude leave out is not.
+    let only_txt_in_sub = ListOptions {
+        extensions: Some(vec!["txt".into()]),
+        exclude: vec!["deep/**".into()],
+        ..Default::default()
+    };
+    let sub = root.join("sub");
+    let s = sub.to_string_lossy();
+    assert_eq!(
+        listed_with_skips(list_inputs(&[path(&sub)], &only_txt_in_sub, &storage).unwrap()).await,
+        [
+            format!("skipped {s}/c.FLAC .flac"),
+            format!("skipped {s}/skip.tmp.wav .wav"),
+        ]
     );
 
     // Explicit files are taken whatever their extension; missing ones are per-input

@@ -7,6 +7,7 @@ mod audio_inputs;
 mod beats_parity;
 mod captioning;
 mod cli;
+mod codecs;
 mod container_image;
 mod corpus_build;
 mod dataset_sink;

@@ -7,9 +7,13 @@
 //! file's sample rate (resampling is a separate step) and symphonia's scaling to
 //! `[-1, 1)` (a 16-bit sample `s` becomes `s / 32768`).
 //!
-//! Supported: WAV (8/16/24/32-bit integer PCM, 32/64-bit float PCM, A-law, µ-law,
-//! MS and IMA ADPCM), FLAC, MP3, Ogg Vorbis, and AAC or ALAC in MP4/M4A. Anything else
-//! (Opus, AC-3, WMA, ...) is refused with an error that names the container or codec.
+//! Supported natively: WAV and AIFF (8/16/24/32-bit integer PCM, 32/64-bit float PCM,
+//! A-law, µ-law, MS and IMA ADPCM), CAF, FLAC, MPEG layer 1/2/3, AAC (ADTS or MP4),
+//! ALAC, Vorbis and Opus (in Ogg, MP4/M4A and Matroska/WebM; Opus through
+//! [`super::opus`]). Anything else (AC-3, WMA, WavPack, ...) is refused by
+//! [`decode_stream`] with an error that names the container or codec;
+//! [`decode_stream_or_ffmpeg`] hands it to the ffmpeg fallback ([`super::ffmpeg`])
+//! instead, or says that ffmpeg would read it.
 //!
 //! Many channels: every channel counts equally in the mono mean (an LFE channel
 //! included), and [`AudioInfo::channels`] reports how many there were. WAV carries up to
@@ -42,11 +46,15 @@ use symphonia::core::formats::{FormatOptions, FormatReader, TrackType};
 use symphonia::core::io::{MediaSource, MediaSourceStream, MediaSourceStreamOptions};
 use symphonia::core::meta::MetadataOptions;
 
+use super::ffmpeg::{FfmpegError, FfmpegInput, FfmpegOptions};
+use super::opus::{OPUS_RATE, OpusHead, OpusHeadError, OpusStream};
+
 /// Highest sample rate accepted, in Hz; anything above is taken for a corrupt header.
 pub const MAX_SAMPLE_RATE: u32 = 768_000;
 
-/// Containers that can be decoded, for error messages.
-const SUPPORTED_CONTAINERS: &str = "WAV, FLAC, MP3, Ogg, MP4/M4A";
+/// Containers that can be decoded natively, for error messages.
+const SUPPORTED_CONTAINERS: &str =
+    "WAV, AIFF, CAF, FLAC, MPEG audio, AAC (ADTS), Ogg, MP4/M4A, Matroska/WebM";
 
 /// How much of the start of an input is re-read to explain why it could not be opened.
 const HEAD_LEN: u64 = 4096;
@@ -217,6 +225,199 @@ pub enum DecodeError {
         /// The panic message.
         message: String,
     },
+    /// No native decoder reads it and the ffmpeg fallback is not available.
+    #[error(
+        "{what}: no native decoder reads it; install ffmpeg (or set `[decode] ffmpeg` to its \
+         path) to read it ({reason})"
+    )]
+    NeedsFfmpeg {
+        /// The format or codec, as far as it is known (`codec ac3`, `WavPack (.wv)`).
+        what: String,
+        /// Why there is no ffmpeg (switched off, not on PATH, not a file).
+        reason: String,
+    },
+    /// No native decoder reads it, and ffmpeg could not either.
+    #[error("{native}; ffmpeg could not read it either: {detail}")]
+    FfmpegFailed {
+        /// Why the native decoders refused it.
+        native: Box<DecodeError>,
+        /// The last line of ffmpeg's stderr.
+        detail: String,
+    },
+    /// ffmpeg took longer than its time limit and was stopped.
+    #[error(
+        "ffmpeg took longer than {seconds} s ([decode] ffmpeg_timeout_seconds) after {frames} frames and was stopped"
+    )]
+    FfmpegTimeout {
+        /// The limit.
+        seconds: f64,
+        /// Frames delivered before.
+        frames: u64,
+    },
+}
+
+impl DecodeError {
+    /// The short kind of the failure (a row's `error_kind`, the summary's counts).
+    pub fn kind(&self) -> &'static str {
+        match self {
+            DecodeError::Open { .. } => "unreadable",
+            DecodeError::Io(_) => "read_error",
+            DecodeError::Empty => "empty",
+            DecodeError::UnknownFormat => "not_audio",
+            DecodeError::UnsupportedCodec { .. } | DecodeError::NeedsFfmpeg { .. } => {
+                "unsupported_codec"
+            }
+            DecodeError::Unsupported { .. } => "unsupported_stream",
+            DecodeError::NoAudioTrack => "no_audio_track",
+            DecodeError::Truncated => "truncated",
+            DecodeError::Malformed { .. } => "malformed",
+            DecodeError::Corrupt { .. } => "corrupt",
+            DecodeError::ZeroChannels => "zero_channels",
+            DecodeError::TooManyChannels { .. } => "too_many_channels",
+            DecodeError::InvalidSampleRate { .. } => "invalid_sample_rate",
+            DecodeError::SampleRateChanged { .. } => "sample_rate_changed",
+            DecodeError::NonFiniteSample { .. } => "non_finite_samples",
+            DecodeError::DecoderPanic { .. } => "decoder_crash",
+            // What the native decoders said is what the input is.
+            DecodeError::FfmpegFailed { native, .. } => native.kind(),
+            DecodeError::FfmpegTimeout { .. } => "ffmpeg_timeout",
+        }
+    }
+
+    /// Whether ffmpeg may read what the native decoders refused with this error
+    /// (a format, codec or layout they do not handle, before any sample).
+    fn ffmpeg_may_read(&self) -> bool {
+        matches!(
+            self,
+            DecodeError::UnknownFormat
+                | DecodeError::UnsupportedCodec { .. }
+                | DecodeError::Unsupported { .. }
+                | DecodeError::NoAudioTrack
+                | DecodeError::Malformed { .. }
+                | DecodeError::TooManyChannels { .. }
+                | DecodeError::DecoderPanic { .. }
+        )
+    }
+}
+
+/// The fallback for inputs no native decoder reads: ffmpeg, delivering mono samples
+/// at `rate` (the model's).
+#[derive(Debug, Clone, Copy)]
+pub struct Fallback<'a> {
+    pub ffmpeg: &'a FfmpegOptions,
+    pub rate: u32,
+    /// The input as a local file, when it is one (ffmpeg then reads it in place and
+    /// may seek; otherwise it reads the bytes from its stdin).
+    pub path: Option<&'a Path>,
+}
+
+/// [`decode_stream_with_rate`], then, for an input the native decoders refuse before
+/// any sample (see [`DecodeError::ffmpeg_may_read`]), `fallback`'s ffmpeg. Samples
+/// from ffmpeg arrive at `fallback.rate`; the result's `sample_rate` and `channels`
+/// are the stream's own, as ffmpeg reports them, and `frames` is counted at that rate.
+/// Without ffmpeg, a format known to need it is [`DecodeError::NeedsFfmpeg`].
+pub fn decode_stream_or_ffmpeg<R, F>(
+    mut source: R,
+    hint_extension: Option<&str>,
+    fallback: &Fallback<'_>,
+    mut on_samples: F,
+) -> Result<AudioInfo, DecodeError>
+where
+    R: Read + Seek + Send + Sync,
+    F: FnMut(u32, &[f32]) -> ControlFlow<()>,
+{
+    let mut delivered = false;
+    let native = decode_stream_with_rate(&mut source, hint_extension, |rate, chunk| {
+        delivered = true;
+        on_samples(rate, chunk)
+    });
+    let native = match native {
+        Err(error) if !delivered && error.ffmpeg_may_read() => error,
+        other => return other,
+    };
+    let program = match super::ffmpeg::locate(&fallback.ffmpeg.setting) {
+        Ok(program) => program,
+        Err(reason) => return Err(needs_ffmpeg(native, hint_extension, &mut source, reason)),
+    };
+    source.rewind().map_err(DecodeError::Io)?;
+    let input = match fallback.path {
+        Some(path) => FfmpegInput::Path(path),
+        None => FfmpegInput::Reader(&mut source),
+    };
+    let rate = fallback.rate;
+    let decoded = super::ffmpeg::decode(
+        &program,
+        input,
+        rate,
+        fallback.ffmpeg.timeout,
+        &mut |chunk| on_samples(rate, chunk),
+    );
+    match decoded {
+        Ok(decoded) => {
+            let source_rate = decoded
+                .source_rate
+                .filter(|r| (1..=MAX_SAMPLE_RATE).contains(r));
+            let sample_rate = source_rate.unwrap_or(rate);
+            let frames = (decoded.frames as f64 * f64::from(sample_rate) / f64::from(rate)).round();
+            Ok(AudioInfo {
+                sample_rate,
+                channels: decoded.channels.unwrap_or(1),
+                codec: decoded.codec,
+                frames: frames as u64,
+                skipped_packets: 0,
+                declared_frames: None,
+                truncated: false,
+            })
+        }
+        Err(FfmpegError::Failed { detail, frames: 0 }) => Err(DecodeError::FfmpegFailed {
+            native: Box::new(native),
+            detail,
+        }),
+        Err(FfmpegError::Failed { detail, frames }) => Err(DecodeError::Corrupt {
+            frames,
+            detail: format!("ffmpeg: {detail}"),
+        }),
+        Err(error @ FfmpegError::Spawn { .. }) => Err(DecodeError::FfmpegFailed {
+            native: Box::new(native),
+            detail: error.to_string(),
+        }),
+        Err(FfmpegError::Timeout { seconds, frames }) => {
+            Err(DecodeError::FfmpegTimeout { seconds, frames })
+        }
+        Err(FfmpegError::NonFinite { frame, value }) => {
+            Err(DecodeError::NonFiniteSample { frame, value })
+        }
+        Err(FfmpegError::Io(error)) => Err(DecodeError::Io(error)),
+    }
+}
+
+/// The error for an input the native decoders refused when there is no ffmpeg: what
+/// the format or codec is, when the codec, the extension or the first bytes say.
+fn needs_ffmpeg<R: Read + Seek>(
+    native: DecodeError,
+    hint_extension: Option<&str>,
+    source: &mut R,
+    reason: String,
+) -> DecodeError {
+    let mut head = Vec::new();
+    let _ = source
+        .rewind()
+        .and_then(|()| source.by_ref().take(HEAD_LEN).read_to_end(&mut head));
+    let by_extension = hint_extension.and_then(|ext| {
+        super::formats::format_of_extension(ext)
+            .filter(|f| f.reader == super::formats::Reader::Ffmpeg)
+            .map(|f| format!("{} (.{})", f.name, ext.to_ascii_lowercase()))
+    });
+    let what = match &native {
+        DecodeError::UnsupportedCodec { codec } if !codec.starts_with("unknown") => {
+            Some(format!("codec {codec}"))
+        }
+        _ => by_extension.or_else(|| super::formats::sniff_ffmpeg_only(&head).map(str::to_string)),
+    };
+    match what {
+        Some(what) => DecodeError::NeedsFfmpeg { what, reason },
+        None => native,
+    }
 }
 
 /// Decodes a whole file to mono. The file's extension, if any, is a hint for the probe.
@@ -514,7 +715,7 @@ fn decode_packets(
     on_samples: &mut dyn FnMut(u32, &[f32]) -> ControlFlow<()>,
 ) -> Result<AudioInfo, DecodeError> {
     let track = select_track(format.as_ref())?;
-    let mut decoder = make_decoder(&track.params)?;
+    let mut decoder = make_decoder(&track.params, format.format_info().short_name)?;
     let mut info = AudioInfo {
         sample_rate: track.params.sample_rate.unwrap_or(0),
         channels: track
@@ -522,7 +723,7 @@ fn decode_packets(
             .channels
             .as_ref()
             .map_or(0, |channels| channels.count()),
-        codec: decoder.codec_info().short_name.to_owned(),
+        codec: decoder.name().to_owned(),
         frames: 0,
         skipped_packets: 0,
         declared_frames: track.declared_frames.filter(|&n| n > 0),
@@ -566,49 +767,70 @@ fn decode_packets(
         let dur = packet.dur.get();
         next_pts = (dur > 0).then(|| pts + i128::from(dur));
 
-        let buffer = match decoder.decode(&packet) {
-            Ok(buffer) => buffer,
-            // The packet is bad, the stream is not: skip it, as symphonia recommends.
-            Err(SymphoniaError::DecodeError(reason)) => {
-                info.skipped_packets += 1;
-                first_skip_reason.get_or_insert_with(|| reason.to_owned());
-                continue;
+        let (rate, channels) = match &mut decoder {
+            TrackDecoder::Symphonia(decoder) => {
+                let buffer = match decoder.decode(&packet) {
+                    Ok(buffer) => buffer,
+                    // The packet is bad, the stream is not: skip it, as symphonia recommends.
+                    Err(SymphoniaError::DecodeError(reason)) => {
+                        info.skipped_packets += 1;
+                        first_skip_reason.get_or_insert_with(|| reason.to_owned());
+                        continue;
+                    }
+                    Err(SymphoniaError::IoError(error)) => {
+                        info.skipped_packets += 1;
+                        first_skip_reason.get_or_insert_with(|| error.to_string());
+                        continue;
+                    }
+                    Err(error) => return Err(stream_error(error, info.frames)),
+                };
+                let frames = buffer.frames();
+                if frames == 0 {
+                    continue;
+                }
+                match &buffer {
+                    // Float output (MP3, Vorbis, AAC): read the planes in place, no copy.
+                    GenericAudioBufferRef::F32(buf) => {
+                        let in_place: Vec<&[f32]> =
+                            (0..buf.num_planes()).filter_map(|c| buf.plane(c)).collect();
+                        downmix(&in_place, frames, &mut mono)?;
+                    }
+                    _ => {
+                        buffer.copy_to_vecs_planar::<f32>(&mut planes);
+                        downmix(&planes, frames, &mut mono)?;
+                    }
+                }
+                (buffer.spec().rate(), buffer.spec().channels().count())
             }
-            Err(SymphoniaError::IoError(error)) => {
-                info.skipped_packets += 1;
-                first_skip_reason.get_or_insert_with(|| error.to_string());
-                continue;
+            TrackDecoder::Opus(stream) => {
+                let trim_end = usize::try_from(packet.trim_end.get()).unwrap_or(usize::MAX);
+                let (channels, decoded) = (stream.channels(), stream.decoded_channels());
+                match stream.decode(&packet.data, trim_end) {
+                    Ok(interleaved) => downmix_interleaved(interleaved, decoded, &mut mono),
+                    Err(error) => {
+                        info.skipped_packets += 1;
+                        first_skip_reason.get_or_insert_with(|| format!("opus: {error}"));
+                        continue;
+                    }
+                }
+                if mono.is_empty() {
+                    continue;
+                }
+                (OPUS_RATE, channels)
             }
-            Err(error) => return Err(stream_error(error, info.frames)),
         };
-        let frames = buffer.frames();
-        if frames == 0 {
-            continue;
-        }
+        let frames = mono.len();
 
-        let rate = check_sample_rate(buffer.spec().rate())?;
+        let rate = check_sample_rate(rate)?;
         if !rate_seen {
             info.sample_rate = rate;
-            info.channels = buffer.spec().channels().count();
+            info.channels = channels;
             rate_seen = true;
         } else if rate != info.sample_rate {
             return Err(DecodeError::SampleRateChanged {
                 from: info.sample_rate,
                 to: rate,
             });
-        }
-
-        match &buffer {
-            // Float output (MP3, Vorbis, AAC): read the planes in place, no conversion copy.
-            GenericAudioBufferRef::F32(buf) => {
-                let in_place: Vec<&[f32]> =
-                    (0..buf.num_planes()).filter_map(|c| buf.plane(c)).collect();
-                downmix(&in_place, frames, &mut mono)?;
-            }
-            _ => {
-                buffer.copy_to_vecs_planar::<f32>(&mut planes);
-                downmix(&planes, frames, &mut mono)?;
-            }
         }
         if let Some(index) = mono.iter().position(|sample| !sample.is_finite()) {
             return Err(DecodeError::NonFiniteSample {
@@ -680,7 +902,73 @@ fn downmix<P: AsRef<[f32]>>(
     Ok(())
 }
 
-fn make_decoder(params: &AudioCodecParameters) -> Result<Box<dyn AudioDecoder>, DecodeError> {
+/// The decoder of the selected track: symphonia's, or the Opus decoder.
+enum TrackDecoder {
+    Symphonia(Box<dyn AudioDecoder>),
+    Opus(OpusStream),
+}
+
+impl TrackDecoder {
+    fn name(&self) -> &str {
+        match self {
+            Self::Symphonia(decoder) => decoder.codec_info().short_name,
+            Self::Opus(_) => "opus",
+        }
+    }
+}
+
+/// Mean of the channels of interleaved frames into `mono`.
+fn downmix_interleaved(interleaved: &[f32], channels: usize, mono: &mut Vec<f32>) {
+    mono.clear();
+    match channels {
+        0 => {}
+        1 => mono.extend_from_slice(interleaved),
+        2 => mono.extend(
+            interleaved
+                .chunks_exact(2)
+                .map(|pair| (pair[0] + pair[1]) * 0.5),
+        ),
+        n => {
+            let scale = 1.0 / n as f32;
+            mono.extend(
+                interleaved
+                    .chunks_exact(n)
+                    .map(|frame| frame.iter().sum::<f32>() * scale),
+            );
+        }
+    }
+}
+
+/// The decoder for the track of a container (symphonia's short name of its reader).
+fn make_decoder(
+    params: &AudioCodecParameters,
+    container: &str,
+) -> Result<TrackDecoder, DecodeError> {
+    if params.codec == CODEC_ID_OPUS {
+        // MP4's `dOps` box is the identification header in big-endian order.
+        let parse = if container == "isomp4" {
+            OpusHead::parse_mp4
+        } else {
+            OpusHead::parse
+        };
+        let head = params
+            .extra_data
+            .as_deref()
+            .ok_or(OpusHeadError::Missing)
+            .and_then(parse)
+            .and_then(|head| OpusStream::new(&head));
+        return head
+            .map(TrackDecoder::Opus)
+            .map_err(|error| DecodeError::Malformed {
+                detail: error.to_string(),
+            });
+    }
+    make_symphonia_decoder(params).map(TrackDecoder::Symphonia)
+}
+
+fn make_symphonia_decoder(
+    params: &AudioCodecParameters,
+) -> Result<Box<dyn AudioDecoder>, DecodeError> {
     let codecs = symphonia::default::get_codecs();
     if codecs.get_audio_decoder(params.codec).is_none() {
         return Err(DecodeError::UnsupportedCodec {

@@ -1,5 +1,7 @@
 //! From an audio file (or object bytes) to mono samples at the model's rate:
-//! streaming decode, down-mix, resampling as packets arrive, and segmentation.
+//! streaming decode (native, or the ffmpeg fallback for what no native decoder reads:
+//! [`FrontEnd::with_ffmpeg`], on by default when `ffmpeg` is on PATH), down-mix,
+//! resampling as packets arrive, and segmentation.
 //!
 //! The pipeline's decode stage calls [`FrontEnd::decode_segments`] (or the one-shot
 //! [`decode_segments`]) on a blocking thread: it streams the input packet by packet and
@@ -11,7 +13,8 @@ use std::io::{Read, Seek};
 use std::ops::ControlFlow;
 use std::path::Path;
 
-use super::decode::{AudioInfo, DecodeError, decode_stream_with_rate};
+use super::decode::{AudioInfo, DecodeError, Fallback, decode_stream_or_ffmpeg};
+use super::ffmpeg::FfmpegOptions;
 use super::resample::{ResampleError, Resampler};
 use super::segment::{SegmentAudio, SegmentConfig, Segmenter};
 
@@ -47,6 +50,8 @@ pub struct FrontEnd {
     resampler: Option<Resampler>,
     /// Peak buffered samples of the segmenter over every input so far.
     peak_buffered: usize,
+    /// The fallback for inputs no native decoder reads.
+    ffmpeg: FfmpegOptions,
 }
 
 impl FrontEnd {
@@ -60,7 +65,14 @@ impl FrontEnd {
             segments,
             resampler: None,
             peak_buffered: 0,
+            ffmpeg: FfmpegOptions::default(),
         })
+    }
+
+    /// Sets the ffmpeg fallback (default: `ffmpeg` on `PATH`, if there is one).
+    pub fn with_ffmpeg(mut self, ffmpeg: FfmpegOptions) -> Self {
+        self.ffmpeg = ffmpeg;
+        self
     }
 
     /// The model's sample rate, in Hz.
@@ -87,6 +99,21 @@ impl FrontEnd {
         &mut self,
         source: R,
         hint_extension: Option<&str>,
+        on_segment: impl FnMut(SegmentAudio) -> ControlFlow<()>,
+    ) -> Result<AudioInfo, FrontEndError>
+    where
+        R: Read + Seek + Send + Sync,
+    {
+        self.decode_segments_at(source, hint_extension, None, on_segment)
+    }
+
+    /// [`FrontEnd::decode_segments`] of a source that is the local file `path`, when
+    /// it is one (ffmpeg, if it has to read it, then reads the file in place).
+    pub fn decode_segments_at<R>(
+        &mut self,
+        source: R,
+        hint_extension: Option<&str>,
+        path: Option<&Path>,
         mut on_segment: impl FnMut(SegmentAudio) -> ControlFlow<()>,
     ) -> Result<AudioInfo, FrontEndError>
     where
@@ -94,7 +121,7 @@ impl FrontEnd {
     {
         let mut segmenter = Segmenter::new(self.rate, &self.segments);
         let mut stopped = false;
-        let info = self.decode_at_rate(source, hint_extension, &mut |chunk| {
+        let info = self.decode_at_rate(source, hint_extension, path, &mut |chunk| {
             let flow = segmenter.push(chunk, &mut on_segment);
             stopped = flow.is_break();
             flow
@@ -114,7 +141,7 @@ impl FrontEnd {
     ) -> Result<AudioInfo, FrontEndError> {
         let file = open(path)?;
         let hint = path.extension().and_then(|e| e.to_str());
-        self.decode_segments(std::io::BufReader::new(file), hint, on_segment)
+        self.decode_segments_at(std::io::BufReader::new(file), hint, Some(path), on_segment)
     }
 
     /// Decodes a whole input to the model's rate, in memory.
@@ -127,7 +154,7 @@ impl FrontEnd {
         R: Read + Seek + Send + Sync,
     {
         let mut samples = Vec::new();
-        let info = self.decode_at_rate(source, hint_extension, &mut |chunk| {
+        let info = self.decode_at_rate(source, hint_extension, None, &mut |chunk| {
             samples.extend_from_slice(chunk);
             ControlFlow::Continue(())
         })?;
@@ -144,6 +171,7 @@ impl FrontEnd {
         &mut self,
         source: R,
         hint_extension: Option<&str>,
+        path: Option<&Path>,
         on_chunk: &mut dyn FnMut(&[f32]) -> ControlFlow<()>,
     ) -> Result<AudioInfo, FrontEndError>
     where
@@ -156,29 +184,35 @@ impl FrontEnd {
         // Set up on the first packet, when the source's rate is known.
         let mut ready = false;
         let cached = &mut self.resampler;
-        let info = decode_stream_with_rate(source, hint_extension, |source_rate, chunk| {
-            if !ready {
-                match cached {
-                    Some(r) if r.from_hz() == source_rate => r.reset(),
-                    _ => match Resampler::new(source_rate, rate) {
-                        Ok(r) => *cached = Some(r),
-                        Err(e) => {
-                            failure = Some(e);
-                            return ControlFlow::Break(());
-                        }
-                    },
+        let fallback = Fallback {
+            ffmpeg: &self.ffmpeg,
+            rate,
+            path,
+        };
+        let info =
+            decode_stream_or_ffmpeg(source, hint_extension, &fallback, |source_rate, chunk| {
+                if !ready {
+                    match cached {
+                        Some(r) if r.from_hz() == source_rate => r.reset(),
+                        _ => match Resampler::new(source_rate, rate) {
+                            Ok(r) => *cached = Some(r),
+                            Err(e) => {
+                                failure = Some(e);
+                                return ControlFlow::Break(());
+                            }
+                        },
+                    }
+                    ready = true;
                 }
-                ready = true;
-            }
-            let Some(resampler) = cached.as_mut() else {
-                return ControlFlow::Break(());
-            };
-            resampled.clear();
-            resampler.push(chunk, &mut resampled);
-            let flow = on_chunk(&resampled);
-            stopped = flow.is_break();
-            flow
-        })?;
+                let Some(resampler) = cached.as_mut() else {
+                    return ControlFlow::Break(());
+                };
+                resampled.clear();
+                resampler.push(chunk, &mut resampled);
+                let flow = on_chunk(&resampled);
+                stopped = flow.is_break();
+                flow
+            })?;
         if let Some(e) = failure {
             return Err(e.into());
         }

@@ -49,6 +49,10 @@ pub struct CaptionArgs {
     /// Output Parquet file.
     #[arg(long)]
     out: PathBuf,
+    /// The ffmpeg that decodes what no native decoder reads (WMA, AC-3, AMR, ...):
+    /// `true` finds it on PATH, `false` turns the fallback off, or its path.
+    #[arg(long, default_value = "true", value_parser = audiocap::audio::ffmpeg::FfmpegSetting::from_flag)]
+    ffmpeg: audiocap::audio::ffmpeg::FfmpegSetting,
     /// Audio files or folders (walked recursively for audio files).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
@@ -72,6 +76,10 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<Exit> {
             window_seconds: args.window_seconds,
             hop_seconds: args.hop_seconds,
             ..SegmentConfig::default()
+        },
+        ffmpeg: audiocap::audio::ffmpeg::FfmpegOptions {
+            setting: args.ffmpeg,
+            ..Default::default()
         },
         out: args.out,
         inputs: args.inputs,

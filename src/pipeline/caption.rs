@@ -42,6 +42,8 @@ pub struct CaptionOptions {
     /// Threads decoding and computing fbanks (unset: every core).
     pub decode_threads: Option<usize>,
     pub segments: SegmentConfig,
+    /// The fallback decoder for what no native decoder reads.
+    pub ffmpeg: crate::audio::ffmpeg::FfmpegOptions,
     /// The Parquet file written.
     pub out: PathBuf,
     /// Files (taken whatever their extension) and folders.
@@ -152,6 +154,7 @@ pub fn caption_files(options: &CaptionOptions) -> anyhow::Result<CaptionSummary>
             min_new_tokens: 0,
         },
         segments: options.segments,
+        ffmpeg: options.ffmpeg.clone(),
         decode_threads,
         // Local files: a few reads at once keep the decoders fed.
         fetch_concurrency: decode_threads.clamp(2, 16),

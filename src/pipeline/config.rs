@@ -11,6 +11,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::audio::ffmpeg::{FfmpegOptions, FfmpegSetting};
 use crate::audio::segment::SegmentConfig;
 use crate::config::{
     self, ConfigErrors, ConfigProblem, DeviceSpec, Schema, check_section, check_sections, count_in,
@@ -30,6 +31,8 @@ pub struct PipelineConfig {
     pub storage: crate::storage::StorageOptions,
     /// How long recordings are cut into windows.
     pub segments: SegmentConfig,
+    /// The decoders: the ffmpeg fallback for formats no native decoder reads.
+    pub decode: DecodeSection,
     /// How segments are grouped for the encoder and decoder.
     pub batching: BatchingSection,
     /// How captions are generated.
@@ -91,6 +94,38 @@ pub struct InputSection {
     /// File extensions taken when listing folders and prefixes (default: the common
     /// audio extensions). Explicit files and manifest entries are taken as given.
     pub extensions: Option<Vec<String>>,
+}
+
+/// `[decode]`
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DecodeSection {
+    /// The ffmpeg that decodes what no native decoder reads (WMA, AC-3, AMR, WavPack,
+    /// ...): `true` finds `ffmpeg` on `PATH` (without one, such inputs are error rows
+    /// that say so), `false` turns the fallback off, a string is the executable's path.
+    pub ffmpeg: FfmpegSetting,
+    /// Longest ffmpeg may keep a decode worker waiting on one input before it is
+    /// stopped (the input is then an error row, `ffmpeg_timeout`).
+    pub ffmpeg_timeout_seconds: f64,
+}
+
+impl Default for DecodeSection {
+    fn default() -> Self {
+        Self {
+            ffmpeg: FfmpegSetting::Search,
+            ffmpeg_timeout_seconds: crate::audio::ffmpeg::DEFAULT_TIMEOUT_SECONDS,
+        }
+    }
+}
+
+impl DecodeSection {
+    /// The decoders' options (validated values).
+    pub fn ffmpeg_options(&self) -> FfmpegOptions {
+        FfmpegOptions {
+            setting: self.ffmpeg.clone(),
+            timeout: std::time::Duration::from_secs_f64(self.ffmpeg_timeout_seconds),
+        }
+    }
 }
 
 /// `[batching]`
@@ -417,6 +452,13 @@ impl PipelineConfig {
             ));
         }
 
+        seconds_in(
+            &mut p,
+            "decode.ffmpeg_timeout_seconds",
+            self.decode.ffmpeg_timeout_seconds,
+            0.1..=MAX_SECONDS,
+        );
+
         let b = &self.batching;
         count_in(&mut p, "batching.batch_size", b.batch_size, 1..=MAX_BATCH);
         count_in(
@@ -639,6 +681,7 @@ fn check_keys(table: &toml::Table) -> Vec<ConfigProblem> {
             ("input", check_section::<InputSection>),
             ("storage", check_section::<crate::storage::StorageOptions>),
             ("segments", check_section::<SegmentConfig>),
+            ("decode", check_section::<DecodeSection>),
             ("batching", check_section::<BatchingSection>),
             ("generation", check_section::<GenerationSection>),
             ("workers", check_section::<WorkersSection>),
@@ -661,6 +704,48 @@ mod tests {
         [output]
         uri = "out/"
     "#;
+
+    #[test]
+    fn the_decode_section_takes_a_switch_or_a_path_and_lists_bad_values_with_the_rest() {
+        let parsed = |set: &[&str]| {
+            let set: Vec<String> = set.iter().map(|s| s.to_string()).collect();
+            PipelineConfig::parse(MINIMAL, "m.toml", &set)
+        };
+        assert_eq!(parsed(&[]).unwrap().decode.ffmpeg, FfmpegSetting::Search);
+        assert_eq!(
+            parsed(&["decode.ffmpeg=false"]).unwrap().decode.ffmpeg,
+            FfmpegSetting::Off
+        );
+        let path = parsed(&["decode.ffmpeg=\"/opt/ffmpeg/bin/ffmpeg\""]).unwrap();
+        assert_eq!(
+            path.decode.ffmpeg,
+            FfmpegSetting::Path("/opt/ffmpeg/bin/ffmpeg".into())
+        );
+        // Written back as it was read (the dataset's metadata keeps the pipeline).
+        assert!(
+            path.to_toml()
+                .contains("ffmpeg = \"/opt/ffmpeg/bin/ffmpeg\"")
+        );
+        let err = parsed(&[
+            "decode.ffmpeg=3",
+            "decode.ffmpeg_timeout_seconds=0",
+            "decode.ffmpeg_path=\"x\"",
+            "batching.batch_size=0",
+        ])
+        .unwrap_err();
+        let text = err.to_string();
+        for at in [
+            "decode.ffmpeg:",
+            "decode.ffmpeg_timeout_seconds",
+            "decode.ffmpeg_path",
+            "batching.batch_size",
+        ] {
+            assert!(text.contains(at), "{at} not in {text}");
+        }
+        assert!(text.contains("the path of the ffmpeg executable"), "{text}");
+        let empty = parsed(&["decode.ffmpeg=\"\""]).unwrap_err().to_string();
+        assert!(empty.contains("an empty path"), "{empty}");
+    }
 
     /// Values that would overflow a duration, size a channel or an allocation
     /// absurdly, or make a timer spin are problems of the file, not panics later.

@@ -21,6 +21,9 @@ pub struct InputCounts {
     pub written: u64,
     /// Of those, inputs with no caption at all (each has error rows).
     pub failed: u64,
+    /// Files of this shard that folder listings left out for their extension
+    /// (`input.extensions`), by extension (no dot; `""` for a name without one).
+    pub skipped_by_extension: std::collections::BTreeMap<String, u64>,
 }
 
 /// Fraction of the wall time each stage's workers were busy (1 = always working;
@@ -144,6 +147,10 @@ impl RunSummary {
             self.stage_busy.sink * 100.0,
             self.parts.len(),
         );
+        if !self.inputs.skipped_by_extension.is_empty() {
+            s.push('\n');
+            s.push_str(&skipped_line(&self.inputs.skipped_by_extension));
+        }
         for (title, kinds) in [
             ("failed inputs", &self.failed_inputs_by_kind),
             ("failed segments", &self.failed_segments_by_kind),
@@ -183,5 +190,60 @@ impl RunSummary {
             s.push_str("\nstopped early: the next run continues where this one stopped");
         }
         s
+    }
+}
+
+/// Most extensions the summary names one by one; the rest are added up.
+const NAMED_EXTENSIONS: usize = 12;
+
+/// `skipped by extension (input.extensions): 312 .wma, 4 .txt, 1 without one`, the
+/// commonest first.
+fn skipped_line(counts: &std::collections::BTreeMap<String, u64>) -> String {
+    let mut by_count: Vec<(&String, &u64)> = counts.iter().collect();
+    by_count.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    let mut parts: Vec<String> = by_count
+        .iter()
+        .take(NAMED_EXTENSIONS)
+        .map(|(ext, n)| match ext.as_str() {
+            "" => format!("{n} without an extension"),
+            ext => format!("{n} .{ext}"),
+        })
+        .collect();
+    if by_count.len() > NAMED_EXTENSIONS {
+        let rest: u64 = by_count[NAMED_EXTENSIONS..].iter().map(|(_, n)| **n).sum();
+        parts.push(format!(
+            "{rest} of {} other extensions",
+            by_count.len() - NAMED_EXTENSIONS
+        ));
+    }
+    format!(
+        "skipped by extension (input.extensions): {}",
+        parts.join(", ")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn skipped_files_are_counted_by_extension_commonest_first() {
+        let mut summary = RunSummary::default();
+        assert!(!summary.render().contains("skipped by extension"));
+        summary.inputs.skipped_by_extension = [("wma", 312), ("txt", 4), ("", 1)]
+            .map(|(e, n)| (e.to_string(), n))
+            .into();
+        let rendered = summary.render();
+        assert!(
+            rendered.contains(
+                "\nskipped by extension (input.extensions): 312 .wma, 4 .txt, 1 without an extension"
+            ),
+            "{rendered}"
+        );
+        let many: std::collections::BTreeMap<String, u64> =
+            (0..20u64).map(|i| (format!("x{i:02}"), 100 - i)).collect();
+        let line = skipped_line(&many);
+        assert!(line.contains("100 .x00, 99 .x01"), "{line}");
+        assert!(line.ends_with(", 676 of 8 other extensions"), "{line}");
     }
 }

@@ -32,6 +32,8 @@ pub struct StageSettings {
     pub batching: BatchingSection,
     pub params: GenerationParams,
     pub segments: SegmentConfig,
+    /// The fallback decoder for what no native decoder reads.
+    pub ffmpeg: crate::audio::ffmpeg::FfmpegOptions,
     /// Threads decoding, resampling and computing fbanks.
     pub decode_threads: usize,
     /// Objects fetched at once.
@@ -114,6 +116,7 @@ pub async fn run_stages(
         segments: settings.segments,
         min_frames: model.manifest.encoder.min_frames,
         base_row: plan.base_row.clone(),
+        ffmpeg: settings.ffmpeg.clone(),
     });
 
     // Stages, last to first, so each one's input exists before its producer starts.

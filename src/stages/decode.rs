@@ -12,8 +12,9 @@ use async_channel::{Receiver, Sender};
 
 use super::fetch::FetchedInput;
 use super::{BusyClock, InputDone, SegmentJob, SinkMessage};
-use crate::audio::decode::{AudioInfo, DecodeError};
+use crate::audio::decode::AudioInfo;
 use crate::audio::fbank::Fbank;
+use crate::audio::ffmpeg::FfmpegOptions;
 use crate::audio::frontend::{FrontEnd, FrontEndError};
 use crate::audio::segment::SegmentConfig;
 use crate::output::{CaptionRow, RowFailure, now_us};
@@ -27,6 +28,8 @@ pub struct DecodeContext {
     pub min_frames: usize,
     /// Model and run fields of every row.
     pub base_row: CaptionRow,
+    /// The fallback for inputs no native decoder reads.
+    pub ffmpeg: FfmpegOptions,
 }
 
 /// Decodes inputs until the channel closes. Each worker keeps one [`FrontEnd`], so
@@ -58,7 +61,7 @@ pub async fn run(
                 let mut front_end = match reused {
                     Some(f) => f,
                     None => match FrontEnd::new(rate, context.segments) {
-                        Ok(f) => f,
+                        Ok(f) => f.with_ffmpeg(context.ffmpeg.clone()),
                         Err(e) => {
                             let failed = fail_input(
                                 &sink,
@@ -187,45 +190,47 @@ fn prepare_input(
     let rate = context.fbank.config().sample_rate;
     let mut emitted = 0usize;
     let mut closed = false;
-    let result = front_end.decode_segments(reader, audio.extension.as_deref(), |seg| {
-        let frames = context.fbank.compute(&seg.samples);
-        let mut row = CaptionRow {
-            start_s: Some(seg.start_sample as f64 / f64::from(rate)),
-            end_s: Some(seg.end_sample as f64 / f64::from(rate)),
-            ..row_for(seg.index)
-        };
-        emitted += 1;
-        emitted_rows.store(emitted, Ordering::Relaxed);
-        let sent = if frames.num_frames < context.min_frames {
-            let error = context.fbank.too_short_error(
-                seg.samples.len(),
-                frames.num_frames,
-                context.min_frames,
-            );
-            row = row.failed(RowFailure::TooShort, error, now_us());
-            send(
-                sink,
-                SinkMessage::Rows {
-                    input_id,
-                    rows: vec![row],
-                },
-            )
-        } else {
-            segments
-                .send_blocking(SegmentJob {
-                    input_id,
-                    row,
-                    frames: frames.num_frames,
-                    fbank: frames.data,
-                })
-                .map_err(|_| Closed)
-        };
-        if sent.is_err() {
-            closed = true;
-            return ControlFlow::Break(());
-        }
-        ControlFlow::Continue(())
-    });
+    let path = local_path(&audio).map(std::path::Path::to_path_buf);
+    let result =
+        front_end.decode_segments_at(reader, audio.extension.as_deref(), path.as_deref(), |seg| {
+            let frames = context.fbank.compute(&seg.samples);
+            let mut row = CaptionRow {
+                start_s: Some(seg.start_sample as f64 / f64::from(rate)),
+                end_s: Some(seg.end_sample as f64 / f64::from(rate)),
+                ..row_for(seg.index)
+            };
+            emitted += 1;
+            emitted_rows.store(emitted, Ordering::Relaxed);
+            let sent = if frames.num_frames < context.min_frames {
+                let error = context.fbank.too_short_error(
+                    seg.samples.len(),
+                    frames.num_frames,
+                    context.min_frames,
+                );
+                row = row.failed(RowFailure::TooShort, error, now_us());
+                send(
+                    sink,
+                    SinkMessage::Rows {
+                        input_id,
+                        rows: vec![row],
+                    },
+                )
+            } else {
+                segments
+                    .send_blocking(SegmentJob {
+                        input_id,
+                        row,
+                        frames: frames.num_frames,
+                        fbank: frames.data,
+                    })
+                    .map_err(|_| Closed)
+            };
+            if sent.is_err() {
+                closed = true;
+                return ControlFlow::Break(());
+            }
+            ControlFlow::Continue(())
+        });
     if closed {
         return Err(Closed);
     }
@@ -286,6 +291,15 @@ impl std::io::Seek for InputReader {
     }
 }
 
+/// The fetched input as a local file, when it is one (local, or spooled to disk).
+fn local_path(fetched: &Fetched) -> Option<&std::path::Path> {
+    match &fetched.audio {
+        FetchedAudio::Memory(_) => None,
+        FetchedAudio::Local(path) => Some(path),
+        FetchedAudio::Spooled(spool) => Some(spool.path()),
+    }
+}
+
 fn open_reader(fetched: &Fetched) -> std::io::Result<InputReader> {
     Ok(match &fetched.audio {
         FetchedAudio::Memory(bytes) => InputReader::Memory(std::io::Cursor::new(bytes.clone())),
@@ -303,24 +317,7 @@ pub fn decode_failure_kind(e: &FrontEndError) -> &'static str {
     match e {
         FrontEndError::Resample(_) => "resample",
         FrontEndError::SegmentConfig(_) => "segment_config",
-        FrontEndError::Decode(d) => match d {
-            DecodeError::Open { .. } => "unreadable",
-            DecodeError::Io(_) => "read_error",
-            DecodeError::Empty => "empty",
-            DecodeError::UnknownFormat => "not_audio",
-            DecodeError::UnsupportedCodec { .. } => "unsupported_codec",
-            DecodeError::Unsupported { .. } => "unsupported_stream",
-            DecodeError::NoAudioTrack => "no_audio_track",
-            DecodeError::Truncated => "truncated",
-            DecodeError::Malformed { .. } => "malformed",
-            DecodeError::Corrupt { .. } => "corrupt",
-            DecodeError::ZeroChannels => "zero_channels",
-            DecodeError::TooManyChannels { .. } => "too_many_channels",
-            DecodeError::InvalidSampleRate { .. } => "invalid_sample_rate",
-            DecodeError::SampleRateChanged { .. } => "sample_rate_changed",
-            DecodeError::NonFiniteSample { .. } => "non_finite_samples",
-            DecodeError::DecoderPanic { .. } => "decoder_crash",
-        },
+        FrontEndError::Decode(d) => d.kind(),
     }
 }
 

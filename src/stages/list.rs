@@ -1,6 +1,7 @@
 //! List stage: streams the sources' inputs, keeps this shard's, drops those the
 //! dataset already has (resume) and those listed twice, and numbers the rest.
-//! Inputs that cannot even be listed become error rows straight away.
+//! Inputs that cannot even be listed become error rows straight away; files a folder
+//! listing left out for their extension are counted by extension for the summary.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -85,6 +86,13 @@ async fn list(
             break;
         }
         let (uri, input, list_error) = match item? {
+            Listed::Skipped { uri, extension } => {
+                // Counted by the shard that would own it, so shards add up.
+                if plan.shard.owns(&uri) {
+                    counters.skipped(&extension);
+                }
+                continue;
+            }
             Listed::Input(input) => (input.uri.clone(), Some(input), String::new()),
             Listed::Failed { uri, error } => {
                 tracing::warn!(%uri, %error, "input cannot be listed");

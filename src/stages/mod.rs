@@ -117,9 +117,27 @@ pub struct RunCounters {
     pub bytes_fetched: AtomicU64,
     /// Set once the listing has ended (totals are final).
     pub listing_done: std::sync::atomic::AtomicBool,
+    /// Files of this shard that folder listings left out for their extension, by
+    /// extension (lower-cased, no dot; empty for none).
+    pub skipped_by_extension: std::sync::Mutex<std::collections::BTreeMap<String, u64>>,
 }
 
 impl RunCounters {
+    /// Counts one file left out for its `extension`.
+    pub fn skipped(&self, extension: &str) {
+        if let Ok(mut counts) = self.skipped_by_extension.lock() {
+            *counts.entry(extension.to_string()).or_default() += 1;
+        }
+    }
+
+    /// The counts of [`RunCounters::skipped`] so far.
+    pub fn skipped_counts(&self) -> std::collections::BTreeMap<String, u64> {
+        self.skipped_by_extension
+            .lock()
+            .map(|counts| counts.clone())
+            .unwrap_or_default()
+    }
+
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }

@@ -72,5 +72,15 @@ impl InputRef {
 #[derive(Debug)]
 pub enum Listed {
     Input(InputRef),
-    Failed { uri: String, error: StorageError },
+    Failed {
+        uri: String,
+        error: StorageError,
+    },
+    /// A file a folder listing left out for its extension alone (not in
+    /// `extensions`; taken otherwise), so the run can say how many it skipped.
+    Skipped {
+        uri: String,
+        /// Lower-cased, without the dot; empty for a name without one.
+        extension: String,
+    },
 }

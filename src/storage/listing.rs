@@ -81,28 +81,60 @@ struct KeyFilter {
     glob: Option<GlobMatcher>,
 }
 
+/// What a filter does with a key.
+#[derive(Debug, PartialEq, Eq)]
+enum Verdict {
+    Take,
+    /// Left out for its extension (lower-cased, no dot) only.
+    WrongExtension(String),
+    Leave,
+}
+
 impl KeyFilter {
+    #[cfg(test)]
     fn accepts(&self, rel: &str) -> bool {
+        self.verdict(rel) == Verdict::Take
+    }
+
+    fn verdict(&self, rel: &str) -> Verdict {
         if let Some(glob) = &self.glob
             && !glob.is_match(rel)
         {
-            return false;
-        }
-        if let Some(exts) = &self.extensions {
-            let name = rel.rsplit('/').next().unwrap_or(rel);
-            let ok = name
-                .rsplit_once('.')
-                .is_some_and(|(_, e)| exts.iter().any(|x| x.eq_ignore_ascii_case(e)));
-            if !ok {
-                return false;
-            }
+            return Verdict::Leave;
         }
         if let Some(include) = &self.include
             && !include.is_match(rel)
         {
-            return false;
+            return Verdict::Leave;
         }
-        !self.exclude.is_match(rel)
+        if self.exclude.is_match(rel) {
+            return Verdict::Leave;
+        }
+        if let Some(exts) = &self.extensions {
+            let name = rel.rsplit('/').next().unwrap_or(rel);
+            let extension = name.rsplit_once('.').map_or("", |(_, e)| e);
+            if !exts.iter().any(|x| x.eq_ignore_ascii_case(extension)) {
+                return Verdict::WrongExtension(extension.to_ascii_lowercase());
+            }
+        }
+        Verdict::Take
+    }
+
+    /// The listing item for a key that is `uri`, made by `input` if it is taken.
+    fn item(
+        &self,
+        rel: &str,
+        uri: impl FnOnce() -> String,
+        input: impl FnOnce() -> InputRef,
+    ) -> Option<Listed> {
+        match self.verdict(rel) {
+            Verdict::Take => Some(Listed::Input(input())),
+            Verdict::WrongExtension(extension) => Some(Listed::Skipped {
+                uri: uri(),
+                extension,
+            }),
+            Verdict::Leave => None,
+        }
     }
 }
 
@@ -421,8 +453,12 @@ async fn list_object(
                 seen_in.store(true, Ordering::Relaxed);
                 let rel = relative_key(&prefix, &meta.location);
                 filter
-                    .accepts(&rel)
-                    .then(|| Ok(Listed::Input(InputRef::object(&location, meta))))
+                    .item(
+                        &rel,
+                        || location.uri_of(&meta.location),
+                        || InputRef::object(&location, meta.clone()),
+                    )
+                    .map(Ok)
             }
             Err(e) => Some(Err(list_failed(&shown, &e))),
         };
@@ -545,10 +581,13 @@ fn walk_into(
                     }
                 }
             }
-        } else if filter.accepts(&entry.rel) {
-            Listed::Input(local_input(entry.path, entry.size))
         } else {
-            continue;
+            let (path, size) = (entry.path, entry.size);
+            let uri = || path.to_string_lossy().into_owned();
+            match filter.item(&entry.rel, uri, || local_input(path.clone(), size)) {
+                Some(item) => item,
+                None => continue,
+            }
         };
         if tx.send_blocking(Ok(item)).is_err() {
             return; // The consumer dropped the stream.

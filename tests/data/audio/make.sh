@@ -46,3 +46,15 @@ NOISY='0.5*sin(2*PI*440*t)+0.02*random(0)-0.01|0.25*sin(2*PI*1000*t)+0.02*random
 $FF -f lavfi -i "$(tone 10 "$NOISY")" -c:a libmp3lame -b:a 128k $OUT bench_10s.mp3
 QUIET='0.5*sin(2*PI*440*t)+0.002*random(0)-0.001|0.25*sin(2*PI*1000*t)+0.002*random(1)-0.001'
 $FF -f lavfi -i "$(tone 3 "$QUIET")" -c:a flac -sample_fmt s16 $OUT bench_3s.flac
+
+# Formats symphonia reads natively since issue 28 (AIFF, CAF, MPEG layer 2, Vorbis in
+# Matroska) and Opus in the three containers that carry it (Ogg above, WebM, MP4).
+$FF -f lavfi -i "$(tone 0.2 "$STEREO")" -c:a pcm_s16be $OUT tone.aiff
+$FF -f lavfi -i "$(tone 0.2 "$STEREO")" -c:a pcm_s16le $OUT tone.caf
+$FF -f lavfi -i "$(tone 1.5 "$STEREO")" -c:a mp2 -b:a 192k $OUT tone.mp2
+$FF -f lavfi -i "$(tone 1.5 "$STEREO")" -c:a libvorbis -q:a 4 $OUT tone_vorbis.mka
+$FF -f lavfi -i "$(tone 1.5 "$STEREO")" -ar 48000 -c:a libopus -b:a 64k $OUT tone_opus.webm
+$FF -f lavfi -i "$(tone 1.5 "$STEREO")" -ar 48000 -c:a libopus -b:a 64k $OUT tone_opus.mp4
+# Opus for benches/frontend.rs: the MP3 bench's signal at 64 kbps, a common Opus
+# setting for music archives.
+$FF -f lavfi -i "$(tone 10 "$NOISY")" -ar 48000 -c:a libopus -b:a 64k $OUT bench_10s.opus
