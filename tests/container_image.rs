@@ -176,7 +176,13 @@ fn cpu_image_builds_offline_and_runs_the_demo_as_shipped() {
 
     image.container = Some(buildah_ok(&["from", &tag]));
     let id = image.run(&["id", "-u"]);
-    assert_eq!(String::from_utf8_lossy(&id.stdout).trim(), "10001");
+    assert!(id.status.success(), "buildah run id -u: {}", text(&id));
+    assert_eq!(
+        String::from_utf8_lossy(&id.stdout).trim(),
+        "10001",
+        "{}",
+        text(&id)
+    );
 
     let doctor = image.run(&["audiocap", "doctor"]);
     let report = text(&doctor);
