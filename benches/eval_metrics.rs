@@ -4,16 +4,32 @@
 //! it). Captions are synthetic, 8-20 words from a fixed vocabulary, drawn by a seeded
 //! generator, so every run scores the same corpus.
 //!
-//! `cargo bench --bench eval_metrics` (add `-- --no-meteor` to skip the JVM).
+//! FENSE (Sentence-BERT + fluency-error detector on candle, CPU) is timed on the first
+//! 1,000 candidates × 5 references with random weights of the real models' shapes:
+//! `paraphrase-TinyBERT-L6-v2` (6 layers × 312, 12 heads, 1,200 inner) and the
+//! detector's `bert-base-uncased` (12 × 768, 12 heads, 3,072 inner), both with the
+//! 30,522-token vocabulary (the bench's words plus filler entries).
+//!
+//! `cargo bench --bench eval_metrics` (add `-- --no-meteor` to skip the JVM,
+//! `-- --fense-only` for FENSE alone).
 
 use std::time::Instant;
 
+use std::collections::HashMap;
+use std::path::Path;
+
+use audiocap::eval::fense::{FenseModels, FluencyDetector, SentenceBert};
 use audiocap::eval::jvm::{Environment, JavaPaths};
 use audiocap::eval::meteor::{MeteorSetup, meteor};
 use audiocap::eval::{PreparedCorpus, score_corpus};
+use audiocap::model::bert::{BertConfig, BertModel, BertTokenizer};
+use audiocap::model::weights::Weights;
+use candle_core::{DType, Device, Tensor};
 
 const CANDIDATES: usize = 10_000;
 const REFERENCES: usize = 5;
+/// Candidates FENSE is timed on.
+const FENSE_CANDIDATES: usize = 1_000;
 
 /// Words of sound descriptions; function words repeat so n-grams recur as in real
 /// captions.
@@ -201,13 +217,168 @@ fn seconds(start: Instant) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// A BERT config of the given shape with the bert-base-uncased vocabulary size.
+fn bert_config(layers: usize, hidden: usize, heads: usize, inner: usize) -> BertConfig {
+    serde_json::from_value(serde_json::json!({
+        "vocab_size": 30522, "hidden_size": hidden, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "intermediate_size": inner,
+    }))
+    .expect("a BERT config")
+}
+
+/// Random `BertModel` tensors (N(0, 0.02), LayerNorm 1 and 0) named under `prefix`.
+fn bert_tensors(cfg: &BertConfig, prefix: &str, tensors: &mut HashMap<String, Tensor>) {
+    let h = cfg.hidden_size;
+    let mut put = |name: &str, t: candle_core::Result<Tensor>| {
+        tensors.insert(format!("{prefix}{name}"), t.expect("a random tensor"));
+    };
+    let random = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &Device::Cpu);
+    let mut matrices = vec![
+        ("embeddings.word_embeddings".to_string(), cfg.vocab_size),
+        (
+            "embeddings.position_embeddings".to_string(),
+            cfg.max_position_embeddings,
+        ),
+        (
+            "embeddings.token_type_embeddings".to_string(),
+            cfg.type_vocab_size,
+        ),
+    ];
+    let mut norms = vec!["embeddings.LayerNorm".to_string()];
+    let mut linears = Vec::new();
+    for i in 0..cfg.num_hidden_layers {
+        let l = format!("encoder.layer.{i}");
+        for (name, out, input) in [
+            ("attention.self.query", h, h),
+            ("attention.self.key", h, h),
+            ("attention.self.value", h, h),
+            ("attention.output.dense", h, h),
+            ("intermediate.dense", cfg.intermediate_size, h),
+            ("output.dense", h, cfg.intermediate_size),
+        ] {
+            linears.push((format!("{l}.{name}"), out, input));
+        }
+        norms.push(format!("{l}.attention.output.LayerNorm"));
+        norms.push(format!("{l}.output.LayerNorm"));
+    }
+    for (name, rows) in matrices.drain(..) {
+        put(&format!("{name}.weight"), random(&[rows, h]));
+    }
+    for (name, out, input) in linears {
+        put(&format!("{name}.weight"), random(&[out, input]));
+        put(&format!("{name}.bias"), random(&[out]));
+    }
+    for name in norms {
+        put(
+            &format!("{name}.weight"),
+            Tensor::ones(h, DType::F32, &Device::Cpu),
+        );
+        put(
+            &format!("{name}.bias"),
+            Tensor::zeros(h, DType::F32, &Device::Cpu),
+        );
+    }
+}
+
+/// A WordPiece vocabulary of 30,522 entries covering the bench's words.
+fn write_vocab(dir: &Path) -> BertTokenizer {
+    let mut entries: Vec<String> = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "."]
+        .map(String::from)
+        .into();
+    for phrase in VOCABULARY {
+        for word in phrase.split(' ') {
+            if !entries.iter().any(|e| e == word) {
+                entries.push(word.to_string());
+            }
+        }
+    }
+    let filler = 30522 - entries.len();
+    entries.extend((0..filler).map(|i| format!("[unused{i}]")));
+    std::fs::create_dir_all(dir).expect("creating the vocabulary folder");
+    std::fs::write(dir.join("vocab.txt"), entries.join("\n") + "\n").expect("writing vocab.txt");
+    BertTokenizer::from_dir(dir).expect("reading vocab.txt")
+}
+
+/// FENSE of the first [`FENSE_CANDIDATES`] pairs with real-shaped random models.
+fn bench_fense(candidates: &[String], references: &[Vec<String>]) {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("bench-fense");
+    let tokenizer = write_vocab(&dir);
+    let start = Instant::now();
+    let sbert_cfg = bert_config(6, 312, 12, 1200);
+    let mut tensors = HashMap::new();
+    bert_tensors(&sbert_cfg, "", &mut tensors);
+    let weights = Weights::from_tensors(&dir, tensors, DType::F32, &Device::Cpu);
+    let model = BertModel::load(&weights, &sbert_cfg).expect("the Sentence-BERT");
+    let sbert = SentenceBert::from_parts(model, tokenizer.clone(), 128, dir.clone());
+    let detector_cfg = bert_config(12, 768, 12, 3072);
+    let mut tensors = HashMap::new();
+    bert_tensors(&detector_cfg, "encoder.", &mut tensors);
+    tensors.insert(
+        "clf.weight".into(),
+        Tensor::randn(0f32, 0.05, (6, 768), &Device::Cpu).expect("clf"),
+    );
+    tensors.insert(
+        "clf.bias".into(),
+        Tensor::zeros(6, DType::F32, &Device::Cpu).expect("clf"),
+    );
+    let weights = Weights::from_tensors(&dir, tensors, DType::F32, &Device::Cpu);
+    let detector =
+        FluencyDetector::from_parts(&weights, &detector_cfg, tokenizer, 6).expect("the detector");
+    println!("{:<28} {:>8.3} s", "FENSE random models", seconds(start));
+
+    let n = FENSE_CANDIDATES.min(candidates.len());
+    let (candidates, references) = (&candidates[..n], &references[..n]);
+    let sentences: Vec<&str> = candidates
+        .iter()
+        .chain(references.iter().flatten())
+        .map(String::as_str)
+        .collect();
+    let tokens: usize = sentences
+        .iter()
+        .map(|s| sbert.tokenize(s).map_or(0, |t| t.len()))
+        .sum();
+    println!(
+        "FENSE on {n} candidates x {REFERENCES} references: {} sentences, {tokens} Sentence-BERT tokens",
+        sentences.len()
+    );
+    let start = Instant::now();
+    let embedded = sbert.embed(&sentences).expect("embedding");
+    println!(
+        "{:<28} {:>8.3} s",
+        "Sentence-BERT (TinyBERT-L6)",
+        seconds(start)
+    );
+    let cands: Vec<&str> = candidates.iter().map(String::as_str).collect();
+    let start = Instant::now();
+    let probs = detector.probabilities(&cands).expect("detecting");
+    println!("{:<28} {:>8.3} s", "detector (BERT-base)", seconds(start));
+    assert_eq!((embedded.len(), probs.len()), (sentences.len(), n));
+
+    let models = FenseModels { sbert, detector };
+    let start = Instant::now();
+    let scores = models.score(candidates, references).expect("FENSE");
+    println!(
+        "{:<28} {:>8.3} s  (FENSE {:.4}, SBERT-sim {:.4}, FER {:.3})",
+        "FENSE (both models)",
+        seconds(start),
+        scores.fense,
+        scores.sbert_sim,
+        scores.fluency_error_rate
+    );
+}
+
 fn main() {
     let skip_meteor = std::env::args().any(|a| a == "--no-meteor");
+    let fense_only = std::env::args().any(|a| a == "--fense-only");
     let mut rng = Rng(0x5eed_cafe_f00d_d00d);
     let candidates: Vec<String> = (0..CANDIDATES).map(|_| rng.caption()).collect();
     let references: Vec<Vec<String>> = (0..CANDIDATES)
         .map(|_| (0..REFERENCES).map(|_| rng.caption()).collect())
         .collect();
+    if fense_only {
+        bench_fense(&candidates, &references);
+        return;
+    }
     println!("{CANDIDATES} candidates x {REFERENCES} references, 8-20 words each");
 
     let start = Instant::now();
@@ -255,6 +426,8 @@ fn main() {
         "BLEU-4 {:.4}  ROUGE-L {:.4}  CIDEr-D {:.4}",
         scores.bleu[3], scores.rouge_l, scores.cider_d
     );
+
+    bench_fense(&candidates, &references);
 
     if skip_meteor {
         return;

@@ -140,15 +140,23 @@ fn tokens_hidden_states_and_embeddings_match_the_reference() {
         assert_eq!(det_ids, padded[..real], "{k} detector ids");
         assert!(padded[real..].iter().all(|&p| p == 0), "{k} padding");
         let (batch, mask) = pad_batch(&[&det_ids], 0, &Device::Cpu).unwrap();
-        let cls = m
-            .detector
-            .encoder()
+        let encoder = m.detector.encoder();
+        let cls = encoder
             .forward(&batch, &mask)
             .unwrap()
             .get(0)
             .unwrap()
             .get(0)
             .unwrap();
+        let first = encoder
+            .forward_first_token(&batch, &mask)
+            .unwrap()
+            .get(0)
+            .unwrap();
+        assert!(
+            max_abs_diff(&cls, &first) <= 1e-6,
+            "{k}: the [CLS]-only pass differs"
+        );
         let want = &tensors[&format!("{k}.echecker.cls_hidden")];
         assert!(
             max_abs_diff(&cls, want) <= 1e-5,

@@ -41,9 +41,9 @@ pub const PENALTY: f64 = 0.9;
 /// The detector's input length (its training length; longer inputs are cut).
 pub const DETECTOR_MAX_TOKENS: usize = 64;
 /// Tokens (sentences × padded length) per forward pass.
-const BATCH_TOKENS: usize = 2048;
+const BATCH_TOKENS: usize = 8192;
 /// Sentences per forward pass at most.
-const BATCH_SENTENCES: usize = 128;
+const BATCH_SENTENCES: usize = 512;
 
 const SETUP: &str = "FENSE needs two published models, placed once in a folder given with \
     --fense-models DIR: DIR/sbert/ = the whole Hugging Face repository \
@@ -491,8 +491,7 @@ impl FluencyDetector {
             .map(|s| self.tokenize(s))
             .collect::<Result<Vec<_>, _>>()?;
         run_batches(&ids, self.tokenizer.pad, |batch_ids, mask| {
-            let hidden = self.encoder.forward(batch_ids, mask)?;
-            let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+            let cls = self.encoder.forward_first_token(batch_ids, mask)?;
             let logits = cls
                 .matmul(&self.clf_weight.t()?)?
                 .broadcast_add(&self.clf_bias)?;
@@ -687,4 +686,52 @@ impl FenseModels {
 
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// SPIDEr-FL of the fixture's given per-candidate SPIDEr values and flags.
+    #[test]
+    fn spider_fl_is_spider_times_the_penalty() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../shared/fixtures/fense-tiny/reference.json");
+        let text = std::fs::read_to_string(&path).unwrap();
+        let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let number = |v: &serde_json::Value| v.as_f64().unwrap();
+        let cands = reference["candidates"].as_array().unwrap();
+        let scores = FenseScores {
+            sbert_sim: 0.0,
+            fluency_error_rate: 0.0,
+            fense: 0.0,
+            per_clip: cands
+                .iter()
+                .map(|c| FenseClip {
+                    sbert_sim: 0.0,
+                    p_error: number(&c["p_error"]),
+                    has_error: c["has_error"].as_bool().unwrap(),
+                    fense: 0.0,
+                })
+                .collect(),
+        };
+        let spider: Vec<f64> = cands.iter().map(|c| number(&c["spider_input"])).collect();
+        let (corpus, per_clip) = scores.spider_fl(&spider);
+        for ((ours, c), clip) in per_clip.iter().zip(cands).zip(&scores.per_clip) {
+            assert!((ours - number(&c["spider_fl"])).abs() <= 1e-9, "{ours} {c}");
+            assert_eq!(clip.penalty_factor(), number(&c["penalty_factor"]));
+        }
+        let want = number(&reference["corpus"]["spider_fl"]);
+        assert!((corpus - want).abs() <= 1e-9, "{corpus} {want}");
+        assert!(cands.iter().any(|c| c["has_error"] == true));
+    }
+
+    #[test]
+    fn the_detector_text_drops_punctuation_keeps_letters_digits_and_underscores() {
+        assert_eq!(
+            detector_text("The Café's door, créaks open... 3_times!"),
+            "the cafés door créaks open 3_times"
+        );
+        assert_eq!(detector_text("a\tb\nc"), "a\tb\nc");
+    }
 }

@@ -268,25 +268,33 @@ impl Layer {
         })
     }
 
-    /// `x` [B, T, H], `mask` [B, 1, 1, T] additive (0 or a large negative number).
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+    /// `x` [B, T, H], `mask` [B, 1, 1, T] additive (0 or a large negative number);
+    /// the output [B, rows, H] holds the first `rows` positions only (each attends
+    /// to all T; the rest of the block is per position).
+    fn forward(&self, x: &Tensor, mask: &Tensor, rows: usize) -> candle_core::Result<Tensor> {
+        let x_all = x;
         let (b, t, h) = x.dims3()?;
         let d = h / self.heads;
-        let split = |y: Tensor| {
-            y.reshape((b, t, self.heads, d))?
+        let split = |y: Tensor, len: usize| {
+            y.reshape((b, len, self.heads, d))?
                 .transpose(1, 2)?
                 .contiguous()
         };
-        let q = split(self.query.forward(x)?)?;
-        let k = split(self.key.forward(x)?)?;
-        let v = split(self.value.forward(x)?)?;
+        let x = if rows == t {
+            x.clone()
+        } else {
+            x.narrow(1, 0, rows)?.contiguous()?
+        };
+        let q = split(self.query.forward(&x)?, rows)?;
+        let k = split(self.key.forward(x_all)?, t)?;
+        let v = split(self.value.forward(x_all)?, t)?;
         let scores = (q.matmul(&k.t()?)? * (1.0 / (d as f64).sqrt()))?.broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?;
         let context = probs
             .matmul(&v)?
             .transpose(1, 2)?
             .contiguous()?
-            .reshape((b, t, h))?;
+            .reshape((b, rows, h))?;
         let attended = self.attention_out.forward(&context)?;
         let x = candle_core::Module::forward(&self.attention_norm, &(attended + x)?)?;
         let inner = self.activation.apply(&self.intermediate.forward(&x)?)?;
@@ -325,6 +333,18 @@ impl BertModel {
     /// (f32, 1 for a token, 0 for padding) says which positions are real. Every
     /// token has type 0.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(ids, mask, false)
+    }
+
+    /// The last hidden state of the first token ([CLS]) only, [B, H]: what a
+    /// classifier head reads. The last block computes that one position (its keys
+    /// and values still come from every token), so it costs less than
+    /// [`BertModel::forward`] and gives the same numbers.
+    pub fn forward_first_token(&self, ids: &Tensor, mask: &Tensor) -> candle_core::Result<Tensor> {
+        self.run(ids, mask, true)?.squeeze(1)
+    }
+
+    fn run(&self, ids: &Tensor, mask: &Tensor, first_only: bool) -> candle_core::Result<Tensor> {
         let (b, t) = ids.dims2()?;
         if t > self.config.max_position_embeddings {
             candle_core::bail!(
@@ -337,8 +357,13 @@ impl BertModel {
             .to_dtype(DType::F32)?
             .reshape((b, 1, 1, t))?;
         let mut x = self.embeddings.forward(ids)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &additive)?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            let last = i + 1 == self.layers.len();
+            let rows = if first_only && last { 1 } else { t };
+            x = layer.forward(&x, &additive, rows)?;
+        }
+        if first_only && self.layers.is_empty() {
+            x = x.narrow(1, 0, 1)?;
         }
         Ok(x)
     }
