@@ -217,6 +217,35 @@ fn seconds(start: Instant) -> f64 {
     start.elapsed().as_secs_f64()
 }
 
+/// CPU seconds this process has used, all threads (Linux `/proc/self/stat`, user +
+/// system, in USER_HZ = 100 ticks); 0 where it cannot be read. On a machine that other
+/// work shares, wall time grows with the load and CPU time much less.
+fn cpu_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // The fields after the command name (which is in parentheses).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let tick = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    (tick(11) + tick(12)) / 100.0
+}
+
+/// Runs `f`, printing its wall and CPU seconds under `label`.
+fn timed<T>(label: &str, f: impl FnOnce() -> T) -> T {
+    let (start, cpu) = (Instant::now(), cpu_seconds());
+    let out = f();
+    println!(
+        "{label:<28} {:>8.3} s  ({:.1} CPU s)",
+        seconds(start),
+        cpu_seconds() - cpu
+    );
+    out
+}
+
 /// A BERT config of the given shape with the bert-base-uncased vocabulary size.
 fn bert_config(layers: usize, hidden: usize, heads: usize, inner: usize) -> BertConfig {
     serde_json::from_value(serde_json::json!({
@@ -232,7 +261,16 @@ fn bert_tensors(cfg: &BertConfig, prefix: &str, tensors: &mut HashMap<String, Te
     let mut put = |name: &str, t: candle_core::Result<Tensor>| {
         tensors.insert(format!("{prefix}{name}"), t.expect("a random tensor"));
     };
-    let random = |shape: &[usize]| Tensor::randn(0f32, 0.02, shape, &Device::Cpu);
+    // Uniform with standard deviation 0.02, seeded so every run scores alike.
+    let mut rng = audiocap::rng::SplitMix64::new(0x00be_27f0);
+    let half_width = 0.02 * 3f64.sqrt();
+    let mut random = |shape: &[usize]| {
+        let n = shape.iter().product::<usize>();
+        let values: Vec<f32> = (0..n)
+            .map(|_| ((rng.next_f64() * 2.0 - 1.0) * half_width) as f32)
+            .collect();
+        Tensor::from_vec(values, shape, &Device::Cpu)
+    };
     let mut matrices = vec![
         ("embeddings.word_embeddings".to_string(), cfg.vocab_size),
         (
@@ -313,9 +351,13 @@ fn bench_fense(candidates: &[String], references: &[Vec<String>]) {
     let detector_cfg = bert_config(12, 768, 12, 3072);
     let mut tensors = HashMap::new();
     bert_tensors(&detector_cfg, "encoder.", &mut tensors);
+    // Fixed classifier rows, so every run flags the same candidates.
+    let clf: Vec<f32> = (0..6 * 768)
+        .map(|i| ((i * 7919 % 1000) as f32 / 1000.0 - 0.5) * 0.2)
+        .collect();
     tensors.insert(
         "clf.weight".into(),
-        Tensor::randn(0f32, 0.05, (6, 768), &Device::Cpu).expect("clf"),
+        Tensor::from_vec(clf, (6, 768), &Device::Cpu).expect("clf"),
     );
     tensors.insert(
         "clf.bias".into(),
@@ -341,29 +383,26 @@ fn bench_fense(candidates: &[String], references: &[Vec<String>]) {
         "FENSE on {n} candidates x {REFERENCES} references: {} sentences, {tokens} Sentence-BERT tokens",
         sentences.len()
     );
-    let start = Instant::now();
-    let embedded = sbert.embed(&sentences).expect("embedding");
-    println!(
-        "{:<28} {:>8.3} s",
-        "Sentence-BERT (TinyBERT-L6)",
-        seconds(start)
-    );
+    let embedded =
+        timed("Sentence-BERT (TinyBERT-L6)", || sbert.embed(&sentences)).expect("embedding");
     let cands: Vec<&str> = candidates.iter().map(String::as_str).collect();
-    let start = Instant::now();
-    let probs = detector.probabilities(&cands).expect("detecting");
-    println!("{:<28} {:>8.3} s", "detector (BERT-base)", seconds(start));
+    let probs =
+        timed("detector (BERT-base)", || detector.probabilities(&cands)).expect("detecting");
     assert_eq!((embedded.len(), probs.len()), (sentences.len(), n));
 
     let models = FenseModels { sbert, detector };
-    let start = Instant::now();
-    let scores = models.score(candidates, references).expect("FENSE");
+    let scores = timed("FENSE (both models)", || {
+        models.score(candidates, references)
+    })
+    .expect("FENSE");
     println!(
-        "{:<28} {:>8.3} s  (FENSE {:.4}, SBERT-sim {:.4}, FER {:.3})",
-        "FENSE (both models)",
-        seconds(start),
+        "FENSE {:.4}, SBERT-sim {:.4}, FER {:.3}; load average {}",
         scores.fense,
         scores.sbert_sim,
-        scores.fluency_error_rate
+        scores.fluency_error_rate,
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .trim()
     );
 }
 
@@ -376,6 +415,10 @@ fn main() {
         .map(|_| (0..REFERENCES).map(|_| rng.caption()).collect())
         .collect();
     if fense_only {
+        println!(
+            "candle CPU threads: {}",
+            candle_core::utils::get_num_threads()
+        );
         bench_fense(&candidates, &references);
         return;
     }
