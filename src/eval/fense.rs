@@ -414,6 +414,19 @@ impl FluencyDetector {
             .as_str()
             .map(str::to_string)
             .ok_or_else(|| LoadError::config(&checkpoint, "model_type is not a string"))?;
+        // A hub name (`bert-base-uncased`, `org/name`) names a folder: never one
+        // outside the folders it is looked up in.
+        if model_type.is_empty()
+            || Path::new(&model_type)
+                .components()
+                .any(|c| !matches!(c, std::path::Component::Normal(_)))
+        {
+            return Err(LoadError::config(
+                &checkpoint,
+                format!("model_type {model_type:?} is not a model name"),
+            )
+            .into());
+        }
         let num_classes = field("num_classes")?
             .as_u64()
             .filter(|&n| (1..=4096).contains(&n))
