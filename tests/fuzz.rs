@@ -493,12 +493,17 @@ fn fense_model_folders() {
     }
     for name in files {
         let seed = read(fixture.join(name));
-        fuzz(&format!("sbert {name}"), &[seed.clone()], 60, |input| {
-            std::fs::write(folder.join(name), input).unwrap();
-            audiocap::eval::fense::SentenceBert::load(&folder, &Device::Cpu)
-                .and_then(|m| m.embed(&["a dog barks"]))
-                .is_ok()
-        });
+        fuzz(
+            &format!("sbert {name}"),
+            std::slice::from_ref(&seed),
+            60,
+            |input| {
+                std::fs::write(folder.join(name), input).unwrap();
+                audiocap::eval::fense::SentenceBert::load(&folder, &Device::Cpu)
+                    .and_then(|m| m.embed(&["a dog barks"]))
+                    .is_ok()
+            },
+        );
         std::fs::write(folder.join(name), &seed).unwrap();
     }
 }
