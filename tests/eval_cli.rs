@@ -52,6 +52,7 @@ fn args(pred: &Path, refs: &Path, dir: &Path) -> EvalOptions {
         // The join and native scores are tested without JVMs; the METEOR tests below
         // turn them on.
         no_java_metrics: true,
+        fense: Default::default(),
         constant_baseline: None,
         labels_column: None,
     }
@@ -651,4 +652,213 @@ fn eval_command_prints_the_table() {
     assert!(stdout.contains("METEOR    unavailable"), "{stdout}");
     assert!(stdout.contains("missing.jar: no such file"), "{stdout}");
     assert!(stdout.contains("SPIDEr    unavailable"), "{stdout}");
+}
+
+/// The fense-tiny fixture's candidates and reference lists, and its reference.json.
+fn fense_set() -> (Set, serde_json::Value) {
+    let path = fixtures().join("fense-tiny/reference.json");
+    let text = std::fs::read_to_string(&path).expect("reading fense-tiny/reference.json");
+    let reference: serde_json::Value = serde_json::from_str(&text).expect("parsing");
+    let text = |v: &serde_json::Value| v.as_str().expect("a string").to_string();
+    let cands = reference["candidates"].as_array().expect("candidates");
+    let set = Set {
+        candidates: cands.iter().map(|c| text(&c["candidate"])).collect(),
+        references: cands
+            .iter()
+            .map(|c| {
+                c["references"]
+                    .as_array()
+                    .expect("a list")
+                    .iter()
+                    .map(text)
+                    .collect()
+            })
+            .collect(),
+        scores: Default::default(),
+    };
+    (set, reference)
+}
+
+fn assert_close(label: &str, ours: f64, theirs: f64) {
+    assert!(
+        (ours - theirs).abs() <= 1e-5,
+        "{label}: ours {ours} reference {theirs}"
+    );
+}
+
+/// `--fense-models`: metrics.json, the per-clip file and the table carry SBERT-sim,
+/// the fluency error rate and FENSE equal to the reference; SPIDEr-FL waits for SPICE.
+#[test]
+fn fense_in_the_eval_report() {
+    let (set, reference) = fense_set();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pred, refs) = set1_files(&set, dir.path());
+    let mut a = args(&pred, &refs, dir.path());
+    a.fense = audiocap::eval::fense::FensePaths::in_dir(fixtures().join("fense-tiny"));
+    let outcome = run_eval(&a).expect("eval with FENSE");
+    assert!(matches!(outcome.layout, Layout::Clotho));
+    let fense = outcome.fense.as_ref().expect("FENSE computed");
+    let corpus = &reference["corpus"];
+    let scores = &outcome.metrics["scores"];
+    for (key, ours, theirs) in [
+        ("sbert_sim", fense.sbert_sim, &corpus["sbert_sim"]),
+        (
+            "fluency_error_rate",
+            fense.fluency_error_rate,
+            &corpus["fer"],
+        ),
+        ("fense", fense.fense, &corpus["fense"]),
+    ] {
+        assert_close(key, ours, theirs.as_f64().expect("a number"));
+        assert_eq!(scores[key].as_f64(), Some(ours), "{key} in metrics.json");
+    }
+    let why = outcome.metrics["unavailable"]["spider_fl"]
+        .as_str()
+        .expect("SPIDEr-FL unavailable");
+    assert!(why.contains("SPIDEr is unavailable"), "{why}");
+
+    let batches = read_parquet(a.per_clip.as_ref().expect("per-clip path"));
+    let expected = reference["candidates"].as_array().expect("candidates");
+    for column in ["sbert_sim", "p_error", "fense"] {
+        let values = f64_column(&batches[0], column);
+        assert_eq!(values.len(), expected.len());
+        for (i, (v, want)) in values.iter().zip(expected).enumerate() {
+            let v = v.unwrap_or_else(|| panic!("{column}[{i}] is null"));
+            assert_close(
+                &format!("{column}[{i}]"),
+                v,
+                want[column].as_f64().expect("number"),
+            );
+        }
+    }
+    assert!(
+        f64_column(&batches[0], "spider_fl")
+            .iter()
+            .all(Option::is_none)
+    );
+    let table = outcome.report();
+    assert!(
+        table.contains(&format!("FENSE     {:>10.4}", fense.fense)),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("SBERT-sim {:>10.4}", fense.sbert_sim)),
+        "{table}"
+    );
+    assert!(
+        table.contains(&format!("FER       {:>10.4}", fense.fluency_error_rate)),
+        "{table}"
+    );
+}
+
+/// A generic table with a different number of captions per clip, null and empty
+/// cells: each candidate is scored against its non-empty captions only.
+#[test]
+fn fense_of_ragged_generic_references_skips_empty_cells() {
+    let (set, _) = fense_set();
+    let (candidates, references) = (&set.candidates, &set.references);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pred, _) = set1_files(&set, dir.path());
+    // Clip i keeps i % 5 + 1 captions, over 7 columns: the rest are null, except
+    // that odd clips write one empty string and one whitespace-only cell first.
+    let columns = 7;
+    let mut kept: Vec<Vec<String>> = Vec::new();
+    let mut cells: Vec<Vec<Option<String>>> = vec![Vec::new(); columns];
+    for (i, refs) in references.iter().enumerate() {
+        let keep = &refs[..i % 5 + 1];
+        kept.push(keep.to_vec());
+        let mut row: Vec<Option<String>> = Vec::new();
+        if i % 2 == 1 {
+            row.push(Some(String::new()));
+            row.push(Some("   ".into()));
+        }
+        row.extend(keep.iter().cloned().map(Some));
+        row.resize(columns, None);
+        for (c, cell) in row.into_iter().enumerate() {
+            cells[c].push(cell);
+        }
+    }
+    let mut fields = vec![Field::new("file_name", DataType::Utf8, false)];
+    let keys: Vec<String> = (0..candidates.len())
+        .map(|i| format!("clip_{i}.wav"))
+        .collect();
+    let mut arrays: Vec<ArrayRef> = vec![Arc::new(StringArray::from(keys))];
+    for (c, column) in cells.into_iter().enumerate() {
+        fields.push(Field::new(
+            format!("caption_{}", c + 1),
+            DataType::Utf8,
+            true,
+        ));
+        arrays.push(Arc::new(StringArray::from(column)));
+    }
+    let schema = Arc::new(Schema::new(fields));
+    let batch = RecordBatch::try_new(schema.clone(), arrays).expect("batch");
+    let refs = dir.path().join("refs.parquet");
+    let mut w =
+        ArrowWriter::try_new(File::create(&refs).expect("create"), schema, None).expect("writer");
+    w.write(&batch).expect("write");
+    w.close().expect("close");
+
+    let mut a = args(&pred, &refs, dir.path());
+    a.fense = audiocap::eval::fense::FensePaths::in_dir(fixtures().join("fense-tiny"));
+    let outcome = run_eval(&a).expect("eval");
+    assert!(matches!(outcome.layout, Layout::Generic { .. }));
+    let got: Vec<Vec<String>> = outcome.pairs.iter().map(|p| p.references.clone()).collect();
+    assert_eq!(got, kept, "empty and null cells are skipped");
+    let models = audiocap::eval::fense::FenseModels::load(&a.fense).expect("models");
+    let direct = models.score(candidates, &kept).expect("direct");
+    let fense = outcome.fense.as_ref().expect("FENSE");
+    for (ours, want) in fense.per_clip.iter().zip(&direct.per_clip) {
+        assert_close("sbert_sim", ours.sbert_sim, want.sbert_sim);
+        assert_eq!(ours.has_error, want.has_error);
+    }
+    assert_close("corpus fense", fense.fense, direct.fense);
+}
+
+/// Without the models FENSE is unavailable with what to place where; a models folder
+/// that lacks a part names the part. The other metrics are reported either way.
+#[test]
+fn fense_without_models_is_unavailable_with_the_setup() {
+    let set = set1();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pred, refs) = set1_files(&set, dir.path());
+    let mut a = args(&pred, &refs, dir.path());
+    let outcome = run_eval(&a).expect("eval without FENSE models");
+    assert_set1_scores(&outcome, &set);
+    let why = outcome.metrics["unavailable"]["fense"]
+        .as_str()
+        .expect("FENSE unavailable");
+    for part in [
+        "--fense-models",
+        "sbert/",
+        "sentence-transformers/paraphrase-TinyBERT-L6-v2",
+        "echecker_clotho_audiocaps_base.ckpt",
+        "https://github.com/blmoistawinde/fense/releases",
+        "bert-base-uncased/",
+    ] {
+        assert!(why.contains(part), "{part} not in {why}");
+    }
+    for key in ["sbert_sim", "fluency_error_rate", "spider_fl"] {
+        assert!(outcome.metrics["unavailable"][key].is_string(), "{key}");
+    }
+    let table = outcome.report();
+    assert!(
+        table.contains("FENSE     unavailable  (as above)"),
+        "{table}"
+    );
+    let batches = read_parquet(a.per_clip.as_ref().expect("per-clip path"));
+    for column in ["sbert_sim", "p_error", "fense", "spider_fl"] {
+        assert_eq!(f64_column(&batches[0], column), [None, None], "{column}");
+    }
+
+    let empty = dir.path().join("models");
+    std::fs::create_dir_all(&empty).expect("mkdir");
+    a.fense = audiocap::eval::fense::FensePaths::in_dir(&empty);
+    let outcome = run_eval(&a).expect("eval with an empty models folder");
+    assert_set1_scores(&outcome, &set);
+    let why = outcome.fense.as_ref().expect_err("FENSE unavailable");
+    assert!(
+        why.0.contains(&empty.join("sbert").display().to_string()),
+        "{why}"
+    );
 }

@@ -1,6 +1,6 @@
 //! Bounded fuzzing of every parser that reads untrusted bytes (issue 21, point 5):
 //! the audio front end, the `.pt` reader, the safetensors header reader, pipeline
-//! TOML, manifest lines and commit records.
+//! TOML, manifest lines, commit records and the JSON files of a FENSE model folder.
 //!
 //! Each target replays a small seed corpus (built here, or read in place from
 //! `../shared/fixtures`, `tests/data/` and `pipelines/`) through a deterministic
@@ -475,4 +475,43 @@ fn the_watch_sees_a_huge_allocation() {
     ARMED.with(|a| a.set(false));
     drop(huge);
     assert!(BIGGEST.with(|b| b.get()) > ALLOCATION_CAP);
+}
+
+#[test]
+fn fense_model_folders() {
+    // A Sentence-BERT folder as published (the fense-tiny fixture's, read through
+    // links; its vocab.txt rather than the 700 kB tokenizer.json, to keep each input
+    // cheap) with one of its JSON files mutated.
+    let fixture = fixtures().join("fense-tiny/sbert");
+    let dir = tempfile::tempdir().unwrap();
+    let folder = dir.path().join("sbert");
+    std::fs::create_dir_all(folder.join("1_Pooling")).unwrap();
+    let files = [
+        "modules.json",
+        "1_Pooling/config.json",
+        "config.json",
+        "sentence_bert_config.json",
+        "tokenizer_config.json",
+    ];
+    for name in ["model.safetensors", "vocab.txt"] {
+        std::os::unix::fs::symlink(fixture.join(name), folder.join(name)).unwrap();
+    }
+    for name in files {
+        std::fs::copy(fixture.join(name), folder.join(name)).unwrap();
+    }
+    for name in files {
+        let seed = read(fixture.join(name));
+        fuzz(
+            &format!("sbert {name}"),
+            std::slice::from_ref(&seed),
+            60,
+            |input| {
+                std::fs::write(folder.join(name), input).unwrap();
+                audiocap::eval::fense::SentenceBert::load(&folder, &Device::Cpu)
+                    .and_then(|m| m.embed(&["a dog barks"]))
+                    .is_ok()
+            },
+        );
+        std::fs::write(folder.join(name), &seed).unwrap();
+    }
 }

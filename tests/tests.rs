@@ -15,6 +15,7 @@ mod default_model;
 mod deploy_recipes;
 mod eval_cli;
 mod fbank_parity;
+mod fense_parity;
 mod fuzz;
 mod large_export;
 mod layers;

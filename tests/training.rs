@@ -548,3 +548,78 @@ train = {{ captions = "{}", audio = "{}" }}
         std::fs::read(out.join("final/projector.safetensors")).unwrap()
     );
 }
+
+/// `training.fense_models`: validation reports FENSE, SBERT-sim and the fluency error
+/// rate of the greedy captions, and `best_metric = "fense"` keeps the run with the
+/// highest; a folder without the models stops the run before it starts.
+#[test]
+fn validation_reports_fense_and_picks_the_best_by_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    toy_set(&d.join("train"), 1, 0);
+    toy_set(&d.join("val"), 1, 100);
+    let out = d.join("run");
+    // 4 clips, batch 8: 1 step per epoch; validation after each of the 2 epochs.
+    let base = std::fs::read_to_string(write_config(d, &out, 2, 0)).unwrap();
+    let models = fixtures().join("fense-tiny");
+    let with = |models: &Path| {
+        base.replace("eval_every_epochs = 25", "eval_every_epochs = 1")
+            .replace("eval_max_new_tokens = 8", "eval_max_new_tokens = 4")
+            .replace(
+                "[training]\n",
+                &format!(
+                    "[training]\nbest_metric = \"fense\"\nfense_models = \"{}\"\n",
+                    models.display()
+                ),
+            )
+    };
+    let config = d.join("fense.toml");
+    std::fs::write(&config, with(&d.join("no-models"))).unwrap();
+    let result = audiocap(&["train", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(!result.status.success());
+    assert!(
+        stderr.contains("training.fense_models") && stderr.contains("no-models"),
+        "{stderr}"
+    );
+    assert!(!out.join("stages").exists(), "nothing ran");
+
+    std::fs::write(&config, with(&models)).unwrap();
+    let result = audiocap(&["train", config.to_str().unwrap()]);
+    let stderr = String::from_utf8_lossy(&result.stderr);
+    assert!(result.status.success(), "{stderr}");
+    let validations: Vec<serde_json::Value> = metrics(&out)
+        .into_iter()
+        .filter(|r| r["kind"] == "validation")
+        .map(|r| r["validation"].clone())
+        .collect();
+    assert_eq!(validations.len(), 2, "{validations:?}");
+    for v in &validations {
+        let fense = v["fense"].as_f64().expect("fense in the validation record");
+        let sim = v["sbert_sim"].as_f64().expect("sbert_sim");
+        let fer = v["fluency_error_rate"]
+            .as_f64()
+            .expect("fluency_error_rate");
+        assert!(
+            (-1.0..=1.0).contains(&sim) && (0.0..=1.0).contains(&fer),
+            "{v}"
+        );
+        // FENSE is the similarity with flagged captions scaled by 0.1.
+        if fer == 0.0 {
+            assert_eq!(fense, sim, "{v}");
+        } else {
+            assert_ne!(fense, sim, "{v}");
+        }
+    }
+    assert!(stderr.contains("FENSE"), "{stderr}");
+    let done: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(out.join("stages/00-toy/seed-7/result/done.json")).unwrap(),
+    )
+    .unwrap();
+    let best = done["best"]["fense"].as_f64().expect("best by FENSE");
+    let highest = validations
+        .iter()
+        .map(|v| v["fense"].as_f64().unwrap())
+        .fold(f64::NEG_INFINITY, f64::max);
+    assert_eq!(best, highest, "{done}");
+}

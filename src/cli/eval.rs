@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use audiocap::eval::command::{EvalOptions, run_eval};
+use audiocap::eval::fense::FensePaths;
 
 use super::exit::Exit;
 
@@ -44,6 +45,25 @@ pub struct EvalArgs {
     /// Skip METEOR and SPICE (no JVM is started).
     #[arg(long = "no-java-metrics")]
     no_java_metrics: bool,
+    /// FENSE, SBERT-sim, FER (and with SPICE, SPIDEr-FL): a folder with `sbert/` (the
+    /// Hugging Face repository sentence-transformers/paraphrase-TinyBERT-L6-v2),
+    /// `echecker_clotho_audiocaps_base.ckpt` (the fense project's release) and
+    /// `bert-base-uncased/` (its config.json and vocab.txt or tokenizer.json). Nothing
+    /// is downloaded.
+    #[arg(long = "fense-models", value_name = "DIR")]
+    fense_models: Option<PathBuf>,
+    /// The Sentence-BERT folder (default: `<fense-models>/sbert`).
+    #[arg(long, value_name = "DIR")]
+    sbert: Option<PathBuf>,
+    /// The fluency-error detector checkpoint (default:
+    /// `<fense-models>/echecker_clotho_audiocaps_base.ckpt`).
+    #[arg(long = "fluency-detector", value_name = "FILE")]
+    fluency_detector: Option<PathBuf>,
+    /// The detector's base model folder, config.json + tokenizer files (default: the
+    /// folder named after the checkpoint's model_type in `--fense-models`, else beside
+    /// the checkpoint).
+    #[arg(long = "fluency-detector-base", value_name = "DIR")]
+    fluency_detector_base: Option<PathBuf>,
     /// Also score the best single constant caption: every caption of this table
     /// (e.g. the training set's) given to every clip, the one with the highest CIDEr-D
     /// reported (the bar a captioner must clear).
@@ -69,6 +89,12 @@ impl From<EvalArgs> for EvalOptions {
             spice_jar: args.spice_jar,
             corenlp_dir: args.corenlp_dir,
             no_java_metrics: args.no_java_metrics,
+            fense: FensePaths {
+                models: args.fense_models,
+                sbert: args.sbert,
+                detector: args.fluency_detector,
+                detector_base: args.fluency_detector_base,
+            },
             constant_baseline: args.constant_baseline,
             labels_column: args.labels_column,
         }

@@ -7,8 +7,9 @@ use anyhow::{Context, bail};
 use serde_json::json;
 
 use super::baselines::{self, ConstantBaseline};
+use super::fense::{FenseModels, FensePaths, FenseScores};
 use super::files::{self, Layout, Pair, Predictions};
-use super::jvm::{Environment, JavaPaths};
+use super::jvm::{Environment, JavaPaths, Unavailable};
 use super::{CorpusScores, JavaScores, report, score_corpus, score_java_metrics};
 
 /// How many unmatched keys the report lists.
@@ -42,6 +43,9 @@ pub struct EvalOptions {
     pub corenlp_dir: Option<PathBuf>,
     /// Skip METEOR and SPICE (no JVM is started).
     pub no_java_metrics: bool,
+    /// The FENSE models (`--fense-models DIR` and the per-part overrides); FENSE,
+    /// SBERT-sim, FER and SPIDEr-FL are unavailable without them.
+    pub fense: FensePaths,
     /// Also score the best single constant caption: every caption of this table
     /// (e.g. the training set's) given to every clip, the one with the highest CIDEr-D
     /// reported (the bar a captioner must clear).
@@ -93,6 +97,8 @@ pub struct EvalOutcome {
     pub scores: CorpusScores,
     /// METEOR, SPICE (and through SPICE, SPIDEr), or why they are unavailable.
     pub java: JavaScores,
+    /// FENSE, SBERT-sim and the fluency errors, or why they are unavailable.
+    pub fense: Result<FenseScores, Unavailable>,
     pub layout: Layout,
     pub prediction_format: String,
     pub counts: EvalCounts,
@@ -114,6 +120,15 @@ pub struct EvalOutcome {
 }
 
 impl EvalOutcome {
+    /// Every score, for the report's tables and files.
+    pub fn all_scores(&self) -> report::AllScores<'_> {
+        report::AllScores {
+            native: &self.scores,
+            java: &self.java,
+            fense: &self.fense,
+        }
+    }
+
     /// The report for the terminal: how the inputs were read, the join, the scores.
     pub fn report(&self) -> String {
         let mut out = String::new();
@@ -122,7 +137,7 @@ impl EvalOutcome {
             out.push('\n');
         }
         out.push('\n');
-        out.push_str(&report::table(&self.scores, &self.java));
+        out.push_str(&report::table(self.all_scores()));
         if let Some(b) = &self.constant_baseline {
             out.push_str(&format!(
                 "\nbest constant caption of {} tried: \"{}\" (CIDEr-D {:.4}, BLEU-4 {:.4}, ROUGE-L {:.4}); \
@@ -203,6 +218,13 @@ pub fn run_eval(args: &EvalOptions) -> anyhow::Result<EvalOutcome> {
         )
     };
 
+    let fense = score_fense(&args.fense, &candidates, &refs);
+    let all = report::AllScores {
+        native: &scores,
+        java: &java,
+        fense: &fense,
+    };
+
     let constant_baseline = match &args.constant_baseline {
         Some(path) => {
             let pool = files::read_references(path, None).with_context(|| {
@@ -220,12 +242,13 @@ pub fn run_eval(args: &EvalOptions) -> anyhow::Result<EvalOutcome> {
 
     let mut metric_values = serde_json::Map::new();
     let mut unavailable = serde_json::Map::new();
-    for (name, value) in report::score_rows(&scores, &java) {
-        match value {
-            Ok(v) => metric_values.insert(report::metric_key(name), json!(v)),
-            Err(why) => unavailable.insert(report::metric_key(name), json!(why.0)),
+    for row in report::score_rows(all) {
+        match row.value {
+            Ok(v) => metric_values.insert(row.key.to_string(), json!(v)),
+            Err(why) => unavailable.insert(row.key.to_string(), json!(why.0)),
         };
     }
+    let path_text = |p: &Option<PathBuf>| p.as_ref().map(|p| p.display().to_string());
     let first = |v: &[String]| v.iter().take(SAMPLE).cloned().collect::<Vec<_>>();
     let metrics = json!({
         "scores": metric_values,
@@ -237,6 +260,10 @@ pub fn run_eval(args: &EvalOptions) -> anyhow::Result<EvalOutcome> {
             "pred": args.pred.display().to_string(),
             "refs": args.refs.display().to_string(),
             "key_column": args.key_column,
+            "fense_models": path_text(&args.fense.models),
+            "sbert": path_text(&args.fense.sbert),
+            "fluency_detector": path_text(&args.fense.detector),
+            "fluency_detector_base": path_text(&args.fense.detector_base),
         },
         "unmatched": {
             "predictions_without_references": first(&joined.predictions_without_references),
@@ -257,13 +284,14 @@ pub fn run_eval(args: &EvalOptions) -> anyhow::Result<EvalOutcome> {
             .with_context(|| format!("writing metrics {}", path.display()))?;
     }
     if let Some(path) = &args.per_clip {
-        report::write_per_clip(path, &joined.pairs, &scores, &java)
+        report::write_per_clip(path, &joined.pairs, all)
             .with_context(|| format!("writing per-clip scores {}", path.display()))?;
     }
 
     Ok(EvalOutcome {
         scores,
         java,
+        fense,
         layout: references.layout,
         prediction_format: predictions.format,
         counts,
@@ -276,6 +304,24 @@ pub fn run_eval(args: &EvalOptions) -> anyhow::Result<EvalOutcome> {
         class_word_rate,
         metrics,
     })
+}
+
+/// FENSE of the pairs where its models are given; otherwise, or when they cannot be
+/// loaded or run, the reason (never an error: the other metrics stand).
+fn score_fense(
+    paths: &FensePaths,
+    candidates: &[String],
+    references: &[Vec<String>],
+) -> Result<FenseScores, Unavailable> {
+    let models = FenseModels::load(paths).map_err(|e| e.unavailable())?;
+    tracing::info!(
+        sbert = %models.sbert.dir().display(),
+        detector = %models.detector.source().display(),
+        "scoring FENSE"
+    );
+    models
+        .score(candidates, references)
+        .map_err(|e| e.unavailable())
 }
 
 /// Share of `pairs` whose prediction names one of its reference clip's labels

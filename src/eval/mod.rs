@@ -14,6 +14,7 @@ pub mod baselines;
 mod bleu;
 mod cider;
 pub mod command;
+pub mod fense;
 pub mod files;
 pub mod jvm;
 pub mod meteor;

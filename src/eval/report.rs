@@ -10,6 +10,7 @@ use arrow_array::builder::{Float64Builder, StringBuilder};
 use arrow_array::{ArrayRef, Float64Array, RecordBatch};
 use arrow_schema::{DataType, Field, Schema, SchemaRef};
 
+use super::fense::FenseScores;
 use super::files::Pair;
 use super::jvm::Unavailable;
 use super::{CorpusScores, JavaScores};
@@ -41,51 +42,112 @@ pub enum ReportError {
     },
 }
 
-/// Every corpus score as (name, value or why it is unavailable), in table order.
-pub fn score_rows(
-    scores: &CorpusScores,
-    java: &JavaScores,
-) -> Vec<(&'static str, Result<f64, Unavailable>)> {
+/// Everything `audiocap eval` scored: the native metrics, the Java ones and FENSE.
+#[derive(Debug, Clone, Copy)]
+pub struct AllScores<'a> {
+    pub native: &'a CorpusScores,
+    pub java: &'a JavaScores,
+    pub fense: &'a Result<FenseScores, Unavailable>,
+}
+
+impl AllScores<'_> {
+    /// SPIDEr-FL (corpus, per candidate): SPIDEr times FENSE's fluency penalty.
+    pub fn spider_fl(&self) -> Result<(f64, Vec<f64>), Unavailable> {
+        let (_, spider) = self.java.spider(self.native).map_err(|_| {
+            Unavailable(
+                "SPIDEr-FL is SPIDEr × the fluency penalty and SPIDEr is unavailable".into(),
+            )
+        })?;
+        let fense = self.fense.as_ref().map_err(|_| {
+            Unavailable(
+                "SPIDEr-FL is SPIDEr × the fluency penalty and the fluency-error detector is \
+                 unavailable (see fense)"
+                    .into(),
+            )
+        })?;
+        Ok(fense.spider_fl(&spider))
+    }
+}
+
+/// One line of the table: display name, key in `metrics.json`, value or why not.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ScoreRow {
+    pub name: &'static str,
+    pub key: &'static str,
+    pub value: Result<f64, Unavailable>,
+}
+
+/// Every corpus score, in table order.
+pub fn score_rows(all: AllScores<'_>) -> Vec<ScoreRow> {
+    let (scores, java) = (all.native, all.java);
+    let fense = |f: fn(&FenseScores) -> f64| all.fense.as_ref().map(f).map_err(Clone::clone);
+    let row = |name, key, value| ScoreRow { name, key, value };
     vec![
-        ("BLEU-1", Ok(scores.bleu[0])),
-        ("BLEU-2", Ok(scores.bleu[1])),
-        ("BLEU-3", Ok(scores.bleu[2])),
-        ("BLEU-4", Ok(scores.bleu[3])),
-        (
+        row("BLEU-1", "bleu_1", Ok(scores.bleu[0])),
+        row("BLEU-2", "bleu_2", Ok(scores.bleu[1])),
+        row("BLEU-3", "bleu_3", Ok(scores.bleu[2])),
+        row("BLEU-4", "bleu_4", Ok(scores.bleu[3])),
+        row(
             "METEOR",
+            "meteor",
             java.meteor.as_ref().map(|m| m.corpus).map_err(Clone::clone),
         ),
-        ("ROUGE-L", Ok(scores.rouge_l)),
-        ("CIDEr-D", Ok(scores.cider_d)),
-        (
+        row("ROUGE-L", "rouge_l", Ok(scores.rouge_l)),
+        row("CIDEr-D", "cider_d", Ok(scores.cider_d)),
+        row(
             "SPICE",
+            "spice",
             java.spice.as_ref().map(|s| s.corpus).map_err(Clone::clone),
         ),
-        ("SPIDEr", java.spider(scores).map(|(corpus, _)| corpus)),
+        row(
+            "SPIDEr",
+            "spider",
+            java.spider(scores).map(|(corpus, _)| corpus),
+        ),
+        row("SPIDEr-FL", "spider_fl", all.spider_fl().map(|(c, _)| c)),
+        row("SBERT-sim", "sbert_sim", fense(|f| f.sbert_sim)),
+        row("FER", "fluency_error_rate", fense(|f| f.fluency_error_rate)),
+        row("FENSE", "fense", fense(|f| f.fense)),
     ]
 }
 
-/// The key of a metric in `metrics.json` and the per-clip file (`CIDEr-D` → `cider_d`).
-pub fn metric_key(name: &str) -> String {
-    name.to_lowercase().replace('-', "_")
-}
-
-/// The scores as an aligned text table; an unavailable metric shows its reason.
-pub fn table(scores: &CorpusScores, java: &JavaScores) -> String {
+/// The scores as an aligned text table; an unavailable metric shows its reason (once
+/// when several rows share it).
+pub fn table(all: AllScores<'_>) -> String {
     let mut out = String::new();
     out.push_str(&format!("{:<9} {:>10}\n", "metric", "score"));
     out.push_str(&format!("{:-<9} {:->10}\n", "", ""));
-    for (name, value) in score_rows(scores, java) {
+    let mut previous: Option<Unavailable> = None;
+    for ScoreRow { name, value, .. } in score_rows(all) {
         match value {
-            Ok(v) => out.push_str(&format!("{name:<9} {v:>10.4}\n")),
-            Err(why) => out.push_str(&format!("{name:<9} {:>10}  ({why})\n", "unavailable")),
+            Ok(v) => {
+                out.push_str(&format!("{name:<9} {v:>10.4}\n"));
+                previous = None;
+            }
+            Err(why) => {
+                let shown = if previous.as_ref() == Some(&why) {
+                    "as above".to_string()
+                } else {
+                    why.0.clone()
+                };
+                out.push_str(&format!("{name:<9} {:>10}  ({shown})\n", "unavailable"));
+                previous = Some(why);
+            }
         }
     }
     out
 }
 
 /// Per-clip columns after the native scores; null where the metric is unavailable.
-const JAVA_COLUMNS: [&str; 3] = ["meteor", "spice", "spider"];
+const OPTIONAL_COLUMNS: [&str; 7] = [
+    "meteor",
+    "spice",
+    "spider",
+    "spider_fl",
+    "sbert_sim",
+    "p_error",
+    "fense",
+];
 
 /// The per-clip file's schema.
 pub fn per_clip_schema() -> SchemaRef {
@@ -103,7 +165,7 @@ pub fn per_clip_schema() -> SchemaRef {
         score("cider_d"),
     ];
     fields.extend(
-        JAVA_COLUMNS
+        OPTIONAL_COLUMNS
             .iter()
             .map(|name| Field::new(*name, DataType::Float64, true)),
     );
@@ -111,12 +173,8 @@ pub fn per_clip_schema() -> SchemaRef {
 }
 
 /// Writes one row per pair with its scores (`scores.per_clip[i]` belongs to `pairs[i]`).
-pub fn write_per_clip(
-    path: &Path,
-    pairs: &[Pair],
-    scores: &CorpusScores,
-    java: &JavaScores,
-) -> Result<(), ReportError> {
+pub fn write_per_clip(path: &Path, pairs: &[Pair], all: AllScores<'_>) -> Result<(), ReportError> {
+    let (scores, java) = (all.native, all.java);
     let n = pairs.len();
     let mut key = StringBuilder::with_capacity(n, n * 24);
     let mut reference_key = StringBuilder::with_capacity(n, n * 24);
@@ -142,10 +200,24 @@ pub fn write_per_clip(
         }
     }
     let spider = java.spider(scores).ok().map(|(_, per_clip)| per_clip);
+    let spider_fl = all.spider_fl().ok().map(|(_, per_clip)| per_clip);
+    let fense = all.fense.as_ref().ok();
+    let fense_column = |f: fn(&super::fense::FenseClip) -> f64| {
+        fense.map(|s| s.per_clip.iter().map(f).collect::<Vec<f64>>())
+    };
+    let (sbert_sim, p_error, fense_score) = (
+        fense_column(|c| c.sbert_sim),
+        fense_column(|c| c.p_error),
+        fense_column(|c| c.fense),
+    );
     let optional = [
         java.meteor.as_ref().ok().map(|m| m.per_clip.as_slice()),
         java.spice.as_ref().ok().map(|s| s.per_clip.as_slice()),
         spider.as_deref(),
+        spider_fl.as_deref(),
+        sbert_sim.as_deref(),
+        p_error.as_deref(),
+        fense_score.as_deref(),
     ];
     let mut columns: Vec<ArrayRef> = vec![
         Arc::new(key.finish()),

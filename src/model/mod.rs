@@ -7,6 +7,7 @@
 //! published formats (for the benchmark, the pre-trainers and tests).
 
 pub mod beats;
+pub mod bert;
 pub mod checkpoint;
 pub mod frozen;
 pub mod init;

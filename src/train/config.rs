@@ -165,6 +165,8 @@ pub enum BestMetric {
     CiderD,
     /// Lowest validation loss.
     Loss,
+    /// Highest FENSE of greedy captions (needs `training.fense_models`).
+    Fense,
 }
 
 /// `[training]`
@@ -192,6 +194,9 @@ pub struct TrainingSection {
     pub eval_max_clips: usize,
     /// What picks the best checkpoint.
     pub best_metric: BestMetric,
+    /// A folder with FENSE's models (the layout of `audiocap eval --fense-models`):
+    /// validation then reports FENSE, SBERT-sim and the fluency error rate.
+    pub fense_models: Option<String>,
 }
 
 impl Default for TrainingSection {
@@ -207,6 +212,7 @@ impl Default for TrainingSection {
             eval_max_new_tokens: 30,
             eval_max_clips: 0,
             best_metric: BestMetric::CiderD,
+            fense_models: None,
         }
     }
 }
@@ -403,6 +409,19 @@ impl TrainConfig {
             t.log_every_steps,
             1..=1_000_000_000,
         );
+        if t.best_metric == BestMetric::Fense && t.fense_models.is_none() {
+            p.push(problem(
+                "training.best_metric",
+                "\"fense\" needs training.fense_models (a folder with sbert/, \
+                 echecker_clotho_audiocaps_base.ckpt and bert-base-uncased/)",
+            ));
+        }
+        if t.fense_models.as_ref().is_some_and(|d| d.trim().is_empty()) {
+            p.push(problem(
+                "training.fense_models",
+                "empty; leave it out or name a folder",
+            ));
+        }
         if self.stages.is_empty() {
             p.push(problem("stages", "add at least one [[stages]] table"));
         }
@@ -641,6 +660,24 @@ mod tests {
         ] {
             assert!(at.contains(&expected), "{expected} missing from {err}");
         }
+    }
+
+    #[test]
+    fn best_metric_fense_needs_the_models() {
+        let set = ["training.best_metric=\"fense\"".to_string()];
+        let err = TrainConfig::parse(MINIMAL, "t.toml", &set).unwrap_err();
+        let p = err.problems.iter().find(|p| p.at == "training.best_metric");
+        assert!(
+            p.is_some_and(|p| p.to_string().contains("fense_models")),
+            "{err}"
+        );
+        let with = [
+            set[0].clone(),
+            "training.fense_models=\"models/fense\"".into(),
+        ];
+        let c = TrainConfig::parse(MINIMAL, "t.toml", &with).unwrap();
+        assert_eq!(c.training.best_metric, BestMetric::Fense);
+        assert_eq!(c.training.fense_models.as_deref(), Some("models/fense"));
     }
 
     #[test]

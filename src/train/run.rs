@@ -33,6 +33,7 @@ use super::optim::{AdamW, AdamWSettings, GradAccumulator};
 use super::schedule::CosineSchedule;
 use crate::atomic;
 use crate::config::DeviceSpec;
+use crate::eval::fense::{FenseModels, FensePaths};
 use crate::model::llama::LlamaConfig;
 use crate::model::lora::PeftAdapter;
 use crate::model::prompt::load_tokenizer;
@@ -63,6 +64,14 @@ pub struct Validation {
     /// Fraction of captioned clips whose greedy caption equals one of its references
     /// (after trimming and lower-casing).
     pub exact_match: Option<f64>,
+    /// FENSE of the greedy captions (with `training.fense_models`).
+    #[serde(default)]
+    pub fense: Option<f64>,
+    #[serde(default)]
+    pub sbert_sim: Option<f64>,
+    /// Fraction of greedy captions the fluency-error detector flags.
+    #[serde(default)]
+    pub fluency_error_rate: Option<f64>,
     /// Clips captioned.
     pub clips: usize,
 }
@@ -72,6 +81,7 @@ impl Validation {
     fn score(&self, metric: BestMetric) -> f64 {
         match metric {
             BestMetric::CiderD => self.cider_d.unwrap_or(f64::NEG_INFINITY),
+            BestMetric::Fense => self.fense.unwrap_or(f64::NEG_INFINITY),
             BestMetric::Loss => -self.loss,
         }
     }
@@ -133,7 +143,8 @@ pub struct StoppedAt {
 
 /// How one run ended.
 enum RunOutcome {
-    Done(SeedRunSummary),
+    /// Boxed: the summary is large and the other variant small.
+    Done(Box<SeedRunSummary>),
     Stopped(StoppedAt),
 }
 
@@ -165,6 +176,8 @@ struct RunContext {
     tokenizer: Tokenizer,
     device: Device,
     dtype: DType,
+    /// FENSE's models for validation (`training.fense_models`), on the CPU.
+    fense: Option<FenseModels>,
     metrics: std::fs::File,
     /// Optimiser steps this invocation has done, over all its runs.
     session_steps: u64,
@@ -196,6 +209,12 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
     if !Path::new(&config.model.beats).is_file() {
         bail!("model.beats: {} is not a file", config.model.beats);
     }
+    let fense = match &config.training.fense_models {
+        Some(dir) => {
+            Some(FenseModels::load(&FensePaths::in_dir(dir)).context("training.fense_models")?)
+        }
+        None => None,
+    };
     std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
     std::fs::write(out.join("train.toml"), config.to_toml())
         .with_context(|| format!("writing {}", out.join("train.toml").display()))?;
@@ -213,6 +232,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
         tokenizer,
         device: device.clone(),
         dtype,
+        fense,
         metrics,
         session_steps: 0,
     };
@@ -277,7 +297,7 @@ pub fn train(config: &TrainConfig, options: &TrainOptions) -> anyhow::Result<Tra
                 validation.as_deref().unwrap_or(&[]),
                 &val_examples,
             )? {
-                RunOutcome::Done(summary) => summary,
+                RunOutcome::Done(summary) => *summary,
                 RunOutcome::Stopped(at) => return Ok(TrainOutcome::Stopped(at)),
             };
             results.push(summary.result.clone());
@@ -420,10 +440,10 @@ fn run_one(
         let summary: SeedRunSummary = serde_json::from_slice(&std::fs::read(&done_file)?)
             .with_context(|| format!("reading {}", done_file.display()))?;
         eprintln!("stage {} seed {seed}: already complete", stage.name);
-        return Ok(RunOutcome::Done(SeedRunSummary {
+        return Ok(RunOutcome::Done(Box::new(SeedRunSummary {
             steps_this_session: 0,
             ..summary
-        }));
+        })));
     }
     let checkpoint_dir = run_dir.join("checkpoint");
     let resume_from = [checkpoint_dir.clone(), run_dir.join("checkpoint.old")]
@@ -655,7 +675,7 @@ fn run_one(
                 ctx,
                 serde_json::json!({"kind": "validation", "stage": stage.name, "seed": seed, "validation": v}),
             )?;
-            let line = format!(
+            let mut line = format!(
                 "stage {} seed {seed}: epoch {} validation loss {:.4} CIDEr-D {} exact {}",
                 stage.name,
                 state.epoch,
@@ -664,6 +684,9 @@ fn run_one(
                 v.exact_match
                     .map_or("-".into(), |c| format!("{:.0}%", c * 100.0)),
             );
+            if let (Some(fense), Some(fer)) = (v.fense, v.fluency_error_rate) {
+                line.push_str(&format!(" FENSE {fense:.3} FER {fer:.2}"));
+            }
             bar.println(&line);
             if !ctx.options.progress_bar {
                 eprintln!("{line}");
@@ -713,7 +736,7 @@ fn run_one(
     staged
         .commit_dir()
         .with_context(|| format!("renaming to {}", result_dir.display()))?;
-    Ok(RunOutcome::Done(summary))
+    Ok(RunOutcome::Done(Box::new(summary)))
 }
 
 /// What one optimiser step did.
@@ -848,7 +871,18 @@ fn validate(
         })
         .count();
     let scores = crate::eval::score_corpus(&candidates, &references).ok();
+    let fense = match &ctx.fense {
+        Some(models) if limit > 0 => Some(
+            models
+                .score(&candidates, &references)
+                .context("FENSE of the validation captions")?,
+        ),
+        _ => None,
+    };
     Ok(Validation {
+        fense: fense.as_ref().map(|f| f.fense),
+        sbert_sim: fense.as_ref().map(|f| f.sbert_sim),
+        fluency_error_rate: fense.as_ref().map(|f| f.fluency_error_rate),
         epoch,
         loss: loss_sum / tokens.max(1) as f64,
         cider_d: scores.as_ref().map(|s| s.cider_d),
