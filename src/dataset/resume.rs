@@ -31,10 +31,11 @@ const PARALLEL_PARTS: usize = 8;
 /// run (shard counts may change between runs). Anything hidden (`_staging/`,
 /// `_commits/`, `.`-names) is not a part; a visible part is complete.
 ///
-/// Local disk: polars scans the parts lazily, reading only the `uri` column. Object
-/// stores (polars has no cloud support in this build): each part's footer and its
-/// `uri` column chunks are fetched with ranged reads and decoded with `parquet`, so
-/// resuming downloads the URI column, not the dataset.
+/// Each part's footer and `uri` column are read and decoded with `parquet`: from the
+/// file on local disk, with ranged reads of the column's chunks from object stores,
+/// so resuming downloads the URI column, not the dataset. (Not polars: this build of
+/// it cannot even skip the optional `embedding` column's types, fixed-size lists and
+/// f16.)
 pub async fn committed_inputs(
     store: Arc<dyn ObjectStore>,
     prefix: &Path,
@@ -74,39 +75,39 @@ pub async fn committed_inputs(
 }
 
 fn local_uris(files: &[PathBuf]) -> Result<HashSet<String>, DatasetError> {
-    use polars::prelude::{LazyFrame, PlRefPath, ScanArgsParquet, col};
-    let what = || match files {
-        [one] => one.display().to_string(),
-        _ => format!("{} parts in {}", files.len(), parent_of(files)),
-    };
-    let polars_err = |source| DatasetError::Polars {
-        path: what(),
-        source,
-    };
-    let paths = files
-        .iter()
-        .map(|f| PlRefPath::try_from_path(f))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(polars_err)?;
-    let args = ScanArgsParquet {
-        glob: false,
-        ..Default::default()
-    };
-    let frame = LazyFrame::scan_parquet_files(paths.into(), args)
-        .and_then(|lf| lf.select([col(URI)]).collect())
-        .map_err(polars_err)?;
-    let column = frame
-        .column(URI)
-        .and_then(|c| c.str())
-        .map_err(polars_err)?;
-    Ok(column.iter().flatten().map(str::to_owned).collect())
-}
-
-fn parent_of(files: &[PathBuf]) -> String {
-    files
-        .first()
-        .and_then(|f| f.parent())
-        .map_or_else(String::new, |p| p.display().to_string())
+    let mut uris = HashSet::new();
+    for path in files {
+        let shown = path.display().to_string();
+        let file = std::fs::File::open(path).map_err(|source| DatasetError::Io {
+            op: "opening part",
+            path: path.clone(),
+            source,
+        })?;
+        let metadata = ParquetMetaDataReader::new()
+            .parse_and_finish(&file)
+            .map_err(|source| DatasetError::Parquet {
+                op: "reading the footer of",
+                path: shown.clone(),
+                source,
+            })?;
+        let column = uri_leaf(&metadata).ok_or_else(|| DatasetError::BadPart {
+            path: shown.clone(),
+            what: format!("no {URI:?} column"),
+        })?;
+        let part = decode_uris(file, metadata, column).map_err(|e| match e {
+            UriColumnError::Parquet(source) => DatasetError::Parquet {
+                op: "decoding uri column",
+                path: shown.clone(),
+                source,
+            },
+            UriColumnError::NotStrings => DatasetError::BadPart {
+                path: shown.clone(),
+                what: format!("{URI:?} is not a string column"),
+            },
+        })?;
+        uris.extend(part);
+    }
+    Ok(uris)
 }
 
 /// The footer (metadata) of one part, with one ranged read when it fits the first
@@ -219,8 +220,8 @@ enum UriColumnError {
     NotStrings,
 }
 
-fn decode_uris(
-    file: SparseFile,
+fn decode_uris<R: ChunkReader + 'static>(
+    file: R,
     metadata: ParquetMetaData,
     column: usize,
 ) -> Result<Vec<String>, UriColumnError> {

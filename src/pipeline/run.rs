@@ -102,10 +102,30 @@ async fn run_async(
     .with_context(|| format!("loading the model {}", config.model.path))
     .map_err(RunError::Fatal)?;
     tracing::info!(model = %model.identity, %device, "model loaded");
+    let mut model = model;
+    let (columns, clip_request) = config
+        .output
+        .clip_columns()
+        .resolve(&model.manifest, "output.")
+        .map_err(|problems| {
+            RunError::Config(anyhow::anyhow!(
+                "{}",
+                problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            ))
+        })?;
+    model
+        .request_clip_outputs(clip_request)
+        .context("asking the encoder for tags and embeddings")
+        .map_err(RunError::Fatal)?;
 
     let mut options = DatasetWriterOptions::new(shard.index, shard.count, &run_id);
     options.model = model.identity.clone();
     options.config_digest = config.dataset_digest(shard.count);
+    options.columns = columns;
     options.target_part_bytes = config.output.target_part_mb << 20;
     options.max_rows_per_part = config.output.max_rows_per_part as u64;
     options.max_part_age =
