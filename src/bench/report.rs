@@ -191,13 +191,13 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "{:<12} {:>6} {:>12} {:>12} {:>12}  unit",
+            "{:<14} {:>6} {:>12} {:>12} {:>12}  unit",
             "stage", "batch", "mean", "min", "max"
         )?;
         for fig in &self.figures {
             writeln!(
                 f,
-                "{:<12} {:>6} {:>12} {:>12} {:>12}  {}",
+                "{:<14} {:>6} {:>12} {:>12} {:>12}  {}",
                 fig.stage,
                 fig.batch,
                 fmt_rate(fig.mean),

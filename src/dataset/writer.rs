@@ -30,7 +30,7 @@ use super::{
     StoreKind, commit_record_path, is_replacement_name, is_shard_part, list_objects, local_path,
     part_name, part_seq, replacement_part_name, retry_store, shard_part_prefix,
 };
-use crate::output::{CaptionRow, RowFailure, writer_properties};
+use crate::output::{CaptionRow, RowFailure};
 
 /// Writes one shard's inputs as parts of the dataset under `prefix`.
 ///
@@ -91,7 +91,7 @@ impl DatasetWriter {
         let inherited = finish_replacements(store.as_ref(), mine, options.transient_retry).await?;
         let mut metadata = options.metadata.clone();
         metadata.extend(options.columns.metadata());
-        let props = writer_properties(metadata);
+        let props = options.columns.writer_properties(metadata);
         Ok(Self {
             store,
             prefix,
