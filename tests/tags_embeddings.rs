@@ -91,7 +91,8 @@ progress = "off"
         audio = audio.display(),
         out = out.display(),
     );
-    let path = dir.join("pipeline.toml");
+    let name = out.file_name().unwrap().to_string_lossy();
+    let path = dir.join(format!("{name}.toml"));
     std::fs::write(&path, text).unwrap();
     path
 }
@@ -283,6 +284,52 @@ fn a_dataset_with_tags_and_embeddings_answers_the_readme_queries() {
         .collect();
     assert_eq!(nearest, expected.join(";"));
     assert!(nearest.starts_with("chirp_2p5s.wav=1.00000"), "{nearest}");
+
+    // Fused attention with continuous batching and the encoder on its own thread
+    // (the GPU configuration): the same tags and embeddings.
+    let fused = dir.path().join("fused-model");
+    crate::common::export_tiny_tagger(&fused, &["--attention", "fused"]);
+    let fused_out = dir.path().join("fused-captions");
+    let fused_pipeline = write_pipeline(
+        dir.path(),
+        &fused,
+        &audio,
+        &fused_out,
+        "embedding = \"encoder\"",
+    );
+    let run = audiocap(&[
+        "run",
+        fused_pipeline.to_str().unwrap(),
+        "--set",
+        "batching.decoder_rows=3",
+        "--set",
+        "batching.encoder_thread=true",
+    ]);
+    assert!(run.status.success(), "{}", text(&run));
+    let continuous = clip_columns(&read_rows(&fused_out).0);
+    assert_eq!(
+        continuous.keys().collect::<Vec<_>>(),
+        clips.keys().collect::<Vec<_>>()
+    );
+    for (name, columns) in &continuous {
+        match (columns, &clips[name]) {
+            (None, None) => {}
+            (Some((tags, emb)), Some((want_tags, want_emb))) => {
+                let labels =
+                    |t: &[(String, f32)]| t.iter().map(|t| t.0.clone()).collect::<Vec<_>>();
+                assert_eq!(labels(tags), labels(want_tags), "{name}");
+                for (a, b) in tags
+                    .iter()
+                    .zip(want_tags)
+                    .map(|(a, b)| (a.1, b.1))
+                    .chain(emb.iter().zip(want_emb).map(|(a, b)| (*a, *b)))
+                {
+                    assert!((a - b).abs() < 1e-4, "{name}: {a} vs {b}");
+                }
+            }
+            other => panic!("{name}: {other:?}"),
+        }
+    }
 
     // --retry-failed: the part holding broken.wav is replaced by one with the other
     // rows, their tags and embeddings as they were.

@@ -137,6 +137,7 @@ pub fn caption_files(options: &CaptionOptions) -> anyhow::Result<CaptionSummary>
             let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
             anyhow::anyhow!("{}", problems.join("; "))
         })?;
+    // Before the probe, so that it runs the encoder as the inputs will.
     model.request_clip_outputs(request)?;
     crate::stages::model::check_model(&mut model).with_context(|| {
         format!(

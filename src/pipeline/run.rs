@@ -84,6 +84,27 @@ async fn run_async(
         intra_threads: config.model.intra_threads,
         profile_prefix: None,
     };
+    // The tags and embedding asked for must be ones the model has: a configuration
+    // problem, found before the model loads.
+    let manifest = crate::manifest::ModelManifest::read(&model_dir).ok();
+    let (columns, clip_request) = match &manifest {
+        Some(manifest) => config
+            .output
+            .clip_columns()
+            .resolve(manifest, "output.")
+            .map_err(|problems| {
+                RunError::Config(anyhow::anyhow!(
+                    "{}",
+                    problems
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ))
+            })?,
+        // Loading says what is wrong with it.
+        None => Default::default(),
+    };
     let verify = config.model.verify;
     let model = tokio::task::spawn_blocking(move || {
         if verify {
@@ -94,6 +115,9 @@ async fn run_async(
             );
         }
         let mut model = OnnxModel::load(&model_dir, &engine_options)?;
+        model
+            .request_clip_outputs(clip_request)
+            .context("asking the encoder for tags and embeddings")?;
         stages::model::check_model(&mut model).context("the model cannot caption a silent clip")?;
         anyhow::Ok(model)
     })
@@ -102,25 +126,6 @@ async fn run_async(
     .with_context(|| format!("loading the model {}", config.model.path))
     .map_err(RunError::Fatal)?;
     tracing::info!(model = %model.identity, %device, "model loaded");
-    let mut model = model;
-    let (columns, clip_request) = config
-        .output
-        .clip_columns()
-        .resolve(&model.manifest, "output.")
-        .map_err(|problems| {
-            RunError::Config(anyhow::anyhow!(
-                "{}",
-                problems
-                    .iter()
-                    .map(ToString::to_string)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            ))
-        })?;
-    model
-        .request_clip_outputs(clip_request)
-        .context("asking the encoder for tags and embeddings")
-        .map_err(RunError::Fatal)?;
 
     let mut options = DatasetWriterOptions::new(shard.index, shard.count, &run_id);
     options.model = model.identity.clone();
