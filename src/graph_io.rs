@@ -8,6 +8,12 @@ pub mod encoder {
     pub const FBANK_LENGTHS: &str = "fbank_lengths";
     pub const AUDIO_EMBEDS: &str = "audio_embeds";
     pub const AUDIO_EMBEDS_MASK: &str = "audio_embeds_mask";
+    /// The clip embedding in the encoder's space: the mean encoder output over a
+    /// clip's valid patches, [batch, encoder_dim] f32. Exports since graph revision 3.
+    pub const ENCODER_EMBEDDING: &str = "encoder_embedding";
+    /// Sound-event tag probabilities, [batch, labels] f32: only in exports of a
+    /// fine-tuned (tagging) checkpoint.
+    pub const TAG_PROBS: &str = "tag_probs";
 }
 
 /// Names of the decoder graphs' inputs and outputs (`embedding.onnx`, `decoder.onnx`)

@@ -107,6 +107,119 @@ pub struct EncoderInfo {
     pub config: BeatsConfig,
     /// Fewest fbank frames a clip needs (one patch row).
     pub min_frames: usize,
+    /// Dimension of the graph's `encoder_embedding` output (the mean encoder output
+    /// over a clip's valid patches). Absent in exports from before that output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embedding_dim: Option<usize>,
+    /// The graph's `tag_probs` output, when the checkpoint had a tagging head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tags: Option<TagsInfo>,
+}
+
+/// Sound-event tags of a fine-tuned encoder: one name per output of `tag_probs`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TagsInfo {
+    pub labels: Vec<String>,
+    /// The file the names came from (`--tag-labels`), absent for `class_0 … class_N`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels_file: Option<FileDigest>,
+}
+
+/// Label names for `count` tags, read from a label file: AudioSet's
+/// `class_labels_indices.csv` layout (a header naming `index` and `display_name`,
+/// one row per class, names quoted where they hold commas) or plain text with one
+/// name per line. The names must be as many as the tags, and an indexed file must
+/// give the indices `0..count` each once.
+pub fn read_tag_labels(path: &Path, count: usize) -> Result<Vec<String>, ManifestError> {
+    let invalid = |message: String| ManifestError::Invalid {
+        path: path.to_path_buf(),
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|source| ManifestError::Io {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let first = text.lines().next().unwrap_or("");
+    let header: Vec<String> = first.split(',').map(|h| h.trim().to_lowercase()).collect();
+    let labels = if header.iter().any(|h| h == "display_name") {
+        let mut reader = csv::ReaderBuilder::new()
+            .trim(csv::Trim::All)
+            .from_reader(text.as_bytes());
+        let headers = reader
+            .headers()
+            .map_err(|e| invalid(e.to_string()))?
+            .clone();
+        let column = |name: &str| headers.iter().position(|h| h.eq_ignore_ascii_case(name));
+        let name_col = column("display_name").expect("seen in the header");
+        let index_col = column("index");
+        let mut names: Vec<Option<String>> = vec![None; count];
+        for (row, record) in reader.records().enumerate() {
+            let record = record.map_err(|e| invalid(e.to_string()))?;
+            let line = row + 2;
+            let name = record
+                .get(name_col)
+                .filter(|n| !n.is_empty())
+                .ok_or_else(|| invalid(format!("line {line}: no display_name")))?;
+            let index = match index_col {
+                Some(c) => {
+                    let v = record.get(c).unwrap_or("");
+                    v.parse::<usize>()
+                        .map_err(|_| invalid(format!("line {line}: index {v:?} is not a number")))?
+                }
+                None => row,
+            };
+            let slot = names.get_mut(index).ok_or_else(|| {
+                invalid(format!(
+                    "line {line}: index {index}, but the tagging head has {count} labels"
+                ))
+            })?;
+            if slot.is_some() {
+                return Err(invalid(format!("line {line}: index {index} given twice")));
+            }
+            *slot = Some(name.to_string());
+        }
+        let missing: Vec<String> = names
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.is_none())
+            .map(|(i, _)| i.to_string())
+            .collect();
+        if !missing.is_empty() {
+            return Err(invalid(format!(
+                "no name for {} of the {count} labels (indices {})",
+                missing.len(),
+                missing
+                    .iter()
+                    .take(10)
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )));
+        }
+        names.into_iter().flatten().collect()
+    } else {
+        let names: Vec<String> = text
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect();
+        if names.len() != count {
+            return Err(invalid(format!(
+                "{} names (one per line), but the tagging head has {count} labels",
+                names.len()
+            )));
+        }
+        names
+    };
+    Ok(labels)
+}
+
+/// The names of `count` tags when no label file is given: `class_0 … class_{count-1}`.
+pub fn default_tag_labels(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("class_{i}")).collect()
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -364,6 +477,22 @@ impl ModelManifest {
         files
     }
 
+    /// The width of the `kind` embedding this export can give, or `None` when it
+    /// cannot (`encoder`: exports from before the `encoder_embedding` output).
+    pub fn embedding_dim(&self, kind: crate::output::EmbeddingKind) -> Option<usize> {
+        use crate::output::EmbeddingKind;
+        match kind {
+            EmbeddingKind::None => None,
+            EmbeddingKind::Encoder => self.encoder.embedding_dim,
+            EmbeddingKind::Projector => Some(self.projector.output_dim),
+        }
+    }
+
+    /// The names of the export's tags, when its encoder is a tagger.
+    pub fn tag_labels(&self) -> Option<&[String]> {
+        self.encoder.tags.as_ref().map(|t| t.labels.as_slice())
+    }
+
     /// `name@sha256[:12]` of the manifest itself, for output rows.
     pub fn identity(&self, dir: &Path) -> Result<String, ManifestError> {
         let digest = digest_file(&dir.join(MANIFEST_FILE), MANIFEST_FILE)?;
@@ -464,6 +593,50 @@ fn rfc3339_from_unix(secs: i64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn tag_labels_from_audioset_csv_and_plain_lines() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = dir.path().join("class_labels_indices.csv");
+        // Rows out of order, a quoted name with commas.
+        std::fs::write(
+            &csv,
+            "index,mid,display_name\n1,/m/b,\"Bird vocalization, bird call\"\n0,/m/a,Speech\n",
+        )
+        .unwrap();
+        assert_eq!(
+            read_tag_labels(&csv, 2).unwrap(),
+            ["Speech", "Bird vocalization, bird call"]
+        );
+        let e = read_tag_labels(&csv, 3).unwrap_err().to_string();
+        assert!(
+            e.contains("no name for 1 of the 3 labels (indices 2)"),
+            "{e}"
+        );
+        let e = read_tag_labels(&csv, 1).unwrap_err().to_string();
+        assert!(
+            e.contains("line 2: index 1, but the tagging head has 1 labels"),
+            "{e}"
+        );
+        std::fs::write(&csv, "index,mid,display_name\n0,/m/a,A\n0,/m/b,B\n").unwrap();
+        let e = read_tag_labels(&csv, 2).unwrap_err().to_string();
+        assert!(e.contains("index 0 given twice"), "{e}");
+        std::fs::write(&csv, "index,mid,display_name\nx,/m/a,A\n").unwrap();
+        assert!(read_tag_labels(&csv, 1).is_err());
+
+        let plain = dir.path().join("labels.txt");
+        std::fs::write(&plain, "Dog\nSiren, wailing\n\n").unwrap();
+        assert_eq!(
+            read_tag_labels(&plain, 2).unwrap(),
+            ["Dog", "Siren, wailing"]
+        );
+        let e = read_tag_labels(&plain, 3).unwrap_err().to_string();
+        assert!(
+            e.contains("2 names (one per line), but the tagging head has 3"),
+            "{e}"
+        );
+        assert_eq!(default_tag_labels(2), ["class_0", "class_1"]);
+    }
 
     #[test]
     fn rfc3339_dates() {

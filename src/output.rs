@@ -1,21 +1,28 @@
 //! The captions table: one explicit Arrow schema and a Parquet writer (zstd) that
 //! makes its file visible only when complete (written under a staging name, then
 //! renamed).
+//!
+//! Two columns are there only when asked for ([`OutputColumns`]): `tags`, the
+//! segment's top sound-event tags (`list<struct<label: string, score: float>>`, by
+//! score), and `embedding`, its audio embedding (`fixed_size_list<float32>` or
+//! `<float16>`). Without them the schema is exactly [`schema`].
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use arrow_array::builder::{
-    Float32Builder, Float64Builder, StringBuilder, TimestampMicrosecondBuilder, UInt16Builder,
-    UInt32Builder,
+    FixedSizeListBuilder, Float16Builder, Float32Builder, Float64Builder, ListBuilder,
+    StringBuilder, StructBuilder, TimestampMicrosecondBuilder, UInt16Builder, UInt32Builder,
 };
 use arrow_array::{ArrayRef, RecordBatch};
-use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
+use arrow_schema::{ArrowError, DataType, Field, Fields, Schema, SchemaRef, TimeUnit};
 use parquet::arrow::ArrowWriter;
-use parquet::basic::{Compression, ZstdLevel};
+use parquet::basic::{Compression, Encoding, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
+use serde::{Deserialize, Serialize};
 
 use crate::atomic;
 
@@ -46,6 +53,277 @@ pub struct CaptionRow {
     /// What kind of failure `error` is (the `error_kind` column; the run summary
     /// counts rows by it). Set by [`CaptionRow::failed`] together with `error`.
     pub failure: Option<RowFailure>,
+    /// The segment's top sound-event tags, by score (the `tags` column, when asked for).
+    pub tags: Option<Vec<Tag>>,
+    /// The segment's audio embedding (the `embedding` column, when asked for).
+    pub embedding: Option<Vec<f32>>,
+}
+
+/// A sound-event tag of a segment: the label's name and its probability.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tag {
+    pub label: String,
+    pub score: f32,
+}
+
+/// The `k` most probable of `probs` (one per label of `labels`) that score at least
+/// `min_score`, most probable first (ties in label order).
+pub fn top_tags(probs: &[f32], labels: &[String], k: usize, min_score: f32) -> Vec<Tag> {
+    let mut order: Vec<usize> = (0..probs.len().min(labels.len()))
+        .filter(|&i| probs[i] >= min_score)
+        .collect();
+    order.sort_by(|&a, &b| probs[b].total_cmp(&probs[a]));
+    order
+        .into_iter()
+        .take(k)
+        .map(|i| Tag {
+            label: labels[i].clone(),
+            score: probs[i],
+        })
+        .collect()
+}
+
+/// Which audio embedding a row carries.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingKind {
+    /// No `embedding` column.
+    #[default]
+    None,
+    /// The mean encoder output over the segment's valid patches (BEATs' space,
+    /// e.g. 768 values).
+    Encoder,
+    /// The projected audio embedding the decoder reads (the decoder's hidden size,
+    /// e.g. 4096), averaged over its audio tokens.
+    Projector,
+}
+
+impl EmbeddingKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Encoder => "encoder",
+            Self::Projector => "projector",
+        }
+    }
+}
+
+/// How the `embedding` column stores its values.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EmbeddingDtype {
+    #[default]
+    F32,
+    F16,
+}
+
+impl EmbeddingDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        }
+    }
+}
+
+/// The `embedding` column: which embedding, its width and storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EmbeddingColumn {
+    pub kind: EmbeddingKind,
+    pub dim: usize,
+    pub dtype: EmbeddingDtype,
+}
+
+/// The optional columns of a captions table; the default has neither, which is
+/// [`schema`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct OutputColumns {
+    /// A `tags` column.
+    pub tags: bool,
+    /// An `embedding` column.
+    pub embedding: Option<EmbeddingColumn>,
+}
+
+/// Footer keys that describe the `embedding` column.
+pub const EMBEDDING_KIND_KEY: &str = "audiocap.embedding_kind";
+pub const EMBEDDING_DIM_KEY: &str = "audiocap.embedding_dim";
+pub const EMBEDDING_DTYPE_KEY: &str = "audiocap.embedding_dtype";
+
+impl OutputColumns {
+    /// The table's schema: [`schema`]'s columns, then `tags` and `embedding` when
+    /// present.
+    pub fn schema(&self) -> SchemaRef {
+        let mut fields: Vec<Field> = base_fields();
+        if self.tags {
+            fields.push(Field::new("tags", tags_type(), true));
+        }
+        if let Some(e) = &self.embedding {
+            fields.push(Field::new("embedding", embedding_type(e), true));
+        }
+        Arc::new(Schema::new(fields))
+    }
+
+    /// [`writer_properties`] for a table with these columns (`metadata` in the footer
+    /// as given). The `embedding` values are stored without a dictionary: one of
+    /// distinct floats costs more than the values (5.6 bytes per f32 value measured,
+    /// against 3.7 without); f32 values also byte-stream-split, which zstd compresses
+    /// better (not f16: DuckDB reads that encoding for FLOAT, DOUBLE and integers
+    /// only). `benchmarks/row-bytes.sh` measures it.
+    pub fn writer_properties(&self, metadata: Vec<(String, String)>) -> WriterProperties {
+        let mut builder = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_key_value_metadata(Some(
+                metadata
+                    .into_iter()
+                    .map(|(k, v)| KeyValue::new(k, v))
+                    .collect(),
+            ));
+        if let Some(e) = &self.embedding {
+            let values = ColumnPath::new(vec!["embedding".into(), "list".into(), "item".into()]);
+            builder = builder.set_column_dictionary_enabled(values.clone(), false);
+            if e.dtype == EmbeddingDtype::F32 {
+                builder = builder.set_column_encoding(values, Encoding::BYTE_STREAM_SPLIT);
+            }
+        }
+        builder.build()
+    }
+
+    /// Footer key/value pairs describing the optional columns (the embedding's kind,
+    /// dimension and storage).
+    pub fn metadata(&self) -> Vec<(String, String)> {
+        match &self.embedding {
+            Some(e) => vec![
+                (EMBEDDING_KIND_KEY.into(), e.kind.name().into()),
+                (EMBEDDING_DIM_KEY.into(), e.dim.to_string()),
+                (EMBEDDING_DTYPE_KEY.into(), e.dtype.name().into()),
+            ],
+            None => Vec::new(),
+        }
+    }
+
+    /// Rows as one record batch of [`Self::schema`]. A row's `tags` and `embedding`
+    /// are ignored when the table has no such column; an embedding of another width
+    /// than the column's is an error.
+    pub fn record_batch(&self, rows: &[CaptionRow]) -> Result<RecordBatch, ArrowError> {
+        let mut columns = base_columns(rows);
+        if self.tags {
+            columns.push(tags_column(rows));
+        }
+        if let Some(e) = &self.embedding {
+            columns.push(embedding_column(rows, e)?);
+        }
+        RecordBatch::try_new(self.schema(), columns)
+    }
+}
+
+fn tag_fields() -> Fields {
+    Fields::from(vec![
+        Field::new("label", DataType::Utf8, false),
+        Field::new("score", DataType::Float32, false),
+    ])
+}
+
+fn tags_type() -> DataType {
+    DataType::List(Arc::new(Field::new(
+        "item",
+        DataType::Struct(tag_fields()),
+        false,
+    )))
+}
+
+fn embedding_type(e: &EmbeddingColumn) -> DataType {
+    let value = match e.dtype {
+        EmbeddingDtype::F32 => DataType::Float32,
+        EmbeddingDtype::F16 => DataType::Float16,
+    };
+    DataType::FixedSizeList(Arc::new(Field::new("item", value, false)), e.dim as i32)
+}
+
+fn tags_column(rows: &[CaptionRow]) -> ArrayRef {
+    let values = StructBuilder::from_fields(tag_fields(), rows.len() * 5);
+    let item = Field::new("item", DataType::Struct(tag_fields()), false);
+    let mut list = ListBuilder::new(values).with_field(Arc::new(item));
+    for r in rows {
+        match &r.tags {
+            Some(tags) => {
+                let entries = list.values();
+                for t in tags {
+                    entries
+                        .field_builder::<StringBuilder>(0)
+                        .expect("label column")
+                        .append_value(&t.label);
+                    entries
+                        .field_builder::<Float32Builder>(1)
+                        .expect("score column")
+                        .append_value(t.score);
+                    entries.append(true);
+                }
+                list.append(true);
+            }
+            None => list.append(false),
+        }
+    }
+    Arc::new(list.finish())
+}
+
+fn embedding_column(rows: &[CaptionRow], e: &EmbeddingColumn) -> Result<ArrayRef, ArrowError> {
+    let width = |r: &CaptionRow, v: &[f32]| {
+        if v.len() == e.dim {
+            Ok(())
+        } else {
+            Err(ArrowError::InvalidArgumentError(format!(
+                "{} segment {}: an embedding of {} values for a column of {}",
+                r.uri,
+                r.segment_index,
+                v.len(),
+                e.dim
+            )))
+        }
+    };
+    let item = |dtype| Arc::new(Field::new("item", dtype, false));
+    // A null row still holds `dim` (zero) values, as the layout requires.
+    Ok(match e.dtype {
+        EmbeddingDtype::F32 => {
+            let values = Float32Builder::with_capacity(rows.len() * e.dim);
+            let mut list = FixedSizeListBuilder::with_capacity(values, e.dim as i32, rows.len())
+                .with_field(item(DataType::Float32));
+            for r in rows {
+                match &r.embedding {
+                    Some(v) => {
+                        width(r, v)?;
+                        list.values().append_slice(v);
+                        list.append(true);
+                    }
+                    None => {
+                        list.values().append_value_n(0.0, e.dim);
+                        list.append(false);
+                    }
+                }
+            }
+            Arc::new(list.finish())
+        }
+        EmbeddingDtype::F16 => {
+            let values = Float16Builder::with_capacity(rows.len() * e.dim);
+            let mut list = FixedSizeListBuilder::with_capacity(values, e.dim as i32, rows.len())
+                .with_field(item(DataType::Float16));
+            for r in rows {
+                match &r.embedding {
+                    Some(v) => {
+                        width(r, v)?;
+                        for &x in v {
+                            list.values().append_value(half::f16::from_f32(x));
+                        }
+                        list.append(true);
+                    }
+                    None => {
+                        list.values().append_value_n(half::f16::ZERO, e.dim);
+                        list.append(false);
+                    }
+                }
+            }
+            Arc::new(list.finish())
+        }
+    })
 }
 
 /// Why a row has no caption, as the run summary counts it and the `error_kind`
@@ -97,20 +375,28 @@ impl CaptionRow {
         }
     }
 
-    /// This row with the error that stopped it, and its kind.
+    /// This row with the error that stopped it, and its kind (an error row has no
+    /// tags or embedding).
     pub fn failed(&self, kind: RowFailure, error: impl Into<String>, stamp: i64) -> Self {
         Self {
             error: Some(error.into()),
             failure: Some(kind),
             processed_at_us: stamp,
+            tags: None,
+            embedding: None,
             ..self.clone()
         }
     }
 }
 
-/// The captions table's schema.
+/// The captions table's schema (without the optional columns: see
+/// [`OutputColumns::schema`]).
 pub fn schema() -> SchemaRef {
-    Arc::new(Schema::new(vec![
+    OutputColumns::default().schema()
+}
+
+fn base_fields() -> Vec<Field> {
+    vec![
         Field::new("uri", DataType::Utf8, false),
         Field::new("segment_index", DataType::UInt32, false),
         Field::new("start_s", DataType::Float64, true),
@@ -132,11 +418,16 @@ pub fn schema() -> SchemaRef {
             DataType::Timestamp(TimeUnit::Microsecond, Some("UTC".into())),
             false,
         ),
-    ]))
+    ]
 }
 
 /// Rows as one record batch of [`schema`].
-pub fn to_record_batch(rows: &[CaptionRow]) -> Result<RecordBatch, arrow_schema::ArrowError> {
+pub fn to_record_batch(rows: &[CaptionRow]) -> Result<RecordBatch, ArrowError> {
+    OutputColumns::default().record_batch(rows)
+}
+
+/// The columns of [`schema`].
+fn base_columns(rows: &[CaptionRow]) -> Vec<ArrayRef> {
     let n = rows.len();
     let mut uri = StringBuilder::with_capacity(n, n * 64);
     let mut segment = UInt32Builder::with_capacity(n);
@@ -174,7 +465,7 @@ pub fn to_record_batch(rows: &[CaptionRow]) -> Result<RecordBatch, arrow_schema:
         run.append_value(&r.run_id);
         at.append_value(r.processed_at_us);
     }
-    let columns: Vec<ArrayRef> = vec![
+    vec![
         Arc::new(uri.finish()),
         Arc::new(segment.finish()),
         Arc::new(start.finish()),
@@ -192,8 +483,7 @@ pub fn to_record_batch(rows: &[CaptionRow]) -> Result<RecordBatch, arrow_schema:
         Arc::new(model.finish()),
         Arc::new(run.finish()),
         Arc::new(at.finish()),
-    ];
-    RecordBatch::try_new(schema(), columns)
+    ]
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -218,15 +508,7 @@ pub enum OutputError {
 /// The Parquet settings every output file shares: zstd, and `metadata` as key/value
 /// pairs in the footer.
 pub fn writer_properties(metadata: Vec<(String, String)>) -> WriterProperties {
-    WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .set_key_value_metadata(Some(
-            metadata
-                .into_iter()
-                .map(|(k, v)| KeyValue::new(k, v))
-                .collect(),
-        ))
-        .build()
+    OutputColumns::default().writer_properties(metadata)
 }
 
 /// A zstd Parquet file of any schema, written under a staging name beside it
@@ -246,6 +528,15 @@ impl ParquetFileWriter {
         schema: SchemaRef,
         metadata: Vec<(String, String)>,
     ) -> Result<Self, OutputError> {
+        Self::with_properties(path, schema, writer_properties(metadata))
+    }
+
+    /// [`Self::create`] with other settings than [`writer_properties`].
+    pub fn with_properties(
+        path: &Path,
+        schema: SchemaRef,
+        properties: WriterProperties,
+    ) -> Result<Self, OutputError> {
         if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(|source| OutputError::Io {
                 path: parent.to_path_buf(),
@@ -257,11 +548,12 @@ impl ParquetFileWriter {
             path: staging.path().to_path_buf(),
             source,
         })?;
-        let writer = ArrowWriter::try_new(file, schema, Some(writer_properties(metadata)))
-            .map_err(|source| OutputError::Parquet {
+        let writer = ArrowWriter::try_new(file, schema, Some(properties)).map_err(|source| {
+            OutputError::Parquet {
                 path: staging.path().to_path_buf(),
                 source,
-            })?;
+            }
+        })?;
         Ok(Self {
             path: path.to_path_buf(),
             staging,
@@ -299,17 +591,32 @@ impl ParquetFileWriter {
     }
 }
 
-/// The captions table as a [`ParquetFileWriter`] of [`schema`].
+/// The captions table as a [`ParquetFileWriter`] of [`schema`], or of
+/// [`OutputColumns::schema`].
 pub struct CaptionFileWriter {
     file: ParquetFileWriter,
+    columns: OutputColumns,
 }
 
 impl CaptionFileWriter {
     /// `metadata`: key/value pairs stored in the file footer (the model manifest, the
     /// command or pipeline that produced it).
     pub fn create(path: &Path, metadata: Vec<(String, String)>) -> Result<Self, OutputError> {
+        Self::with_columns(path, OutputColumns::default(), metadata)
+    }
+
+    /// [`Self::create`] with the optional `columns` (their description joins the
+    /// footer's `metadata`).
+    pub fn with_columns(
+        path: &Path,
+        columns: OutputColumns,
+        mut metadata: Vec<(String, String)>,
+    ) -> Result<Self, OutputError> {
+        metadata.extend(columns.metadata());
+        let properties = columns.writer_properties(metadata);
         Ok(Self {
-            file: ParquetFileWriter::create(path, schema(), metadata)?,
+            file: ParquetFileWriter::with_properties(path, columns.schema(), properties)?,
+            columns,
         })
     }
 
@@ -317,10 +624,13 @@ impl CaptionFileWriter {
         if rows.is_empty() {
             return Ok(());
         }
-        let batch = to_record_batch(rows).map_err(|source| OutputError::Arrow {
-            path: self.file.staging.path().to_path_buf(),
-            source,
-        })?;
+        let batch = self
+            .columns
+            .record_batch(rows)
+            .map_err(|source| OutputError::Arrow {
+                path: self.file.staging.path().to_path_buf(),
+                source,
+            })?;
         self.file.write_batch(&batch)
     }
 
@@ -395,5 +705,126 @@ mod tests {
             .unwrap();
         assert_eq!(caption.value(0), "a dog barks");
         assert!(caption.is_null(1));
+    }
+
+    #[test]
+    fn top_tags_are_sorted_filtered_and_cut() {
+        let labels: Vec<String> = ["a", "b", "c", "d"].map(String::from).into();
+        let tags = top_tags(&[0.2, 0.9, f32::NAN, 0.9], &labels, 2, 0.1);
+        assert_eq!(
+            tags,
+            [
+                Tag {
+                    label: "b".into(),
+                    score: 0.9
+                },
+                Tag {
+                    label: "d".into(),
+                    score: 0.9
+                }
+            ]
+        );
+        assert_eq!(top_tags(&[0.2, 0.9, 0.0, 0.3], &labels, 5, 0.25).len(), 2);
+        assert!(top_tags(&[0.2], &labels, 0, 0.0).is_empty());
+    }
+
+    #[test]
+    fn optional_columns_round_trip_and_are_absent_unless_asked() {
+        use arrow_array::cast::AsArray;
+        use arrow_array::types::{Float16Type, Float32Type};
+        let rows = vec![
+            CaptionRow {
+                uri: "a.wav".into(),
+                caption: Some("a siren".into()),
+                tags: Some(vec![
+                    Tag {
+                        label: "Siren".into(),
+                        score: 0.75,
+                    },
+                    Tag {
+                        label: "Engine".into(),
+                        score: 0.5,
+                    },
+                ]),
+                embedding: Some(vec![1.0, -2.0, 0.5]),
+                ..Default::default()
+            },
+            CaptionRow {
+                uri: "b.wav".into(),
+                tags: Some(vec![Tag {
+                    label: "x".into(),
+                    score: 0.1,
+                }]),
+                embedding: Some(vec![1.0, 2.0, 3.0]),
+                ..Default::default()
+            }
+            .failed(RowFailure::Model, "model: failed", 1),
+        ];
+        assert_eq!(OutputColumns::default().schema(), schema());
+        // Without the columns, the rows' tags and embeddings are not written.
+        assert_eq!(to_record_batch(&rows).unwrap().schema(), schema());
+        for dtype in [EmbeddingDtype::F32, EmbeddingDtype::F16] {
+            let columns = OutputColumns {
+                tags: true,
+                embedding: Some(EmbeddingColumn {
+                    kind: EmbeddingKind::Encoder,
+                    dim: 3,
+                    dtype,
+                }),
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("c.parquet");
+            let mut w = CaptionFileWriter::with_columns(&path, columns.clone(), vec![]).unwrap();
+            w.write(&rows).unwrap();
+            w.finish().unwrap();
+            let builder =
+                ParquetRecordBatchReaderBuilder::try_new(File::open(&path).unwrap()).unwrap();
+            let kv = builder
+                .metadata()
+                .file_metadata()
+                .key_value_metadata()
+                .unwrap();
+            let value = |k: &str| kv.iter().find(|e| e.key == k).and_then(|e| e.value.clone());
+            assert_eq!(value(EMBEDDING_KIND_KEY).as_deref(), Some("encoder"));
+            assert_eq!(value(EMBEDDING_DIM_KEY).as_deref(), Some("3"));
+            assert_eq!(value(EMBEDDING_DTYPE_KEY).as_deref(), Some(dtype.name()));
+            let batch = builder.build().unwrap().next().unwrap().unwrap();
+            assert_eq!(batch.schema(), columns.schema());
+            let tags = batch.column_by_name("tags").unwrap().as_list::<i32>();
+            assert!(tags.is_null(1), "an error row has no tags");
+            let first = tags.value(0);
+            let first = first.as_struct();
+            assert_eq!(first.column(0).as_string::<i32>().value(1), "Engine");
+            assert_eq!(first.column(1).as_primitive::<Float32Type>().value(0), 0.75);
+            let emb = batch
+                .column_by_name("embedding")
+                .unwrap()
+                .as_fixed_size_list();
+            assert!(emb.is_null(1));
+            let values: Vec<f32> = match dtype {
+                EmbeddingDtype::F32 => emb.value(0).as_primitive::<Float32Type>().values().to_vec(),
+                EmbeddingDtype::F16 => emb
+                    .value(0)
+                    .as_primitive::<Float16Type>()
+                    .values()
+                    .iter()
+                    .map(|v| v.to_f32())
+                    .collect(),
+            };
+            assert_eq!(values, [1.0, -2.0, 0.5]);
+        }
+        let columns = OutputColumns {
+            tags: false,
+            embedding: Some(EmbeddingColumn {
+                kind: EmbeddingKind::Projector,
+                dim: 4,
+                dtype: EmbeddingDtype::F32,
+            }),
+        };
+        let e = columns.record_batch(&rows).unwrap_err().to_string();
+        assert!(
+            e.contains("a.wav segment 0: an embedding of 3 values for a column of 4"),
+            "{e}"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! BEATs encoder against the reference implementation's outputs
 //! (`beats-tiny/reference.safetensors`, produced by microsoft/unilm `beats/`).
 
-use audiocap::model::beats::{Beats, reduce_padding_mask};
+use audiocap::model::beats::{Beats, mean_over_valid, reduce_padding_mask};
 use candle_core::{DType, Device, Tensor};
 
 use crate::common::{fixtures, load_safetensors, max_abs_diff};
@@ -429,4 +429,60 @@ fn length_masked_batch_equals_clips_alone() {
     let mask = out.padding_mask.unwrap().to_vec2::<u8>().unwrap();
     assert_eq!(mask[1].iter().filter(|&&m| m == 0).count(), p_short);
     assert!(mask[0].iter().all(|&m| m == 0));
+}
+
+fn load_tagger() -> Beats {
+    Beats::load(
+        &fixtures().join("beats-tiny-tagger/beats.pt"),
+        DType::F32,
+        &Device::Cpu,
+    )
+    .expect("load beats-tiny-tagger/beats.pt")
+}
+
+/// The fine-tuned checkpoint's tag probabilities equal the reference
+/// `extract_features` (sigmoid of the predictor's logits averaged over the valid
+/// patches), for single clips and for the padded batch with the reference's mask;
+/// its features are beats-tiny's, and their mean is the clip embedding.
+#[test]
+fn tagger_probabilities_match_the_reference() {
+    let tagger = load_tagger();
+    assert!(tagger.has_tagger());
+    assert!(!load_tiny().has_tagger());
+    assert_eq!(tagger.config().predictor_class, 7);
+    let reference = load_safetensors("beats-tiny/reference.safetensors");
+    let tags = load_safetensors("beats-tiny-tagger/reference.safetensors");
+    let cases = encodable_cases(&reference);
+    assert!(cases.len() >= 4, "{cases:?}");
+    for case in cases {
+        let fbank = reference[&format!("{case}.fbank")].unsqueeze(0).unwrap();
+        let out = tagger.extract_features(&fbank, None).unwrap();
+        let features = &reference[&format!("{case}.features")];
+        assert!(max_abs_diff(&out.features.squeeze(0).unwrap(), features) <= 1e-4);
+        let probs = tagger.tag_probabilities(&out).unwrap().expect("a tagger");
+        let expected = tags[&format!("{case}.tag_probs")].unsqueeze(0).unwrap();
+        let err = max_abs_diff(&probs, &expected);
+        eprintln!("tagger {case}: tag probabilities max abs err {err:.2e}");
+        assert!(err <= 1e-4, "{case}: {err}");
+        let embedding = mean_over_valid(&out.features, None).unwrap();
+        let expected = features.mean_keepdim(0).unwrap();
+        assert!(max_abs_diff(&embedding, &expected) <= 1e-5);
+    }
+    let fbank = &reference["padded.fbank"];
+    let frame_mask =
+        reduce_padding_mask(&reference["padded.padding_mask"], fbank.dims()[1]).unwrap();
+    let out = tagger.extract_features(fbank, Some(&frame_mask)).unwrap();
+    let probs = tagger.tag_probabilities(&out).unwrap().expect("a tagger");
+    let err = max_abs_diff(&probs, &tags["padded.tag_probs"]);
+    eprintln!("tagger padded batch: tag probabilities max abs err {err:.2e}");
+    assert!(err <= 1e-4, "padded batch: {err}");
+    // A padded row's probabilities differ from its unpadded mean: the mask matters.
+    let unmasked = tagger
+        .tag_probabilities(&audiocap::model::beats::BeatsOutput {
+            features: out.features.clone(),
+            padding_mask: None,
+        })
+        .unwrap()
+        .unwrap();
+    assert!(max_abs_diff(&unmasked, &tags["padded.tag_probs"]) > 1e-3);
 }

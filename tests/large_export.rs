@@ -45,6 +45,7 @@ fn decoder_past_two_gigabytes_exports_with_external_data_and_runs() {
         name: "large".into(),
         out: out.clone(),
         overwrite: false,
+        tag_labels: None,
     })
     .unwrap();
     let exported = started.elapsed();

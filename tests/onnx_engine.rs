@@ -50,6 +50,7 @@ fn export_with(
         name: name.to_string(),
         out: out.clone(),
         overwrite: false,
+        tag_labels: None,
     })
     .unwrap_or_else(|e| panic!("export {name}: {e}"));
     out
@@ -113,6 +114,7 @@ fn export_layout_manifest_and_onnx_checker() {
         name: "again".into(),
         out: out.clone(),
         overwrite: false,
+        tag_labels: None,
     })
     .unwrap_err();
     assert!(err.to_string().contains("already exists"), "{err}");
@@ -617,4 +619,142 @@ fn batches(model: &OnnxModel, audio: &ndarray::Array3<f32>, sizes: &[usize]) -> 
             AudioEmbeds::from_array(model.device(), part).unwrap()
         })
         .collect()
+}
+
+/// The export of a fine-tuned BEATs keeps its tagging head: ONNX Runtime's tag
+/// probabilities equal the reference's (`beats-tiny-tagger`), clip by clip and in a
+/// batch of clips of different lengths, eager and fused; the encoder embedding is the
+/// mean of the reference features, the projector embedding the decoder's audio
+/// embedding. Nothing is bound unless asked for, and an export without the outputs
+/// is refused when they are.
+#[test]
+fn tagger_export_gives_the_reference_tags_and_embeddings() {
+    use audiocap::engine::audio::{ClipRequest, TagRequest};
+    use audiocap::output::EmbeddingKind;
+    let dir = tempfile::tempdir().unwrap();
+    let tagger = fixtures().join("beats-tiny-tagger");
+    let eager = dir.path().join("eager");
+    crate::common::export_tiny_tagger(&eager, &["--attention", "eager"]);
+    let mut src = sources(&["a0"], None);
+    src.beats = tagger.join("beats.pt");
+    let fused = dir.path().join("fused");
+    export_model(&ExportOptions {
+        sources: src,
+        dtype: ExportDtype::F32,
+        attention: Attention::Fused,
+        name: "fused".into(),
+        out: fused.clone(),
+        overwrite: false,
+        tag_labels: None,
+    })
+    .unwrap();
+    let reference = crate::common::load_safetensors("beats-tiny/reference.safetensors");
+    let expected = crate::common::load_safetensors("beats-tiny-tagger/reference.safetensors");
+    let names = crate::common::TAGGER_LABELS;
+    let cases = ["chirp_2p5s", "sine_1s", "noise_0p3s", "clipped_1s"];
+    let fbanks: Vec<(Vec<f32>, usize)> = cases
+        .iter()
+        .map(|c| {
+            let f = &reference[&format!("{c}.fbank")];
+            (f.flatten_all().unwrap().to_vec1().unwrap(), f.dims()[0])
+        })
+        .collect();
+    for (out, labels) in [
+        (&eager, names.map(String::from).to_vec()),
+        (&fused, (0..7).map(|i| format!("class_{i}")).collect()),
+    ] {
+        let manifest = ModelManifest::read(out).unwrap();
+        let tags = manifest.encoder.tags.as_ref().expect("tags in model.json");
+        assert_eq!(tags.labels, labels);
+        assert_eq!(manifest.encoder.embedding_dim, Some(48));
+        let mut model = OnnxModel::load(out, &EngineOptions::default()).unwrap();
+        // Asked for nothing: nothing comes back.
+        let plain = model
+            .encode(&[(&fbanks[0].0, fbanks[0].1)])
+            .unwrap()
+            .take_extras();
+        assert_eq!(plain, vec![Default::default()]);
+        for embedding in [EmbeddingKind::Encoder, EmbeddingKind::Projector] {
+            model
+                .request_clip_outputs(ClipRequest {
+                    tags: Some(TagRequest {
+                        top_k: 7,
+                        min_score: 0.0,
+                    }),
+                    embedding,
+                })
+                .unwrap();
+            // Alone, then all together (padded to the longest).
+            let batches: Vec<Vec<usize>> = (0..cases.len())
+                .map(|i| vec![i])
+                .chain([vec![0, 1, 2, 3]])
+                .collect();
+            for batch in batches {
+                let inputs: Vec<(&[f32], usize)> = batch
+                    .iter()
+                    .map(|&i| (fbanks[i].0.as_slice(), fbanks[i].1))
+                    .collect();
+                let mut audio = model.encode(&inputs).unwrap();
+                let extras = audio.take_extras();
+                let embeds = audio.to_array().unwrap();
+                for (row, &i) in batch.iter().enumerate() {
+                    let case = cases[i];
+                    let got = extras[row].tags.as_ref().unwrap();
+                    assert_eq!(got.len(), 7);
+                    assert!(got.windows(2).all(|w| w[0].score >= w[1].score));
+                    let want = expected[&format!("{case}.tag_probs")]
+                        .to_vec1::<f32>()
+                        .unwrap();
+                    let err = got
+                        .iter()
+                        .map(|t| {
+                            let i = labels.iter().position(|l| *l == t.label).unwrap();
+                            (t.score - want[i]).abs()
+                        })
+                        .fold(0f32, f32::max);
+                    assert!(err <= 1e-4, "{case} in {batch:?}: tags max abs err {err}");
+                    let emb = extras[row].embedding.as_ref().unwrap();
+                    let want: Vec<f32> = match embedding {
+                        EmbeddingKind::Encoder => reference[&format!("{case}.features")]
+                            .mean(0)
+                            .unwrap()
+                            .to_vec1()
+                            .unwrap(),
+                        _ => embeds.slice(ndarray::s![row, 0, ..]).to_vec(),
+                    };
+                    assert_eq!(emb.len(), want.len());
+                    let err = emb
+                        .iter()
+                        .zip(&want)
+                        .map(|(a, b)| (a - b).abs())
+                        .fold(0f32, f32::max);
+                    assert!(
+                        err <= 1e-4,
+                        "{case} {embedding:?}: embedding max abs err {err}"
+                    );
+                }
+            }
+        }
+    }
+    // A model without a tagging head: tags are refused, the encoder embedding is not.
+    let plain = export_to(dir.path(), "plain", sources(&["a0"], None));
+    assert!(ModelManifest::read(&plain).unwrap().encoder.tags.is_none());
+    let mut model = OnnxModel::load(&plain, &EngineOptions::default()).unwrap();
+    let e = model
+        .request_clip_outputs(ClipRequest {
+            tags: Some(TagRequest {
+                top_k: 5,
+                min_score: 0.0,
+            }),
+            embedding: EmbeddingKind::None,
+        })
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no tag_probs output"), "{e}");
+    model
+        .request_clip_outputs(ClipRequest {
+            tags: None,
+            embedding: EmbeddingKind::Encoder,
+        })
+        .unwrap();
 }

@@ -23,20 +23,7 @@ use crate::common::servers::TestStore;
 pub fn tiny_model() -> &'static Path {
     static MODEL: OnceLock<PathBuf> = OnceLock::new();
     MODEL.get_or_init(|| {
-        const NAME: &str = "audiocap-pipeline-model-";
-        let tmp = std::env::temp_dir();
-        // Exports of test processes that have ended (73 MB each).
-        for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
-            let name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(pid) = name.strip_prefix(NAME)
-                && !Path::new("/proc").join(pid).exists()
-            {
-                let _ = std::fs::remove_dir_all(entry.path());
-            }
-        }
-        let dir = tmp.join(format!("{NAME}{}", std::process::id()));
-        crate::common::export_tiny_a0(&dir);
-        dir
+        crate::common::export_per_process("audiocap-pipeline-model-", crate::common::export_tiny_a0)
     })
 }
 

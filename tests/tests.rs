@@ -25,5 +25,6 @@ mod metrics_parity;
 mod onnx_engine;
 mod pipeline_run;
 mod storage_inputs;
+mod tags_embeddings;
 mod train_parity;
 mod training;

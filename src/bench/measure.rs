@@ -13,9 +13,10 @@ use super::report::{Figure, fmt_rate};
 use crate::audio::decode::decode_file;
 use crate::audio::fbank::{Fbank, FbankFrames};
 use crate::audio::resample::resample;
-use crate::engine::audio::AudioEmbeds;
+use crate::engine::audio::{AudioEmbeds, ClipRequest, TagRequest};
 use crate::engine::generate::{GenerationParams, generate};
 use crate::engine::model::{EngineOptions, OnnxModel};
+use crate::output::EmbeddingKind;
 
 /// The front end is timed over at least this long per repetition.
 const FRONT_END_MIN_SECONDS: f64 = 0.5;
@@ -126,6 +127,9 @@ pub(super) fn measure_front_end(
     Ok(())
 }
 
+/// The encoder as a caption needs it (`encoder`: audio embeddings only), then, when
+/// the export has them, with the tags (top 5) and the encoder embedding bound and
+/// copied out too (`encoder_extras`).
 pub(super) fn measure_encoder(
     r: &mut Runner,
     model: &mut OnnxModel,
@@ -141,6 +145,33 @@ pub(super) fn measure_encoder(
         "clips/s",
         batch.len() as f64,
         seconds,
+    ));
+    if model
+        .manifest
+        .embedding_dim(EmbeddingKind::Encoder)
+        .is_none()
+    {
+        return Ok(());
+    }
+    let tags = model.manifest.tag_labels().is_some();
+    model.request_clip_outputs(ClipRequest {
+        tags: tags.then_some(TagRequest {
+            top_k: 5,
+            min_score: 0.0,
+        }),
+        embedding: EmbeddingKind::Encoder,
+    })?;
+    let seconds = r.time(|| {
+        model.encode(batch)?.take_extras();
+        Ok(())
+    });
+    model.request_clip_outputs(ClipRequest::default())?;
+    r.record(rate_figure(
+        "encoder_extras",
+        batch.len(),
+        "clips/s",
+        batch.len() as f64,
+        seconds?,
     ));
     Ok(())
 }

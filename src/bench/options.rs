@@ -82,13 +82,19 @@ impl BenchPreset {
         }
     }
 
-    /// The synthetic model of a random-weight preset.
+    /// The synthetic model of a random-weight preset. Its BEATs is fine-tuned, as the
+    /// AudioSet checkpoints people caption with (AS2M cpt2: a 527-label tagging head).
     pub(super) fn synthetic(self, seed: u64) -> Option<SyntheticModel> {
         let (beats, llama) = match self {
             BenchPreset::Fixture => return None,
             BenchPreset::Tiny => (beats_tiny(), LlamaSpec::tiny()),
             BenchPreset::Small => (beats_iter3_plus(), LlamaSpec::llama_1b()),
             BenchPreset::Real => (beats_iter3_plus(), LlamaSpec::llama3_8b()),
+        };
+        let beats = crate::model::beats::BeatsConfig {
+            finetuned_model: true,
+            predictor_class: AUDIOSET_LABELS,
+            ..beats
         };
         Some(SyntheticModel {
             beats,
@@ -99,6 +105,8 @@ impl BenchPreset {
     }
 }
 
+/// Labels of the AudioSet tagging head the synthetic encoders carry.
+const AUDIOSET_LABELS: usize = 527;
 const DEFAULT_CLIP_SECONDS: f64 = 10.0;
 const DEFAULT_NEW_TOKENS: usize = 20;
 const DEFAULT_WARMUP: usize = 1;

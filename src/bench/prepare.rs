@@ -33,6 +33,7 @@ pub(super) fn prepare_export(
     progress: &impl Fn(String),
 ) -> anyhow::Result<Prepared> {
     let mut sources_s = None;
+    let mut tag_labels = None;
     let (sources, source_key, parameters) = match plan.preset.synthetic(options.seed) {
         None => {
             let e2e = plan.fixtures.join("e2e-tiny");
@@ -42,8 +43,11 @@ pub(super) fn prepare_export(
                     e2e.display()
                 );
             }
+            // The fine-tuned tiny BEATs: beats-tiny's encoder with a 7-label head.
+            let tagger = plan.fixtures.join("beats-tiny-tagger");
+            tag_labels = Some(tagger.join("class_labels_indices.csv"));
             let sources = ModelSources {
-                beats: plan.fixtures.join("beats-tiny/beats.pt"),
+                beats: tagger.join("beats.pt"),
                 llm: e2e.join("llm"),
                 projector: e2e.join("projector.safetensors"),
                 adapters: Vec::new(),
@@ -51,7 +55,8 @@ pub(super) fn prepare_export(
                 prompt_template: None,
                 pooling: Pooling::Mean,
             };
-            let key = serde_json::json!({ "fixtures": plan.fixtures });
+            let key =
+                serde_json::json!({ "fixtures": plan.fixtures, "beats": "beats-tiny-tagger" });
             (sources, key, None)
         }
         Some(model) => {
@@ -161,6 +166,7 @@ pub(super) fn prepare_export(
         name,
         out: out.clone(),
         overwrite: true,
+        tag_labels,
     })
     .context("exporting the benchmark model")?;
     let export_s = started.elapsed().as_secs_f64();

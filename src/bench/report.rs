@@ -14,7 +14,8 @@ use crate::manifest::{Attention, ExportDtype};
 /// One measured figure.
 #[derive(Debug, Clone, Serialize)]
 pub struct Figure {
-    /// `front_end`, `encoder`, `prefill`, `decode`, `generate` or `end_to_end`.
+    /// `front_end`, `encoder`, `encoder_extras` (the encoder with its tags and
+    /// embedding outputs bound), `prefill`, `decode`, `generate` or `end_to_end`.
     pub stage: &'static str,
     /// Clips or sequences per call.
     pub batch: usize,
@@ -190,13 +191,13 @@ impl fmt::Display for BenchReport {
         )?;
         writeln!(
             f,
-            "{:<12} {:>6} {:>12} {:>12} {:>12}  unit",
+            "{:<14} {:>6} {:>12} {:>12} {:>12}  unit",
             "stage", "batch", "mean", "min", "max"
         )?;
         for fig in &self.figures {
             writeln!(
                 f,
-                "{:<12} {:>6} {:>12} {:>12} {:>12}  {}",
+                "{:<14} {:>6} {:>12} {:>12} {:>12}  {}",
                 fig.stage,
                 fig.batch,
                 fmt_rate(fig.mean),

@@ -203,6 +203,7 @@ mod tests {
         for (stage, batch) in [
             ("front_end", 1),
             ("encoder", 2),
+            ("encoder_extras", 2),
             ("prefill", 1),
             ("prefill", 2),
             ("decode", 1),

@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use audiocap::audio::segment::SegmentConfig;
 use audiocap::config::DeviceSpec;
 use audiocap::engine::model::EngineOptions;
+use audiocap::output::{EmbeddingDtype, EmbeddingKind};
 use audiocap::pipeline::caption::{CaptionOptions, caption_files};
+use audiocap::pipeline::config::ClipColumns;
 
 use super::exit::Exit;
 
@@ -46,6 +48,20 @@ pub struct CaptionArgs {
     /// Distance between window starts, in seconds.
     #[arg(long, default_value_t = 10.0)]
     hop_seconds: f64,
+    /// A `tags` column with each segment's K most probable sound-event tags
+    /// (default: 5 when the model's encoder is a tagger, else none; 0: none).
+    #[arg(long, value_name = "K")]
+    tags: Option<usize>,
+    /// Tags below this probability are left out.
+    #[arg(long, default_value_t = 0.0)]
+    min_tag_score: f32,
+    /// An `embedding` column: none, encoder (mean encoder output, e.g. 768 values) or
+    /// projector (the decoder's audio embedding, e.g. 4096 values).
+    #[arg(long, value_enum, default_value = "none")]
+    embedding: EmbeddingArg,
+    /// How the embedding is stored: f32, or f16 (half the bytes).
+    #[arg(long, value_enum, default_value = "f32")]
+    embedding_dtype: EmbeddingDtypeArg,
     /// Output Parquet file.
     #[arg(long)]
     out: PathBuf,
@@ -56,6 +72,21 @@ pub struct CaptionArgs {
     /// Audio files or folders (walked recursively for audio files).
     #[arg(required = true)]
     inputs: Vec<PathBuf>,
+}
+
+/// The values of `--embedding` ([`EmbeddingKind`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EmbeddingArg {
+    None,
+    Encoder,
+    Projector,
+}
+
+/// The values of `--embedding-dtype` ([`EmbeddingDtype`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum EmbeddingDtypeArg {
+    F32,
+    F16,
 }
 
 pub fn run(args: CaptionArgs) -> anyhow::Result<Exit> {
@@ -81,11 +112,32 @@ pub fn run(args: CaptionArgs) -> anyhow::Result<Exit> {
             setting: args.ffmpeg,
             ..Default::default()
         },
+        clip_columns: ClipColumns {
+            tags: args.tags,
+            min_tag_score: args.min_tag_score,
+            embedding: match args.embedding {
+                EmbeddingArg::None => EmbeddingKind::None,
+                EmbeddingArg::Encoder => EmbeddingKind::Encoder,
+                EmbeddingArg::Projector => EmbeddingKind::Projector,
+            },
+            embedding_dtype: match args.embedding_dtype {
+                EmbeddingDtypeArg::F32 => EmbeddingDtype::F32,
+                EmbeddingDtypeArg::F16 => EmbeddingDtype::F16,
+            },
+        },
         out: args.out,
         inputs: args.inputs,
         command: std::env::args().collect::<Vec<_>>().join(" "),
     };
     if let Err(problems) = options.validate() {
+        eprintln!("error: invalid arguments:\n  - {}", problems.join("\n  - "));
+        return Ok(Exit::InvalidConfig);
+    }
+    // Tags and embeddings the model cannot give are a bad argument, not a failed run.
+    if let Ok(manifest) = audiocap::manifest::ModelManifest::read(&options.model)
+        && let Err(problems) = options.clip_columns.resolve(&manifest, "--")
+    {
+        let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
         eprintln!("error: invalid arguments:\n  - {}", problems.join("\n  - "));
         return Ok(Exit::InvalidConfig);
     }

@@ -80,6 +80,12 @@ pub struct ExportArgs {
     /// Replace the output directory if it exists.
     #[arg(long)]
     overwrite: bool,
+    /// Names of a fine-tuned BEATs checkpoint's tag labels: AudioSet's
+    /// class_labels_indices.csv (index,mid,display_name) or one name per line
+    /// (default: class_0 ... class_N). The tagging head itself is kept whenever the
+    /// checkpoint has one.
+    #[arg(long, value_name = "FILE")]
+    tag_labels: Option<PathBuf>,
 }
 
 /// The values of `--dtype` ([`ExportDtype`]).
@@ -136,15 +142,20 @@ pub fn run(args: ExportArgs) -> anyhow::Result<Exit> {
         name: args.name,
         out: args.out,
         overwrite: args.overwrite,
+        tag_labels: args.tag_labels,
     };
     let manifest = export_model(&options).context("exporting the model")?;
     eprintln!(
-        "exported {} to {} ({:?}, {:?} attention; encoder {} bytes, decoder {} bytes{})",
+        "exported {} to {} ({:?}, {:?} attention; encoder {} bytes{}, decoder {} bytes{})",
         manifest.name,
         options.out.display(),
         manifest.onnx.dtype,
         manifest.onnx.attention,
         manifest.onnx.audio_encoder.file.bytes,
+        match &manifest.encoder.tags {
+            Some(tags) => format!(" with {} tags", tags.labels.len()),
+            None => String::new(),
+        },
         manifest.onnx.decoder.file.bytes,
         if manifest.onnx.decoder.external_data.is_empty() {
             ""

@@ -58,10 +58,22 @@ pub fn run(args: RunArgs) -> anyhow::Result<Exit> {
     };
     if args.check {
         // The model is part of what a check can see before any work starts.
-        if let Err(e) =
-            audiocap::manifest::ModelManifest::read(std::path::Path::new(&config.model.path))
-        {
-            eprintln!("error: {}: model.path: {e}", args.pipeline.display());
+        let manifest =
+            match audiocap::manifest::ModelManifest::read(std::path::Path::new(&config.model.path))
+            {
+                Ok(manifest) => manifest,
+                Err(e) => {
+                    eprintln!("error: {}: model.path: {e}", args.pipeline.display());
+                    return Ok(Exit::InvalidConfig);
+                }
+            };
+        // The tags and embedding asked for must be ones the model has.
+        if let Err(problems) = config.output.clip_columns().resolve(&manifest, "output.") {
+            let errors = audiocap::config::ConfigErrors {
+                file: args.pipeline.display().to_string(),
+                problems,
+            };
+            eprintln!("error: {errors}");
             return Ok(Exit::InvalidConfig);
         }
         println!("{}", config.to_toml());

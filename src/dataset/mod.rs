@@ -120,6 +120,9 @@ pub struct DatasetWriterOptions {
     pub upload_concurrency: usize,
     /// Key/value pairs for every part's footer (model manifest, pipeline config).
     pub metadata: Vec<(String, String)>,
+    /// The optional columns of the parts (`tags`, `embedding`); their description
+    /// joins the footer's `metadata`.
+    pub columns: crate::output::OutputColumns,
     /// How long a store call that fails transiently (the client's transport errors
     /// after its own short retries: a refused connection, a reset, a 5xx) is tried
     /// again, with backoff, before the run gives up. A short outage must not fail
@@ -146,6 +149,7 @@ impl DatasetWriterOptions {
             upload_chunk_bytes: 10 << 20,
             upload_concurrency: 4,
             metadata: Vec::new(),
+            columns: Default::default(),
             transient_retry: Duration::from_secs(60),
             model: String::new(),
             config_digest: String::new(),

@@ -179,8 +179,8 @@ enum UriColumnError {
     NotStrings,
 }
 
-fn decode_uris(
-    file: SparseFile,
+fn decode_uris<R: ChunkReader + 'static>(
+    file: R,
     metadata: ParquetMetaData,
     column: usize,
 ) -> Result<Vec<String>, UriColumnError> {

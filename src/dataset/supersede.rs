@@ -15,6 +15,7 @@ use std::sync::Arc;
 
 use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, new_null_array};
+use arrow_schema::SchemaRef;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
 use parquet::arrow::ProjectionMask;
 use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
@@ -22,7 +23,6 @@ use parquet::file::metadata::ParquetMetaData;
 use parquet::file::reader::ChunkReader;
 
 use super::{DatasetError, REPLACES_KEY, StoreKind, local_path, retry_store};
-use crate::output::schema;
 
 /// Rows decoded at once from a part being carried over (bounds memory with a
 /// row group's worth of encoded bytes on top).
@@ -166,10 +166,29 @@ where
     Ok(failed)
 }
 
-/// `batch` (a part's rows, of this or an older schema) as a batch of today's schema:
-/// columns older parts lack are null.
-fn to_current_schema(batch: &RecordBatch, path: &str) -> Result<RecordBatch, DatasetError> {
-    let target = schema();
+/// `batch` (a part's rows, of this or an older schema) as a batch of `target`, the
+/// writer's schema (today's columns and this run's optional ones): columns the part
+/// lacks are null. A column the target lacks (tags or an embedding this run does not
+/// write) is an error: carrying the rows over would drop it.
+fn to_current_schema(
+    batch: &RecordBatch,
+    target: &SchemaRef,
+    path: &str,
+) -> Result<RecordBatch, DatasetError> {
+    if let Some(extra) = batch
+        .schema()
+        .fields()
+        .iter()
+        .find(|f| target.field_with_name(f.name()).is_err())
+    {
+        return Err(DatasetError::BadPart {
+            path: path.to_string(),
+            what: format!(
+                "its column {:?} is not one this run writes (check [output] tags and embedding)",
+                extra.name()
+            ),
+        });
+    }
     let columns = target
         .fields()
         .iter()
@@ -189,7 +208,7 @@ fn to_current_schema(batch: &RecordBatch, path: &str) -> Result<RecordBatch, Dat
             path: path.to_string(),
             what,
         })?;
-    RecordBatch::try_new(target, columns).map_err(|source| DatasetError::Arrow {
+    RecordBatch::try_new(target.clone(), columns).map_err(|source| DatasetError::Arrow {
         uri: String::new(),
         path: path.to_string(),
         source,
@@ -208,6 +227,7 @@ pub(super) async fn carry_kept_rows(
     store: &dyn ObjectStore,
     kind: &StoreKind,
     part: &ObjectMeta,
+    target: SchemaRef,
     budget: std::time::Duration,
 ) -> Result<Option<Carried>, DatasetError> {
     let path = part.location.to_string();
@@ -217,10 +237,10 @@ pub(super) async fn carry_kept_rows(
     // One blocking task does both passes; the first answer is the failed set.
     tokio::task::spawn_blocking(move || match bytes {
         PartBytes::File(file) => {
-            carry_blocking(&|| std::fs::File::open(&file), &path, first_tx, tx)
+            carry_blocking(&|| std::fs::File::open(&file), &path, &target, first_tx, tx)
         }
         PartBytes::Memory(bytes) => {
-            carry_blocking(&|| Ok(bytes.clone()), &path, first_tx, tx);
+            carry_blocking(&|| Ok(bytes.clone()), &path, &target, first_tx, tx);
         }
     });
     match first_rx.await {
@@ -242,6 +262,7 @@ type FailedAnswer = tokio::sync::oneshot::Sender<Result<HashSet<String>, Dataset
 fn carry_blocking<R, F>(
     open: &F,
     path: &str,
+    target: &SchemaRef,
     first: FailedAnswer,
     tx: tokio::sync::mpsc::Sender<Result<RecordBatch, DatasetError>>,
 ) where
@@ -273,7 +294,7 @@ fn carry_blocking<R, F>(
             }
         })?;
         if kept.num_rows() > 0 {
-            let current = to_current_schema(&kept, path)?;
+            let current = to_current_schema(&kept, target, path)?;
             // The writer gave up (its own error): nothing more to read.
             if tx.blocking_send(Ok(current)).is_err() {
                 return Err(DatasetError::BadPart {
@@ -329,6 +350,10 @@ mod tests {
     use arrow_array::{StringArray, UInt32Array};
     use arrow_schema::{DataType, Field, Schema};
 
+    use crate::output::{
+        CaptionRow, EmbeddingColumn, EmbeddingDtype, EmbeddingKind, OutputColumns, Tag, schema,
+    };
+
     #[test]
     fn older_parts_gain_the_columns_they_lack_as_nulls() {
         let old = Arc::new(Schema::new(vec![
@@ -348,7 +373,9 @@ mod tests {
         )
         .unwrap();
         // `processed_at` and the rest of today's required columns are missing.
-        let err = to_current_schema(&batch, "p").unwrap_err().to_string();
+        let err = to_current_schema(&batch, &schema(), "p")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no \"processed_at\" column"), "{err}");
 
         let full = RecordBatch::new_empty(schema());
@@ -360,8 +387,48 @@ mod tests {
             .filter(|i| !dropped.contains(i))
             .collect();
         let older = full.project(&keep).unwrap();
-        let back = to_current_schema(&older, "p").unwrap();
+        let back = to_current_schema(&older, &schema(), "p").unwrap();
         assert_eq!(back.schema(), schema());
+    }
+
+    /// A run writing tags and embeddings carries a part without them (nulls there)
+    /// and one with them (kept as they are); a run writing neither refuses a part
+    /// with them rather than dropping them.
+    #[test]
+    fn optional_columns_are_carried_filled_or_refused() {
+        let columns = OutputColumns {
+            tags: true,
+            embedding: Some(EmbeddingColumn {
+                kind: EmbeddingKind::Encoder,
+                dim: 2,
+                dtype: EmbeddingDtype::F16,
+            }),
+        };
+        let rows = vec![CaptionRow {
+            uri: "a".into(),
+            tags: Some(vec![Tag {
+                label: "Siren".into(),
+                score: 0.9,
+            }]),
+            embedding: Some(vec![0.5, 1.0]),
+            ..Default::default()
+        }];
+        let target = columns.schema();
+        let plain = crate::output::to_record_batch(&rows).unwrap();
+        let filled = to_current_schema(&plain, &target, "p").unwrap();
+        assert_eq!(filled.schema(), target);
+        assert_eq!(filled.column_by_name("tags").unwrap().null_count(), 1);
+        assert_eq!(filled.column_by_name("embedding").unwrap().null_count(), 1);
+        let full = columns.record_batch(&rows).unwrap();
+        let kept = to_current_schema(&full, &target, "p").unwrap();
+        assert_eq!(kept, full);
+        let err = to_current_schema(&full, &schema(), "p")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("its column \"tags\" is not one this run writes"),
+            "{err}"
+        );
     }
 
     #[test]

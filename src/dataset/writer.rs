@@ -31,7 +31,7 @@ use super::{
     list_objects, local_path, part_layout, part_name, part_seq, replacement_part_name, retry_store,
     shard_part_prefix,
 };
-use crate::output::{CaptionRow, RowFailure, schema, to_record_batch, writer_properties};
+use crate::output::{CaptionRow, RowFailure};
 
 /// Writes one shard's inputs as parts of the dataset under `prefix`.
 ///
@@ -106,7 +106,9 @@ impl DatasetWriter {
             })
             .collect();
         let inherited = finish_replacements(store.as_ref(), mine, options.transient_retry).await?;
-        let props = writer_properties(options.metadata.clone());
+        let mut metadata = options.metadata.clone();
+        metadata.extend(options.columns.metadata());
+        let props = options.columns.writer_properties(metadata);
         Ok(Self {
             store,
             prefix,
@@ -130,7 +132,7 @@ impl DatasetWriter {
             Some(part) => part,
             None => self.new_part(None)?,
         };
-        let batch = match to_record_batch(rows) {
+        let batch = match self.options.columns.record_batch(rows) {
             Ok(batch) => batch,
             Err(source) => {
                 let error = DatasetError::Arrow {
@@ -230,7 +232,14 @@ impl DatasetWriter {
             let carried = if error_rows == 0 {
                 None
             } else {
-                carry_kept_rows(store.as_ref(), &self.kind, part, budget).await?
+                carry_kept_rows(
+                    store.as_ref(),
+                    &self.kind,
+                    part,
+                    self.options.columns.schema(),
+                    budget,
+                )
+                .await?
             };
             let Some(carried) = carried else {
                 self.inherited.push(part.clone());
@@ -318,6 +327,7 @@ impl DatasetWriter {
         };
         self.next_seq += 1;
         let location = self.prefix.clone().join(name.as_str());
+        let schema = self.options.columns.schema();
         let parquet_err = |op, source| DatasetError::Parquet {
             op,
             path: location.to_string(),
@@ -332,7 +342,7 @@ impl DatasetWriter {
                     path: staging.clone(),
                     source,
                 })?;
-                let writer = ArrowWriter::try_new(file, schema(), Some(self.props.clone()))
+                let writer = ArrowWriter::try_new(file, schema.clone(), Some(self.props.clone()))
                     .map_err(|e| parquet_err("starting part", e))?;
                 PartWriter::Local {
                     writer,
@@ -341,7 +351,7 @@ impl DatasetWriter {
                 }
             }
             StoreKind::Object => PartWriter::Object {
-                writer: ArrowWriter::try_new(Vec::new(), schema(), Some(self.props.clone()))
+                writer: ArrowWriter::try_new(Vec::new(), schema, Some(self.props.clone()))
                     .map_err(|e| parquet_err("starting part", e))?,
                 pending: Vec::new(),
                 upload: None,

@@ -19,6 +19,57 @@ use crate::config::DeviceSpec;
 use crate::graph_io::encoder as enc_io;
 use crate::manifest::ExportDtype;
 use crate::onnx::{DataType, Dim, Graph, Value};
+use crate::output::{CaptionRow, EmbeddingKind, Tag, top_tags};
+
+/// What the encoder hands back per clip besides the audio embeddings, when asked:
+/// nothing by default, so the graph's other outputs are never bound or copied.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClipRequest {
+    /// The top tags (needs an export of a tagging checkpoint).
+    pub tags: Option<TagRequest>,
+    /// Which embedding (`Encoder` needs an export with `encoder_embedding`).
+    pub embedding: EmbeddingKind,
+}
+
+impl ClipRequest {
+    pub fn is_empty(&self) -> bool {
+        self.tags.is_none() && self.embedding == EmbeddingKind::None
+    }
+}
+
+/// How many tags a clip keeps.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TagRequest {
+    pub top_k: usize,
+    /// Tags below this probability are left out.
+    pub min_score: f32,
+}
+
+/// A clip's tags and embedding, as asked for ([`ClipRequest`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClipExtras {
+    pub tags: Option<Vec<Tag>>,
+    pub embedding: Option<Vec<f32>>,
+}
+
+impl ClipExtras {
+    /// `row` with these tags and embedding (what was not asked for stays as it is).
+    pub fn apply(self, row: &mut CaptionRow) {
+        if self.tags.is_some() {
+            row.tags = self.tags;
+        }
+        if self.embedding.is_some() {
+            row.embedding = self.embedding;
+        }
+    }
+}
+
+/// What a request needs of the encoder graph, checked once against its outputs.
+struct ClipOutputs {
+    request: ClipRequest,
+    /// The names of `tag_probs`, when tags are asked for.
+    labels: Vec<String>,
+}
 
 /// The encoder graph's session: normalised fbank in, audio embeddings out, left
 /// where the model runs. It belongs to [`OnnxModel`](super::model::OnnxModel) until
@@ -29,6 +80,7 @@ pub struct AudioEncoder {
     device: DeviceSpec,
     mel_bins: usize,
     min_frames: usize,
+    extras: ClipOutputs,
 }
 
 impl AudioEncoder {
@@ -43,7 +95,40 @@ impl AudioEncoder {
             device,
             mel_bins,
             min_frames,
+            extras: ClipOutputs {
+                request: ClipRequest::default(),
+                labels: Vec::new(),
+            },
         }
+    }
+
+    /// Asks for tags and embeddings beside the audio embeddings from now on
+    /// ([`AudioEmbeds::take_extras`]); `labels` name the graph's `tag_probs`. An
+    /// export without the outputs the request needs is refused.
+    pub(super) fn request(&mut self, request: ClipRequest, labels: Vec<String>) -> Result<()> {
+        let has = |name: &str| self.session.outputs().iter().any(|o| o.name() == name);
+        if request.tags.is_some() && !has(enc_io::TAG_PROBS) {
+            return Err(EngineError::Input(
+                "tags were asked for, but the encoder graph has no tag_probs output: export a \
+                 fine-tuned (tagging) BEATs checkpoint"
+                    .into(),
+            ));
+        }
+        if request.tags.is_some() && labels.is_empty() {
+            return Err(EngineError::Input(
+                "tags were asked for, but model.json names no tag labels".into(),
+            ));
+        }
+        if request.embedding == EmbeddingKind::Encoder && !has(enc_io::ENCODER_EMBEDDING) {
+            return Err(EngineError::Input(
+                "the encoder embedding was asked for, but the encoder graph has no \
+                 encoder_embedding output (an export from before it existed): re-export \
+                 the model with this audiocap"
+                    .into(),
+            ));
+        }
+        self.extras = ClipOutputs { request, labels };
+        Ok(())
     }
 
     pub(super) fn session_mut(&mut self) -> &mut Session {
@@ -87,6 +172,17 @@ impl AudioEncoder {
         let lengths = Tensor::from_array((vec![clips.len()], lengths))
             .map_err(run_error("audio_encoder"))?
             .into_dyn();
+        let request = &self.extras.request;
+        let mut names = vec![
+            enc_io::AUDIO_EMBEDS.to_string(),
+            enc_io::AUDIO_EMBEDS_MASK.to_string(),
+        ];
+        if request.tags.is_some() {
+            names.push(enc_io::TAG_PROBS.to_string());
+        }
+        if request.embedding == EmbeddingKind::Encoder {
+            names.push(enc_io::ENCODER_EMBEDDING.to_string());
+        }
         let mut outputs = run_bound(
             &mut self.session,
             "audio_encoder",
@@ -95,21 +191,150 @@ impl AudioEncoder {
                 (enc_io::FBANK.to_string(), &fbank),
                 (enc_io::FBANK_LENGTHS.to_string(), &lengths),
             ],
-            &[
-                enc_io::AUDIO_EMBEDS.to_string(),
-                enc_io::AUDIO_EMBEDS_MASK.to_string(),
-            ],
+            &names,
         )?;
-        let embeds = AudioEmbeds::new(outputs.remove(0), self.device)?;
-        if embeds.clips() != clips.len() {
+        let mut embeds = AudioEmbeds::new(outputs.remove(0), self.device)?;
+        let n = clips.len();
+        if embeds.clips() != n {
             return Err(EngineError::BadOutput {
                 graph: "audio_encoder",
                 name: enc_io::AUDIO_EMBEDS.to_string(),
-                problem: format!("holds {} clips for {}", embeds.clips(), clips.len()),
+                problem: format!("holds {} clips for {n}", embeds.clips()),
             });
         }
+        if request.is_empty() {
+            return Ok(embeds);
+        }
+        let mask = outputs.remove(0);
+        let mut extras = vec![ClipExtras::default(); n];
+        if let Some(tags) = &request.tags {
+            let probs = host_rows(&outputs.remove(0), self.device, enc_io::TAG_PROBS, n)?;
+            let labels = &self.extras.labels;
+            if probs.ncols() != labels.len() {
+                return Err(EngineError::BadOutput {
+                    graph: "audio_encoder",
+                    name: enc_io::TAG_PROBS.to_string(),
+                    problem: format!(
+                        "holds {} labels, model.json names {}",
+                        probs.ncols(),
+                        labels.len()
+                    ),
+                });
+            }
+            for (clip, row) in extras.iter_mut().zip(probs.rows()) {
+                let row = row.to_vec();
+                clip.tags = Some(top_tags(&row, labels, tags.top_k, tags.min_score));
+            }
+        }
+        match request.embedding {
+            EmbeddingKind::None => {}
+            EmbeddingKind::Encoder => {
+                let rows = host_rows(
+                    &outputs.remove(0),
+                    self.device,
+                    enc_io::ENCODER_EMBEDDING,
+                    n,
+                )?;
+                for (clip, row) in extras.iter_mut().zip(rows.rows()) {
+                    clip.embedding = Some(row.to_vec());
+                }
+            }
+            EmbeddingKind::Projector => {
+                let rows = projected_embedding(&embeds, &mask, self.device)?;
+                for (clip, row) in extras.iter_mut().zip(rows.rows()) {
+                    clip.embedding = Some(row.to_vec());
+                }
+            }
+        }
+        embeds.extras = extras;
         Ok(embeds)
     }
+}
+
+/// A [clips, width] f32 output on the host, checked to hold `clips` rows.
+fn host_rows(
+    value: &DynValue,
+    device: DeviceSpec,
+    name: &str,
+    clips: usize,
+) -> Result<Array2<f32>> {
+    let host;
+    let value = match device {
+        DeviceSpec::Cpu => value,
+        DeviceSpec::Cuda(_) => {
+            host = to_device(value, DeviceSpec::Cpu)?;
+            &host
+        }
+    };
+    let bad = |problem: String| EngineError::BadOutput {
+        graph: "audio_encoder",
+        name: name.to_string(),
+        problem,
+    };
+    let array = value
+        .try_extract_array::<f32>()
+        .map_err(run_error("audio_encoder"))?
+        .to_owned()
+        .into_dimensionality::<ndarray::Ix2>()
+        .map_err(|e| bad(format!("is not [clips, width]: {e}")))?;
+    if array.nrows() != clips {
+        return Err(bad(format!("holds {} clips for {clips}", array.nrows())));
+    }
+    Ok(array)
+}
+
+/// The projected audio embedding of each clip, [clips, hidden]: the mean of its
+/// audio embeddings over the tokens `mask` marks valid (one token per clip with
+/// mean pooling, which this returns as it is).
+fn projected_embedding(
+    embeds: &AudioEmbeds,
+    mask: &DynValue,
+    device: DeviceSpec,
+) -> Result<Array2<f32>> {
+    let audio = embeds.to_array()?; // [clips, tokens, hidden]
+    let host;
+    let mask = match device {
+        DeviceSpec::Cpu => mask,
+        DeviceSpec::Cuda(_) => {
+            host = to_device(mask, DeviceSpec::Cpu)?;
+            &host
+        }
+    };
+    let mask = mask
+        .try_extract_array::<i64>()
+        .map_err(run_error("audio_encoder"))?;
+    let (clips, tokens, hidden) = audio.dim();
+    if mask.shape() != [clips, tokens] {
+        return Err(EngineError::BadOutput {
+            graph: "audio_encoder",
+            name: enc_io::AUDIO_EMBEDS_MASK.to_string(),
+            problem: format!(
+                "has shape {:?} for embeddings {:?}",
+                mask.shape(),
+                audio.dim()
+            ),
+        });
+    }
+    let mut out = Array2::<f32>::zeros((clips, hidden));
+    for c in 0..clips {
+        let mut count = 0usize;
+        for t in 0..tokens {
+            if mask[[c, t]] != 0 {
+                count += 1;
+                let mut row = out.row_mut(c);
+                row += &audio.slice(ndarray::s![c, t, ..]);
+            }
+        }
+        if count == 0 {
+            return Err(EngineError::BadOutput {
+                graph: "audio_encoder",
+                name: enc_io::AUDIO_EMBEDS_MASK.to_string(),
+                problem: format!("marks no token of clip {c} valid"),
+            });
+        }
+        out.row_mut(c).mapv_inplace(|v| v / count as f32);
+    }
+    Ok(out)
 }
 
 /// Audio embeddings of a batch of clips, [clips, audio_tokens, hidden] f32, in the
@@ -118,6 +343,8 @@ pub struct AudioEmbeds {
     value: DynValue,
     clips: usize,
     device: DeviceSpec,
+    /// Per clip, what [`ClipRequest`] asked for (empty when nothing was).
+    extras: Vec<ClipExtras>,
 }
 
 impl AudioEmbeds {
@@ -133,7 +360,16 @@ impl AudioEmbeds {
             value,
             clips: shape[0],
             device,
+            extras: Vec::new(),
         })
+    }
+
+    /// Each clip's tags and embedding as the encoder was asked for them (defaults
+    /// when nothing was), taken out: one per clip, in order.
+    pub fn take_extras(&mut self) -> Vec<ClipExtras> {
+        let mut extras = std::mem::take(&mut self.extras);
+        extras.resize(self.clips, ClipExtras::default());
+        extras
     }
 
     /// Host embeddings moved to `device`, the one the model runs on (tests,

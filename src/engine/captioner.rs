@@ -10,21 +10,26 @@ use crate::output::{CaptionRow, RowFailure, now_us};
 
 /// Captions segments given as (row so far, fbank frames, number of frames): the
 /// rows come back completed with caption, score and token count (or a tokenizer
-/// error), in order.
+/// error), and the tags and embedding the model was asked for, in order.
 pub fn caption_segments(
     model: &mut OnnxModel,
     segments: &[(&CaptionRow, &[f32], usize)],
     params: &GenerationParams,
 ) -> Result<Vec<CaptionRow>, EngineError> {
     let inputs: Vec<(&[f32], usize)> = segments.iter().map(|s| (s.1, s.2)).collect();
-    let generated = model
-        .encode(&inputs)
-        .and_then(|audio| generate(model, &audio, params))?;
+    let mut audio = model.encode(&inputs)?;
+    let extras = audio.take_extras();
+    let generated = generate(model, &audio, params)?;
     let stamp = now_us();
     Ok(segments
         .iter()
         .zip(generated)
-        .map(|(&(row, _, _), g)| captioned_row(model, row, &g, stamp))
+        .zip(extras)
+        .map(|((&(row, _, _), g), extras)| {
+            let mut row = row.clone();
+            extras.apply(&mut row);
+            captioned_row(model, &row, &g, stamp)
+        })
         .collect())
 }
 

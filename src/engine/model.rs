@@ -9,7 +9,7 @@ use ort::session::{Session, SessionOutputs};
 use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use tokenizers::Tokenizer;
 
-use super::audio::{AudioEmbeds, AudioEncoder, PromptAssembler};
+use super::audio::{AudioEmbeds, AudioEncoder, ClipRequest, PromptAssembler};
 use super::error::{EngineError, Result, run_error};
 use super::kv_cache::{CacheLayout, RowGatherer, RowInserter, ZeroFiller};
 use super::runtime::session_builder;
@@ -236,13 +236,32 @@ impl OnnxModel {
         }
     }
 
-    /// Hands the encoder over (to a thread of its own: see the model stage); the
-    /// decoder side stays here.
+    /// Asks the encoder for tags and embeddings beside the audio embeddings (see
+    /// [`ClipRequest`]; [`AudioEmbeds::take_extras`] hands them out). Refused when
+    /// the export lacks the outputs, or once the encoder was handed over.
+    pub fn request_clip_outputs(&mut self, request: ClipRequest) -> Result<()> {
+        let labels = self
+            .manifest
+            .encoder
+            .tags
+            .as_ref()
+            .map(|t| t.labels.clone())
+            .unwrap_or_default();
+        match self.encoder.as_mut() {
+            Some(encoder) => encoder.request(request, labels),
+            None => Err(EngineError::Input(
+                "the encoder was handed to its own thread".into(),
+            )),
+        }
+    }
+
     /// Whether the encoder is still here (not handed to its own thread).
     pub fn has_encoder(&self) -> bool {
         self.encoder.is_some()
     }
 
+    /// Hands the encoder over (to a thread of its own: see the model stage); the
+    /// decoder side stays here.
     pub fn take_encoder(&mut self) -> Option<AudioEncoder> {
         self.encoder.take()
     }

@@ -3,7 +3,12 @@
 //!
 //! Inputs: `fbank` [batch, frames, mel_bins] f32, `fbank_lengths` [batch] int64.
 //! Outputs: `audio_embeds` [batch, audio_tokens, hidden], `audio_embeds_mask`
-//! [batch, audio_tokens] int64 (1 = valid).
+//! [batch, audio_tokens] int64 (1 = valid); `encoder_embedding` [batch, encoder_dim]
+//! f32 (the mean encoder output over the clip's valid patches); and, for a
+//! fine-tuned checkpoint, `tag_probs` [batch, labels] f32 (the sigmoid of the
+//! predictor's logits averaged over the valid patches, as the reference's
+//! `extract_features`: the predictor is linear, so it is applied once to the mean).
+//! Outputs nobody binds cost a mean and a small matmul per clip.
 //!
 //! Padding follows [`Beats::extract_features_for_lengths`](crate::model::beats::Beats::extract_features_for_lengths):
 //! a patch past a clip's last whole patch row is padding, so a clip's embedding does
@@ -39,8 +44,18 @@ pub enum GraphError {
 
 type Result<T> = std::result::Result<T, GraphError>;
 
+/// The encoder graph's optional outputs, as built.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ClipOutputs {
+    /// Width of `encoder_embedding`.
+    pub embedding_dim: usize,
+    /// Labels of `tag_probs`, when the checkpoint has a tagging head.
+    pub tags: Option<usize>,
+}
+
 /// Adds the encoder to `g`: BEATs (`beats` weights at the state-dict root), the
-/// projector (`projector` weights, keys `0.*`, `2.*`) and pooling.
+/// projector (`projector` weights, keys `0.*`, `2.*`) and pooling; for a fine-tuned
+/// checkpoint its tagging head (`predictor.*`) too.
 pub fn build_encoder(
     g: &mut Graph,
     cfg: &BeatsConfig,
@@ -49,7 +64,7 @@ pub fn build_encoder(
     pooling: Pooling,
     mel_bins: usize,
     attention: Attention,
-) -> Result<()> {
+) -> Result<ClipOutputs> {
     let p = cfg.input_patch_size;
     let per_row = mel_bins / p;
     if per_row == 0 {
@@ -159,6 +174,7 @@ pub fn build_encoder(
     if cfg.layer_norm_first {
         x = layer_norm(g, &x, beats, "encoder.layer_norm", dim)?;
     }
+    let outputs = clip_outputs(g, &x, &valid, cfg, beats)?;
 
     // Projector per patch, then pooling over valid patches.
     g.set_scope("projector");
@@ -212,7 +228,64 @@ pub fn build_encoder(
         DataType::Int64,
         &[Dim::named("batch"), Dim::Fixed(tokens)],
     );
-    Ok(())
+    Ok(outputs)
+}
+
+/// `encoder_embedding` (the mean of the encoder output `x` [B, P, D] over the valid
+/// patches, `valid` [B, P] bool) and, with a tagging head, `tag_probs`, all in f32
+/// (a sum over a 30 s clip's ~1,500 patches loses too much in f16).
+fn clip_outputs(
+    g: &mut Graph,
+    x: &Value,
+    valid: &Value,
+    cfg: &BeatsConfig,
+    beats: &Weights,
+) -> Result<ClipOutputs> {
+    g.set_scope("clip_embedding");
+    let dim = cfg.encoder_embed_dim;
+    let x = g.to_f32(x);
+    let keep = g.cast(valid, DataType::Float);
+    let keep = g.unsqueeze(&keep, &[2]); // [B, P, 1]
+    let masked = g.mul(&x, &keep);
+    let sum = g.reduce_sum(&masked, &[1], false); // [B, D]
+    let count = g.reduce_sum(&keep, &[1], false); // [B, 1]
+    let embedding = g.div(&sum, &count);
+    g.output(
+        &embedding,
+        io::ENCODER_EMBEDDING,
+        DataType::Float,
+        &[Dim::named("batch"), Dim::Fixed(dim)],
+    );
+    let tags = if cfg.finetuned_model {
+        g.set_scope("predictor");
+        let labels = cfg.predictor_class;
+        let head = beats.pp("predictor");
+        let weight = head.get("weight", (labels, dim))?;
+        let weight = weight
+            .t()
+            .and_then(|w| w.contiguous())
+            .map_err(|e| head.tensor_error("weight", e))?;
+        let bias = head.get("bias", labels)?;
+        let weight = g.weight_f32("predictor.weight", &weight)?;
+        let bias = g.weight_f32("predictor.bias", &bias)?;
+        // mean(W·x + b) over the valid patches = W·mean(x) + b.
+        let logits = g.matmul(&embedding, &weight);
+        let logits = g.add(&logits, &bias);
+        let probs = g.sigmoid(&logits);
+        g.output(
+            &probs,
+            io::TAG_PROBS,
+            DataType::Float,
+            &[Dim::named("batch"), Dim::Fixed(labels)],
+        );
+        Some(labels)
+    } else {
+        None
+    };
+    Ok(ClipOutputs {
+        embedding_dim: dim,
+        tags,
+    })
 }
 
 fn linear(

@@ -17,7 +17,7 @@ use crate::audio::fbank::FbankConfig;
 use crate::manifest::{
     AdapterProvenance, Attention, DecoderInfo, EncoderInfo, ExportDtype, FileDigest,
     GenerationInfo, GraphFile, ManifestError, ModelManifest, OnnxInfo, ProjectorInfo, PromptInfo,
-    Provenance, digest_file, now_rfc3339,
+    Provenance, TagsInfo, default_tag_labels, digest_file, now_rfc3339, read_tag_labels,
 };
 use crate::model::lora::{Adaptation, TargetModules};
 use crate::model::prompt::{DEFAULT_PROMPT_TEMPLATE, PromptError, PromptTemplate, load_tokenizer};
@@ -31,8 +31,9 @@ pub const DEFAULT_MAX_NEW_TOKENS: usize = 30;
 
 /// Revision of the graphs this exporter writes, bumped when they change without a
 /// manifest format change (an export cached by `audiocap bench` is rebuilt when it
-/// differs). 2: fused attention in the encoder too (`MultiHeadAttention`).
-pub const GRAPH_REVISION: u32 = 2;
+/// differs). 2: fused attention in the encoder too (`MultiHeadAttention`). 3: the
+/// encoder's `encoder_embedding` output, and `tag_probs` for a tagging checkpoint.
+pub const GRAPH_REVISION: u32 = 3;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ExportError {
@@ -68,6 +69,10 @@ pub struct ExportOptions {
     pub out: PathBuf,
     /// Replace an existing, non-empty output directory.
     pub overwrite: bool,
+    /// Names of the tagging head's labels (`--tag-labels`: AudioSet's
+    /// `class_labels_indices.csv` layout or one name per line); without it a
+    /// fine-tuned checkpoint's tags are `class_0 … class_N`.
+    pub tag_labels: Option<PathBuf>,
 }
 
 fn io_error(path: &Path) -> impl FnOnce(std::io::Error) -> ExportError + '_ {
@@ -112,6 +117,24 @@ fn write_model_dir(options: &ExportOptions, dir: &Path) -> Result<ModelManifest,
 
     let (beats_cfg, beats) =
         crate::model::beats::load_checkpoint(&sources.beats, DType::F32, &device)?;
+    let tags = match (&options.tag_labels, beats_cfg.finetuned_model) {
+        (Some(file), false) => {
+            return Err(ExportError::Mismatch(format!(
+                "--tag-labels {}: {} has no tagging head (its cfg has finetuned_model = false)",
+                file.display(),
+                sources.beats.display()
+            )));
+        }
+        (Some(file), true) => Some(TagsInfo {
+            labels: read_tag_labels(file, beats_cfg.predictor_class)?,
+            labels_file: Some(digest_file(file, &file.display().to_string())?),
+        }),
+        (None, true) => Some(TagsInfo {
+            labels: default_tag_labels(beats_cfg.predictor_class),
+            labels_file: None,
+        }),
+        (None, false) => None,
+    };
     let projector = Weights::from_safetensors(
         &sources.projector,
         std::slice::from_ref(&sources.projector),
@@ -164,7 +187,7 @@ fn write_model_dir(options: &ExportOptions, dir: &Path) -> Result<ModelManifest,
     let front_end = FbankConfig::default();
     let encoder_path = dir.join("audio_encoder.onnx");
     let mut graph = onnx::Graph::new("audio_encoder", float);
-    encoder::build_encoder(
+    let clip_outputs = encoder::build_encoder(
         &mut graph,
         &beats_cfg,
         &beats,
@@ -268,6 +291,8 @@ fn write_model_dir(options: &ExportOptions, dir: &Path) -> Result<ModelManifest,
             architecture: "BEATs".into(),
             min_frames: beats_cfg.input_patch_size,
             config: beats_cfg,
+            embedding_dim: Some(clip_outputs.embedding_dim),
+            tags,
         },
         projector: ProjectorInfo {
             pooling: sources.pooling,

@@ -9,8 +9,9 @@
 //! `{"cfg": dict, "model": state_dict}`) or from safetensors with the cfg beside them.
 //! Every switch of the reference code is honoured: `deep_norm` or `layer_norm_first`,
 //! gated (`gru_rel_pos`) or plain relative position bias, `post_extract_proj` present
-//! or absent, `conv_bias`, the activation function, and fine-tuned checkpoints (whose
-//! tagging head is ignored: the encoder returns features).
+//! or absent, `conv_bias`, the activation function, and fine-tuned checkpoints
+//! (`finetuned_model`): their `predictor` head gives sound-event tag probabilities
+//! ([`Beats::tag_probabilities`]) beside the features.
 
 use std::path::{Path, PathBuf};
 
@@ -54,7 +55,8 @@ pub struct BeatsConfig {
     pub max_distance: usize,
     /// Gate the relative position bias by the query (BEATs' gated relative position bias).
     pub gru_rel_pos: bool,
-    /// A fine-tuned (tagging) checkpoint; its predictor head is not used here.
+    /// A fine-tuned (tagging) checkpoint: it carries a `predictor` head
+    /// (`predictor_class` labels) over the encoder's patches.
     pub finetuned_model: bool,
     pub predictor_class: usize,
 }
@@ -381,6 +383,8 @@ pub struct Beats {
     /// `relative_attention_bias` of layer 0, shared by all layers: [buckets, heads].
     relative_attention_bias: Option<Tensor>,
     layers: Vec<EncoderLayer>,
+    /// The tagging head of a fine-tuned checkpoint: [predictor_class, D].
+    predictor: Option<Linear>,
     device: Device,
     dtype: DType,
 }
@@ -446,6 +450,17 @@ impl Beats {
         let layers = (0..cfg.encoder_layers)
             .map(|i| EncoderLayer::load(&enc.pp("layers").pp(i), &cfg, activation))
             .collect::<Result<Vec<_>>>()?;
+        let predictor = if cfg.finetuned_model {
+            if cfg.predictor_class == 0 {
+                return Err(LoadError::config(
+                    w.origin(),
+                    "finetuned_model with predictor_class 0: a tagging head needs labels",
+                ));
+            }
+            Some(w.pp("predictor").linear(dim, cfg.predictor_class, true)?)
+        } else {
+            None
+        };
 
         Ok(Self {
             patch_weight,
@@ -459,6 +474,7 @@ impl Beats {
             encoder_layer_norm: enc.pp("layer_norm").layer_norm(dim, LAYER_NORM_EPS)?,
             relative_attention_bias,
             layers,
+            predictor,
             device: w.device().clone(),
             dtype: w.dtype(),
             cfg,
@@ -471,6 +487,24 @@ impl Beats {
 
     pub fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// Whether the checkpoint carries a tagging head (a fine-tuned checkpoint).
+    pub fn has_tagger(&self) -> bool {
+        self.predictor.is_some()
+    }
+
+    /// Tag probabilities [B, predictor_class] of an encoder output, as the
+    /// reference's `extract_features` returns them for a fine-tuned model: the
+    /// predictor's logits per patch, averaged over the valid (non-padding) patches,
+    /// through a sigmoid. `None` when the checkpoint has no tagging head.
+    pub fn tag_probabilities(&self, out: &BeatsOutput) -> candle_core::Result<Option<Tensor>> {
+        let Some(predictor) = &self.predictor else {
+            return Ok(None);
+        };
+        let logits = predictor.forward(&out.features)?; // [B, P, C]
+        let mean = mean_over_valid(&logits, out.padding_mask.as_ref())?;
+        Ok(Some(candle_nn::ops::sigmoid(&mean)?))
     }
 
     /// Number of patches the encoder produces for `frames` fbank frames of `bins` bins.
@@ -676,6 +710,19 @@ pub fn relative_position_bucket(relative: i64, num_buckets: usize, max_distance:
         bucket += large.min(half - 1);
     }
     bucket as u32
+}
+
+/// The mean over each clip's valid patches: `x` [B, P, C], `padding_mask` [B, P]
+/// (nonzero = padding; `None`: every patch is valid) → [B, C]. The clip embedding of
+/// the encoder output (`features`), and the reference's logit averaging.
+pub fn mean_over_valid(x: &Tensor, padding_mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let Some(mask) = padding_mask else {
+        return x.mean(1);
+    };
+    let valid = mask.eq(0u8)?.to_dtype(x.dtype())?; // [B, P]
+    let sum = x.broadcast_mul(&valid.unsqueeze(D::Minus1)?)?.sum(1)?;
+    let count = valid.sum_keepdim(1)?;
+    sum.broadcast_div(&count)
 }
 
 /// The reference's `forward_padding_mask`: drop the `len % target` trailing entries,

@@ -436,9 +436,15 @@ impl TensorList {
 }
 
 /// Writes a BEATs checkpoint: `path` (`.safetensors`) and its cfg as `<stem>.json`
-/// beside it. Returns the number of parameters.
+/// beside it; a fine-tuned cfg (`finetuned_model`) gets its tagging head
+/// (`predictor`, `predictor_class` labels). Returns the number of parameters.
 pub fn write_beats(path: &Path, cfg: &BeatsConfig, dtype: SourceDtype, seed: u64) -> Result<u64> {
-    let tensors = beats_tensors(cfg)?;
+    let mut tensors = beats_tensors(cfg)?;
+    if cfg.finetuned_model {
+        let mut head = TensorList::default();
+        head.linear("predictor", cfg.predictor_class, cfg.encoder_embed_dim);
+        tensors.extend(head.0);
+    }
     let stem = path
         .file_stem()
         .and_then(|s| s.to_str())

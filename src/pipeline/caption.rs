@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 
-use super::config::{BatchingSection, ProgressMode};
+use super::config::{BatchingSection, ClipColumns, ProgressMode};
 use super::wiring::{self, StageSettings};
 use crate::audio::files::audio_files;
 use crate::audio::segment::SegmentConfig;
@@ -44,6 +44,8 @@ pub struct CaptionOptions {
     pub segments: SegmentConfig,
     /// The fallback decoder for what no native decoder reads.
     pub ffmpeg: crate::audio::ffmpeg::FfmpegOptions,
+    /// The `tags` and `embedding` columns asked for.
+    pub clip_columns: ClipColumns,
     /// The Parquet file written.
     pub out: PathBuf,
     /// Files (taken whatever their extension) and folders.
@@ -66,6 +68,12 @@ impl CaptionOptions {
         if self.max_new_tokens == Some(0) {
             problems.push("--max-new-tokens must be at least 1".into());
         }
+        let mut columns = Vec::new();
+        self.clip_columns.validate("--", &mut columns);
+        problems.extend(columns.into_iter().map(|mut p| {
+            p.at = p.at.replace('_', "-");
+            p.to_string()
+        }));
         if problems.is_empty() {
             Ok(())
         } else {
@@ -124,6 +132,15 @@ pub fn caption_files(options: &CaptionOptions) -> anyhow::Result<CaptionSummary>
     }
     let mut model = OnnxModel::load(&options.model, &options.engine)
         .with_context(|| format!("loading {}", options.model.display()))?;
+    let (columns, request) = options
+        .clip_columns
+        .resolve(&model.manifest, "--")
+        .map_err(|problems| {
+            let problems: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            anyhow::anyhow!("{}", problems.join("; "))
+        })?;
+    // Before the probe, so that it runs the encoder as the inputs will.
+    model.request_clip_outputs(request)?;
     crate::stages::model::check_model(&mut model).with_context(|| {
         format!(
             "{}: the model cannot caption a silent clip",
@@ -138,7 +155,7 @@ pub fn caption_files(options: &CaptionOptions) -> anyhow::Result<CaptionSummary>
         ),
         ("audiocap.command".to_string(), options.command.clone()),
     ];
-    let writer = CaptionFileWriter::create(&options.out, metadata)?;
+    let writer = CaptionFileWriter::with_columns(&options.out, columns, metadata)?;
     let decode_threads = wiring::decode_threads(options.decode_threads);
     let settings = StageSettings {
         batching: BatchingSection {

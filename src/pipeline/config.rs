@@ -18,6 +18,9 @@ use crate::config::{
     problem, seconds_in,
 };
 use crate::dataset::MAX_SHARD_COUNT;
+use crate::engine::audio::{ClipRequest, TagRequest};
+use crate::manifest::ModelManifest;
+use crate::output::{EmbeddingColumn, EmbeddingDtype, EmbeddingKind, OutputColumns};
 
 /// A whole pipeline file.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -223,6 +226,19 @@ pub struct OutputSection {
     /// An open part is committed at least this often, so a killed run loses at most
     /// this much work.
     pub commit_interval_seconds: f64,
+    /// A `tags` column with each segment's K most probable sound-event tags (label
+    /// and probability, by probability). Unset: 5 when the model has tags (its
+    /// encoder is a fine-tuned tagger), none otherwise; 0: no column.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tags: Option<usize>,
+    /// Tags below this probability are left out of `tags`.
+    pub min_tag_score: f32,
+    /// An `embedding` column: `none`, `encoder` (the mean encoder output over the
+    /// segment's patches: BEATs' space, e.g. 768 values) or `projector` (the
+    /// projected audio embedding the decoder reads, e.g. 4096 values).
+    pub embedding: EmbeddingKind,
+    /// How `embedding` stores its values: `f32`, or `f16` (half the bytes).
+    pub embedding_dtype: EmbeddingDtype,
 }
 
 impl Default for OutputSection {
@@ -232,7 +248,131 @@ impl Default for OutputSection {
             target_part_mb: 128,
             max_rows_per_part: 1_000_000,
             commit_interval_seconds: 60.0,
+            tags: None,
+            min_tag_score: 0.0,
+            embedding: EmbeddingKind::None,
+            embedding_dtype: EmbeddingDtype::F32,
         }
+    }
+}
+
+impl OutputSection {
+    /// The tags and embedding asked for.
+    pub fn clip_columns(&self) -> ClipColumns {
+        ClipColumns {
+            tags: self.tags,
+            min_tag_score: self.min_tag_score,
+            embedding: self.embedding,
+            embedding_dtype: self.embedding_dtype,
+        }
+    }
+}
+
+/// Tags per segment when the model has tags and nothing else is said.
+pub const DEFAULT_TAGS: usize = 5;
+/// At most this many tags per segment (AudioSet has 527 labels).
+const MAX_TAGS: usize = 100_000;
+
+/// The tags and embedding columns as asked for (`[output]` of a pipeline, or
+/// `audiocap caption`'s flags), before they meet a model.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ClipColumns {
+    /// `None`: [`DEFAULT_TAGS`] when the model has tags; `Some(0)`: none.
+    pub tags: Option<usize>,
+    pub min_tag_score: f32,
+    pub embedding: EmbeddingKind,
+    pub embedding_dtype: EmbeddingDtype,
+}
+
+impl ClipColumns {
+    /// Every problem with the values alone, keys named `{prefix}tags` and so on.
+    pub fn validate(&self, prefix: &str, p: &mut Vec<ConfigProblem>) {
+        if let Some(k) = self.tags {
+            count_in(p, &format!("{prefix}tags"), k, 0..=MAX_TAGS);
+        }
+        if !(0.0..=1.0).contains(&self.min_tag_score) {
+            p.push(problem(
+                format!("{prefix}min_tag_score"),
+                format!(
+                    "must be a probability between 0 and 1, got {}",
+                    self.min_tag_score
+                ),
+            ));
+        }
+    }
+
+    /// Whether these settings are the defaults (nothing asked for).
+    pub fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+
+    /// The columns and the encoder's request for `manifest`'s model; every setting
+    /// the model cannot meet is a problem (keys named `{prefix}tags` ...): tags from
+    /// a model without a tagging head, the encoder embedding from an export without
+    /// that output.
+    pub fn resolve(
+        &self,
+        manifest: &ModelManifest,
+        prefix: &str,
+    ) -> Result<(OutputColumns, ClipRequest), Vec<ConfigProblem>> {
+        let mut p = Vec::new();
+        let has_tags = manifest.tag_labels().is_some_and(|l| !l.is_empty());
+        let top_k = match self.tags {
+            None if has_tags => DEFAULT_TAGS,
+            None | Some(0) => 0,
+            Some(k) if has_tags => k,
+            Some(_) => {
+                p.push(problem(
+                    format!("{prefix}tags"),
+                    format!(
+                        "the model {} has no tags: its encoder has no tagging head. Export a \
+                         fine-tuned BEATs checkpoint (audiocap export keeps its predictor; \
+                         --tag-labels names its labels), or set tags = 0",
+                        manifest.name
+                    ),
+                ));
+                0
+            }
+        };
+        let embedding = match self.embedding {
+            EmbeddingKind::None => None,
+            kind => match manifest.embedding_dim(kind) {
+                Some(dim) => Some(EmbeddingColumn {
+                    kind,
+                    dim,
+                    dtype: self.embedding_dtype,
+                }),
+                None => {
+                    p.push(problem(
+                        format!("{prefix}embedding"),
+                        format!(
+                            "\"{}\": the model {}'s encoder graph has no encoder_embedding \
+                             output (exported by audiocap {}, before it existed): re-export \
+                             it with audiocap export, or use \"projector\"",
+                            kind.name(),
+                            manifest.name,
+                            manifest.audiocap_version
+                        ),
+                    ));
+                    None
+                }
+            },
+        };
+        if !p.is_empty() {
+            return Err(p);
+        }
+        let columns = OutputColumns {
+            tags: top_k > 0,
+            embedding,
+        };
+        let request = ClipRequest {
+            tags: (top_k > 0).then_some(TagRequest {
+                top_k,
+                min_score: self.min_tag_score,
+            }),
+            embedding: embedding.map_or(EmbeddingKind::None, |e| e.kind),
+        };
+        Ok((columns, request))
     }
 }
 
@@ -537,6 +677,7 @@ impl PipelineConfig {
             self.output.commit_interval_seconds,
             0.001..=MAX_SECONDS,
         );
+        self.output.clip_columns().validate("output.", &mut p);
 
         match (self.run.shard_index, self.run.shard_count) {
             (_, Some(0)) => p.push(problem("run.shard_count", "must be >= 1")),
@@ -609,6 +750,10 @@ impl PipelineConfig {
             generation: &'a GenerationSection,
             output_uri: &'a str,
             shard_count: u32,
+            /// Only when asked for, so datasets without tags or embeddings keep their
+            /// digest.
+            #[serde(skip_serializing_if = "Option::is_none")]
+            clip_columns: Option<ClipColumns>,
         }
         let text = toml::to_string(&Shaping {
             input: &self.input,
@@ -616,6 +761,7 @@ impl PipelineConfig {
             generation: &self.generation,
             output_uri: &self.output.uri,
             shard_count,
+            clip_columns: Some(self.output.clip_columns()).filter(|c| !c.is_default()),
         })
         .unwrap_or_default();
         hex::encode(Sha256::digest(text.as_bytes()))

@@ -84,6 +84,27 @@ async fn run_async(
         intra_threads: config.model.intra_threads,
         profile_prefix: None,
     };
+    // The tags and embedding asked for must be ones the model has: a configuration
+    // problem, found before the model loads.
+    let manifest = crate::manifest::ModelManifest::read(&model_dir).ok();
+    let (columns, clip_request) = match &manifest {
+        Some(manifest) => config
+            .output
+            .clip_columns()
+            .resolve(manifest, "output.")
+            .map_err(|problems| {
+                RunError::Config(anyhow::anyhow!(
+                    "{}",
+                    problems
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ))
+            })?,
+        // Loading says what is wrong with it.
+        None => Default::default(),
+    };
     let verify = config.model.verify;
     let model = tokio::task::spawn_blocking(move || {
         if verify {
@@ -94,6 +115,9 @@ async fn run_async(
             );
         }
         let mut model = OnnxModel::load(&model_dir, &engine_options)?;
+        model
+            .request_clip_outputs(clip_request)
+            .context("asking the encoder for tags and embeddings")?;
         stages::model::check_model(&mut model).context("the model cannot caption a silent clip")?;
         anyhow::Ok(model)
     })
@@ -106,6 +130,7 @@ async fn run_async(
     let mut options = DatasetWriterOptions::new(shard.index, shard.count, &run_id);
     options.model = model.identity.clone();
     options.config_digest = config.dataset_digest(shard.count);
+    options.columns = columns;
     options.target_part_bytes = config.output.target_part_mb << 20;
     options.max_rows_per_part = config.output.max_rows_per_part as u64;
     options.max_part_age =

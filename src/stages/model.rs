@@ -563,14 +563,19 @@ fn encode_batch(
         .map(|s| (s.fbank.as_slice(), s.frames))
         .collect();
     match encode(&inputs) {
-        Ok(audio) => Ok(Encoded {
+        Ok(mut audio) => Ok(Encoded {
             clips: batch
                 .into_iter()
-                .map(|job| Waiting {
-                    input_id: job.input_id,
-                    row: job.row,
-                    fbank: job.fbank,
-                    frames: job.frames,
+                .zip(audio.take_extras())
+                .map(|(job, extras)| {
+                    let mut row = job.row;
+                    extras.apply(&mut row);
+                    Waiting {
+                        input_id: job.input_id,
+                        row,
+                        fbank: job.fbank,
+                        frames: job.frames,
+                    }
                 })
                 .collect(),
             audio,

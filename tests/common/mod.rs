@@ -171,6 +171,37 @@ pub fn export_tiny_a0(out: &Path) {
     );
 }
 
+/// The label names of `beats-tiny-tagger/class_labels_indices.csv`, in index order.
+pub const TAGGER_LABELS: [&str; 7] = [
+    "Speech",
+    "Dog",
+    "Siren",
+    "Rain",
+    "Music",
+    "Engine",
+    "Bird vocalization, bird call, bird song",
+];
+
+/// `audiocap export` of the fine-tuned tiny BEATs (`beats-tiny-tagger`, 7 tags named
+/// by its `class_labels_indices.csv`) + Llama-tiny + projector and adapter a0, named
+/// `tiny-tagger`, into `out`, through the binary as a user runs it.
+pub fn export_tiny_tagger(out: &Path, args: &[&str]) {
+    let f = fixtures();
+    let tagger = f.join("beats-tiny-tagger");
+    let labels = tagger.join("class_labels_indices.csv");
+    let mut all = vec!["--tag-labels", labels.to_str().unwrap()];
+    all.extend(args);
+    let said = export_fixture(
+        &tagger.join("beats.pt"),
+        out,
+        &f.join("e2e-tiny/projector.safetensors"),
+        &f.join("e2e-tiny/adapters/a0"),
+        "tiny-tagger",
+        &all,
+    );
+    assert!(said.contains("with 7 tags"), "{said}");
+}
+
 /// `audiocap export` of BEATs-tiny + Llama-tiny with `projector` and `adapter`
 /// (fixture ones or trained ones) into `out` as `name`.
 pub fn export_tiny(out: &Path, projector: &Path, adapter: &Path, name: &str) {
@@ -179,13 +210,25 @@ pub fn export_tiny(out: &Path, projector: &Path, adapter: &Path, name: &str) {
 
 /// [`export_tiny`] with more `audiocap export` arguments.
 pub fn export_tiny_with(out: &Path, projector: &Path, adapter: &Path, name: &str, args: &[&str]) {
-    let f = fixtures();
+    let beats = fixtures().join("beats-tiny/beats.pt");
+    export_fixture(&beats, out, projector, adapter, name, args);
+}
+
+/// `audiocap export` of `beats` + Llama-tiny + `projector` + `adapter`; what it said.
+fn export_fixture(
+    beats: &Path,
+    out: &Path,
+    projector: &Path,
+    adapter: &Path,
+    name: &str,
+    args: &[&str],
+) -> String {
     let result = std::process::Command::new(env!("CARGO_BIN_EXE_audiocap"))
         .arg("export")
         .arg("--beats")
-        .arg(f.join("beats-tiny/beats.pt"))
+        .arg(beats)
         .arg("--llm")
-        .arg(f.join("e2e-tiny/llm"))
+        .arg(fixtures().join("e2e-tiny/llm"))
         .arg("--projector")
         .arg(projector)
         .arg("--adapter")
@@ -195,11 +238,27 @@ pub fn export_tiny_with(out: &Path, projector: &Path, adapter: &Path, name: &str
         .arg(out)
         .output()
         .expect("running audiocap export");
-    assert!(
-        result.status.success(),
-        "export: {}",
-        String::from_utf8_lossy(&result.stderr)
-    );
+    let said = String::from_utf8_lossy(&result.stderr).into_owned();
+    assert!(result.status.success(), "export: {said}");
+    said
+}
+
+/// A model exported once per test process into the temp folder as `{prefix}{pid}`
+/// by `export`; exports of test processes that have ended are removed first (73 MB
+/// each).
+pub fn export_per_process(prefix: &str, export: impl FnOnce(&Path)) -> PathBuf {
+    let tmp = std::env::temp_dir();
+    for entry in std::fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if let Some(pid) = name.strip_prefix(prefix)
+            && !Path::new("/proc").join(pid).exists()
+        {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
+    }
+    let dir = tmp.join(format!("{prefix}{}", std::process::id()));
+    export(&dir);
+    dir
 }
 
 /// A 16-bit PCM WAV file.
