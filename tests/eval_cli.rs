@@ -55,6 +55,9 @@ fn args(pred: &Path, refs: &Path, dir: &Path) -> EvalOptions {
         fense: Default::default(),
         constant_baseline: None,
         labels_column: None,
+        // set1's reference scores are those of its matched pairs; the default (a clip
+        // without a caption scores as an empty one) has a test of its own below.
+        skip_missing: true,
     }
 }
 
@@ -256,6 +259,75 @@ fn clotho_csv_references_with_csv_predictions() {
     for c in ["bleu_1", "bleu_2", "bleu_3", "bleu_4", "rouge_l"] {
         assert!(batch.column_by_name(c).is_some(), "{c}");
     }
+}
+
+/// By default every reference clip is scored: one without a prediction and one whose
+/// prediction has no caption count as empty captions (score 0, in the corpus scores,
+/// the per-clip file and the class-word rate); --skip-missing scores the others only.
+/// Both say how many were missing.
+#[test]
+fn missing_and_failed_predictions_score_as_empty_captions() {
+    let set = set1();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (pred, refs) = set1_files(&set, dir.path());
+    // Predictions again: clip_0 captioned, clip_1's empty (a failed prediction),
+    // unmatched_ref.wav's absent.
+    let rows = [
+        vec!["clip_0.wav".to_string(), set.candidates[0].clone()],
+        vec!["clip_1.wav".to_string(), String::new()],
+    ];
+    write_csv(&pred, &["file_name", "caption"], &rows);
+    let unmatched: Vec<String> = (0..5).map(|i| format!("a reference caption {i}")).collect();
+    let honest = EvalOptions {
+        skip_missing: false,
+        ..args(&pred, &refs, dir.path())
+    };
+    let outcome = run_eval(&honest).expect("eval");
+    assert_eq!(outcome.counts.missing_predictions, 2);
+    assert_eq!(outcome.counts.scored_as_empty, 2);
+    assert_eq!(outcome.counts.failed_predictions, 1);
+    let candidates: Vec<&str> = outcome.pairs.iter().map(|p| p.candidate.as_str()).collect();
+    assert_eq!(candidates, [set.candidates[0].as_str(), "", ""]);
+    let direct = audiocap::eval::score_corpus(
+        &[set.candidates[0].clone(), String::new(), String::new()],
+        &[
+            set.references[0].clone(),
+            set.references[1].clone(),
+            unmatched.clone(),
+        ],
+    )
+    .expect("scoring");
+    assert_eq!(outcome.scores, direct);
+    for clip in &outcome.scores.per_clip[1..] {
+        assert_eq!(clip.cider_d, 0.0);
+        assert_eq!(clip.rouge_l, 0.0);
+    }
+    let alone =
+        audiocap::eval::score_corpus(&set.candidates[..1], &set.references[..1]).expect("scoring");
+    assert!(
+        outcome.scores.bleu[0] < alone.bleu[0],
+        "{:?}",
+        outcome.scores
+    );
+    assert_eq!(outcome.metrics["counts"]["scored_as_empty"], 2);
+    let report = outcome.report();
+    assert!(
+        report.contains("2 reference clips have no caption to score")
+            && report.contains("scored as empty captions"),
+        "{report}"
+    );
+    let per_clip = read_parquet(honest.per_clip.as_ref().expect("per-clip path"));
+    let keys: Vec<String> = per_clip.iter().flat_map(|b| strings(b, "key")).collect();
+    assert_eq!(keys, ["clip_0.wav", "clip_1.wav", "unmatched_ref.wav"]);
+
+    let skipping = args(&pred, &refs, dir.path());
+    let outcome = run_eval(&skipping).expect("eval");
+    assert_eq!(outcome.counts.missing_predictions, 2);
+    assert_eq!(outcome.counts.scored_as_empty, 0);
+    assert_eq!(outcome.pairs.len(), 1);
+    assert_eq!(outcome.scores, alone);
+    let report = outcome.report();
+    assert!(report.contains("left out (--skip-missing)"), "{report}");
 }
 
 #[test]
@@ -636,6 +708,8 @@ fn eval_command_prints_the_table() {
         .arg(&missing)
         .arg("--spice-jar")
         .arg(&missing)
+        // set1's reference scores are those of its matched pairs.
+        .arg("--skip-missing")
         .output()
         .expect("running audiocap eval");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -652,6 +726,7 @@ fn eval_command_prints_the_table() {
     assert!(stdout.contains("METEOR    unavailable"), "{stdout}");
     assert!(stdout.contains("missing.jar: no such file"), "{stdout}");
     assert!(stdout.contains("SPIDEr    unavailable"), "{stdout}");
+    assert!(stdout.contains("left out (--skip-missing)"), "{stdout}");
 }
 
 /// The fense-tiny fixture's candidates and reference lists, and its reference.json.

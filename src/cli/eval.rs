@@ -74,6 +74,11 @@ pub struct EvalArgs {
     /// name one of their clip's labels.
     #[arg(long = "labels-column")]
     labels_column: Option<String>,
+    /// Score only the clips with a caption. By default every reference clip is
+    /// scored, one without a prediction or whose prediction failed as an empty
+    /// caption (score 0); the report counts them either way.
+    #[arg(long = "skip-missing")]
+    skip_missing: bool,
 }
 
 impl From<EvalArgs> for EvalOptions {
@@ -97,6 +102,7 @@ impl From<EvalArgs> for EvalOptions {
             },
             constant_baseline: args.constant_baseline,
             labels_column: args.labels_column,
+            skip_missing: args.skip_missing,
         }
     }
 }

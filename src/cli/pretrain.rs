@@ -37,6 +37,12 @@ pub struct PretrainEncoderArgs {
     /// Labels on fewer training clips than this are left out of the vocabulary.
     #[arg(long, default_value_t = 3)]
     min_clips_per_label: usize,
+    /// Train no encoder: score the two baselines the encoder must beat (the label
+    /// prior, a logistic-regression probe on fbank mean and standard deviation per
+    /// mel bin) on the validation clips and write OUT/baselines.json (training
+    /// writes them into pretrain.json too).
+    #[arg(long, requires = "validation")]
+    baselines_only: bool,
     #[command(flatten)]
     common: PretrainCommonArgs,
 }
@@ -123,6 +129,35 @@ fn encoder(args: PretrainEncoderArgs) -> anyhow::Result<Exit> {
     for (key, why) in train.skipped.iter().chain(&validation.skipped) {
         eprintln!("left out {key}: {why}");
     }
+    if args.baselines_only {
+        fn view(set: &TaggingSet) -> Vec<audiocap::train::probe::LabelledFbank<'_>> {
+            set.clips
+                .iter()
+                .map(|c| (&c.fbank, c.labels.as_slice()))
+                .collect()
+        }
+        let b = audiocap::train::probe::tagging_baselines(
+            &view(&train),
+            &view(&validation),
+            labels.len(),
+        )?;
+        let out = &args.common.out;
+        std::fs::create_dir_all(out)?;
+        audiocap::train::pretrain::write_json(out, "baselines.json", &b)?;
+        println!(
+            "baselines on {} validation clips, {} labels: label prior mAP {:.3} (top-1 {:.1}%), \
+             fbank probe mAP {:.3} (top-1 {:.1}%, l2 {})\n{}",
+            b.validation_clips,
+            labels.len(),
+            b.label_prior.map,
+            100.0 * b.label_prior.top1,
+            b.fbank_probe.map,
+            100.0 * b.fbank_probe.top1,
+            b.fbank_probe.l2,
+            out.join("baselines.json").display()
+        );
+        return Ok(Exit::Ok);
+    }
     let summary = pretrain_encoder(
         &train,
         &validation,
@@ -149,6 +184,18 @@ fn encoder(args: PretrainEncoderArgs) -> anyhow::Result<Exit> {
         summary.clips_per_second,
         summary.checkpoint.display()
     );
+    if let (Some(best), Some(b)) = (&summary.best_validation, &summary.baselines) {
+        println!(
+            "written epoch {}: validation mAP {:.3} (top-1 {:.1}%); label prior mAP {:.3}, \
+             fbank probe mAP {:.3} ({:.2}x the probe)",
+            summary.best_epoch,
+            best.map,
+            100.0 * best.top1,
+            b.label_prior.map,
+            b.fbank_probe.map,
+            best.map / b.fbank_probe.map.max(1e-12)
+        );
+    }
     Ok(Exit::Ok)
 }
 

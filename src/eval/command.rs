@@ -54,6 +54,10 @@ pub struct EvalOptions {
     /// `audiocap corpus build` writes `labels`): report the share of predictions that
     /// name one of their clip's labels.
     pub labels_column: Option<String>,
+    /// Score only the matched pairs. By default every reference clip is scored: one
+    /// without a prediction, or whose prediction failed, counts as an empty caption
+    /// (score 0).
+    pub skip_missing: bool,
 }
 
 impl EvalOptions {
@@ -89,6 +93,11 @@ pub struct EvalCounts {
     pub multi_segment_uris: usize,
     /// Reference clips with no non-empty caption (ignored).
     pub references_without_captions: usize,
+    /// Reference clips without a caption to score: no prediction, or a failed one.
+    pub missing_predictions: usize,
+    /// Of those, the clips scored as an empty caption (all of them unless
+    /// --skip-missing, then none).
+    pub scored_as_empty: usize,
 }
 
 /// What `audiocap eval` found and computed.
@@ -167,7 +176,8 @@ pub fn run_eval(args: &EvalOptions) -> anyhow::Result<EvalOutcome> {
         .with_context(|| format!("reading predictions {}", args.pred.display()))?;
     let references = files::read_references(&args.refs, args.key_column.as_deref())
         .with_context(|| format!("reading references {}", args.refs.display()))?;
-    let joined = files::join(&predictions, &references);
+    let mut joined = files::join(&predictions, &references);
+    let missing = joined.unmatched_references.len();
 
     let counts = EvalCounts {
         predictions: predictions.captions.len() + predictions.failed.len(),
@@ -180,6 +190,8 @@ pub fn run_eval(args: &EvalOptions) -> anyhow::Result<EvalOutcome> {
         duplicate_predictions: predictions.duplicates.len(),
         multi_segment_uris: predictions.multi_segment,
         references_without_captions: references.empty.len(),
+        missing_predictions: missing,
+        scored_as_empty: if args.skip_missing { 0 } else { missing },
     };
     let notes = notes(&predictions, &references.layout, &counts, &joined);
 
@@ -203,6 +215,19 @@ pub fn run_eval(args: &EvalOptions) -> anyhow::Result<EvalOutcome> {
         );
     }
 
+    // Every reference clip is scored: a missing or failed prediction is an empty
+    // caption, which every metric scores 0.
+    if !args.skip_missing {
+        for &i in &joined.unmatched_references {
+            let clip = &references.clips[i];
+            joined.pairs.push(Pair {
+                key: clip.key.clone(),
+                reference_key: clip.key.clone(),
+                candidate: String::new(),
+                references: clip.captions.clone(),
+            });
+        }
+    }
     let candidates: Vec<String> = joined.pairs.iter().map(|p| p.candidate.clone()).collect();
     let refs: Vec<Vec<String>> = joined.pairs.iter().map(|p| p.references.clone()).collect();
     let scores = score_corpus(&candidates, &refs).context("scoring the matched pairs")?;
@@ -362,6 +387,21 @@ fn notes(
             listed(&joined.references_without_predictions),
         ),
     ];
+    if counts.missing_predictions > 0 {
+        notes.push(if counts.scored_as_empty > 0 {
+            format!(
+                "{} reference clips have no caption to score (no prediction or a failed one): \
+                 scored as empty captions (score 0); --skip-missing leaves them out",
+                counts.missing_predictions
+            )
+        } else {
+            format!(
+                "{} reference clips have no caption to score (no prediction or a failed one): \
+                 left out (--skip-missing)",
+                counts.missing_predictions
+            )
+        });
+    }
     if counts.failed_predictions > 0 {
         let failed: Vec<String> = predictions
             .failed
@@ -369,7 +409,7 @@ fn notes(
             .map(|(k, r)| format!("{k}: {r}"))
             .collect();
         notes.push(format!(
-            "{} failed predictions skipped{}",
+            "{} failed predictions{}",
             counts.failed_predictions,
             listed(&failed)
         ));

@@ -572,6 +572,9 @@ pub struct Joined {
     pub references_without_predictions: Vec<String>,
     /// Predictions whose reference clip was already matched by another prediction.
     pub duplicate_matches: Vec<String>,
+    /// Indices into the references' clips that no caption matched: those without a
+    /// prediction and those whose prediction failed (an error row or no caption).
+    pub unmatched_references: Vec<usize>,
 }
 
 /// Joins by exact file name first, then by stem.
@@ -626,6 +629,7 @@ pub fn join(predictions: &Predictions, references: &References) -> Joined {
         })
         .map(|(clip, _)| clip.key.clone())
         .collect();
+    joined.unmatched_references = (0..references.clips.len()).filter(|&i| !used[i]).collect();
     joined
 }
 
@@ -673,5 +677,6 @@ mod tests {
         assert_eq!(keys, ["a.wav", "b.wav"]);
         assert_eq!(joined.predictions_without_references, ["c.wav"]);
         assert_eq!(joined.references_without_predictions, ["d.wav"]);
+        assert_eq!(joined.unmatched_references, [2]);
     }
 }

@@ -28,6 +28,42 @@ const LAYER_NORM_EPS: f64 = 1e-5;
 /// for numerical stability (`alpha = 32` in `MultiheadAttention.forward`).
 const ATTENTION_ALPHA: f64 = 32.0;
 
+/// How LayerNorm and softmax are computed. candle's fused kernels
+/// (`candle_nn::ops::layer_norm`, `softmax_last_dim`) have no backward pass: their
+/// output is a new leaf, so no gradient reaches anything before them. Training needs
+/// the same formulas composed of differentiable tensor ops.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    /// The fused kernels: inference (the default).
+    Fused,
+    /// Composed ops that backpropagate: training ([`Beats::differentiable`]).
+    Differentiable,
+}
+
+impl Kernels {
+    fn layer_norm(self, norm: &LayerNorm, x: &Tensor) -> candle_core::Result<Tensor> {
+        match (self, norm.bias()) {
+            (Kernels::Fused, _) => norm.forward(x),
+            (Kernels::Differentiable, Some(bias)) => {
+                candle_nn::ops::layer_norm_slow(x, norm.weight(), bias, LAYER_NORM_EPS as f32)
+            }
+            (Kernels::Differentiable, None) => candle_nn::ops::layer_norm_slow(
+                x,
+                norm.weight(),
+                &norm.weight().zeros_like()?,
+                LAYER_NORM_EPS as f32,
+            ),
+        }
+    }
+
+    fn softmax_last_dim(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Kernels::Differentiable => candle_nn::ops::softmax(x, D::Minus1),
+            Kernels::Fused => candle_nn::ops::softmax_last_dim(x),
+        }
+    }
+}
+
 /// `BEATsConfig`, as stored in the checkpoint's `cfg` dict. Defaults are the
 /// reference class's; unknown keys are accepted as the reference accepts them.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -239,6 +275,7 @@ impl SelfAttention {
         x: &Tensor,
         key_padding: Option<&Tensor>,
         position_bias: Option<&Tensor>,
+        kernels: Kernels,
     ) -> candle_core::Result<Tensor> {
         let (b, p, dim) = x.dims3()?;
         let (h, hd) = (self.num_heads, self.head_dim);
@@ -289,7 +326,7 @@ impl SelfAttention {
             };
             scores = (scores + bias)?;
         }
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+        let probs = kernels.softmax_last_dim(&scores)?;
         let out = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, p, dim))?;
         self.out_proj.forward(&out)
     }
@@ -345,25 +382,32 @@ impl EncoderLayer {
         x: &Tensor,
         key_padding: Option<&Tensor>,
         position_bias: Option<&Tensor>,
+        kernels: Kernels,
     ) -> candle_core::Result<Tensor> {
         if self.layer_norm_first {
             let attn = self.self_attn.forward(
-                &self.self_attn_layer_norm.forward(x)?,
+                &kernels.layer_norm(&self.self_attn_layer_norm, x)?,
                 key_padding,
                 position_bias,
+                kernels,
             )?;
             let x = (x + attn)?;
-            let ff = self.feed_forward(&self.final_layer_norm.forward(&x)?)?;
+            let ff = self.feed_forward(&kernels.layer_norm(&self.final_layer_norm, &x)?)?;
             x + ff
         } else {
             // Post-norm; with deep_norm the residual is scaled by (2N)^(1/4).
-            let attn = self.self_attn.forward(x, key_padding, position_bias)?;
-            let x = self
-                .self_attn_layer_norm
-                .forward(&(x.affine(self.residual_scale, 0.0)? + attn)?)?;
+            let attn = self
+                .self_attn
+                .forward(x, key_padding, position_bias, kernels)?;
+            let x = kernels.layer_norm(
+                &self.self_attn_layer_norm,
+                &(x.affine(self.residual_scale, 0.0)? + attn)?,
+            )?;
             let ff = self.feed_forward(&x)?;
-            self.final_layer_norm
-                .forward(&(x.affine(self.residual_scale, 0.0)? + ff)?)
+            kernels.layer_norm(
+                &self.final_layer_norm,
+                &(x.affine(self.residual_scale, 0.0)? + ff)?,
+            )
         }
     }
 }
@@ -387,6 +431,7 @@ pub struct Beats {
     predictor: Option<Linear>,
     device: Device,
     dtype: DType,
+    kernels: Kernels,
 }
 
 /// Encoder output: features and, when a padding mask was given, which patches are padding.
@@ -477,8 +522,18 @@ impl Beats {
             predictor,
             device: w.device().clone(),
             dtype: w.dtype(),
+            kernels: Kernels::Fused,
             cfg,
         })
+    }
+
+    /// The same encoder computing LayerNorm and softmax from differentiable ops, so
+    /// gradients reach every weight (candle's fused kernels, used otherwise, have no
+    /// backward pass and would leave all but the layers after the last norm
+    /// untrained). Slower; the outputs agree to rounding.
+    pub fn differentiable(mut self) -> Self {
+        self.kernels = Kernels::Differentiable;
+        self
     }
 
     pub fn config(&self) -> &BeatsConfig {
@@ -599,7 +654,7 @@ impl Beats {
             features = features.broadcast_add(bias)?;
         }
         let features = features.reshape((b, num_patches, self.cfg.embed_dim))?;
-        let mut x = self.layer_norm.forward(&features)?;
+        let mut x = self.kernels.layer_norm(&self.layer_norm, &features)?;
         if let Some(proj) = &self.post_extract_proj {
             x = proj.forward(&x)?;
         }
@@ -627,7 +682,7 @@ impl Beats {
         let conv = conv.narrow(2, 0, p)?.gelu_erf()?.transpose(1, 2)?;
         let mut x = (x + conv)?;
         if !self.cfg.layer_norm_first {
-            x = self.encoder_layer_norm.forward(&x)?;
+            x = self.kernels.layer_norm(&self.encoder_layer_norm, &x)?;
         }
 
         let key_padding = match padding_mask {
@@ -639,10 +694,15 @@ impl Beats {
             None => None,
         };
         for layer in &self.layers {
-            x = layer.forward(&x, key_padding.as_ref(), position_bias.as_ref())?;
+            x = layer.forward(
+                &x,
+                key_padding.as_ref(),
+                position_bias.as_ref(),
+                self.kernels,
+            )?;
         }
         if self.cfg.layer_norm_first {
-            x = self.encoder_layer_norm.forward(&x)?;
+            x = self.kernels.layer_norm(&self.encoder_layer_norm, &x)?;
         }
         Ok(x)
     }

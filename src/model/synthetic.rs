@@ -883,6 +883,35 @@ mod tests {
         }
     }
 
+    /// Training's differentiable kernels compute what the fused inference kernels do,
+    /// for both normalisation orders, with and without padding.
+    #[test]
+    fn beats_differentiable_kernels_agree_with_the_fused_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        for (i, layer_norm_first) in [false, true].into_iter().enumerate() {
+            let path = dir.path().join(format!("beats{i}.safetensors"));
+            let cfg = BeatsConfig {
+                layer_norm_first,
+                deep_norm: !layer_norm_first,
+                ..beats_tiny()
+            };
+            write_beats(&path, &cfg, SourceDtype::F32, 4).unwrap();
+            let fused = Beats::load(&path, DType::F32, &Device::Cpu).unwrap();
+            let composed = Beats::load(&path, DType::F32, &Device::Cpu)
+                .unwrap()
+                .differentiable();
+            let fbank = random(&[2, 64, 128], 6, 2.0, 0.0);
+            let a = fused
+                .extract_features_for_lengths(&fbank, &[64, 40])
+                .unwrap();
+            let b = composed
+                .extract_features_for_lengths(&fbank, &[64, 40])
+                .unwrap();
+            let diff = crate::test_util::max_abs_diff(&a.features, &b.features);
+            assert!(diff < 1e-4, "layer_norm_first {layer_norm_first}: {diff}");
+        }
+    }
+
     #[test]
     fn beats_checkpoints_load_and_give_finite_features() {
         let dir = tempfile::tempdir().unwrap();

@@ -13,6 +13,7 @@ pub mod loss;
 pub mod model;
 pub mod optim;
 pub mod pretrain;
+pub mod probe;
 pub mod run;
 pub mod schedule;
 pub mod tagger;

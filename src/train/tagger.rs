@@ -20,6 +20,9 @@ use serde::{Deserialize, Serialize};
 use super::optim::{AdamW, AdamWSettings};
 pub use super::pretrain::PretrainError as TaggerError;
 use super::pretrain::{load_settings, optimizer_step, publish_dir, schedule_problems, write_json};
+use super::probe::{
+    TagScores, TaggingBaselines, bce_with_logits, mean_average_precision, tagging_baselines, top1,
+};
 use super::schedule::CosineSchedule;
 use crate::audio::fbank::{Fbank, FbankConfig};
 use crate::audio::frontend::FrontEnd;
@@ -338,6 +341,36 @@ impl TrainableTagger {
         })
     }
 
+    /// Sets the predictor's bias to each label's training log-odds, so the first
+    /// steps go to telling clips apart rather than to learning that most labels are
+    /// absent (a zero bias starts every label at p = 0.5).
+    fn start_at_the_prior(&self, train: &TaggingSet, labels: usize) -> Result<(), TaggerError> {
+        let mut counts = vec![0usize; labels];
+        for c in &train.clips {
+            for &l in &c.labels {
+                if l < labels {
+                    counts[l] += 1;
+                }
+            }
+        }
+        let n = train.clips.len().max(1) as f64;
+        let bias: Vec<f32> = counts
+            .iter()
+            .map(|&c| {
+                let p = (c as f64 / n).clamp(1e-4, 1.0 - 1e-4);
+                (p / (1.0 - p)).ln() as f32
+            })
+            .collect();
+        let var = self
+            .params
+            .iter()
+            .find(|(n, _)| n == "predictor.bias")
+            .map(|(_, v)| v)
+            .ok_or_else(|| TaggerError::Model("the tagger has no predictor.bias".into()))?;
+        var.set(&Tensor::from_vec(bias, labels, &self.device)?)?;
+        Ok(())
+    }
+
     fn tensors(&self) -> HashMap<String, Tensor> {
         self.params
             .iter()
@@ -347,7 +380,14 @@ impl TrainableTagger {
 
     /// Clip logits [B, C] of padded fbank [B, T, bins]: the mean over each clip's
     /// valid patches of the per-patch predictor logits, as BEATs' fine-tuned model.
-    fn logits(&self, fbank: &Tensor, lengths: &[usize]) -> Result<Tensor, TaggerError> {
+    /// `training`: computed so that gradients reach every variable (the encoder's
+    /// differentiable kernels); otherwise with the fused inference kernels.
+    fn logits(
+        &self,
+        fbank: &Tensor,
+        lengths: &[usize],
+        training: bool,
+    ) -> Result<Tensor, TaggerError> {
         let tensors = self.tensors();
         let weights = Weights::from_tensors(
             "encoder (training)",
@@ -357,6 +397,11 @@ impl TrainableTagger {
         );
         let beats = Beats::from_weights(self.cfg.clone(), &weights)
             .map_err(|e| TaggerError::Model(e.to_string()))?;
+        let beats = if training {
+            beats.differentiable()
+        } else {
+            beats
+        };
         let out = beats.extract_features_for_lengths(fbank, lengths)?;
         let w = &tensors["predictor.weight"];
         let b = &tensors["predictor.bias"];
@@ -371,14 +416,6 @@ impl TrainableTagger {
         let counts = valid.sum_keepdim(1)?.clamp(1.0, f64::INFINITY)?;
         Ok(summed.broadcast_div(&counts)?)
     }
-}
-
-/// Mean binary cross-entropy with logits over all (clip, label) pairs, in the
-/// numerically stable form `max(x, 0) - x·y + log(1 + e^-|x|)`.
-fn bce_with_logits(logits: &Tensor, targets: &Tensor) -> candle_core::Result<Tensor> {
-    let relu = logits.relu()?;
-    let softplus = (logits.abs()?.neg()?.exp()? + 1.0)?.log()?;
-    ((relu - (logits * targets)?)? + softplus)?.mean_all()
 }
 
 /// A batch as padded fbank [B, T, bins] (zeros past each clip's length), the
@@ -502,6 +539,11 @@ pub struct TaggerSummary {
     pub validation_map: Vec<f64>,
     pub clips_per_second: f64,
     pub checkpoint: PathBuf,
+    /// The written epoch's validation scores (none without validation clips).
+    pub best_validation: Option<TagScores>,
+    /// The label prior and the fbank-statistics probe on the same validation clips
+    /// (none without validation clips).
+    pub baselines: Option<TaggingBaselines>,
 }
 
 /// Trains the tagger on `train` (scored on `validation` after every epoch) and
@@ -525,8 +567,34 @@ pub fn pretrain_encoder(
             "no training clips or labels".into(),
         ]));
     }
+    let baselines = if validation.clips.is_empty() {
+        None
+    } else {
+        Some(tagging_baselines(
+            &train
+                .clips
+                .iter()
+                .map(|c| (&c.fbank, c.labels.as_slice()))
+                .collect::<Vec<_>>(),
+            &validation
+                .clips
+                .iter()
+                .map(|c| (&c.fbank, c.labels.as_slice()))
+                .collect::<Vec<_>>(),
+            labels.len(),
+        )?)
+    };
+    if let Some(b) = &baselines {
+        tracing::info!(
+            label_prior_map = b.label_prior.map,
+            probe_map = b.fbank_probe.map,
+            probe_top1 = b.fbank_probe.top1,
+            "encoder pre-training: baselines"
+        );
+    }
     let cfg = settings.beats_config(labels.len());
     let model = TrainableTagger::new(cfg.clone(), settings.seed, device)?;
+    model.start_at_the_prior(train, labels.len())?;
     let mut optimizer = AdamW::new(
         model.params.clone(),
         AdamWSettings {
@@ -565,7 +633,7 @@ pub fn pretrain_encoder(
                 device,
                 Some((settings, &mut augment_rng)),
             )?;
-            let logits = model.logits(&fbank, &lengths)?;
+            let logits = model.logits(&fbank, &lengths, true)?;
             let lr = schedule.lr(optimizer.steps());
             let loss = optimizer_step(
                 &mut optimizer,
@@ -615,6 +683,10 @@ pub fn pretrain_encoder(
         Some((epoch, _, tensors)) => (epoch, tensors),
         None => (settings.epochs, detached(&model.params)?),
     };
+    let best_validation = (!validation_map.is_empty()).then(|| TagScores {
+        map: validation_map[best_epoch - 1],
+        top1: validation_top1[best_epoch - 1],
+    });
 
     let summary = TaggerSummary {
         settings: settings.clone(),
@@ -639,6 +711,8 @@ pub fn pretrain_encoder(
         validation_map,
         clips_per_second: seen as f64 / elapsed,
         checkpoint: out.join("encoder.safetensors"),
+        best_validation,
+        baselines,
     };
     publish_dir(out, |dir| {
         candle_core::safetensors::save(&tensors, dir.join("encoder.safetensors"))?;
@@ -671,7 +745,12 @@ fn validate(
     for chunk in set.clips.chunks(batch_size) {
         let clips: Vec<&TaggedClip> = chunk.iter().collect();
         let (fbank, lengths, _) = batch_tensors(&clips, labels, device, None)?;
-        scores.extend(model.logits(&fbank, &lengths)?.detach().to_vec2::<f32>()?);
+        scores.extend(
+            model
+                .logits(&fbank, &lengths, false)?
+                .detach()
+                .to_vec2::<f32>()?,
+        );
     }
     let truth: Vec<&[usize]> = set.clips.iter().map(|c| c.labels.as_slice()).collect();
     Ok((
@@ -680,76 +759,100 @@ fn validate(
     ))
 }
 
-fn top1(scores: &[Vec<f32>], truth: &[&[usize]]) -> f64 {
-    let hits = scores
-        .iter()
-        .zip(truth)
-        .filter(|(s, t)| {
-            let best = s
-                .iter()
-                .enumerate()
-                .max_by(|a, b| a.1.total_cmp(b.1))
-                .map(|(i, _)| i);
-            best.is_some_and(|b| t.contains(&b))
-        })
-        .count();
-    hits as f64 / scores.len().max(1) as f64
-}
-
-/// Mean over labels with at least one positive clip of the average precision.
-fn mean_average_precision(scores: &[Vec<f32>], truth: &[&[usize]], labels: usize) -> f64 {
-    let mut sum = 0.0;
-    let mut counted = 0usize;
-    for label in 0..labels {
-        let positives = truth.iter().filter(|t| t.contains(&label)).count();
-        if positives == 0 {
-            continue;
-        }
-        let mut order: Vec<usize> = (0..scores.len()).collect();
-        order.sort_by(|&a, &b| scores[b][label].total_cmp(&scores[a][label]));
-        let (mut hits, mut precision_sum) = (0usize, 0.0);
-        for (rank, &clip) in order.iter().enumerate() {
-            if truth[clip].contains(&label) {
-                hits += 1;
-                precision_sum += hits as f64 / (rank + 1) as f64;
-            }
-        }
-        sum += precision_sum / positives as f64;
-        counted += 1;
-    }
-    sum / counted.max(1) as f64
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn average_precision_by_hand() {
-        // Label 0: positives ranked 1st and 3rd → (1 + 2/3) / 2; label 1: ranked 2nd
-        // of its one positive → 1/2. Label 2 has no positive and does not count.
-        let scores = vec![
-            vec![0.9, 0.1, 0.0],
-            vec![0.5, 0.8, 0.0],
-            vec![0.2, 0.9, 0.0],
-        ];
-        let truth: Vec<&[usize]> = vec![&[0], &[1], &[0]];
-        let map = mean_average_precision(&scores, &truth, 3);
-        assert!(
-            (map - ((1.0 + 2.0 / 3.0) / 2.0 + 0.5) / 2.0).abs() < 1e-12,
-            "{map}"
-        );
-        assert!((top1(&scores, &truth) - 2.0 / 3.0).abs() < 1e-12);
+    fn tiny_settings() -> TaggerSettings {
+        TaggerSettings {
+            embed_dim: 16,
+            encoder_layers: 2,
+            encoder_embed_dim: 32,
+            encoder_ffn_embed_dim: 64,
+            encoder_attention_heads: 2,
+            conv_pos: 8,
+            conv_pos_groups: 2,
+            num_buckets: 16,
+            max_distance: 64,
+            ..TaggerSettings::default()
+        }
     }
 
+    fn noise_clip(frames: usize, seed: u64, labels: Vec<usize>) -> TaggedClip {
+        let mut rng = SplitMix64::new(seed);
+        let data: Vec<f32> = (0..frames * 128)
+            .map(|_| rng.next_f64() as f32 - 0.5)
+            .collect();
+        TaggedClip {
+            key: format!("{seed}"),
+            fbank: Tensor::from_vec(data, (frames, 128), &Device::Cpu)
+                .unwrap()
+                .to_dtype(DType::F16)
+                .unwrap(),
+            labels,
+        }
+    }
+
+    /// The defect behind the first bundled encoder: candle's fused LayerNorm and
+    /// softmax kernels have no backward pass, so with them only the predictor head
+    /// learned and the encoder stayed at its random initialisation. Every variable
+    /// must get a gradient, and a nonzero one.
     #[test]
-    fn bce_matches_the_textbook_formula() {
-        let x = Tensor::new(&[[2.0f32, -1.0, 0.0]], &Device::Cpu).unwrap();
-        let y = Tensor::new(&[[1.0f32, 0.0, 1.0]], &Device::Cpu).unwrap();
-        let got = bce_with_logits(&x, &y).unwrap().to_scalar::<f32>().unwrap();
-        let s = |v: f32| 1.0 / (1.0 + (-v).exp());
-        let want = -((s(2.0)).ln() + (1.0 - s(-1.0)).ln() + s(0.0).ln()) / 3.0;
-        assert!((got - want).abs() < 1e-6, "{got} vs {want}");
+    fn every_tagger_variable_gets_a_gradient() {
+        let cfg = tiny_settings().beats_config(3);
+        let model = TrainableTagger::new(cfg, 5, &Device::Cpu).unwrap();
+        let a = noise_clip(48, 1, vec![0]);
+        let b = noise_clip(32, 2, vec![2]);
+        let (fbank, lengths, targets) = batch_tensors(&[&a, &b], 3, &Device::Cpu, None).unwrap();
+        let logits = model.logits(&fbank, &lengths, true).unwrap();
+        let grads = bce_with_logits(&logits, &targets)
+            .unwrap()
+            .backward()
+            .unwrap();
+        let mut missing = Vec::new();
+        for (name, var) in &model.params {
+            // BEATs reads the relative position table of layer 0 only; the state dict
+            // holds one per layer, as the released checkpoints do.
+            if name.ends_with("relative_attention_bias.weight")
+                && !name.starts_with("encoder.layers.0.")
+            {
+                continue;
+            }
+            let norm = grads.get(var.as_tensor()).map(|g| {
+                g.sqr()
+                    .unwrap()
+                    .sum_all()
+                    .unwrap()
+                    .to_scalar::<f32>()
+                    .unwrap()
+            });
+            if !norm.is_some_and(|n| n > 0.0) {
+                missing.push(format!("{name}: {norm:?}"));
+            }
+        }
+        assert!(missing.is_empty(), "no gradient reached {missing:?}");
+    }
+
+    /// A clip's logits do not depend on what it is batched with: the pooling leaves
+    /// out padded patches, in training and in validation.
+    #[test]
+    fn padding_does_not_change_a_clips_logits() {
+        let cfg = tiny_settings().beats_config(3);
+        let model = TrainableTagger::new(cfg, 6, &Device::Cpu).unwrap();
+        let short = noise_clip(40, 3, vec![1]);
+        let long = noise_clip(96, 4, vec![0]);
+        for training in [true, false] {
+            let (alone, lengths, _) = batch_tensors(&[&short], 3, &Device::Cpu, None).unwrap();
+            let alone = model.logits(&alone, &lengths, training).unwrap();
+            let (both, lengths, _) =
+                batch_tensors(&[&short, &long], 3, &Device::Cpu, None).unwrap();
+            let both = model.logits(&both, &lengths, training).unwrap();
+            let alone = alone.to_vec2::<f32>().unwrap();
+            let both = both.to_vec2::<f32>().unwrap();
+            for (x, y) in alone[0].iter().zip(&both[0]) {
+                assert!((x - y).abs() < 1e-4, "{training}: {alone:?} vs {both:?}");
+            }
+        }
     }
 
     /// Two classes the encoder can tell apart (a low tone, noise bursts): a tiny
@@ -793,21 +896,13 @@ mod tests {
             skipped: vec![],
         };
         let settings = TaggerSettings {
-            embed_dim: 16,
             encoder_layers: 1,
-            encoder_embed_dim: 32,
-            encoder_ffn_embed_dim: 64,
-            encoder_attention_heads: 2,
-            conv_pos: 8,
-            conv_pos_groups: 2,
-            num_buckets: 16,
-            max_distance: 64,
             epochs: 25,
             batch_size: 4,
             peak_lr: 3e-3,
             // Soft mixup targets would put a floor under the loss this test bounds.
             mixup: 0.0,
-            ..TaggerSettings::default()
+            ..tiny_settings()
         };
         let dir = tempfile::tempdir().unwrap();
         let out = dir.path().join("encoder");
@@ -828,6 +923,23 @@ mod tests {
             .position(|&m| m == 1.0)
             .unwrap();
         assert_eq!(summary.best_epoch, best + 1, "{summary:?}");
+        assert_eq!(
+            summary.best_validation,
+            Some(TagScores {
+                map: 1.0,
+                top1: 1.0
+            })
+        );
+        // Tone against noise: the fbank statistics tell them apart too.
+        let baselines = summary.baselines.as_ref().unwrap();
+        assert_eq!(baselines.validation_clips, 4);
+        assert_eq!(baselines.label_prior.map, 0.5, "{baselines:?}");
+        assert_eq!(baselines.fbank_probe.map, 1.0, "{baselines:?}");
+        let written: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(out.join("pretrain.json")).unwrap())
+                .unwrap();
+        assert_eq!(written["best_validation"]["map"], 1.0);
+        assert_eq!(written["baselines"]["fbank_probe"]["map"], 1.0);
         let beats =
             Beats::load(&out.join("encoder.safetensors"), DType::F32, &Device::Cpu).unwrap();
         assert!(beats.config().finetuned_model);
