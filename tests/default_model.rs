@@ -43,25 +43,53 @@ fn the_default_model_recipe_runs_end_to_end_at_toy_size() {
          max_distance = 64\nepochs = 3\nbatch_size = 8\npeak_lr = 3e-3\n",
     );
     let encoder = d.join("encoder");
-    let out = ok(&audiocap(&[
-        "pretrain",
-        "encoder",
-        "--settings",
-        &s(&enc_settings),
-        "--manifest",
-        &s(&corpus.join("train.csv")),
-        "--audio",
-        &s(&corpus.join("audio/train")),
-        "--validation",
-        &s(&corpus.join("validation.csv")),
-        "--validation-audio",
-        &s(&corpus.join("audio/validation")),
-        "--min-clips-per-label",
-        "1",
-        "--out",
-        &s(&encoder),
-    ]));
+    let pretrain_encoder = |extra: &[&str], out: &Path| {
+        let mut args = vec![
+            "pretrain".to_string(),
+            "encoder".into(),
+            "--settings".into(),
+            s(&enc_settings),
+            "--manifest".into(),
+            s(&corpus.join("train.csv")),
+            "--audio".into(),
+            s(&corpus.join("audio/train")),
+            "--validation".into(),
+            s(&corpus.join("validation.csv")),
+            "--validation-audio".into(),
+            s(&corpus.join("audio/validation")),
+            "--min-clips-per-label".into(),
+            "1".into(),
+            "--out".into(),
+            s(out),
+        ];
+        args.extend(extra.iter().map(|a| a.to_string()));
+        ok(&audiocap(
+            &args.iter().map(String::as_str).collect::<Vec<_>>(),
+        ))
+    };
+    let out = pretrain_encoder(&[], &encoder);
     assert!(out.contains("encoder:"), "{out}");
+    // The baselines the model card compares the encoder with, in pretrain.json and
+    // on their own (--baselines-only): the same figures.
+    assert!(out.contains("fbank probe mAP"), "{out}");
+    let summary: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(encoder.join("pretrain.json")).unwrap()).unwrap();
+    let best = summary["best_epoch"].as_u64().unwrap() as usize;
+    assert_eq!(
+        summary["best_validation"]["map"],
+        summary["validation_map"][best - 1]
+    );
+    let probe = summary["baselines"]["fbank_probe"]["map"].as_f64().unwrap();
+    let prior = summary["baselines"]["label_prior"]["map"].as_f64().unwrap();
+    assert!(prior > 0.0 && prior < probe && probe <= 1.0, "{summary}");
+    let baselines_dir = d.join("baselines");
+    let out = pretrain_encoder(&["--baselines-only"], &baselines_dir);
+    assert!(out.contains("label prior mAP"), "{out}");
+    let alone: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(baselines_dir.join("baselines.json")).unwrap())
+            .unwrap();
+    assert_eq!(alone, summary["baselines"]);
+    assert!(!baselines_dir.join("encoder.safetensors").exists());
     let labels: Vec<String> =
         serde_json::from_slice(&std::fs::read(encoder.join("labels.json")).unwrap()).unwrap();
     for l in ["dog", "bell", "rain", "wind", "beeps"] {
