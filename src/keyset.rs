@@ -4,9 +4,10 @@
 //! makes an input look done or listed twice.
 //!
 //! What resume (the inputs the dataset already holds) and the listing's duplicate
-//! check use instead of a set of strings: about 20 to 36 bytes per key in memory
-//! (the map's own growth), whatever the URIs' length, against roughly 190 for a
-//! `HashSet<String>` of typical object-store URIs.
+//! check use instead of a set of strings: 16-byte entries in a hash map (so by layout
+//! about 18 to 37 bytes per key in memory as the map grows, not yet measured),
+//! whatever the URIs' length, where a `HashSet<String>` of object-store URIs took
+//! about 190.
 
 use std::collections::{HashMap, HashSet};
 use std::fs::File;
