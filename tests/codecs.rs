@@ -328,15 +328,7 @@ struct Row {
 }
 
 fn read_rows(path: &Path) -> Vec<Row> {
-    let files: Vec<PathBuf> = if path.is_dir() {
-        std::fs::read_dir(path)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-            .collect()
-    } else {
-        vec![path.to_path_buf()]
-    };
+    let files = crate::common::parquet_files(path);
     let mut rows = Vec::new();
     for file in files {
         let reader = ParquetRecordBatchReaderBuilder::try_new(std::fs::File::open(file).unwrap())

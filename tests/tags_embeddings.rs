@@ -99,15 +99,7 @@ progress = "off"
 
 /// Every row of the Parquet files under `path` (a file or a dataset folder).
 fn read_rows(path: &Path) -> (Vec<RecordBatch>, Vec<(String, Option<String>)>) {
-    let files: Vec<PathBuf> = if path.is_dir() {
-        std::fs::read_dir(path)
-            .unwrap()
-            .map(|e| e.unwrap().path())
-            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
-            .collect()
-    } else {
-        vec![path.to_path_buf()]
-    };
+    let files = crate::common::parquet_files(path);
     let mut batches = Vec::new();
     let mut footer = Vec::new();
     for file in files {

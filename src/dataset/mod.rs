@@ -214,6 +214,19 @@ fn part_layout(name: &str) -> Option<(u32, u32)> {
     Some((index.parse().ok()?, count.parse().ok()?))
 }
 
+/// The strings of a text column (any of Arrow's string layouts), or `None` when it
+/// is not text.
+fn strings(array: &arrow_array::ArrayRef) -> Option<Vec<Option<&str>>> {
+    use arrow_array::cast::AsArray;
+    if let Some(s) = array.as_string_opt::<i32>() {
+        Some(s.iter().collect())
+    } else if let Some(s) = array.as_string_opt::<i64>() {
+        Some(s.iter().collect())
+    } else {
+        array.as_string_view_opt().map(|s| s.iter().collect())
+    }
+}
+
 /// Whether `name` is a committed part of shard `index` of `count`.
 fn is_shard_part(name: &str, index: u32, count: u32) -> bool {
     is_committed_part(name) && name.starts_with(&shard_part_prefix(index, count))

@@ -4,7 +4,6 @@ use std::ops::Range;
 use std::path::Path as FsPath;
 use std::sync::Arc;
 
-use arrow_array::cast::AsArray;
 use bytes::{Buf, Bytes};
 use futures::{StreamExt, TryStreamExt};
 use object_store::path::Path;
@@ -17,7 +16,7 @@ use parquet::errors::ParquetError;
 use parquet::file::metadata::{PageIndexPolicy, ParquetMetaData, ParquetMetaDataReader};
 use parquet::file::reader::{ChunkReader, Length};
 
-use super::{DatasetError, is_shard_part, list_objects};
+use super::{DatasetError, is_shard_part, list_objects, strings};
 use crate::keyset::KeySet;
 
 /// The column resume reads.
@@ -193,22 +192,13 @@ fn decode_uris<R: ChunkReader + 'static>(
         .map_err(UriColumnError::Parquet)?;
     // An input's rows are together in a part: one URI per input.
     let mut uris: Vec<String> = Vec::new();
-    let mut push = |uri: &str| {
-        if uris.last().map(String::as_str) != Some(uri) {
-            uris.push(uri.to_owned());
-        }
-    };
     for batch in batches {
         let batch = batch.map_err(|e| UriColumnError::Parquet(e.into()))?;
-        let array = batch.column(0);
-        if let Some(strings) = array.as_string_opt::<i32>() {
-            strings.iter().flatten().for_each(&mut push);
-        } else if let Some(strings) = array.as_string_opt::<i64>() {
-            strings.iter().flatten().for_each(&mut push);
-        } else if let Some(strings) = array.as_string_view_opt() {
-            strings.iter().flatten().for_each(&mut push);
-        } else {
-            return Err(UriColumnError::NotStrings);
+        let column = strings(batch.column(0)).ok_or(UriColumnError::NotStrings)?;
+        for uri in column.into_iter().flatten() {
+            if uris.last().map(String::as_str) != Some(uri) {
+                uris.push(uri.to_owned());
+            }
         }
     }
     Ok(uris)

@@ -13,7 +13,6 @@
 use std::collections::HashSet;
 use std::sync::Arc;
 
-use arrow_array::cast::AsArray;
 use arrow_array::{Array, ArrayRef, BooleanArray, RecordBatch, new_null_array};
 use arrow_schema::SchemaRef;
 use object_store::{ObjectMeta, ObjectStore, ObjectStoreExt};
@@ -22,7 +21,7 @@ use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use parquet::file::metadata::ParquetMetaData;
 use parquet::file::reader::ChunkReader;
 
-use super::{DatasetError, REPLACES_KEY, StoreKind, local_path, retry_store};
+use super::{DatasetError, REPLACES_KEY, StoreKind, local_path, retry_store, strings};
 
 /// Rows decoded at once from a part being carried over (bounds memory with a
 /// row group's worth of encoded bytes on top).
@@ -124,17 +123,6 @@ where
         each(batch.map_err(|e| parquet_err(e.into()))?)?;
     }
     Ok(())
-}
-
-/// The strings of a text column (any of Arrow's string layouts).
-fn strings(array: &ArrayRef) -> Option<Vec<Option<&str>>> {
-    if let Some(s) = array.as_string_opt::<i32>() {
-        Some(s.iter().collect())
-    } else if let Some(s) = array.as_string_opt::<i64>() {
-        Some(s.iter().collect())
-    } else {
-        array.as_string_view_opt().map(|s| s.iter().collect())
-    }
 }
 
 /// The URIs of the inputs with at least one error row in a part.

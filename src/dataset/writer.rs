@@ -278,12 +278,9 @@ impl DatasetWriter {
         replaced: &str,
         mut carried: Carried,
     ) -> Result<CommittedPart, DatasetError> {
-        if let Some(open) = self.open.take() {
-            // Replacements come before any new rows; a part open now is a bug, but
-            // its rows must not be lost.
-            self.open = Some(open);
-            self.commit_open().await?;
-        }
+        // Replacements come before any new rows; should a part be open, its rows
+        // are committed first rather than mixed in.
+        self.commit_open().await?;
         let mut part = self.new_part(Some(replaced.to_string()))?;
         let mut last_uri = None;
         while let Some(batch) = carried.batches.recv().await {

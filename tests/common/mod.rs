@@ -283,3 +283,16 @@ pub fn write_wav(path: &Path, rate: u32, channels: u16, samples: &[f32]) {
     out.extend_from_slice(&data);
     std::fs::write(path, out).unwrap();
 }
+
+/// The Parquet files `path` names: itself, or those directly in a dataset folder.
+pub fn parquet_files(path: &Path) -> Vec<std::path::PathBuf> {
+    if path.is_dir() {
+        std::fs::read_dir(path)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|e| e == "parquet"))
+            .collect()
+    } else {
+        vec![path.to_path_buf()]
+    }
+}
